@@ -1,2 +1,50 @@
-"""deltatune: parameter-efficient fine-tuning and model merging for any PyTorch model."""
+"""deltatune: parameter-efficient fine-tuning, sparse and low-rank adaptation, and model merging for any
+PyTorch model.
+
+The shortest path::
+
+    import deltatune
+    from deltatune import LoRAConfig
+
+    model = deltatune.adapt(model, LoRAConfig(rank=8, targets=["query", "value"]))
+    ...train...
+    deltatune.save_adapter(model, "out/adapter")            # or format="peft"
+    deltatune.load_adapter(fresh_model, "out/adapter")       # deltatune or peft folders
+    plain = deltatune.unload(model, merge=True)              # plain nn.Modules, adapter folded in
+"""
+from deltatune.core.config import DeltaConfig
+from deltatune.core.delta import Delta, DeltaKind
+from deltatune.core.model import (
+    ParameterCount,
+    active_adapters,
+    adapt,
+    delete_adapter,
+    disabled,
+    iter_deltas,
+    merge,
+    regularization_loss,
+    set_active,
+    set_trainable,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from deltatune.core.registry import list_methods, method_entry, register_method
+from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
+from deltatune.errors import DeltatuneError
+from deltatune.methods.lora import LoRAConfig
+
 __version__ = "0.1.0"
+
+
+def config_for(method: str, **hyperparameters) -> DeltaConfig:
+    """Build a registered method's config by name: `config_for("lora", rank=4, targets=["query"])`."""
+    return method_entry(method).config_cls(**hyperparameters)
+
+
+__all__ = [
+    "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "LoRAConfig", "ParameterCount", "active_adapters",
+    "adapt", "adapter_names", "adapter_state_dict", "config_for", "delete_adapter", "disabled", "iter_deltas",
+    "list_methods", "load_adapter", "merge", "method_entry", "register_method", "regularization_loss",
+    "save_adapter", "set_active", "set_trainable", "trainable_parameters", "unload", "unmerge",
+]

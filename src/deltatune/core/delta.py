@@ -1,0 +1,103 @@
+"""The delta contract: what every layer method implements, and nothing about hosting, saving or merging mechanics.
+
+A delta changes what one base layer computes. It declares where it acts (`kind`):
+
+- ``WEIGHT``: in weight space, the layer runs with ``W' = adapted_weight(W)`` (sparse, multiplicative, ...);
+- ``ADDITIVE``: ``forward(x)`` is added to the base output, on the activation path (low rank: ``B(A x)``);
+- ``OUTPUT``: ``transform_output(y)`` maps the layer's output (SSF, sequential adapters).
+
+Several active deltas on one layer compose in that order: weight-space deltas first (in the order they were
+added), then additive ones, then output transforms. The host (`core.host.AdaptedLayer`) owns the composition,
+merging mechanics, activation and device/dtype handling; a method file only fills in this class.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core.config import DeltaConfig
+from deltatune.core.layers import LINEAR, LayerInfo
+from deltatune.errors import NotMergeableError
+
+
+class DeltaKind(str, Enum):
+    WEIGHT = "weight"
+    ADDITIVE = "additive"
+    OUTPUT = "output"
+
+
+COMPOSITION_ORDER = (DeltaKind.WEIGHT, DeltaKind.ADDITIVE, DeltaKind.OUTPUT)
+
+
+class Delta(nn.Module):
+    """Base class of every layer delta.
+
+    Subclasses set `kind`, `layer_kinds` (the `core.layers` kinds they support) and implement
+    `delta_weight`, plus `forward` (ADDITIVE) or `transform_output` (OUTPUT). Their parameter and
+    persistent-buffer names are the saved file format: document them in the method's docstring.
+    """
+
+    kind: ClassVar[DeltaKind] = DeltaKind.WEIGHT
+    layer_kinds: ClassVar[frozenset[str]] = frozenset({LINEAR})
+    mergeable: ClassVar[bool] = True
+    # True when the paper initializes the delta so that the adapted model equals the base model at step 0.
+    preserves_output_at_init: ClassVar[bool] = True
+
+    def __init__(self, config: DeltaConfig, layer: LayerInfo, module_name: str = "") -> None:
+        super().__init__()
+        self.config = config
+        self.layer = layer
+        self.module_name = module_name
+
+    def init_from_base(self, base_weight: Tensor, base_bias: Tensor | None) -> None:
+        """Called once after construction (on the base's device and dtype) for data-dependent initialization
+        (PiSSA-like SVD inits, SaRA's magnitude selection). The default does nothing."""
+
+    # --- the math -----------------------------------------------------------------------------------------
+    def delta_weight(self, base_weight: Tensor) -> Tensor:
+        """ΔW in the base weight's native shape, such that the adapted layer equals the base layer with W + ΔW
+        (for OUTPUT deltas, the weight change of the folded form). Used by merging and the delta algebra."""
+        raise NotImplementedError
+
+    def adapted_weight(self, base_weight: Tensor) -> Tensor:
+        """The weight the layer runs with on the weight path. Multiplicative methods override this."""
+        return base_weight + self.delta_weight(base_weight)
+
+    def forward(self, x: Tensor) -> Tensor:  # ADDITIVE deltas: the term added to the base output
+        raise NotImplementedError(f"{type(self).__name__} has no activation path")
+
+    def transform_output(self, y: Tensor) -> Tensor:  # OUTPUT deltas
+        raise NotImplementedError(f"{type(self).__name__} does not transform outputs")
+
+    def regularization(self) -> Tensor | None:
+        """A penalty the trainer adds to the loss (orthogonality, nuclear norm, ...), or None."""
+        return None
+
+    # --- merging: folded into (weight, bias) and back ------------------------------------------------------
+    def merge_into(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Return the (weight, bias) of a plain layer that computes what base + this delta computes."""
+        self._require_mergeable()
+        return self.adapted_weight(weight), bias
+
+    def unmerge_from(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Exact inverse of `merge_into` for deltas whose ΔW does not depend on W; others override."""
+        self._require_mergeable()
+        return weight - self.delta_weight(weight), bias
+
+    def _require_mergeable(self) -> None:
+        if not self.mergeable:
+            raise NotMergeableError(
+                f"{type(self).__name__} on {self.module_name or 'this layer'} cannot be merged into the base "
+                "weights; keep the adapter unmerged (or unload with merge=False)"
+            )
+
+    # --- conveniences for method files ---------------------------------------------------------------------
+    def new_parameter(self, *shape: int, reference: Tensor) -> nn.Parameter:
+        """An uninitialized parameter on the reference tensor's device and dtype."""
+        return nn.Parameter(torch.empty(*shape, device=reference.device, dtype=reference.dtype))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.value}, layer={self.layer.kind}({self.layer.in_features}->{self.layer.out_features})"

@@ -1,0 +1,129 @@
+"""AdaptedLayer: one wrapper per adapted base layer holding named deltas, with the two delta paths.
+
+The host keeps the base layer as `base_layer` but reports the base layer's parameters under their original
+keys in `state_dict()` (`q.weight`, not `q.base_layer.weight`), so an adapted model's base keys are the base
+checkpoint's keys; adapter tensors appear as `q.deltas.<adapter>.<param>`.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core.delta import COMPOSITION_ORDER, Delta, DeltaKind
+from deltatune.core.layers import LayerInfo, base_bias
+from deltatune.errors import DeltatuneError, NotMergeableError
+
+_BASE = "base_layer."
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer plus named deltas. Forward composes the active, unmerged deltas in `COMPOSITION_ORDER`."""
+
+    def __init__(self, base_layer: nn.Module, layer: LayerInfo) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer = layer
+        self.deltas = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()
+        self.disabled = False
+        self._plan: dict[DeltaKind, tuple[Delta, ...]] = {}
+        self.register_state_dict_post_hook(_base_keys_on_save)
+        self.register_load_state_dict_pre_hook(_base_keys_on_load)
+
+    # --- membership -----------------------------------------------------------------------------------------
+    def add_delta(self, name: str, delta: Delta) -> None:
+        self.deltas[name] = delta
+        self._replan()
+
+    def remove_delta(self, name: str) -> None:
+        if name in self.merged:
+            raise DeltatuneError(f"adapter {name!r} is merged into {self.layer.type_name}; unmerge it first")
+        del self.deltas[name]
+        self.active = tuple(n for n in self.active if n != name)
+        self._replan()
+
+    def set_active(self, names: Iterable[str]) -> None:
+        if self.merged:
+            raise DeltatuneError(
+                f"adapters {list(self.merged)} are merged; call deltatune.unmerge(model) before changing the active set"
+            )
+        self.active = tuple(n for n in names if n in self.deltas)
+        self._replan()
+
+    def _replan(self) -> None:
+        """Precompute the per-kind delta lists once, so forward does no bookkeeping."""
+        live = [self.deltas[n] for n in self.active if n not in self.merged]
+        self._plan = {kind: tuple(d for d in live if d.kind is kind) for kind in COMPOSITION_ORDER}
+
+    # --- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self.disabled or not any(self._plan.values()):
+            return self.base_layer(x)
+        weight_deltas = self._plan[DeltaKind.WEIGHT]
+        if weight_deltas:
+            weight = self.base_layer.weight
+            for delta in weight_deltas:
+                weight = delta.adapted_weight(weight)
+            y = self.layer.op(x, weight, base_bias(self.base_layer))
+        else:
+            y = self.base_layer(x)
+        for delta in self._plan[DeltaKind.ADDITIVE]:
+            y = y + delta(x)
+        for delta in self._plan[DeltaKind.OUTPUT]:
+            y = delta.transform_output(y)
+        return y
+
+    # --- merging --------------------------------------------------------------------------------------------
+    def _merge_order(self) -> list[str]:
+        live = [n for n in self.active if n not in self.merged]
+        return sorted(live, key=lambda n: COMPOSITION_ORDER.index(self.deltas[n].kind))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every active, unmerged delta into the base weight and bias, in composition order."""
+        for name in self._merge_order():
+            weight, bias = self.deltas[name].merge_into(self.base_layer.weight.detach(), _detached_bias(self))
+            self._write_base(weight, bias, name)
+            self.merged = self.merged + (name,)
+        self._replan()
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge` in reverse order."""
+        for name in reversed(self.merged):
+            weight, bias = self.deltas[name].unmerge_from(self.base_layer.weight.detach(), _detached_bias(self))
+            self._write_base(weight, bias, name)
+            self.merged = self.merged[:-1]
+        self._replan()
+
+    def _write_base(self, weight: Tensor, bias: Tensor | None, name: str) -> None:
+        self.base_layer.weight.copy_(weight)
+        current = base_bias(self.base_layer)
+        if bias is None:
+            return
+        if current is None:
+            raise NotMergeableError(
+                f"adapter {name!r} changes the bias of a {self.layer.type_name} that has none; keep it unmerged"
+            )
+        current.copy_(bias)
+
+
+def _detached_bias(host: AdaptedLayer) -> Tensor | None:
+    bias = base_bias(host.base_layer)
+    return None if bias is None else bias.detach()
+
+
+def _base_keys_on_save(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _BASE)]:
+        state_dict[prefix + key[len(prefix) + len(_BASE):]] = state_dict.pop(key)
+
+
+def _base_keys_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    own = {name for name, _ in module.base_layer.named_parameters(recurse=False)}
+    own |= {name for name, _ in module.base_layer.named_buffers(recurse=False)}
+    for name in own:
+        if prefix + name in state_dict:
+            state_dict[prefix + _BASE + name] = state_dict.pop(prefix + name)

@@ -1,0 +1,145 @@
+"""Layer kinds: what a delta needs to know about the base layer it adapts, and the functional op to run it.
+
+Every supported base layer is seen as a 2-D matrix `(out_features, in_features)` plus a functional op
+`op(x, weight, bias)`, so methods never branch on the layer class:
+
+| kind        | torch layer                    | native weight shape        | matrix view            |
+| ----------- | ------------------------------ | -------------------------- | ---------------------- |
+| `linear`    | nn.Linear                      | (out, in)                  | the weight             |
+| `conv1d_hf` | transformers' GPT-2 `Conv1D`   | (in, out) (fan-in first)   | the transposed weight  |
+| `conv`      | nn.Conv1d / Conv2d / Conv3d    | (out, in/groups, *kernel)  | (out, in/groups * k)   |
+| `embedding` | nn.Embedding                   | (num_embeddings, dim)      | (dim, num_embeddings)  |
+
+For an embedding, "in" is the vocabulary (a one-hot input) and "out" the embedding dimension, as in peft.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LINEAR, CONV1D_HF, CONV, EMBEDDING = "linear", "conv1d_hf", "conv", "embedding"
+ALL_KINDS = frozenset({LINEAR, CONV1D_HF, CONV, EMBEDDING})
+KIND_LABELS = {
+    LINEAR: "nn.Linear",
+    CONV1D_HF: "transformers Conv1D",
+    CONV: "nn.Conv1d/2d/3d",
+    EMBEDDING: "nn.Embedding",
+}
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style Conv1D (a Linear with a transposed weight), detected without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """The kind name of a supported base layer, or None for a layer no delta can wrap."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if is_hf_conv1d(module):
+        return CONV1D_HF
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONV
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    return None
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shape facts about one base layer plus its functional op. Holds no reference to the layer itself."""
+
+    kind: str
+    in_features: int
+    out_features: int
+    weight_shape: tuple[int, ...]
+    type_name: str
+    conv_dims: int = 0
+    conv_args: dict = field(default_factory=dict)  # stride, padding, dilation, groups
+    embedding_args: dict = field(default_factory=dict)  # padding_idx, max_norm, ...
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight_shape[2:])
+
+    @property
+    def fan_in(self) -> int:
+        """Inputs seen by one output unit: in_features for dense layers, in/groups * prod(kernel) for convs."""
+        if self.kind == CONV:
+            return self.weight_shape[1] * math.prod(self.kernel_size)
+        return self.in_features
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        """Native weight -> (out, fan_in) matrix view."""
+        if self.kind == CONV1D_HF:
+            return weight.T
+        if self.kind == EMBEDDING:
+            return weight.T
+        return weight.reshape(weight.shape[0], -1)
+
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        """(out, fan_in) matrix -> native weight shape (inverse of `to_matrix`)."""
+        if self.kind in (CONV1D_HF, EMBEDDING):
+            return matrix.T
+        return matrix.reshape(self.weight_shape)
+
+    def op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """Run the base layer's computation with a substitute weight (the weight path)."""
+        return _OPS[self.kind](self, x, weight, bias)
+
+
+def _linear_op(info: LayerInfo, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x, weight, bias)
+
+
+def _conv1d_hf_op(info: LayerInfo, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    out = x @ weight
+    return out if bias is None else out + bias
+
+
+_CONV_FUNCS: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _conv_op(info: LayerInfo, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _CONV_FUNCS[info.conv_dims](x, weight, bias, **info.conv_args)
+
+
+def _embedding_op(info: LayerInfo, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return F.embedding(x, weight, **info.embedding_args)
+
+
+_OPS = {LINEAR: _linear_op, CONV1D_HF: _conv1d_hf_op, CONV: _conv_op, EMBEDDING: _embedding_op}
+
+
+def describe_layer(module: nn.Module) -> LayerInfo:
+    """Build the LayerInfo of a supported layer (call `layer_kind` first to know it is supported)."""
+    kind = layer_kind(module)
+    weight = module.weight
+    shape = tuple(weight.shape)
+    name = type(module).__name__
+    if kind == LINEAR:
+        return LayerInfo(kind, module.in_features, module.out_features, shape, name)
+    if kind == CONV1D_HF:
+        return LayerInfo(kind, shape[0], shape[1], shape, name)
+    if kind == CONV:
+        if module.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={module.padding_mode!r}")
+        args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
+        return LayerInfo(kind, module.in_channels, module.out_channels, shape, name, len(shape) - 2, args)
+    if kind == EMBEDDING:
+        args = dict(
+            padding_idx=module.padding_idx, max_norm=module.max_norm, norm_type=module.norm_type,
+            scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
+        )
+        return LayerInfo(kind, module.num_embeddings, module.embedding_dim, shape, name, embedding_args=args)
+    raise ValueError(f"unsupported layer type {name}")
+
+
+def base_bias(module: nn.Module) -> Tensor | None:
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None

@@ -1,0 +1,87 @@
+"""peft interop: read and write Hugging Face peft adapter folders (adapter_config.json + adapter_model.safetensors).
+
+A method joins by giving its config class a `peft_type` ClassVar plus `to_peft_config` / `from_peft_config`,
+and its delta a `peft_tensor_names()` map from its tensor names to peft's key suffixes. Keys in peft files are
+``base_model.model.<module path>.<peft suffix>``; extra trainable modules (peft's ``modules_to_save``) are
+``base_model.model.<module path>.<param>``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from deltatune.core.atomic import atomic_directory
+from deltatune.core.model import _config_of, extra_modules, iter_deltas
+from deltatune.core.registry import list_methods
+from deltatune.core.state import attach_adapter, read_json, read_safetensors, _pickle_refusal
+from deltatune.errors import AdapterFileError, DeltatuneError
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _peft_config_class(peft_type: str):
+    for entry in list_methods():
+        if getattr(entry.config_cls, "peft_type", None) == peft_type:
+            return entry.config_cls
+    supported = sorted(str(getattr(e.config_cls, "peft_type")) for e in list_methods() if hasattr(e.config_cls, "peft_type"))
+    raise AdapterFileError(f"peft_type {peft_type!r} cannot be imported; supported: {supported}")
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` as a peft folder that `PeftModel.from_pretrained` loads."""
+    config = _config_of(model, name)
+    if not hasattr(config, "to_peft_config"):
+        raise DeltatuneError(f"{type(config).__name__} has no peft equivalent; save with format='deltatune'")
+    tensors: dict[str, Tensor] = {}
+    targets = []
+    for path_, _, delta in iter_deltas(model, name):
+        targets.append(path_)
+        for ours, theirs in delta.peft_tensor_names().items():
+            tensors[f"{PREFIX}{path_}.{theirs}"] = getattr(delta, ours).detach().contiguous()
+    extras = extra_modules(model, config)
+    for path_, module in extras:
+        for key, tensor in module.state_dict().items():
+            tensors[f"{PREFIX}{path_}.{key}"] = tensor.detach().contiguous()
+    peft_config = config.to_peft_config(targets, [p for p, _ in extras])
+    with atomic_directory(path) as staging:
+        save_file(tensors, str(staging / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (staging / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+    return Path(path)
+
+
+def load_peft_adapter(model: nn.Module, folder: Path, name: str = "default", *, trainable: bool = False) -> nn.Module:
+    """Load a peft folder written by peft (or by `save_peft_adapter`) as deltatune adapter `name`."""
+    peft_config = read_json(folder / PEFT_CONFIG)
+    if "peft_type" not in peft_config:
+        raise AdapterFileError(f"{folder / PEFT_CONFIG} has no 'peft_type'; it is not a peft adapter config")
+    weights = folder / PEFT_WEIGHTS
+    if not weights.exists() and (folder / "adapter_model.bin").exists():
+        raise AdapterFileError(_pickle_refusal(folder / "adapter_model.bin"))
+    config = _peft_config_class(str(peft_config["peft_type"])).from_peft_config(peft_config)
+    raw = read_safetensors(weights)
+    tensors = _to_deltatune_keys(model, config, raw, name)
+    return attach_adapter(model, config, tensors, name, trainable, source=folder)
+
+
+def _to_deltatune_keys(model: nn.Module, config, raw: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """Rename peft keys to ours. Needs the deltas' peft names, so it probes a throw-away adapter."""
+    from deltatune.core.model import adapt, delete_adapter
+
+    stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    probe = f"_peft_probe_{name}"
+    adapt(model, config, probe, trainable=False)
+    try:
+        renames = {
+            f"{path}.{theirs}": f"{path}.{ours}"
+            for path, _, delta in iter_deltas(model, probe)
+            for ours, theirs in delta.peft_tensor_names().items()
+        }
+    finally:
+        delete_adapter(model, probe)
+    return {renames.get(key, key): tensor for key, tensor in stripped.items()}

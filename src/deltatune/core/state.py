@@ -1,0 +1,201 @@
+"""Adapter state dicts and the deltatune file format.
+
+A deltatune adapter folder holds two files:
+
+- ``deltatune_config.json``: ``{"format": "deltatune", "format_version": 1, "method": ..., "config": {...},
+  "extra_modules": [...], "deltatune_version": ...}``;
+- ``deltatune_adapter.safetensors``: one tensor per key ``<module path>.<delta tensor name>`` (the names each
+  method documents, e.g. ``encoder.layer.0.attention.self.query.lora_A``) plus the full parameters of the
+  extra trainable modules under their own keys (``classifier.weight``). Adapter names are not in the keys, so
+  a file loads under any name.
+
+Both are written atomically into a staging folder that replaces the target only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from deltatune.core.atomic import atomic_directory
+from deltatune.core.model import (
+    _config_of, adapt, adapter_state, delete_adapter, extra_modules, iter_deltas, set_trainable,
+)
+from deltatune.core.registry import entry_for_config, method_entry
+from deltatune.errors import AdapterFileError, DeltatuneError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "deltatune_config.json"
+WEIGHTS_FILE = "deltatune_adapter.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, Tensor]:
+    """Every tensor that defines adapter `name`: its deltas' parameters and persistent buffers, and the
+    parameters of its extra trainable modules. Keys are independent of the adapter name."""
+    config = _config_of(model, name)
+    state: dict[str, Tensor] = {}
+    for path, _, delta in iter_deltas(model, name):
+        for key, tensor in delta.state_dict().items():
+            state[f"{path}.{key}"] = tensor
+    for path, module in extra_modules(model, config):
+        for key, tensor in module.state_dict().items():
+            state[f"{path}.{key}" if path else key] = tensor
+    return state
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """What a training checkpoint must keep: every trainable parameter and every delta tensor, under the
+    model's own state-dict keys (base keys unchanged by adaptation)."""
+    state = model.state_dict(keep_vars=True)
+    return {
+        key: tensor.detach()
+        for key, tensor in state.items()
+        if ".deltas." in f".{key}" or (isinstance(tensor, nn.Parameter) and tensor.requires_grad)
+    }
+
+
+def load_trainable_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise AdapterFileError(
+            f"checkpoint has tensors the model lacks, first {result.unexpected_keys[0]!r}; "
+            "was it written for another model or adapter configuration?"
+        )
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", format: str = "deltatune") -> Path:
+    """Save adapter `name` into folder `path` (created or replaced atomically). format: "deltatune" | "peft"."""
+    if format == "peft":
+        from deltatune.core.peft_format import save_peft_adapter
+
+        return save_peft_adapter(model, path, name)
+    if format != "deltatune":
+        raise DeltatuneError(f"format={format!r} is unknown; use 'deltatune' or 'peft'")
+    config = _config_of(model, name)
+    tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, name).items()}
+    meta = {
+        "format": "deltatune",
+        "format_version": FORMAT_VERSION,
+        "method": entry_for_config(config).name,
+        "config": config.to_dict(),
+        "extra_modules": [p for p, _ in extra_modules(model, config)],
+        "deltatune_version": _version(),
+    }
+    with atomic_directory(path) as staging:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "method": meta["method"]})
+        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return Path(path)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False) -> nn.Module:
+    """Load a deltatune or peft LoRA adapter folder onto `model` as adapter `name` (made active).
+
+    The model is left unchanged when anything about the file is wrong. Pickle files are refused, never read.
+    """
+    folder = _adapter_folder(Path(path))
+    if (folder / CONFIG_FILE).exists():
+        meta = read_json(folder / CONFIG_FILE)
+        entry = method_entry(str(meta.get("method")))
+        config = entry.config_cls.from_dict(meta.get("config", {}))
+        tensors = read_safetensors(folder / WEIGHTS_FILE)
+        return attach_adapter(model, config, tensors, name, trainable, source=folder)
+    from deltatune.core.peft_format import load_peft_adapter
+
+    return load_peft_adapter(model, folder, name, trainable=trainable)
+
+
+def attach_adapter(
+    model: nn.Module, config: Any, tensors: dict[str, Tensor], name: str, trainable: bool, source: Path
+) -> nn.Module:
+    """Inject `config` as adapter `name` and fill it with `tensors`, or roll back and raise."""
+    adapt(model, config, name, trainable=trainable)
+    try:
+        _fill_adapter(model, name, tensors, source)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    if not trainable:
+        for _, _, delta in iter_deltas(model, name):
+            delta.requires_grad_(False)
+    else:
+        set_trainable(model, name)
+    return model
+
+
+def _fill_adapter(model: nn.Module, name: str, tensors: dict[str, Tensor], source: Path) -> None:
+    expected = adapter_state_dict(model, name)
+    for key, target in expected.items():
+        if key not in tensors:
+            raise AdapterFileError(f"{source} has no tensor {key!r} that this model's adapter needs; "
+                                   "was it saved for another model or config?")
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)} but the model expects "
+                f"{tuple(target.shape)}; the adapter was saved for a different model or rank"
+            )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise AdapterFileError(f"{source} has tensor {unexpected[0]!r} that matches nothing in the model; "
+                               "was it saved for another model?")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key])
+
+
+def _adapter_folder(path: Path) -> Path:
+    if not path.exists():
+        raise AdapterFileError(f"adapter path {path} does not exist; pass the folder written by save_adapter")
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES:
+            raise AdapterFileError(_pickle_refusal(path))
+        path = path.parent
+    names = {p.name for p in path.iterdir()}
+    if CONFIG_FILE in names or "adapter_config.json" in names:
+        return path
+    if any(n.endswith(PICKLE_SUFFIXES) for n in names):
+        raise AdapterFileError(_pickle_refusal(path))
+    raise AdapterFileError(
+        f"{path} has no {CONFIG_FILE} (deltatune) or adapter_config.json (peft); the config file is missing"
+    )
+
+
+def _pickle_refusal(path: Path) -> str:
+    return (f"{path} holds a pickle file; deltatune never unpickles adapters (it can run arbitrary code). "
+            "Convert it to safetensors with the library that wrote it")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise AdapterFileError(f"config file {path} is missing; the adapter folder is incomplete")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"config file {path} is not valid JSON ({error}); re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"config file {path} must hold a JSON object")
+    return data
+
+
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.exists():
+        raise AdapterFileError(f"weights file {path} is missing; the adapter folder is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers
+        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({error}); re-save the adapter") from None
+
+
+def _version() -> str:
+    from deltatune import __version__
+
+    return __version__
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    return list(adapter_state(model).configs)

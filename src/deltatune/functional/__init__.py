@@ -1,0 +1,1 @@
+"""Pure tensor math shared by methods (no modules, no state)."""

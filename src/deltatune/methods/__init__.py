@@ -1,0 +1,1 @@
+"""One file per method. Importing this package registers every built-in method."""

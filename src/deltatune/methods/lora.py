@@ -1,0 +1,186 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, arXiv:2106.09685).
+
+    h = W0 x + (alpha / r) · B A x                                    (paper Eq. 3, §4.1)
+
+A ∈ R^{r×in} starts random (Kaiming-uniform, as peft and the official loralib do), B ∈ R^{out×r} starts at
+zero, so the adapted model equals the base model at step 0. rsLoRA (Kalajdzievski, 2023) scales by
+alpha / sqrt(r) instead. The forward pass runs on the activation path, `B(A(dropout(x)))`, and never forms ΔW.
+
+Saved tensors (per adapted module): ``lora_A`` (r, in) — (r, in, *kernel) for convolutions — and ``lora_B``
+(out, r) — (out, r, 1, ...) for convolutions. For an embedding, ``lora_A`` is (r, num_embeddings) and
+``lora_B`` (dim, r), initialized A = 0, B ~ N(0, 1), as peft does. These are peft's shapes, so peft folders
+convert by renaming keys only.
+
+Defaults follow peft (rank 8, alpha 8, dropout 0); the paper tunes alpha once and fixes it.
+Deviation: grouped convolutions are not supported (clear error).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deltatune.core.config import DeltaConfig
+from deltatune.core.delta import Delta, DeltaKind
+from deltatune.core.layers import ALL_KINDS, CONV, EMBEDDING, LayerInfo
+from deltatune.core.registry import register_method
+from deltatune.errors import ConfigError, UnsupportedLayerError, config_check
+from deltatune.functional.lowrank import lowrank_delta_weight
+
+INITS = ("kaiming", "gaussian", "random")
+
+
+@dataclass(frozen=True)
+class LoRAConfig(DeltaConfig):
+    """LoRA hyper-parameters.
+
+    Args:
+        rank: r, the rank of the update (0 < r < min(in, out)).
+        alpha: the scale numerator: ΔW = (alpha / r) B A (or alpha / sqrt(r) with rslora).
+        dropout: dropout on the LoRA branch's input, in [0, 1).
+        rslora: use the rank-stabilized scale alpha / sqrt(r).
+        init: "kaiming" (A Kaiming-uniform, B = 0; the paper/peft default), "gaussian" (A ~ N(0, 1/r), B = 0),
+            or "random" (B random too: output changes at step 0; for tests and experiments).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    peft_type: ClassVar[str] = "LORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        config_check(isinstance(self.rank, int) and self.rank > 0, "rank", self.rank, "an integer > 0")
+        config_check(self.alpha > 0, "alpha", self.alpha, "a number > 0")
+        config_check(0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
+        config_check(self.init in INITS, "init", self.init, f"one of {INITS}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    # --- peft interop (used by core.peft_format) ------------------------------------------------------------
+    def to_peft_config(self, target_paths: list[str], extra_paths: list[str]) -> dict[str, Any]:
+        return {
+            "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+            "use_rslora": self.rslora, "target_modules": sorted(target_paths),
+            "modules_to_save": sorted(extra_paths) or None, "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": None, "layers_pattern": None, "task_type": None, "inference_mode": True,
+            "base_model_name_or_path": None, "revision": None, "lora_bias": False, "exclude_modules": None,
+        }
+
+    @classmethod
+    def from_peft_config(cls, peft: dict[str, Any]) -> LoRAConfig:
+        _refuse_unsupported_peft_options(peft)
+        targets = peft.get("target_modules")
+        return cls(
+            rank=int(peft.get("r", 8)), alpha=float(peft.get("lora_alpha", 8)),
+            dropout=float(peft.get("lora_dropout", 0.0)), rslora=bool(peft.get("use_rslora", False)),
+            targets=targets if isinstance(targets, str) else tuple(targets or ()),
+            exclude=tuple(_as_list(peft.get("exclude_modules"))),
+            extra_trainable=tuple(_as_list(peft.get("modules_to_save"))),
+        )
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _refuse_unsupported_peft_options(peft: dict[str, Any]) -> None:
+    unsupported = {
+        "use_dora": bool(peft.get("use_dora")), "rank_pattern": bool(peft.get("rank_pattern")),
+        "alpha_pattern": bool(peft.get("alpha_pattern")), "bias": peft.get("bias", "none") != "none",
+        "layers_to_transform": peft.get("layers_to_transform") is not None,
+        "lora_bias": bool(peft.get("lora_bias")), "target_parameters": bool(peft.get("target_parameters")),
+    }
+    used = [name for name, on in unsupported.items() if on]
+    if used:
+        raise ConfigError(f"this peft LoRA folder uses {used}, which deltatune's LoRA import does not support yet")
+
+
+@register_method("lora", LoRAConfig, "LoRA: low-rank update (alpha/r)·BA added on the activation path")
+class LoRADelta(Delta):
+    """LoRA: low-rank update (alpha/r)·BA added on the activation path."""
+
+    kind = DeltaKind.ADDITIVE
+    layer_kinds = ALL_KINDS
+
+    def __init__(self, config: LoRAConfig, layer: LayerInfo, module_name: str = "") -> None:
+        super().__init__(config, layer, module_name)
+        _check_layer(config, layer, module_name)
+        r = config.rank
+        if layer.kind == CONV:
+            self.lora_A = nn.Parameter(torch.empty(r, *layer.weight_shape[1:]))
+            self.lora_B = nn.Parameter(torch.empty(layer.out_features, r, *([1] * layer.conv_dims)))
+        else:
+            self.lora_A = nn.Parameter(torch.empty(r, layer.in_features))
+            self.lora_B = nn.Parameter(torch.empty(layer.out_features, r))
+        self.register_buffer("scale", torch.tensor(config.scale), persistent=False)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init = self.config.init
+        if self.layer.kind == EMBEDDING:  # peft: the lookup side starts at zero, the projection random
+            nn.init.zeros_(self.lora_A) if init != "random" else nn.init.normal_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.config.rank)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "random":
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_in = x if self.layer.kind == EMBEDDING else self.dropout(x.to(self.lora_A.dtype))
+        return (_LOWRANK_PATH[self.layer.kind](self, x_in) * self.scale).to(x.dtype if x.is_floating_point() else self.lora_A.dtype)
+
+    def delta_weight(self, base_weight: Tensor) -> Tensor:
+        return lowrank_delta_weight(self.layer, self.lora_A, self.lora_B, self.scale).to(base_weight.dtype)
+
+    def peft_tensor_names(self) -> dict[str, str]:
+        if self.layer.kind == EMBEDDING:
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+
+def _dense_path(delta: LoRADelta, x: Tensor) -> Tensor:
+    return F.linear(F.linear(x, delta.lora_A), delta.lora_B)
+
+
+def _conv_path(delta: LoRADelta, x: Tensor) -> Tensor:
+    conv = (F.conv1d, F.conv2d, F.conv3d)[delta.layer.conv_dims - 1]
+    return conv(conv(x, delta.lora_A, **delta.layer.conv_args), delta.lora_B)
+
+
+def _embedding_path(delta: LoRADelta, x: Tensor) -> Tensor:
+    return F.embedding(x, delta.lora_A.T, **delta.layer.embedding_args) @ delta.lora_B.T
+
+
+_LOWRANK_PATH = {"linear": _dense_path, "conv1d_hf": _dense_path, CONV: _conv_path, EMBEDDING: _embedding_path}
+
+
+def _check_layer(config: LoRAConfig, layer: LayerInfo, module_name: str) -> None:
+    if layer.kind == CONV and layer.conv_args.get("groups", 1) != 1:
+        raise UnsupportedLayerError(
+            f"lora cannot adapt grouped convolution {module_name!r} (groups={layer.conv_args['groups']}); "
+            "exclude it from `targets`"
+        )
+    limit = min(layer.fan_in, layer.out_features)
+    config_check(
+        config.rank < limit, "rank", config.rank,
+        f"0 < rank < min(in, out) = {limit} for {module_name or layer.type_name} ({layer.fan_in} -> {layer.out_features})",
+        "lower the rank or exclude this module",
+    )
