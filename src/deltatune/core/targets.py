@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
 from deltatune.core.config import ALL_LINEAR, DeltaConfig
+from deltatune.core.host import AdaptedLayer
 from deltatune.core.layers import CONV1D_HF, KIND_LABELS, LINEAR, layer_kind
 from deltatune.errors import TargetError, UnsupportedLayerError
 
@@ -49,13 +50,26 @@ def _passes_type_filter(module: nn.Module, layer_types: tuple[str, ...]) -> bool
     return layer_kind(module) in layer_types or type(module).__name__ in layer_types
 
 
+def candidate_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, base layer) for every module of the model, seeing through hosts: an adapted layer counts as its
+    base layer, and the host's own children (base_layer, deltas) are not candidates."""
+    hosts: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(h + ".") for h in hosts):
+            continue
+        if isinstance(module, AdaptedLayer):
+            hosts.append(path)
+            module = module.base_layer
+        yield path, module
+
+
 def find_targets(model: nn.Module, config: DeltaConfig, supported_kinds: frozenset[str], method: str) -> list[str]:
     """Dotted paths of the modules `config` selects. Raises a TargetError listing near misses when none match,
     and an UnsupportedLayerError when an explicitly named module is of a kind the method cannot adapt."""
     heads = output_head_names(model)
     chosen = []
-    for path, module in model.named_modules():
-        if not path or _is_inside(path, config.exclude) or _is_inside(path, config.extra_trainable):
+    for path, module in candidate_layers(model):
+        if _is_inside(path, config.exclude) or _is_inside(path, config.extra_trainable):
             continue
         if not _wanted_by_targets(path, module, config, heads) or not _passes_type_filter(module, config.layer_types):
             continue
@@ -78,7 +92,7 @@ def _raise_unsupported(path: str, module: nn.Module, supported: frozenset[str], 
 
 
 def _no_match_message(model: nn.Module, config: DeltaConfig) -> str:
-    paths = [p for p, _ in model.named_modules() if p]
+    paths = [p for p, _ in candidate_layers(model)]
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     wanted = config.targets if isinstance(config.targets, tuple) else (str(config.targets),)
     near: list[str] = []

@@ -1,0 +1,171 @@
+"""The delta contract: every registered method × every layer kind, driven only by the methods' declarations.
+
+A new method joins by registering; nothing here names a method.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import deltatune as dt
+from contract.toy_models import LAYER_CASES, build
+from deltatune.core.host import AdaptedLayer
+from deltatune.errors import NotMergeableError, UnsupportedLayerError
+
+METHODS = [entry.name for entry in dt.list_methods()]
+CASES = [(m, k) for m in METHODS for k in LAYER_CASES]
+
+
+def _supports(method: str, case: str) -> bool:
+    return LAYER_CASES[case] in dt.method_entry(method).delta_cls.layer_kinds
+
+
+def _config(method: str, case: str, **overrides):
+    return dt.config_for(method, targets=None, layer_types=(LAYER_CASES[case],), **overrides)
+
+
+def _perturb(model, name: str, seed: int = 1, scale: float = 0.1) -> None:
+    """Move every floating delta parameter away from its initial value, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, delta in dt.iter_deltas(model, name):
+            for parameter in delta.parameters():
+                if parameter.is_floating_point():
+                    noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                    parameter.add_(scale * noise.to(parameter.device))
+
+
+def _adapted(method: str, case: str, seed: int = 0):
+    base, x = build(case, seed)
+    reference = copy.deepcopy(base)
+    model = dt.adapt(copy.deepcopy(base), _config(method, case))
+    return reference, model, x
+
+
+supported = pytest.mark.parametrize("method,case", [c for c in CASES if _supports(*c)])
+
+
+@supported
+def test_output_unchanged_at_init_where_the_paper_says_so(method, case):
+    reference, model, x = _adapted(method, case)
+    if not dt.method_entry(method).delta_cls.preserves_output_at_init:
+        pytest.skip("this method changes the output at initialization by design")
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-12)
+
+
+@supported
+def test_gradients_reach_only_trainable_tensors(method, case):
+    _, model, x = _adapted(method, case)
+    _perturb(model, "default")
+    model(x).square().sum().backward()
+    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    trainable_with_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    assert not frozen_with_grad
+    assert trainable_with_grad, "no delta received a gradient"
+    assert all(".deltas." in f".{n}" for n in trainable_with_grad)
+
+
+@supported
+def test_merge_equals_unmerged_and_unmerge_restores_base(method, case):
+    reference, model, x = _adapted(method, case)
+    _perturb(model, "default")
+    expected = model(x).detach()
+    base_weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    if not dt.method_entry(method).delta_cls.mergeable:
+        with pytest.raises(NotMergeableError):
+            dt.merge(model)
+        return
+    dt.merge(model)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
+    dt.unmerge(model)
+    restored = {k: v for k, v in model.state_dict().items() if ".deltas." not in f".{k}"}
+    for key, value in base_weights.items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=1e-12)
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-12)
+
+
+@supported
+def test_merge_in_float32_is_within_float_tolerance(method, case):
+    base, x = build(case)
+    model = dt.adapt(base.float(), _config(method, case))
+    _perturb(model, "default", scale=0.05)
+    x = x.float() if x.is_floating_point() else x
+    expected = model(x).detach()
+    if dt.method_entry(method).delta_cls.mergeable:
+        dt.merge(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@supported
+def test_unload_gives_plain_modules_with_the_same_output(method, case):
+    _, model, x = _adapted(method, case)
+    _perturb(model, "default")
+    expected = model(x).detach()
+    if not dt.method_entry(method).delta_cls.mergeable:
+        pytest.skip("not mergeable")
+    plain = dt.unload(model, merge=True)
+    assert not any(isinstance(m, AdaptedLayer) for m in plain.modules())
+    torch.testing.assert_close(plain(x), expected, rtol=0, atol=1e-10)
+
+
+@supported
+def test_base_state_dict_keys_are_unchanged(method, case):
+    reference, model, _ = _adapted(method, case)
+    base_keys = {k for k in model.state_dict() if ".deltas." not in f".{k}"}
+    assert base_keys == set(reference.state_dict())
+
+
+@supported
+def test_save_then_load_gives_identical_outputs(method, case, tmp_path):
+    reference, model, x = _adapted(method, case)
+    _perturb(model, "default")
+    expected = model(x).detach()
+    dt.save_adapter(model, tmp_path / "adapter")
+    loaded = dt.load_adapter(copy.deepcopy(reference), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    original = dt.adapter_state_dict(model)
+    for key, tensor in dt.adapter_state_dict(loaded).items():
+        torch.testing.assert_close(tensor, original[key], rtol=0, atol=0)
+
+
+@supported
+def test_disabled_gives_the_base_output(method, case):
+    reference, model, x = _adapted(method, case)
+    _perturb(model, "default")
+    with dt.disabled(model):
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert not torch.allclose(model(x), reference(x))
+
+
+@supported
+def test_two_named_adapters_coexist(method, case, tmp_path):
+    reference, model, x = _adapted(method, case)
+    _perturb(model, "default", seed=1)
+    first = model(x).detach()
+    dt.adapt(model, _config(method, case), name="second")
+    _perturb(model, "second", seed=2)
+    second = model(x).detach()
+    assert dt.active_adapters(model) == ("second",)
+    dt.set_active(model, "default")
+    torch.testing.assert_close(model(x), first, rtol=0, atol=0)
+    dt.set_active(model, ["default", "second"])
+    both = model(x).detach()
+    assert not torch.allclose(both, first) and not torch.allclose(both, second)
+    if dt.method_entry(method).delta_cls.mergeable:
+        dt.merge(model)
+        torch.testing.assert_close(model(x), both, rtol=0, atol=1e-10)
+        dt.unmerge(model)
+    dt.set_active(model, "second")
+    dt.save_adapter(model, tmp_path / "second", name="second")
+    reloaded = dt.load_adapter(copy.deepcopy(reference), tmp_path / "second", name="again")
+    torch.testing.assert_close(reloaded(x), second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,case", [c for c in CASES if not _supports(*c)])
+def test_unsupported_layer_kind_raises_a_clear_error(method, case):
+    base, _ = build(case)
+    with pytest.raises(UnsupportedLayerError, match="cannot adapt 'first'"):
+        dt.adapt(base, dt.config_for(method, targets=["first"]))
+    assert not any(isinstance(m, AdaptedLayer) for m in base.modules())

@@ -1,0 +1,70 @@
+"""Small float64 models, one per layer kind, for the shared delta contract."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class ConvNet(nn.Module):
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+        self.first = conv(3, 18, 3, padding=1)
+        self.second = conv(18, 20, 1)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+class DenseNet(nn.Module):
+    def __init__(self, layer=nn.Linear) -> None:
+        super().__init__()
+        self.first = layer(20, 24)
+        self.second = layer(24, 18)
+
+    def forward(self, x):
+        return self.second(torch.tanh(self.first(x)))
+
+
+class HFConvNet(DenseNet):
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+        self.first = Conv1D(24, 20)  # transformers' Conv1D(nf=out, nx=in)
+        self.second = Conv1D(18, 24)
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Embedding(30, 20)
+        self.second = nn.Embedding(30, 20)
+
+    def forward(self, x):
+        return torch.tanh(self.first(x)) + self.second(x)
+
+
+def build(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A float64 toy model whose targetable layers are all of `kind`, and an input batch."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if kind == "linear":
+        model, x = DenseNet(), torch.randn(5, 20, generator=generator)
+    elif kind == "conv1d_hf":
+        model, x = HFConvNet(), torch.randn(5, 20, generator=generator)
+    elif kind == "conv":
+        model, x = ConvNet(2), torch.randn(2, 3, 6, 6, generator=generator)
+    elif kind == "conv1d":
+        model, x = ConvNet(1), torch.randn(2, 3, 9, generator=generator)
+    elif kind == "embedding":
+        model, x = EmbeddingNet(), torch.randint(0, 30, (4, 7), generator=generator)
+    else:
+        raise ValueError(kind)
+    for parameter in model.parameters():  # transformers' Conv1D starts with zero bias: make every tensor count
+        with torch.no_grad():
+            parameter.normal_(0, 0.3, generator=generator)
+    model = model.double()
+    return model, (x.double() if x.is_floating_point() else x)
+
+
+LAYER_CASES = {"linear": "linear", "conv1d_hf": "conv1d_hf", "conv": "conv", "conv1d": "conv", "embedding": "embedding"}
