@@ -50,6 +50,11 @@ class DeltaConfig:
             except re.error as error:
                 raise ConfigError(f"targets={self.targets!r} is not a valid regular expression: {error}") from None
 
+    def training_callbacks(self, model: Any, total_steps: int) -> list[Any]:
+        """Trainer callbacks this method needs (allocators, schedules), built for a run of `total_steps`.
+        Methods without a training-time schedule return none."""
+        return []
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (tuples become lists)."""
         data = dataclasses.asdict(self)

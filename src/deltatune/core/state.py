@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from deltatune.core.atomic import atomic_directory
 from deltatune.core.model import (
     _config_of, adapt, adapter_state, delete_adapter, extra_modules, iter_deltas, set_trainable,
+    trainable_parameters,
 )
 from deltatune.core.registry import entry_for_config, method_entry
 from deltatune.errors import AdapterFileError, DeltatuneError
@@ -86,6 +87,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         "config": config.to_dict(),
         "extra_modules": [p for p, _ in extra_modules(model, config)],
         "deltatune_version": _version(),
+        "model_parameters": trainable_parameters(model).total - sum(t.numel() for t in tensors.values()),
     }
     with atomic_directory(path) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "method": meta["method"]})
