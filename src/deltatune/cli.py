@@ -1,0 +1,206 @@
+"""`deltatune` command line: methods | train | eval | inspect | demo | merge | prune.
+
+Every error deltatune raises on purpose prints as one line (what was wrong, what was expected, the fix) and
+exits with status 2; `--debug` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EPILOG = """examples:
+  deltatune methods
+  deltatune train --method lora -p rank=8 -p alpha=16 --epochs 2 --out runs/lora
+  deltatune train --method lora -p targets=query,key,value --task wordnet-verbs --out runs/verbs
+  deltatune eval runs/lora/adapter --task wordnet-nouns
+  deltatune inspect runs/lora/adapter
+  deltatune demo
+"""
+
+
+def _coerce(value: str, default: Any) -> Any:
+    """Turn `-p key=value` text into the type of the field's default."""
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError("expected true or false")
+        return value.lower() in ("true", "1", "yes")
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    if isinstance(default, tuple) or default is None or (isinstance(default, str) and "," in value):
+        if value.lower() in ("none", "null"):
+            return None
+        return tuple(v for v in value.split(",") if v) if "," in value or isinstance(default, tuple) else value
+    return value
+
+
+def parse_method_params(method: str, pairs: Sequence[str]) -> dict[str, Any]:
+    """`["rank=8", "targets=query,value"]` -> typed keyword arguments for the method's config."""
+    from deltatune.core.registry import method_entry
+    from deltatune.errors import ConfigError
+
+    fields = {f.name: f for f in dataclasses.fields(method_entry(method).config_cls)}
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"-p {pair!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        field = fields[key]
+        default = field.default if field.default is not dataclasses.MISSING else None
+        try:
+            params[key] = _coerce(text, default)
+        except ValueError as error:
+            raise ConfigError(f"-p {pair!r}: {error}; {key} defaults to {default!r}") from None
+    return params
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from deltatune.core.layers import KIND_LABELS
+    from deltatune.core.registry import list_methods
+
+    for entry in list_methods():
+        layers = ", ".join(KIND_LABELS[k] for k in sorted(entry.delta_cls.layer_kinds))
+        print(f"{entry.name:<14} {entry.description}")
+        print(f"{'':<14} layers: {layers}; mergeable: {'yes' if entry.delta_cls.mergeable else 'no'}")
+    print("\nreference points for `train --method`: probe (frozen backbone, head only), full (full fine-tuning)")
+    return 0
+
+
+def _method_params(args: argparse.Namespace) -> dict[str, Any]:
+    from deltatune.recipe import FULL, PROBE
+
+    if args.method in (PROBE, FULL):
+        return {}
+    return parse_method_params(args.method, args.param)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deltatune.recipe import finetune
+
+    result = finetune(
+        args.task, args.method, _method_params(args), epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, max_length=args.max_length, train_size=args.train_size, seed=args.seed, out_dir=args.out,
+        max_steps=args.max_steps,
+    )
+    print(result.line())
+    print(f"validation accuracy {result.validation_accuracy:.4f}")
+    if result.adapter_path:
+        print(f"adapter saved to {result.adapter_path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import deltatune as dt
+    from deltatune.data import evaluate_accuracy, load_task
+
+    task = load_task(args.task, max_length=args.max_length)
+    model = dt.load_adapter(task.build_model(), args.adapter)
+    split = getattr(task, args.split)
+    print(f"{args.split} accuracy {evaluate_accuracy(model, split):.4f} ({len(split)} examples, task {task.name})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from deltatune.inspect import summarize_adapter
+
+    summary = summarize_adapter(args.adapter)
+    if args.json:
+        print(json.dumps({"method": summary.method, "format": summary.format, "config": summary.config,
+                          "parameters": summary.parameters, "file_bytes": summary.file_bytes,
+                          "modules": summary.modules}, indent=2, default=list))
+    else:
+        print(summary.render())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from deltatune.demo import run_demo
+
+    return run_demo(out_dir=Path(args.out), epochs=args.epochs, train_size=args.train_size)
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default="lora",
+                        help="a registered method (see `deltatune methods`), or probe / full (default: lora)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="method hyper-parameter, repeatable: -p rank=8 -p targets=query,value")
+    parser.add_argument("--task", default="wordnet-nouns", help="built-in task (default: wordnet-nouns)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=None, help="default: the recipe's per-method default")
+    parser.add_argument("--max-length", type=int, default=32, help="tokens per gloss (default: 32)")
+    parser.add_argument("--train-size", type=int, default=None, help="use only this many training examples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/train", help="output folder: metrics, checkpoints, adapter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deltatune", description="Parameter-efficient fine-tuning and model merging for any PyTorch model.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    methods = commands.add_parser("methods", help="list the registered methods")
+    methods.set_defaults(func=cmd_methods)
+
+    train = commands.add_parser("train", help="fine-tune a built-in task's model with a method",
+                                description="Fine-tune, evaluate on the test split, save the adapter.")
+    _add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved adapter on a built-in task")
+    evaluate.add_argument("adapter", help="adapter folder (deltatune or peft)")
+    evaluate.add_argument("--task", default="wordnet-nouns")
+    evaluate.add_argument("--split", choices=("validation", "test"), default="test")
+    evaluate.add_argument("--max-length", type=int, default=32)
+    evaluate.set_defaults(func=cmd_eval)
+
+    inspect = commands.add_parser("inspect", help="show an adapter folder's config, tensors and size")
+    inspect.add_argument("adapter", help="adapter folder (deltatune or peft)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=cmd_inspect)
+
+    demo = commands.add_parser("demo", help="train LoRA on the default task next to a linear-probe baseline")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--epochs", type=int, default=2)
+    demo.add_argument("--train-size", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from deltatune.merge.cli import add_merge_commands
+    except ImportError:
+        pass
+    else:
+        add_merge_commands(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from deltatune.errors import DeltatuneError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DeltatuneError as error:
+        if args.debug:
+            raise
+        print(f"deltatune: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deltatune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
