@@ -124,7 +124,8 @@ class LoRADelta(Delta):
         else:
             self.lora_A = nn.Parameter(torch.empty(r, layer.in_features))
             self.lora_B = nn.Parameter(torch.empty(layer.out_features, r))
-        self.register_buffer("scale", torch.tensor(config.scale), persistent=False)
+        # float64 so that float64 models keep the exact scale; `adapt` casts it with the other tensors
+        self.register_buffer("scale", torch.tensor(config.scale, dtype=torch.float64), persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.reset_parameters()
 
