@@ -169,3 +169,15 @@ def test_unsupported_layer_kind_raises_a_clear_error(method, case):
     with pytest.raises(UnsupportedLayerError, match="cannot adapt 'first'"):
         dt.adapt(base, dt.config_for(method, targets=["first"]))
     assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if _supports(m, "linear")])
+def test_compiled_forward_and_backward_match_eager(method):
+    torch._dynamo.reset()
+    _, model, x = _adapted(method, "linear")
+    _perturb(model, "default")
+    expected = model(x).detach()
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-12, atol=1e-12)
+    compiled(x).square().sum().backward()
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)

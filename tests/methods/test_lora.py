@@ -104,3 +104,11 @@ def test_hf_conv1d_uses_the_transposed_weight():
     x = torch.randn(4, 6, dtype=torch.float64)
     expected = x @ (conv.weight + (delta.lora_B @ delta.lora_A).T * 4.0) + conv.bias
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = dt.adapt(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), dt.LoRAConfig(rank=2, init="random"))
+    x = torch.randn(3, 8)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
