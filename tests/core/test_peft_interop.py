@@ -85,3 +85,35 @@ def test_unsupported_peft_options_are_refused(backbone, tmp_path):
     peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / "dora")
     with pytest.raises(dt.DeltatuneError, match="use_dora"):
         dt.load_adapter(copy.deepcopy(model), tmp_path / "dora")
+
+
+class _Classifier(torch.nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = torch.nn.Linear(384, 5)
+
+    def forward(self, input_ids, attention_mask, **_):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.classifier(hidden.mean(1))
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_classifier_head_travels_as_modules_to_save_both_ways(backbone, tmp_path):
+    model, batch = backbone
+    torch.manual_seed(1)
+    base = _Classifier(copy.deepcopy(model)).eval()
+    ours = dt.adapt(copy.deepcopy(base), dt.LoRAConfig(rank=4, targets=["query"], extra_trainable=("classifier",), init="random"))
+    with torch.no_grad():
+        ours.classifier.weight.add_(0.5)
+    expected = _logits(ours, batch)
+    dt.save_adapter(ours, tmp_path / "export", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "export").eval()
+    assert _relative(_logits(theirs, batch), expected) <= 1e-6
+    theirs.save_pretrained(tmp_path / "again")
+    back = dt.load_adapter(copy.deepcopy(base), tmp_path / "again")
+    assert _relative(_logits(back, batch), expected) <= 1e-6
