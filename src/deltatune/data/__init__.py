@@ -1,0 +1,28 @@
+"""Built-in real-data tasks and their models.
+
+    from deltatune.data import load_task, evaluate_accuracy
+    task = load_task("wordnet-nouns")          # fixed splits, MiniLM-tokenized, max 32 tokens
+    model = task.build_model()                 # SentenceClassifier(MiniLM) with a fresh `classifier` head
+    batch = task.collate([task.train[i] for i in range(32)])
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+    evaluate_accuracy(model, task.test)
+
+Tasks (details in src/deltatune/data/README.md): wordnet-nouns (default), wordnet-verbs, wordnet-pos,
+wordnet-adj (WordNet 3.0 definitions, licence in files/WORDNET_LICENSE.txt) and digits (scikit-learn).
+"""
+from deltatune.data.catalog import DEFAULT_TASK, describe_tasks, list_tasks, load_task
+from deltatune.data.datasets import TensorDictDataset, collate_dicts, evaluate_accuracy, model_inputs
+from deltatune.data.models import (
+    DigitsConvNet,
+    DigitsMLP,
+    ModelUnavailableError,
+    SentenceClassifier,
+    load_minilm,
+)
+from deltatune.data.task import Task, UnknownTaskError
+
+__all__ = [
+    "DEFAULT_TASK", "DigitsConvNet", "DigitsMLP", "ModelUnavailableError", "SentenceClassifier", "Task",
+    "TensorDictDataset", "UnknownTaskError", "collate_dicts", "describe_tasks", "evaluate_accuracy",
+    "list_tasks", "load_minilm", "load_task", "model_inputs",
+]

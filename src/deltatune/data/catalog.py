@@ -1,0 +1,48 @@
+"""The catalogue of built-in tasks: names, one-line descriptions and `load_task`."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from deltatune.data.digits import DESCRIPTION as DIGITS_DESCRIPTION
+from deltatune.data.digits import load_digits_task
+from deltatune.data.task import Task, UnknownTaskError
+from deltatune.data.wordnet import WORDNET_TASKS, load_wordnet_task
+
+DEFAULT_TASK = "wordnet-nouns"
+
+
+def _wordnet_loader(name: str) -> Callable[..., Task]:
+    return lambda **options: load_wordnet_task(name, **options)
+
+
+_LOADERS: dict[str, tuple[str, Callable[..., Task]]] = {
+    **{name: (spec.description, _wordnet_loader(name)) for name, spec in WORDNET_TASKS.items()},
+    "digits": (DIGITS_DESCRIPTION, load_digits_task),
+}
+
+
+def list_tasks() -> list[str]:
+    """Names of the built-in tasks, the default (wordnet-nouns) first; see `describe_tasks` for descriptions."""
+    return list(_LOADERS)
+
+
+def describe_tasks() -> dict[str, str]:
+    """Built-in task name -> one-line description."""
+    return {name: description for name, (description, _) in _LOADERS.items()}
+
+
+def load_task(name: str, *, max_length: int = 32, train_size: int | None = None, seed: int = 0) -> Task:
+    """Load a built-in task with its fixed train / validation / test splits.
+
+    `max_length`: text tasks are tokenized once, truncated and padded to exactly this many tokens (ignored by
+    digits). `train_size`: keep a label-stratified subset of the training split of this size, drawn with `seed`
+    (`seed` changes nothing else: the splits themselves are fixed).
+    """
+    if name not in _LOADERS:
+        close = difflib.get_close_matches(str(name), _LOADERS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownTaskError(
+            f"unknown task {name!r}: expected one of {', '.join(_LOADERS)}; {hint}see deltatune.data.list_tasks()"
+        )
+    return _LOADERS[name][1](max_length=max_length, train_size=train_size, seed=seed)
