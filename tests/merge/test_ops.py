@@ -165,3 +165,11 @@ def test_order_statistics_are_exact_over_groups():
         ordered = torch.sort(flat[model], descending=True).values
         assert values[model] == tuple(float(ordered[r - 1]) for r in ranks[model])
     assert not math.isnan(values[0][0])
+
+
+def test_elect_sign_sums_half_precision_in_float32_like_torch_sum():
+    deltas = [torch.tensor([512.0], dtype=torch.bfloat16), torch.tensor([-1.0], dtype=torch.bfloat16),
+              torch.tensor([-512.0], dtype=torch.bfloat16)]
+    # bfloat16 step by step: 512 - 1 rounds to 512, then 0 → +1; the float32 total is -1 → -1
+    assert ops.elect_sign(deltas).tolist() == [-1.0]
+    assert torch.stack(deltas).sum(0).item() == -1.0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deltatune.merge import merge_state_dicts
-from deltatune.merge.methods.pcb import PCBModelParams, PCBParams, pcb_components, pcb_merge
+from deltatune.merge.methods.pcb import PCBModelParams, PCBParams, pcb_merge
 from deltatune.merge.search import apply_coefficients, pcb_component_state_dict, search_coefficients
 
 

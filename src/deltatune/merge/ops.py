@@ -13,6 +13,7 @@ Conventions: a task vector (delta) is `finetuned - base`, per tensor. `density` 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Sequence
@@ -131,7 +132,8 @@ def magnitude_keep_mask(delta: Tensor, density: float, threshold: Tensor | float
         flat_mask[torch.nonzero(at_cut.reshape(-1)).reshape(-1)[:missing]] = True
     else:
         flat_mask.zero_()
-        with _SORT_LOCK:  # a full sort needs ~5x the tensor's size in scratch memory: one at a time
+        # a full sort needs ~5x the tensor's size in scratch memory: big ones one at a time
+        with _SORT_LOCK if delta.numel() > (1 << 22) else contextlib.nullcontext():
             flat_mask[torch.argsort(magnitude.reshape(-1), descending=True)[:k]] = True
     return mask
 
@@ -174,16 +176,18 @@ def elect_sign(deltas: Sequence[Tensor], method: str = "sum", zero: str = "posit
     """
     if method not in ("sum", "count"):
         raise ValueError(f"sign election method={method!r}: expected 'sum' or 'count'")
-    total = torch.zeros_like(deltas[0])
-    for delta in deltas:
+    dtype = deltas[0].dtype
+    wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    total = torch.zeros(deltas[0].shape, dtype=wide, device=deltas[0].device)
+    for delta in deltas:  # half types sum in float32, as torch.sum over a stack does (mergekit)
         total += delta if method == "sum" else delta.sign()
     if zero == "majority":
         elected = total.sign_()
         majority = 1.0 if float(elected.sum()) >= 0 else -1.0
-        return elected.masked_fill_(elected == 0, majority)
+        return elected.masked_fill_(elected == 0, majority).to(dtype)
     if zero != "positive":
         raise ValueError(f"zero sign rule={zero!r}: expected 'positive' or 'majority'")
-    return total.copy_(total >= 0).mul_(2).sub_(1)  # ±1 in the deltas' dtype, in place
+    return total.copy_(total >= 0).mul_(2).sub_(1).to(dtype)  # ±1 in the deltas' dtype
 
 
 def agreement_mask(delta: Tensor, sign: Tensor) -> Tensor:
