@@ -1,0 +1,182 @@
+"""Sparse weight updates: a vector of values at fixed positions of a (out, fan_in) matrix.
+
+Positions are flat, row-major indices into the matrix view of `core.layers` (``row * fan_in + col``), sorted and
+unique, so they are also the CSR order of the update S. Two ways to use S:
+
+- `scatter_matrix` builds the dense S (merging, regularizers, and the denser path for convolutions/embeddings);
+- `sparse_matmul(x, values, pattern)` computes ``x @ Sᵀ`` without ever forming a dense (out, fan_in) tensor, in
+  forward or backward: ``grad_x = grad_out @ S`` is a sparse-dense product and
+  ``grad_values[k] = Σ_n grad_out[n, row_k] · x[n, col_k]`` is a sampled dense-dense product (SDDMM) evaluated only
+  at the k positions. Optimizer state then exists only for the values (SaRA's "unstructural backpropagation",
+  SPT's sparse-gradient linear).
+
+Float32/float64 use torch's CSR kernels (`torch.sparse.mm`, `torch.sparse.sampled_addmm`). Other dtypes (half,
+bfloat16: no CPU sparse kernels) fall back to a dense S of the weight's size, and the value gradient is gathered
+from row blocks of ``grad_outᵀ x`` bounded by `CHUNK_ELEMENTS`, so no full dense gradient is formed there either.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Largest dense block (in elements) the fallback gradient forms at once: 4M floats = 16 MB in float32.
+CHUNK_ELEMENTS = 1 << 22
+_CSR_DTYPES = (torch.float32, torch.float64)
+
+
+def rows_and_columns(indices: Tensor, fan_in: int) -> tuple[Tensor, Tensor]:
+    """(row, column) of each flat position in a (out, fan_in) matrix."""
+    return torch.div(indices, fan_in, rounding_mode="floor"), torch.remainder(indices, fan_in)
+
+
+def scatter_matrix(values: Tensor, indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The dense (out, fan_in) matrix holding `values` at `indices` and zeros elsewhere (differentiable)."""
+    flat = values.new_zeros(shape[0] * shape[1])
+    return flat.index_put((indices,), values).view(shape)
+
+
+def gather_matrix(matrix: Tensor, indices: Tensor) -> Tensor:
+    """The entries of a (out, fan_in) matrix at flat `indices`."""
+    return matrix.reshape(-1).index_select(0, indices)
+
+
+def check_positions(indices: Tensor, numel: int) -> None:
+    """Raise ValueError unless `indices` are sorted, unique and inside a matrix of `numel` entries."""
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise ValueError(f"positions must be a 1-D int64 tensor, got {indices.dtype} with shape {tuple(indices.shape)}")
+    if indices.numel() == 0:
+        return
+    if int(indices[0]) < 0 or int(indices[-1]) >= numel:
+        raise ValueError(f"positions must lie in [0, {numel}), got range [{int(indices[0])}, {int(indices[-1])}]")
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError("positions must be sorted in increasing order without repeats")
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """The CSR structure of S (out, fan_in) and of Sᵀ, derived once from the sorted flat positions.
+
+    `transpose_order[j]` is the position (in value order) of the j-th entry of Sᵀ in CSR order.
+    """
+
+    shape: tuple[int, int]
+    indices: Tensor
+    crow: Tensor
+    col: Tensor
+    transpose_crow: Tensor
+    transpose_col: Tensor
+    transpose_order: Tensor
+
+    @staticmethod
+    def from_indices(indices: Tensor, shape: tuple[int, int]) -> SparsePattern:
+        out, fan_in = shape
+        rows, cols = rows_and_columns(indices, fan_in)
+        crow = _compressed(rows, out)
+        order = torch.argsort(cols * out + rows)
+        return SparsePattern(
+            shape, indices, crow, cols, _compressed(cols, fan_in), rows.index_select(0, order), order
+        )
+
+    def matrix(self, values: Tensor) -> Tensor:
+        """S as a CSR tensor."""
+        return _csr(self.crow, self.col, values, self.shape)
+
+    def transposed(self, values: Tensor) -> Tensor:
+        """Sᵀ as a CSR tensor."""
+        order = self.transpose_order
+        return _csr(self.transpose_crow, self.transpose_col, values.index_select(0, order), self.shape[::-1])
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():  # torch warns once that CSR tensors are "beta"; our tests cover the ops used
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _compressed(sorted_major: Tensor, size: int) -> Tensor:
+    """CSR row pointers from the (sorted) major index of each entry."""
+    counts = torch.bincount(sorted_major, minlength=size)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+class PatternCache:
+    """Rebuilds the `SparsePattern` only when the positions tensor changes (new storage, device, or in-place
+    write such as loading a file, tracked by the tensor's version counter)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._pattern: SparsePattern | None = None
+
+    def get(self, indices: Tensor, shape: tuple[int, int]) -> SparsePattern:
+        key = (indices.data_ptr(), indices._version, indices.device, indices.numel(), shape)
+        if key != self._key or self._pattern is None:
+            self._pattern = SparsePattern.from_indices(indices, shape)
+            self._key = key
+        return self._pattern
+
+
+def sparse_matmul(x: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+    """``x @ Sᵀ`` for x of shape (..., fan_in); the result has shape (..., out) and x's dtype."""
+    flat = x.reshape(-1, pattern.shape[1]).to(values.dtype)
+    y = _SparseMatmul.apply(flat, values, pattern)
+    return y.reshape(*x.shape[:-1], pattern.shape[0]).to(x.dtype)
+
+
+class _SparseMatmul(torch.autograd.Function):
+    """y = x Sᵀ; backward: grad_x = grad_y S, grad_values = SDDMM(grad_yᵀ, x) at the positions."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(x, values)
+        if values.dtype in _CSR_DTYPES:
+            return torch.sparse.mm(pattern.matrix(values), x.T).T
+        return x @ scatter_matrix(values, pattern.indices, pattern.shape).T
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        x, values = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _grad_input(grad_y, values, pattern)
+        if ctx.needs_input_grad[1]:
+            grad_values = sampled_products(grad_y, x, values, pattern)
+        return grad_x, grad_values, None
+
+
+def _grad_input(grad_y: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+    if values.dtype in _CSR_DTYPES:
+        # (Sᵀ grad_yᵀ)ᵀ: CSR times dense is the fast direction of torch's CPU kernels
+        return torch.sparse.mm(pattern.transposed(values), grad_y.T).T
+    return grad_y @ scatter_matrix(values, pattern.indices, pattern.shape)
+
+
+def sampled_products(grad_y: Tensor, x: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+    """``(grad_yᵀ x)`` evaluated only at the pattern's positions, in value order (an SDDMM).
+
+    grad_y is (N, out), x is (N, fan_in). No (out, fan_in) tensor is formed: torch's sampled_addmm computes one
+    dot product per position; the fallback forms row blocks of at most `CHUNK_ELEMENTS` entries.
+    """
+    if values.dtype in _CSR_DTYPES:
+        template = pattern.matrix(torch.zeros_like(values))
+        return torch.sparse.sampled_addmm(template, grad_y.T, x, beta=0.0).values()
+    return _row_block_products(grad_y, x, pattern)
+
+
+def _row_block_products(grad_y: Tensor, x: Tensor, pattern: SparsePattern) -> Tensor:
+    out, fan_in = pattern.shape
+    block = max(1, CHUNK_ELEMENTS // max(fan_in, 1))
+    result = x.new_empty(pattern.indices.numel())
+    crow = pattern.crow.tolist()
+    for start in range(0, out, block):
+        stop = min(start + block, out)
+        first, last = crow[start], crow[stop]
+        if first == last:
+            continue
+        products = grad_y[:, start:stop].T @ x
+        result[first:last] = products.reshape(-1).index_select(0, pattern.indices[first:last] - start * fan_in)
+    return result
