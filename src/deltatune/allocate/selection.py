@@ -10,21 +10,24 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError
 
 
+def check_budget(budget: float, field: str = "budget") -> None:
+    """Raise a ConfigError unless `budget` is a share in (0, 1) or a whole count >= 1."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+        raise ConfigError(f"{field}={budget!r} is invalid: expected a share in (0, 1) or an integer count >= 1")
+    if budget >= 1 and not float(budget).is_integer():
+        raise ConfigError(f"{field}={budget!r} is invalid: a count must be a whole number; use a share in (0, 1)")
+
+
 def resolve_budget(budget: float, total: int, field: str = "budget") -> int:
     """A budget given as a share in (0, 1) or as a count (an integer >= 1) -> a count in [1, total]."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ConfigError(f"{field}={budget!r} is invalid: expected a share in (0, 1) or an integer count >= 1")
-    if isinstance(budget, float) and budget < 1:
-        count = round(budget * total)
-    elif float(budget).is_integer():
-        count = int(budget)
-    else:
-        raise ConfigError(f"{field}={budget!r} is invalid: a count must be a whole number; use a share in (0, 1)")
+    check_budget(budget, field)
+    count = round(budget * total) if budget < 1 else int(budget)
     if count < 1:
         raise ConfigError(
             f"{field}={budget!r} selects nothing out of {total:,} entries: expected at least one; raise {field}"
@@ -97,6 +100,12 @@ def d3_scores(grad: Tensor, value: Tensor, eps: float = 1e-3, exponent: float = 
 
 
 LossFn = Callable[[nn.Module, object], Tensor]
+
+
+def classification_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """Cross-entropy of the batch convention of `deltatune.data`: model(**inputs) -> logits, batch["labels"]."""
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    return F.cross_entropy(model(**inputs), batch["labels"])
 
 
 def taylor_sensitivity(

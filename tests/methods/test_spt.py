@@ -1,0 +1,143 @@
+"""SPT: Taylor sensitivity, global budget, sparse-or-LoRA allocation, sparse optimizer state, files."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import deltatune as dt
+from deltatune.allocate.selection import global_top_counts, resolve_budget
+from deltatune.errors import ConfigError
+from deltatune.methods.spt import SPTConfig, SPTDelta, plan_spt
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+def _batches(seed=0, count=3):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 12, generator=generator, dtype=torch.float64),
+             torch.randint(0, 3, (8,), generator=generator)) for _ in range(count)]
+
+
+def _loss(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def _plan(model, **overrides):
+    config = SPTConfig(**{"targets": ["0", "2"], "budget": 0.1, "lora_rank": 2, **overrides})
+    return plan_spt(model, config, _batches(), _loss)
+
+
+def _manual_sensitivity(model, names):
+    weights = [model.get_submodule(n).weight for n in names]
+    scores = [torch.zeros_like(w) for w in weights]
+    for batch in _batches():
+        grads = torch.autograd.grad(_loss(model, batch), weights)
+        for score, grad in zip(scores, grads):
+            score += grad.square()
+    return dict(zip(names, scores))
+
+
+def test_plan_follows_the_taylor_scores_the_global_budget_and_the_structured_rule():
+    model = _model()
+    planned = _plan(model, structured_ratio=5.0)
+    expected = _manual_sensitivity(model, ["0", "2"])
+    for name, score in expected.items():
+        torch.testing.assert_close(planned.sensitivity[name].double(), score, rtol=1e-5, atol=1e-12)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters()), "flags and grads are restored"
+    everything = torch.cat([s.reshape(-1) for s in expected.values()])
+    cut = everything.topk(resolve_budget(0.1, everything.numel())).values[-1]
+    counts = {name: int((s >= cut).sum()) for name, s in expected.items()}
+    for name, count in counts.items():
+        lora_size = 2 * sum(model.get_submodule(name).weight.shape)
+        if count >= lora_size / 5.0:
+            assert name in planned.structured and name not in planned.allocation
+        else:
+            assert planned.allocation[name] == count and name not in planned.structured
+    assert planned.structured, "this budget is meant to give one matrix LoRA"
+
+
+def test_adapted_positions_are_the_most_sensitive_entries_and_output_is_unchanged():
+    model = _model()
+    reference = copy.deepcopy(model)
+    planned = _plan(model, structured_ratio=1.0)  # a high bar: everything stays sparse
+    assert not planned.structured
+    dt.adapt(model, planned)
+    x = _batches(1)[0][0]
+    torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    for path, _, delta in dt.iter_deltas(model):
+        score = planned.sensitivity[path].reshape(-1)
+        chosen = torch.zeros_like(score, dtype=torch.bool)
+        chosen[delta.indices] = True
+        assert int(chosen.sum()) == planned.allocation[path]
+        assert score[chosen].min() >= score[~chosen].max()
+
+
+def test_gradients_and_optimizer_state_exist_only_for_the_planned_entries():
+    model = _model()
+    planned = _plan(model, structured_ratio=5.0)
+    dt.adapt(model, planned)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _loss(model, _batches(2)[0]).backward()
+    optimizer.step()
+    sizes = sorted(state["exp_avg"].numel() for state in optimizer.state.values())
+    expected = sorted(list(planned.allocation.values()) + [
+        t.numel() for name in planned.structured for t in (
+            model.get_submodule(name).deltas["default"].lora_A, model.get_submodule(name).deltas["default"].lora_B)
+    ])
+    assert sizes == expected
+    assert all(p.grad is None for n, p in model.named_parameters() if ".deltas." not in f".{n}")
+
+
+def test_save_and_load_keep_positions_without_the_scores(tmp_path):
+    model = _model()
+    reference = copy.deepcopy(model)
+    planned = _plan(model, structured_ratio=5.0)
+    dt.adapt(model, planned)
+    with torch.no_grad():
+        for _, _, delta in dt.iter_deltas(model):
+            for p in delta.parameters():
+                p.normal_()
+    x = _batches(3)[0][0]
+    expected = model(x).detach()
+    dt.save_adapter(model, tmp_path / "spt")
+    saved = json.loads((tmp_path / "spt" / "deltatune_config.json").read_text())["config"]
+    assert saved["sensitivity"] is None and saved["allocation"] == planned.allocation
+    loaded = dt.load_adapter(copy.deepcopy(reference), tmp_path / "spt")
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    originals = {p: d for p, _, d in dt.iter_deltas(model)}
+    for path, _, delta in dt.iter_deltas(loaded):
+        assert isinstance(delta, SPTDelta) and delta.is_structured == originals[path].is_structured
+        if not delta.is_structured:
+            assert torch.equal(delta.indices, originals[path].indices)
+
+
+def test_global_top_counts_split_ties_deterministically():
+    scores = {"a": torch.tensor([1.0, 3.0, 3.0]), "b": torch.tensor([3.0, 0.5])}
+    assert global_top_counts(scores, 2) == {"a": 2, "b": 0}
+    assert global_top_counts(scores, 4) == {"a": 3, "b": 1}
+
+
+@pytest.mark.parametrize("field,value", [("budget", 0), ("budget", -0.5), ("budget", 2.5), ("lora_rank", 0),
+                                         ("structured_ratio", 0.0), ("sensitivity_batches", 0), ("dropout", 1.0)])
+def test_bad_hyperparameters_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SPTConfig(**{field: value})
+
+
+def test_budgets_that_select_nothing_or_too_much_are_refused():
+    with pytest.raises(ConfigError, match="selects nothing"):
+        _plan(_model(), budget=1e-6)
+    with pytest.raises(ConfigError, match="only 448 exist"):
+        _plan(_model(), budget=10_000)
+    with pytest.raises(ConfigError, match="only plan_spt can split"):
+        dt.adapt(_model(), SPTConfig(budget=50))
+    with pytest.raises(ConfigError, match="batches is empty"):
+        plan_spt(_model(), SPTConfig(), [], _loss)
