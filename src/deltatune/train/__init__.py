@@ -1,0 +1,19 @@
+"""The training loop: `Trainer` + `TrainConfig`, callbacks, schedules, checkpoints, seeding.
+
+    from deltatune.train import Trainer, TrainConfig
+    result = Trainer(model, TrainConfig(epochs=2, lr=1e-3, output_dir="runs/a"), train, valid).train()
+
+Runs unchanged as one process or under `torchrun --nproc_per_node=N` (DistributedDataParallel).
+"""
+from deltatune.train.callbacks import Callback
+from deltatune.train.checkpoint import latest_checkpoint, list_checkpoints
+from deltatune.train.config import TrainConfig
+from deltatune.train.losses import cross_entropy
+from deltatune.train.schedules import build_scheduler, lr_multiplier
+from deltatune.train.seeding import set_seed
+from deltatune.train.trainer import TrainResult, Trainer
+
+__all__ = [
+    "Callback", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "cross_entropy", "latest_checkpoint",
+    "list_checkpoints", "lr_multiplier", "set_seed",
+]

@@ -1,0 +1,100 @@
+"""Process-group set-up and the few collectives the trainer needs.
+
+The trainer runs unchanged as one process or under `torchrun --nproc_per_node=N`: when the WORLD_SIZE
+environment variable is above 1 it joins the process group (gloo on CPU, nccl on CUDA) that torchrun describes.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from deltatune.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def setup_world(device: str | None = None) -> World:
+    """Join torchrun's process group when WORLD_SIZE > 1 (once per process) and pick this process's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = _pick_device(device, local_rank)
+    if size > 1 and not dist.is_initialized():
+        _init_process_group(chosen)
+    if dist.is_initialized():
+        return World(dist.get_rank(), local_rank, dist.get_world_size(), chosen)
+    return World(0, 0, 1, chosen)
+
+
+def _pick_device(device: str | None, local_rank: int) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _init_process_group(device: torch.device) -> None:
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise TrainingError(f"WORLD_SIZE>1 but {', '.join(missing)} is not set; launch with "
+                            "`torchrun --nproc_per_node=N script.py` or unset WORLD_SIZE")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: Tensor, world: World) -> Tensor:
+    """Sum `values` over processes (a copy; the input is untouched)."""
+    total = values.clone()
+    if world.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
+
+
+def gather_objects(value: Any, world: World) -> list[Any]:
+    """Every process's `value`, in rank order (only between our own processes: uses pickle over the wire)."""
+    if not world.distributed:
+        return [value]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: Any, world: World) -> Any:
+    """Rank 0's `value` on every process."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()

@@ -1,0 +1,63 @@
+"""The metrics log (`metrics.jsonl`: one JSON record per line) and the tqdm progress bar."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from deltatune.core.atomic import atomic_write_text
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends records to output_dir/metrics.jsonl (main process only) and keeps them in `history`."""
+
+    def __init__(self, output_dir: str | None, write: bool) -> None:
+        self.path = Path(output_dir) / METRICS_FILE if output_dir is not None and write else None
+        self.history: list[dict[str, Any]] = []
+
+    def start(self, resumed_step: int | None) -> None:
+        """A fresh run truncates the file; a resumed run keeps (and reloads) the records up to its checkpoint,
+        dropping those a crashed run wrote after it."""
+        if self.path is None:
+            return
+        kept = self._read() if resumed_step is not None else []
+        kept = [record for record in kept if record.get("step", 0) <= (resumed_step or 0)]
+        self.history = kept
+        atomic_write_text(self.path, "".join(_line(record) for record in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(_line(record))
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by a crash: nothing after it is trusted
+        return records
+
+
+def _line(record: dict[str, Any]) -> str:
+    return json.dumps({k: _finite_or_text(v) for k, v in record.items()}) + "\n"
+
+
+def _finite_or_text(value: Any) -> Any:
+    """NaN and inf become strings: they are not JSON."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """A step counter; `disable=None` lets tqdm hide it when stderr is not a terminal."""
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=None if enabled else True, leave=False)

@@ -1,0 +1,362 @@
+"""The training loop: one explicit `for` over optimizer steps, in the spirit of nanoGPT's train.py.
+
+    trainer = Trainer(model, TrainConfig(epochs=3, batch_size=32, lr=1e-3, output_dir="runs/a"), train, valid)
+    result = trainer.train()          # TrainResult(global_step, metrics, history, checkpoint, ...)
+    trainer.evaluate(test)            # {"loss": ..., "accuracy": ...}
+
+Every step: on_step_begin -> for each micro-batch of this process: forward, loss (task loss weighted by the
+micro-batch's share of the global batch, plus `regularization_loss(model)` once), backward (gradients sync
+across processes on the last one) -> all-reduced loss, stop on NaN/inf -> on_backward_end -> clipping ->
+optimizer.step -> scheduler.step -> on_step_end -> log, epoch end (evaluation), checkpoint.
+
+Under `torchrun --nproc_per_node=N` the same script trains with DistributedDataParallel: `batch_size` stays the
+global batch, each process reads its share (see `data_order`), only rank 0 writes files and shows progress.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from deltatune.errors import ConfigError, TrainingError
+from deltatune.train import resume as resume_state
+from deltatune.train.callbacks import fire
+from deltatune.train.config import TrainConfig
+from deltatune.train.data_order import (
+    MicroBatch, balanced_split, epoch_permutation, global_batch, micro_batches, steps_per_epoch,
+)
+from deltatune.train.distributed import all_reduce_sum, setup_world
+from deltatune.train.losses import LossFn, cross_entropy, is_zero_constant, logits_of, regularization
+from deltatune.train.metrics_log import MetricsLog, progress_bar
+from deltatune.train.schedules import build_scheduler
+from deltatune.train.seeding import set_seed
+
+LABELS = "labels"
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.train` returns. `metrics`: the last training loss and the final evaluation
+    (`eval_loss`, `eval_accuracy`) when there is an eval dataset; `history`: every logged record."""
+
+    global_step: int
+    epoch: int
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    stopped_early: bool = False
+
+
+class Trainer:
+    """Trains the parameters of `model` that require gradients (see the module docstring for the loop).
+
+    Args:
+        model: called as `model(**batch_without_labels)`; returns logits (B, C), or an object with `.logits`.
+            It is moved to the training device.
+        config: a `TrainConfig`.
+        train_dataset / eval_dataset: map-style datasets whose items are dicts of tensors with `labels`.
+        collate_fn: list of items -> batch dict (default `torch.utils.data.default_collate`).
+        loss_fn: `loss_fn(logits, labels)` -> batch-mean loss (default cross-entropy).
+        callbacks: objects with any of the hooks of `deltatune.train.Callback`, fired in this order.
+        optimizer_factory: `factory(param_groups) -> torch.optim.Optimizer` replaces the default AdamW. It gets
+            one group {"params", "param_names", "lr": config.lr}; the group's lr wins over the factory's own.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_dataset: Dataset,
+                 eval_dataset: Dataset | None = None, *, collate_fn: Callable[[list], dict] | None = None,
+                 loss_fn: LossFn | None = None, callbacks: Sequence[Any] = (),
+                 optimizer_factory: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None) -> None:
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"config is a {type(config).__name__}; expected a deltatune.train.TrainConfig")
+        self.config = config
+        self.world = setup_world(config.device)
+        self.model = model.to(self.world.device)
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.collate_fn = collate_fn or default_collate
+        self.loss_fn = loss_fn or cross_entropy
+        self.callbacks = list(callbacks)
+        self._check_data()
+        self.optimizer = self._build_optimizer(optimizer_factory)
+        self.steps_per_epoch = steps_per_epoch(len(train_dataset), config.batch_size)
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, self.total_steps,
+                                         config.warmup_for(self.total_steps))
+        self.global_step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.last_checkpoint: Path | None = None
+        self.log = MetricsLog(config.output_dir, write=self.world.is_main)
+        self._stop_requested = False
+        self._last_eval_step: int | None = None
+        self._last_saved_step: int | None = None
+        self._interval = _Interval()
+        self._train_model = self._wrap_distributed()
+
+    # --- set-up -------------------------------------------------------------------------------------------
+    def _check_data(self) -> None:
+        if len(self.train_dataset) == 0:
+            raise TrainingError("the training dataset is empty; expected at least one example")
+        if self.config.batch_size < self.world.size:
+            raise ConfigError(f"batch_size={self.config.batch_size} is smaller than the {self.world.size} "
+                              "processes; batch_size is the global batch: raise it to at least the world size")
+
+    def _build_optimizer(self, factory: Callable | None) -> torch.optim.Optimizer:
+        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            raise TrainingError("the model has no trainable parameter; adapt it (deltatune.adapt) or set "
+                                "requires_grad=True on the parameters to train")
+        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "lr": self.config.lr}]
+        if factory is None:
+            return torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        optimizer = factory(groups)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TrainingError(f"optimizer_factory returned a {type(optimizer).__name__}; expected a "
+                                "torch.optim.Optimizer built from the parameter groups it was given")
+        return optimizer
+
+    def _wrap_distributed(self) -> nn.Module:
+        if not self.world.distributed:
+            return self.model
+        device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
+                                                   find_unused_parameters=self.config.find_unused_parameters)
+
+    @property
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def request_stop(self) -> None:
+        """Stop after the current step (final checkpoint and evaluation still happen; resumable)."""
+        self._stop_requested = True
+
+    def hook_context(self) -> dict[str, Any]:
+        return dict(trainer=self, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                    global_step=self.global_step, epoch=self.epoch)
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Train until `total_steps` (or a callback's `request_stop`); resume first when config.resume."""
+        set_seed(self.config.seed + self.world.rank)
+        resumed = resume_state.restore_latest(self) if self.config.resume else False
+        self.log.start(self.global_step if resumed else None)
+        self._train_model.train()
+        fire(self.callbacks, "on_train_begin", **self.hook_context())
+        bar = progress_bar(self.total_steps, self.global_step, self.config.progress and self.world.is_main)
+        try:
+            while self.global_step < self.total_steps and not self._stop_requested:
+                self._run_epoch(bar)
+        finally:
+            bar.close()
+        return self._finish()
+
+    def _run_epoch(self, bar: Any) -> None:
+        permutation = epoch_permutation(len(self.train_dataset), self.config.seed, self.epoch)
+        batches = [global_batch(permutation, self.config.batch_size, b)
+                   for b in range(self.batch_in_epoch, self.steps_per_epoch)]
+        plans = [micro_batches(batch, self.world.rank, self.world.size, self.config.grad_accum_steps)
+                 for batch in batches]
+        loaded = iter(self._loader(plans))
+        for batch, plan in zip(batches, plans):
+            started = time.perf_counter()  # throughput counts data loading too
+            self._optimizer_step(plan, [next(loaded) for _ in plan], len(batch), started)
+            self.batch_in_epoch += 1
+            bar.update(1)
+            self._log_if_due(bar)
+            if self.batch_in_epoch == self.steps_per_epoch:
+                self._end_epoch()
+            if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0:
+                self.save_checkpoint()
+            if self.global_step >= self.total_steps or self._stop_requested:
+                return
+
+    def _loader(self, plans: list[list[MicroBatch]]) -> DataLoader:
+        # A private generator: creating the loader must not draw from the global torch RNG (that would shift
+        # dropout masks after a resume). Worker seeds derive from it, deterministically per epoch position.
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch * 1009 + self.batch_in_epoch)
+        sampler = [list(micro.indices) for plan in plans for micro in plan]
+        return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                          num_workers=self.config.num_workers, generator=generator,
+                          pin_memory=self.world.device.type == "cuda")
+
+    def _optimizer_step(self, plan: list[MicroBatch], batches: list[dict], global_size: int, started: float) -> None:
+        fire(self.callbacks, "on_step_begin", **self.hook_context())
+        self.optimizer.zero_grad(set_to_none=True)
+        local_loss = 0.0
+        for micro, batch in zip(plan, batches):
+            sync = micro.last or not self.world.distributed
+            with contextlib.nullcontext() if sync else self._train_model.no_sync():
+                local_loss += self._forward_backward(micro, batch)
+        loss = self._global_loss(local_loss)
+        fire(self.callbacks, "on_backward_end", **self.hook_context())
+        grad_norm = self._clip_gradients()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.global_step += 1
+        self._interval.add(loss, global_size, time.perf_counter() - started, lr, grad_norm)
+        fire(self.callbacks, "on_step_end", **self.hook_context())
+        self._agree_on_stop()
+
+    def _forward_backward(self, micro: MicroBatch, batch: dict[str, Any]) -> float:
+        """Backward of this micro-batch's part of the global objective; returns that part's value."""
+        batch = self._to_device(batch)
+        inputs = {name: value for name, value in batch.items() if name != LABELS}
+        try:
+            logits = logits_of(self._train_model(**inputs))
+        except RuntimeError as error:
+            if "find_unused_parameters" in str(error):
+                raise TrainingError("some trainable parameters got no gradient in the last step; set "
+                                    "TrainConfig(find_unused_parameters=True) or freeze them") from error
+            raise
+        part = self.loss_fn(logits, batch[LABELS]) * micro.weight
+        if micro.last:
+            reg = regularization(self.model)
+            if not is_zero_constant(reg):
+                # Added once per process; DDP averages the identical copies back to one regularizer.
+                part = part + reg / self.world.size
+        # DDP averages gradients over processes; scaling by the world size turns that average into the sum
+        # of the micro-batch parts, i.e. the gradient of the global-batch mean.
+        (part * self.world.size).backward()
+        return float(part.detach())
+
+    def _global_loss(self, local_loss: float) -> float:
+        loss = float(all_reduce_sum(torch.tensor([local_loss], dtype=torch.float64, device=self.world.device),
+                                    self.world))
+        if not math.isfinite(loss):
+            raise TrainingError(self._nonfinite_message("loss", loss))
+        return loss
+
+    def _clip_gradients(self) -> float | None:
+        if self.config.max_grad_norm is None:
+            return None
+        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm))
+        if not math.isfinite(norm):
+            raise TrainingError(self._nonfinite_message("gradient norm", norm))
+        return norm
+
+    def _nonfinite_message(self, what: str, value: float) -> str:
+        kept = f"last good checkpoint {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint written"
+        return (f"{what} became {value} at step {self.global_step + 1} (epoch {self.epoch}); training stopped "
+                f"before the update ({kept}); lower the learning rate (lr={self.config.lr}), enable gradient "
+                "clipping (max_grad_norm), or check the data for NaN/inf inputs and out-of-range labels")
+
+    def _agree_on_stop(self) -> None:
+        if self.world.distributed:
+            flag = torch.tensor([float(self._stop_requested)], device=self.world.device)
+            self._stop_requested = bool(all_reduce_sum(flag, self.world).item() > 0)
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(batch, dict) or LABELS not in batch:
+            keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise TrainingError(f"a batch is {keys}; expected a dict of tensors with a '{LABELS}' entry "
+                                "(see deltatune.data.datasets for the batch convention)")
+        return {k: v.to(self.world.device, non_blocking=True) if isinstance(v, Tensor) else v
+                for k, v in batch.items()}
+
+    # --- logging, epochs, evaluation ----------------------------------------------------------------------
+    def _log_if_due(self, bar: Any) -> None:
+        due = self.global_step % self.config.log_every == 0 or self.global_step >= self.total_steps
+        if not (due or self._stop_requested):
+            return
+        record = {"step": self.global_step, "epoch": self._epoch_progress(), **self._interval.summary()}
+        self.log.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        samples_s=f"{record['samples_per_second']:.1f}", refresh=False)
+
+    def _epoch_progress(self) -> float:
+        """Epochs done, with the current one's fraction (1.0 right after the first epoch's last step)."""
+        return round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)
+
+    def _end_epoch(self) -> None:
+        if self.eval_dataset is not None and self.config.eval_every_epoch:
+            self._evaluate_and_log()
+        fire(self.callbacks, "on_epoch_end", **self.hook_context())
+        self.epoch += 1
+        self.batch_in_epoch = 0
+
+    def _evaluate_and_log(self) -> dict[str, float]:
+        metrics = self.evaluate(self.eval_dataset)
+        self.log.write({"step": self.global_step, "epoch": self._epoch_progress(),
+                        **{f"eval_{name}": value for name, value in metrics.items()}})
+        self._last_eval_step = self.global_step
+        fire(self.callbacks, "on_evaluate", metrics=metrics, **self.hook_context())
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
+        """Mean loss (the task loss, no regularizer) and accuracy over `dataset`, shared out across processes."""
+        dataset = self.eval_dataset if dataset is None else dataset
+        if dataset is None or len(dataset) == 0:
+            raise TrainingError("evaluate() needs a non-empty dataset; pass one or give the Trainer eval_dataset")
+        was_training = self.model.training
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)
+        shard = balanced_split(range(len(dataset)), self.world.size)[self.world.rank]
+        size = self.config.eval_batch_size or self.config.batch_size
+        for start in range(0, len(shard), size):
+            batch = self._to_device(self.collate_fn([dataset[i] for i in shard[start:start + size]]))
+            logits = logits_of(self.model(**{k: v for k, v in batch.items() if k != LABELS}))
+            labels = batch[LABELS]
+            sums += torch.stack([self.loss_fn(logits, labels).double() * len(labels),
+                                 (logits.argmax(dim=-1) == labels).sum().double(),
+                                 torch.tensor(float(len(labels)), dtype=torch.float64, device=sums.device)])
+        self.model.train(was_training)
+        loss, correct, count = all_reduce_sum(sums, self.world).tolist()
+        return {"loss": loss / count, "accuracy": correct / count}
+
+    # --- checkpoints and the end --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step into output_dir/checkpoints (rank 0; every rank must call)."""
+        if self.config.output_dir is None:
+            return None
+        self.last_checkpoint = resume_state.save(self)
+        self._last_saved_step = self.global_step
+        return self.last_checkpoint
+
+    def _finish(self) -> TrainResult:
+        metrics: dict[str, float] = {}
+        if self.log.history:
+            losses = [r["loss"] for r in self.log.history if "loss" in r]
+            metrics.update({"train_loss": losses[-1]} if losses else {})
+        if self.eval_dataset is not None:
+            if self._last_eval_step != self.global_step:
+                self._evaluate_and_log()
+            last = [r for r in self.log.history if "eval_loss" in r][-1]
+            metrics.update({k: v for k, v in last.items() if k.startswith("eval_")})
+        if self.config.output_dir is not None and self._last_saved_step != self.global_step:
+            self.save_checkpoint()
+        fire(self.callbacks, "on_train_end", **self.hook_context())
+        return TrainResult(self.global_step, self.epoch, metrics, list(self.log.history), self.last_checkpoint,
+                           stopped_early=self.global_step < self.total_steps)
+
+
+class _Interval:
+    """Running sums between two log records."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.samples, self.seconds = 0.0, 0, 0, 0.0
+        self.lr, self.grad_norm = 0.0, None
+
+    def add(self, loss: float, samples: int, seconds: float, lr: float, grad_norm: float | None) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+        self.lr, self.grad_norm = lr, grad_norm
+
+    def summary(self) -> dict[str, float]:
+        record = {"loss": self.loss / max(1, self.steps), "lr": self.lr,
+                  "samples_per_second": self.samples / self.seconds if self.seconds > 0 else 0.0}
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
+        self.reset()
+        return record
