@@ -250,3 +250,40 @@ def test_a_model_without_a_matching_weight_is_refused():
     model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4))
     with pytest.raises(TargetError, match="matched no adaptable module"):
         dt.adapt(model, SaRAConfig())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_hf"])
+def test_fused_layer_path_equals_base_plus_sparse_update(kind):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = (nn.Linear(9, 7) if kind == "linear" else Conv1D(7, 9)).double()
+    with torch.no_grad():
+        layer.weight.normal_(), layer.bias.normal_()
+    model = dt.adapt(nn.Sequential(layer), SaRAConfig(fraction=0.3))
+    delta = _only_delta(model)
+    _fill(delta, 6)
+    base = model[0].base_layer
+    x = torch.randn(2, 3, 9, dtype=torch.float64, requires_grad=True)
+    fused = delta.forward_with_base(x, base)
+    unfused = base(x) + delta(x)
+    torch.testing.assert_close(fused, unfused, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(fused)
+    got = torch.autograd.grad(fused, (x, delta.values), grad_out)
+    want = torch.autograd.grad(unfused, (x, delta.values), grad_out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    base.weight.requires_grad_(True)  # a trainable base weight still gets its (dense) gradient
+    (weight_grad,) = torch.autograd.grad(delta.forward_with_base(x, base), (base.weight,), grad_out)
+    (reference,) = torch.autograd.grad(base(x) + delta(x), (base.weight,), grad_out)
+    torch.testing.assert_close(weight_grad, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_schedule_state_round_trips_through_its_state_dict():
+    config = SaRAConfig(fraction=0.3, nuclear_weight=0.01, nuclear_min_dim=8)
+    model = dt.adapt(nn.Sequential(*[nn.Linear(20, 20) for _ in range(5)]), config)
+    (first,), (second,) = config.training_callbacks(model, 10), config.training_callbacks(model, 10)
+    first.choose_penalized()
+    second.load_state_dict(first.state_dict())
+    picks = [[id(s.choose_penalized()) for _ in range(8)] for s in (first, second)]
+    assert picks[0] == picks[1]

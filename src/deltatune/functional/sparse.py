@@ -9,6 +9,9 @@ unique, so they are also the CSR order of the update S. Two ways to use S:
   ``grad_values[k] = Σ_n grad_out[n, row_k] · x[n, col_k]`` is a sampled dense-dense product (SDDMM) evaluated only
   at the k positions. Optimizer state then exists only for the values (SaRA's "unstructural backpropagation",
   SPT's sparse-gradient linear).
+- `sparse_adapted_linear(x, W, b, values, pattern)` computes the whole layer ``x (W + S)ᵀ + b`` as one autograd
+  node: W + S is formed as a transient copy of the weight in forward and again in backward (never kept), so the
+  layer costs the dense layer's two GEMMs plus the SDDMM, and still no dense gradient is formed for W or S.
 
 Float32/float64 use torch's CSR kernels (`torch.sparse.mm`, `torch.sparse.sampled_addmm`). Other dtypes (half,
 bfloat16: no CPU sparse kernels) fall back to a dense S of the weight's size, and the value gradient is gathered
@@ -180,3 +183,38 @@ def _row_block_products(grad_y: Tensor, x: Tensor, pattern: SparsePattern) -> Te
         products = grad_y[:, start:stop].T @ x
         result[first:last] = products.reshape(-1).index_select(0, pattern.indices[first:last] - start * fan_in)
     return result
+
+
+def sparse_adapted_linear(x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor,
+                          pattern: SparsePattern) -> Tensor:
+    """``x (W + S)ᵀ + b`` for x (..., fan_in), W the (out, fan_in) matrix (a transposed view is fine)."""
+    flat = x.reshape(-1, pattern.shape[1]).to(weight.dtype)
+    y = _SparseAdaptedLinear.apply(flat, weight, bias, values, pattern)
+    return y.reshape(*x.shape[:-1], pattern.shape[0]).to(x.dtype)
+
+
+def _adapted_matrix(weight: Tensor, values: Tensor, pattern: SparsePattern) -> Tensor:
+    """W + S as a new dense (out, fan_in) tensor (W itself is not modified)."""
+    return weight.reshape(-1).index_add(0, pattern.indices, values.to(weight.dtype)).view(pattern.shape)
+
+
+class _SparseAdaptedLinear(torch.autograd.Function):
+    """y = x (W + S)ᵀ + b; backward: grad_x = grad_y (W + S), grad_values = SDDMM at the positions, grad_b = Σ grad_y.
+    W gets a (dense) gradient only if it requires one itself (a trainable base weight)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, values: Tensor, pattern: SparsePattern) -> Tensor:
+        ctx.pattern = pattern
+        ctx.save_for_backward(x, weight, values)
+        return torch.nn.functional.linear(x, _adapted_matrix(weight, values, pattern), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, values = ctx.saved_tensors
+        pattern: SparsePattern = ctx.pattern
+        need_x, need_weight, need_bias, need_values = ctx.needs_input_grad[:4]
+        grad_x = grad_y @ _adapted_matrix(weight, values, pattern) if need_x else None
+        grad_weight = grad_y.T @ x if need_weight else None
+        grad_bias = grad_y.sum(0) if need_bias else None
+        grad_values = sampled_products(grad_y, x, values, pattern).to(values.dtype) if need_values else None
+        return grad_x, grad_weight, grad_bias, grad_values, None

@@ -10,12 +10,12 @@ those entries. Per adapted weight W0 (seen as its (out, fan_in) matrix):
 Progressive parameter adjustment (paper §4.3): at `progressive_at` of training (the paper: half) the entries whose
 current |w| has left the selection range are frozen at their learned values; the rest keep training.
 Unstructural backpropagation (paper §4.4): only the k selected values are parameters, so gradients and optimizer
-state have k entries. For Linear and transformers Conv1D the update runs on the activation path,
-``y = base(x) + x Sᵀ``, through `functional.sparse.sparse_matmul`, whose backward computes the value gradient as a
-sampled product at the k positions — no dense weight-sized gradient is ever formed (the official code still forms
-it per layer and then indexes it). Convolutions and embeddings use the documented denser path: a dense S is built
-and the layer's own backward forms its dense gradient transiently, then it is gathered. Merging folds S into W
-exactly.
+state have k entries. For Linear and transformers Conv1D the value gradient is a sampled product at the k
+positions (`functional.sparse`): no dense weight-sized gradient is ever formed (the official code still forms it
+per layer and then indexes it). The layer runs as one fused node ``x (W0 + S)ᵀ + b`` (`forward_with_base`, W0 + S
+a transient copy) when the host offers that capability, else as ``base(x) + x Sᵀ`` with sparse products only.
+Convolutions and embeddings use the documented denser path: a dense S is built and the layer's own backward forms
+its dense gradient transiently, then it is gathered. Merging folds S into W exactly.
 
 Saved tensors per adapted module (all of length k, in position order):
 ``indices`` (int64 flat positions in the (out, fan_in) matrix view, sorted), ``values`` (the trained update),
@@ -37,7 +37,6 @@ Deviations from the paper, on purpose:
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,10 +46,12 @@ from torch import Tensor, nn
 from deltatune.allocate.selection import below_threshold_positions, smallest_magnitude_positions
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
-from deltatune.core.layers import ALL_KINDS, CONV1D_HF, LINEAR, LayerInfo
+from deltatune.core.layers import ALL_KINDS, CONV1D_HF, LINEAR, LayerInfo, base_bias
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, config_check
-from deltatune.functional.sparse import PatternCache, gather_matrix, scatter_matrix, sparse_matmul
+from deltatune.functional.sparse import (
+    PatternCache, gather_matrix, scatter_matrix, sparse_adapted_linear, sparse_matmul,
+)
 
 NUCLEAR_OF = ("weights", "update")
 # The official code skips the rank loss for tensors with 100 selected entries or fewer.
@@ -182,6 +183,16 @@ class SaRADelta(Delta):
         dense = self.layer.from_matrix(scatter_matrix(values, self.indices, self.matrix_shape))
         return self.layer.op(x, dense.to(x.dtype) if x.is_floating_point() else dense, None)
 
+    def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
+        """The whole adapted layer x (W0 + S)ᵀ + b as one autograd node (Linear, Conv1D; None elsewhere): the host
+        uses it when this is the layer's first additive delta. Cheaper than base + x Sᵀ: W0 + S is a transient
+        copy, so the layer costs its own two GEMMs plus the sampled value gradient."""
+        if self.layer.kind not in (LINEAR, CONV1D_HF):
+            return None
+        weight = self.layer.to_matrix(base_layer.weight)
+        pattern = self._patterns.get(self.indices, self.matrix_shape)
+        return sparse_adapted_linear(x, weight, base_bias(base_layer), self.effective_values(), pattern)
+
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         dense = scatter_matrix(self.effective_values(), self.indices, self.matrix_shape)
         return self.layer.from_matrix(dense).to(base_weight.dtype)
@@ -228,12 +239,13 @@ class SaRASchedule:
         self.deltas = [d for d in _sara_deltas(model) if d.config is config]
         self.adjust_step = None if config.progressive_at is None else int(config.progressive_at * total_steps)
         self.adjusted = False
-        self._random = random.Random(config.seed)
+        self._generator = torch.Generator().manual_seed(config.seed)
         self.optimizer: torch.optim.Optimizer | None = None
 
     def choose_penalized(self) -> SaRADelta | None:
         eligible = [d for d in self.deltas if d.penalty_eligible()]
-        chosen = self._random.choice(eligible) if eligible else None
+        pick = int(torch.randint(len(eligible), (), generator=self._generator)) if eligible else -1
+        chosen = eligible[pick] if eligible else None
         for delta in self.deltas:
             delta.penalized = delta is chosen
         return chosen
@@ -248,21 +260,17 @@ class SaRASchedule:
         self.adjusted = True
         return True
 
-    def on_step_begin(self, global_step: int, **_: Any) -> None:
+    def on_step_begin(self, global_step: int, optimizer: torch.optim.Optimizer | None = None, **_: Any) -> None:
+        self.optimizer = optimizer if optimizer is not None else self.optimizer
         self.adjust_if_due(global_step)
         self.choose_penalized()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"adjusted": self.adjusted, "random": self._random.getstate()}
+        return {"adjusted": int(self.adjusted), "generator": self._generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.adjusted = bool(state["adjusted"])
-        self._random.setstate(_as_random_state(state["random"]))
-
-
-def _as_random_state(state: Any) -> tuple:
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
+        self._generator.set_state(state["generator"])
 
 
 def _sara_deltas(model: nn.Module) -> list[SaRADelta]:

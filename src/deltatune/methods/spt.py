@@ -43,11 +43,11 @@ from deltatune.allocate.selection import (
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.host import AdaptedLayer
-from deltatune.core.layers import CONV, CONV1D_HF, LINEAR, LayerInfo, describe_layer
+from deltatune.core.layers import CONV, CONV1D_HF, LINEAR, LayerInfo, base_bias, describe_layer
 from deltatune.core.registry import register_method
 from deltatune.core.targets import find_targets
 from deltatune.errors import ConfigError, config_check
-from deltatune.functional.sparse import PatternCache, scatter_matrix, sparse_matmul
+from deltatune.functional.sparse import PatternCache, scatter_matrix, sparse_adapted_linear, sparse_matmul
 
 
 @dataclass(frozen=True)
@@ -185,6 +185,14 @@ class SPTDelta(Delta):
         if not self.is_structured and self.layer.kind != CONV:
             return sparse_matmul(x, self.values, self._patterns.get(self.indices, self.matrix_shape))
         return self.layer.op(x, self._dense_update().to(x.dtype), None)  # convolutions: dense ΔW path
+
+    def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
+        """Sparse deltas on Linear/Conv1D: the whole layer x (W + S)ᵀ + b as one node (see functional.sparse)."""
+        if self.is_structured or self.layer.kind == CONV:
+            return None
+        pattern = self._patterns.get(self.indices, self.matrix_shape)
+        weight = self.layer.to_matrix(base_layer.weight)
+        return sparse_adapted_linear(x, weight, base_bias(base_layer), self.values, pattern)
 
     def _dense_update(self) -> Tensor:
         if self.is_structured:
