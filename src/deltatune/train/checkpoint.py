@@ -11,6 +11,7 @@ A folder exists under its final name only when complete (`deltatune.core.atomic.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -93,10 +94,11 @@ def read_checkpoint(folder: Path, device: torch.device | None = None) -> Checkpo
         model = load_file(str(folder / MODEL_FILE))
         tensors = load_file(str(folder / TENSORS_FILE))
         states = torch.load(folder / OPTIMIZER_FILE, map_location=device, weights_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise AdapterFileError(f"checkpoint {folder} is unreadable ({error}); delete it to resume from the "
+        return Checkpoint(model, states["optimizer"], states["scheduler"], state, tensors)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AdapterFileError(f"checkpoint {folder} is unreadable ({first_line}); delete it to resume from the "
                                "previous one, or start without resume") from None
-    return Checkpoint(model, states["optimizer"], states["scheduler"], state, tensors)
 
 
 def _storable(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
