@@ -1,0 +1,165 @@
+"""The allocator base class and its trainer callback.
+
+An allocator binds to one adapter's deltas that have the capabilities it needs (`allocate.protocols`), and is
+stepped once per optimizer step. In a plain loop, two lines::
+
+    optimizer.step()
+    allocator.step(model, global_step)   # global_step = optimizer steps so far (1 after the first); then zero_grad()
+
+With the deltatune trainer, `allocator.callback()` (or the method config's `training_callbacks`) does the same
+at `on_step_end`. Gradient accumulation needs nothing more: the allocator only reads the summed gradients of a
+whole optimizer step (and IncreLoRA's probe sums its records over the micro-batches).
+
+Decisions live in the deltas' persistent buffers (`rank_mask`, ...), so adapter files and training checkpoints
+carry them; the allocator's own state (EMAs, counters) goes through `state_dict` / `load_state_dict`.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.allocate.protocols import HasRankComponents
+from deltatune.core.model import adapter_state, iter_deltas
+from deltatune.errors import DeltatuneError
+
+
+class AllocationError(DeltatuneError, ValueError):
+    """An allocator cannot run as asked (no adaptive deltas, steps out of range, missing gradients...)."""
+
+
+def find_capable_deltas(model: nn.Module, adapter: str, required: tuple[type, ...]) -> dict[str, nn.Module]:
+    """Module path -> delta for adapter `adapter`'s deltas that implement every protocol in `required`."""
+    if adapter not in adapter_state(model).configs:
+        known = ", ".join(adapter_state(model).configs) or "none"
+        raise AllocationError(f"no adapter named {adapter!r} on this model (adapters: {known}); pass adapter=")
+    found = {path: delta for path, _, delta in iter_deltas(model, adapter)
+             if all(isinstance(delta, protocol) for protocol in required)}
+    if not found:
+        needs = ", ".join(p.__name__ for p in required)
+        raise AllocationError(
+            f"adapter {adapter!r} has no deltas with {needs}: an allocator needs a budget-adaptive method; "
+            "adapt the model with such a method (see `deltatune methods`) before attaching it"
+        )
+    return found
+
+
+class Allocator:
+    """Base class: subclasses implement `_step(global_step)` and extend `state_dict`/`load_state_dict`."""
+
+    required: ClassVar[tuple[type, ...]] = (HasRankComponents,)
+
+    def __init__(self, model: nn.Module, total_steps: int, adapter: str = "default") -> None:
+        self._model = weakref.ref(model)
+        self.adapter = adapter
+        self.total_steps = total_steps
+        self.deltas = find_capable_deltas(model, adapter, self.required)
+        self.last_step = 0
+        self._captured: dict[int, Tensor] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise AllocationError("the model this allocator was built for no longer exists")
+        return model
+
+    # --- the training-loop entry points ---------------------------------------------------------------------
+    def capture_gradients(self) -> None:
+        """Copy the current gradients of every component tensor (call after the accumulated backward)."""
+        self._captured = {
+            id(p): p.grad.detach().clone() for p in self._component_parameters() if p.grad is not None
+        }
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, global_step: int) -> None:
+        """Update importance and apply this step's allocation decision. Call after `optimizer.step()` and
+        before `zero_grad()`, with the number of optimizer steps taken so far."""
+        if model is not self.model:
+            raise AllocationError("allocator.step got a different model than the one the allocator was built for")
+        if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 1:
+            raise AllocationError(f"global_step={global_step!r} is invalid: pass the number of optimizer steps "
+                                  "taken so far (1 after the first optimizer.step())")
+        if global_step > self.total_steps:
+            raise AllocationError(
+                f"global_step={global_step} is beyond total_steps={self.total_steps} that this allocator was "
+                "built for; build it with the real training length"
+            )
+        try:
+            self._step(global_step)
+        finally:
+            self._captured = {}
+        self.last_step = global_step
+
+    def _step(self, global_step: int) -> None:
+        raise NotImplementedError
+
+    def gradient(self, parameter: Tensor, name: str = "") -> Tensor:
+        """The gradient of a component tensor for this step: the captured copy, else the live `.grad`."""
+        captured = self._captured.get(id(parameter))
+        if captured is not None:
+            return captured
+        if parameter.grad is None:
+            raise AllocationError(
+                f"no gradient for {name or 'a component tensor'}: call allocator.step after loss.backward() and "
+                "optimizer.step(), before optimizer.zero_grad()"
+            )
+        return parameter.grad
+
+    def _component_parameters(self) -> list[Tensor]:
+        return [p for delta in self.deltas.values() for p, _ in delta.component_tensors().values()]
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step = int(state["last_step"])
+
+    def callback(self, capture: bool = False) -> AllocatorCallback:
+        return AllocatorCallback(self, capture)
+
+    def describe(self) -> dict[str, int]:
+        """Module path -> live rank."""
+        return {path: delta.rank for path, delta in self.deltas.items()}
+
+    @property
+    def total_rank(self) -> int:
+        return sum(delta.rank for delta in self.deltas.values())
+
+
+class AllocatorCallback:
+    """Trainer callback around an allocator: step it after every optimizer step (`on_step_end`).
+
+    The deltatune trainer zeroes gradients at the start of the next step, so at `on_step_end` the gradients are
+    those the optimizer just used (after clipping), as in the official code and peft. For a trainer that zeroes
+    them earlier, pass `capture=True`: the gradients are then copied at `on_backward_end` (before clipping)."""
+
+    def __init__(self, allocator: Allocator, capture: bool = False) -> None:
+        self.allocator = allocator
+        self.capture = capture
+
+    def on_backward_end(self, *args: Any, **kwargs: Any) -> None:
+        if self.capture:
+            self.allocator.capture_gradients()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self.allocator.step(self.allocator.model, _global_step(args, kwargs))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.allocator.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.allocator.load_state_dict(state)
+
+
+def _global_step(args: tuple, kwargs: dict) -> int:
+    """The trainer passes itself (with `global_step`) or `global_step=` directly."""
+    if "global_step" in kwargs:
+        return int(kwargs["global_step"])
+    for candidate in (*args, kwargs.get("trainer"), kwargs.get("state")):
+        if candidate is not None and hasattr(candidate, "global_step"):
+            return int(candidate.global_step)
+    raise AllocationError("the trainer called on_step_end without a global_step; pass global_step= or the trainer")

@@ -1,0 +1,65 @@
+"""Config checks and wiring shared by the budget-adaptive method files (AdaLoRA, IncreLoRA, TriAdaptLoRA,
+CoLoRA), so each method file stays a thin layer over the engine."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import nn
+
+from deltatune.core.config import DeltaConfig
+from deltatune.core.model import adapter_state
+from deltatune.errors import ConfigError, config_check
+
+ORTHOGONAL_FORMS = ("paper", "code")
+
+
+def check_share_or_steps(value: Any, field: str) -> None:
+    """A step count (int >= 0) or a share of training (float in [0, 1))."""
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+        isinstance(value, float) and 0 <= value < 1)
+    config_check(ok, field, value, "steps (an integer >= 0) or a share of training (a float in [0, 1))")
+
+
+def check_common(config: Any) -> None:
+    """Checks shared by the budget-adaptive configs: alpha, dropout, and (where present) betas, regularizer."""
+    config_check(_number(config.alpha) and config.alpha > 0, "alpha", config.alpha, "a number > 0")
+    config_check(_number(config.dropout) and 0 <= config.dropout < 1, "dropout", config.dropout,
+                 "a probability in [0, 1)")
+    for name in ("beta1", "beta2"):
+        if hasattr(config, name):
+            value = getattr(config, name)
+            config_check(_number(value) and 0 < value < 1, name, value, "a smoothing factor in (0, 1)",
+                         "the paper uses 0.85")
+    if hasattr(config, "orthogonal_weight"):
+        config_check(_number(config.orthogonal_weight) and config.orthogonal_weight >= 0, "orthogonal_weight",
+                     config.orthogonal_weight, "a number >= 0 (0 turns the regularizer off)")
+        config_check(config.orthogonal_form in ORTHOGONAL_FORMS, "orthogonal_form", config.orthogonal_form,
+                     f"one of {ORTHOGONAL_FORMS}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def adapter_name_of(model: nn.Module, config: DeltaConfig) -> str:
+    """The name under which `config` was adapted onto `model`."""
+    for name, candidate in adapter_state(model).configs.items():
+        if candidate is config:
+            return name
+    raise ConfigError("this config is not adapted onto the model; call deltatune.adapt(model, config) first")
+
+
+def set_mean_regularization(allocator: Any, form: str) -> None:
+    """The code form averages over every P and Q tensor of the adapter: 1 / (2 × #modules) per module."""
+    share = 1.0 if form == "paper" else 1.0 / (2 * len(allocator.deltas))
+    for delta in allocator.deltas.values():
+        delta.regularization_share = share
+
+
+def default_max_rank(max_rank: int | None, target_rank: int, layer: Any, factor: int = 4) -> int:
+    """The most live components one module may hold: `max_rank`, or min(factor × target, in, out) but at least
+    the target (fixed slots need a bound; the growth methods' codes have none)."""
+    if max_rank is not None:
+        return max_rank
+    return max(target_rank, min(factor * target_rank, layer.fan_in, layer.out_features))
