@@ -1,0 +1,82 @@
+"""Two processes under torchrun (DDP, gloo on CPU) train the same parameters as one process with the same
+global batch, including a LoRA-adapted model, an empty shard on the last step, and a resumed run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train import ddp_worker
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(HERE / "ddp_worker.py"), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    try:
+        ddp_worker.run_all(out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("run", ["plain", "lora", "resumed"])
+def test_two_processes_match_one_process(two_process_run, one_process_run, run):
+    distributed = load_file(str(two_process_run / f"{run}.safetensors"))
+    single = load_file(str(one_process_run / f"{run}.safetensors"))
+    assert distributed.keys() == single.keys() and distributed
+    if run == "lora":
+        assert all("lora" in name or name.startswith("head.") for name in single)
+    start = ddp_worker.lora_net(dtype=torch.float64) if run == "lora" else ddp_worker.small_net(dtype=torch.float64)
+    initial = dict(start.named_parameters())
+    for name in single:
+        assert not torch.equal(single[name], initial[name].detach()), f"{name} did not train"
+        torch.testing.assert_close(distributed[name], single[name], atol=1e-10, rtol=0, msg=name)
+    metrics_ddp = json.loads((two_process_run / f"{run}.json").read_text())
+    metrics_single = json.loads((one_process_run / f"{run}.json").read_text())
+    assert metrics_ddp.keys() == metrics_single.keys()
+    assert metrics_ddp == pytest.approx(metrics_single, abs=1e-9)
+
+
+@pytest.mark.distributed
+def test_resume_restores_every_process_rng(two_process_run):
+    straight = load_file(str(two_process_run / "dropout.safetensors"))
+    resumed = load_file(str(two_process_run / "dropout-resumed.safetensors"))
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+
+
+@pytest.mark.distributed
+def test_only_rank_zero_writes_and_logs_each_step_once(two_process_run, one_process_run):
+    ddp_lines = (two_process_run / "plain" / "metrics.jsonl").read_text().splitlines()
+    single_lines = (one_process_run / "plain" / "metrics.jsonl").read_text().splitlines()
+    ddp_records, single_records = [json.loads(x) for x in ddp_lines], [json.loads(x) for x in single_lines]
+    assert [r["step"] for r in ddp_records] == [r["step"] for r in single_records]
+    for ddp, single in zip(ddp_records, single_records):  # all-reduced losses are the global-batch losses
+        for key in ("loss", "eval_loss", "eval_accuracy", "lr"):
+            if key in single:
+                assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
+    assert sorted(p.name for p in (two_process_run / "plain" / "checkpoints").iterdir()) == ["step-000008"]
