@@ -149,7 +149,9 @@ def test_resume_without_a_checkpoint_starts_fresh_with_a_warning(tmp_path):
 def test_resume_after_the_end_trains_no_more(tmp_path):
     first, _, _ = train(tmp_path, dropout=0.0)
     again, _, result = train(tmp_path, dropout=0.0, resume=True)
-    assert result.global_step == 12
+    assert result.global_step == 12 and "eval_accuracy" in result.metrics
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8, 12]
     assert_identical(trainable_snapshot(again.model), trainable_snapshot(first.model))
 
 

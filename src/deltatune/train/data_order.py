@@ -34,6 +34,11 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_examples, generator=generator).tolist()
 
 
+def loader_seed(seed: int, epoch: int, batch_index: int) -> int:
+    """Seed of the DataLoader's own generator (its worker seeds) for a loader starting at this position."""
+    return (seed * 1_000_003 + epoch) * 1_000_003 + batch_index
+
+
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return math.ceil(num_examples / batch_size)
 

@@ -14,25 +14,26 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    """Appends records to output_dir/metrics.jsonl (main process only) and keeps them in `history`."""
+    """Keeps every record in `history`; the main process also appends them to output_dir/metrics.jsonl."""
 
     def __init__(self, output_dir: str | None, write: bool) -> None:
-        self.path = Path(output_dir) / METRICS_FILE if output_dir is not None and write else None
+        self.path = Path(output_dir) / METRICS_FILE if output_dir is not None else None
+        self.writes = write and self.path is not None
         self.history: list[dict[str, Any]] = []
 
     def start(self, resumed_step: int | None) -> None:
-        """A fresh run truncates the file; a resumed run keeps (and reloads) the records up to its checkpoint,
-        dropping those a crashed run wrote after it."""
+        """A fresh run truncates the file; a resumed run keeps (and reloads, on every process) the records up
+        to its checkpoint, dropping those a crashed run wrote after it."""
         if self.path is None:
             return
         kept = self._read() if resumed_step is not None else []
-        kept = [record for record in kept if record.get("step", 0) <= (resumed_step or 0)]
-        self.history = kept
-        atomic_write_text(self.path, "".join(_line(record) for record in kept))
+        self.history = [record for record in kept if record.get("step", 0) <= (resumed_step or 0)]
+        if self.writes:
+            atomic_write_text(self.path, "".join(_line(record) for record in self.history))
 
     def write(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.path is not None:
+        if self.writes:
             with self.path.open("a", encoding="utf-8") as handle:
                 handle.write(_line(record))
 
@@ -61,3 +62,29 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """A step counter; `disable=None` lets tqdm hide it when stderr is not a terminal."""
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                 disable=None if enabled else True, leave=False)
+
+
+class IntervalStats:
+    """Running sums between two log records."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.samples, self.seconds = 0.0, 0, 0, 0.0
+        self.lr, self.grad_norm = 0.0, None
+
+    def add(self, loss: float, samples: int, seconds: float, lr: float, grad_norm: float | None) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+        self.lr, self.grad_norm = lr, grad_norm
+
+    def summary(self) -> dict[str, float]:
+        record = {"loss": self.loss / max(1, self.steps), "lr": self.lr,
+                  "samples_per_second": self.samples / self.seconds if self.seconds > 0 else 0.0}
+        if self.grad_norm is not None:
+            record["grad_norm"] = self.grad_norm
+        self.reset()
+        return record

@@ -31,11 +31,12 @@ from deltatune.train import resume as resume_state
 from deltatune.train.callbacks import fire
 from deltatune.train.config import TrainConfig
 from deltatune.train.data_order import (
-    MicroBatch, balanced_split, epoch_permutation, global_batch, micro_batches, steps_per_epoch,
+    MicroBatch, epoch_permutation, global_batch, loader_seed, micro_batches, steps_per_epoch,
 )
 from deltatune.train.distributed import all_reduce_sum, setup_world
+from deltatune.train.evaluation import evaluate_model
 from deltatune.train.losses import LossFn, cross_entropy, is_zero_constant, logits_of, regularization
-from deltatune.train.metrics_log import MetricsLog, progress_bar
+from deltatune.train.metrics_log import IntervalStats, MetricsLog, progress_bar
 from deltatune.train.schedules import build_scheduler
 from deltatune.train.seeding import set_seed
 
@@ -94,8 +95,9 @@ class Trainer:
         self.log = MetricsLog(config.output_dir, write=self.world.is_main)
         self._stop_requested = False
         self._last_eval_step: int | None = None
+        self._last_eval_metrics: dict[str, float] | None = None
         self._last_saved_step: int | None = None
-        self._interval = _Interval()
+        self._interval = IntervalStats()
         self._train_model = self._wrap_distributed()
 
     # --- set-up -------------------------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class Trainer:
     def _loader(self, plans: list[list[MicroBatch]]) -> DataLoader:
         # A private generator: creating the loader must not draw from the global torch RNG (that would shift
         # dropout masks after a resume). Worker seeds derive from it, deterministically per epoch position.
-        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch * 1009 + self.batch_in_epoch)
+        generator = torch.Generator().manual_seed(loader_seed(self.config.seed, self.epoch, self.batch_in_epoch))
         sampler = [list(micro.indices) for plan in plans for micro in plan]
         return DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                           num_workers=self.config.num_workers, generator=generator,
@@ -284,31 +286,18 @@ class Trainer:
         metrics = self.evaluate(self.eval_dataset)
         self.log.write({"step": self.global_step, "epoch": self._epoch_progress(),
                         **{f"eval_{name}": value for name, value in metrics.items()}})
-        self._last_eval_step = self.global_step
+        self._last_eval_step, self._last_eval_metrics = self.global_step, metrics
         fire(self.callbacks, "on_evaluate", metrics=metrics, **self.hook_context())
         return metrics
 
-    @torch.no_grad()
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
-        """Mean loss (the task loss, no regularizer) and accuracy over `dataset`, shared out across processes."""
+        """Mean loss (the task loss, no regularizer) and accuracy over `dataset` (default: the eval dataset),
+        shared out across processes."""
         dataset = self.eval_dataset if dataset is None else dataset
         if dataset is None or len(dataset) == 0:
             raise TrainingError("evaluate() needs a non-empty dataset; pass one or give the Trainer eval_dataset")
-        was_training = self.model.training
-        self.model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.world.device)
-        shard = balanced_split(range(len(dataset)), self.world.size)[self.world.rank]
-        size = self.config.eval_batch_size or self.config.batch_size
-        for start in range(0, len(shard), size):
-            batch = self._to_device(self.collate_fn([dataset[i] for i in shard[start:start + size]]))
-            logits = logits_of(self.model(**{k: v for k, v in batch.items() if k != LABELS}))
-            labels = batch[LABELS]
-            sums += torch.stack([self.loss_fn(logits, labels).double() * len(labels),
-                                 (logits.argmax(dim=-1) == labels).sum().double(),
-                                 torch.tensor(float(len(labels)), dtype=torch.float64, device=sums.device)])
-        self.model.train(was_training)
-        loss, correct, count = all_reduce_sum(sums, self.world).tolist()
-        return {"loss": loss / count, "accuracy": correct / count}
+        return evaluate_model(self.model, dataset, self.collate_fn, self.loss_fn, self.world,
+                              self.config.eval_batch_size or self.config.batch_size, self._to_device)
 
     # --- checkpoints and the end --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -319,44 +308,23 @@ class Trainer:
         self._last_saved_step = self.global_step
         return self.last_checkpoint
 
+    def _final_evaluation(self) -> dict[str, float]:
+        """This step's evaluation: the one already run, or a new one (logged unless a resumed run logged it)."""
+        if self._last_eval_step != self.global_step:
+            return self._evaluate_and_log()
+        if self._last_eval_metrics is None:  # resumed at the very step that was evaluated: already in the log
+            self._last_eval_metrics = self.evaluate(self.eval_dataset)
+        return self._last_eval_metrics
+
     def _finish(self) -> TrainResult:
         metrics: dict[str, float] = {}
         if self.log.history:
             losses = [r["loss"] for r in self.log.history if "loss" in r]
             metrics.update({"train_loss": losses[-1]} if losses else {})
         if self.eval_dataset is not None:
-            if self._last_eval_step != self.global_step:
-                self._evaluate_and_log()
-            last = [r for r in self.log.history if "eval_loss" in r][-1]
-            metrics.update({k: v for k, v in last.items() if k.startswith("eval_")})
+            metrics.update({f"eval_{name}": value for name, value in self._final_evaluation().items()})
         if self.config.output_dir is not None and self._last_saved_step != self.global_step:
             self.save_checkpoint()
         fire(self.callbacks, "on_train_end", **self.hook_context())
         return TrainResult(self.global_step, self.epoch, metrics, list(self.log.history), self.last_checkpoint,
                            stopped_early=self.global_step < self.total_steps)
-
-
-class _Interval:
-    """Running sums between two log records."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss, self.steps, self.samples, self.seconds = 0.0, 0, 0, 0.0
-        self.lr, self.grad_norm = 0.0, None
-
-    def add(self, loss: float, samples: int, seconds: float, lr: float, grad_norm: float | None) -> None:
-        self.loss += loss
-        self.steps += 1
-        self.samples += samples
-        self.seconds += seconds
-        self.lr, self.grad_norm = lr, grad_norm
-
-    def summary(self) -> dict[str, float]:
-        record = {"loss": self.loss / max(1, self.steps), "lr": self.lr,
-                  "samples_per_second": self.samples / self.seconds if self.seconds > 0 else 0.0}
-        if self.grad_norm is not None:
-            record["grad_norm"] = self.grad_norm
-        self.reset()
-        return record
