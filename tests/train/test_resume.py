@@ -186,3 +186,21 @@ def test_sara_with_its_schedule_callback_resumes_exactly(tmp_path):
     assert_identical(trainable_snapshot(resumed.model), trainable_snapshot(straight.model))
     buffers = {n: b for n, b in resumed.model.named_buffers() if "active" in n}
     assert buffers and all(torch.equal(b, dict(straight.model.named_buffers())[n]) for n, b in buffers.items())
+
+
+def test_a_plugged_in_update_rule_resumes_exactly(tmp_path):
+    """optimizer_factory with AdamR (its state holds the reference weights θ0): saved and restored weights-only."""
+    from deltatune.optim.adamr import AdamR
+
+    factory = AdamR.factory(weight_decay=1e-2)
+    runs = {}
+    for name, extra, resume in (("a", (), False), ("b", [StopAt(6)], False), ("b", (), True)):
+        model = small_net()
+        config = TrainConfig(epochs=3, batch_size=8, lr=0.02, checkpoint_every=5, output_dir=str(tmp_path / name),
+                             resume=resume, progress=False)
+        trainer = Trainer(model, config, BlobDataset(n=30), callbacks=list(extra), optimizer_factory=factory)
+        trainer.train()
+        runs[name] = trainer
+    assert isinstance(runs["b"].optimizer, AdamR)
+    assert runs["b"].optimizer.param_groups[0]["weight_decay"] == 1e-2
+    assert_identical(trainable_snapshot(runs["b"].model), trainable_snapshot(runs["a"].model))
