@@ -13,7 +13,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.errors import ConfigError, TargetError
 from deltatune.functional.sparse import scatter_matrix
-from deltatune.methods.sara import SaRAConfig, SaRADelta, SaRASchedule
+from deltatune.methods.sara import SaRAConfig, SaRADelta
 
 
 def _only_delta(model) -> SaRADelta:

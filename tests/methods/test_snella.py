@@ -5,13 +5,11 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 import deltatune as dt
 from deltatune.errors import ConfigError
-from deltatune.methods.snella import SNELLAConfig, SNELLADelta, split_volume
+from deltatune.methods.snella import SNELLAConfig, SNELLADelta
 
 
 def _adapted(config, fan_in=20, fan_out=24, seed=0):
@@ -83,21 +81,6 @@ def test_checkpointing_keeps_no_dense_kernel_for_backward_and_gives_the_same_gra
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(1, 400), min_size=1, max_size=8), st.data())
-def test_split_volume_is_exact_capped_and_follows_the_scores(sizes, data):
-    scores = torch.tensor(data.draw(st.lists(st.floats(0, 10), min_size=len(sizes), max_size=len(sizes))),
-                          dtype=torch.float64)
-    sizes_t = torch.tensor(sizes, dtype=torch.float64)
-    volume = data.draw(st.integers(0, sum(sizes)))
-    volumes = split_volume(volume, scores, sizes_t)
-    assert int(volumes.sum()) == volume
-    assert bool((volumes <= sizes_t).all()) and bool((volumes >= 0).all())
-    if scores.sum() > 0 and volume < min(sizes):
-        top = int(torch.argmax(scores))
-        assert volumes[top] >= volumes.max() - len(sizes)
-
-
 def test_allocation_tracks_importance_and_the_cubic_budget():
     torch.manual_seed(0)
     config = SNELLAConfig(rank=4, sparsity=0.0, target_sparsity=0.6, initial_warmup=0.2, allocation_interval=1)
@@ -105,20 +88,21 @@ def test_allocation_tracks_importance_and_the_cubic_budget():
     dt.adapt(model, config)
     (allocation,) = config.training_callbacks(model, total_steps=10)
     total = 2 * 256
-    assert allocation.budget(2) == pytest.approx(total)
-    assert allocation.budget(10) == pytest.approx(0.4 * total)
-    assert allocation.budget(6) == pytest.approx(0.4 * total + 0.6 * total * 0.5 ** 3)
+    assert allocation.budget(2) == total
+    assert allocation.budget(10) == round(0.4 * total)
+    assert allocation.budget(6) == pytest.approx(0.4 * total + 0.6 * total * 0.5 ** 3, abs=1)
     x = torch.randn(8, 16, dtype=torch.float64)
     model(x).square().sum().backward()
     first = [(p.detach() * p.grad).abs() for d in allocation.deltas for p in d.importance_tensors()]
     allocation.on_backward_end()
     torch.testing.assert_close(allocation.importance[0][0], 0.15 * first[0])
     torch.testing.assert_close(allocation.uncertainty[0][0], 0.15 * (first[0] - 0.15 * first[0]).abs())
-    volumes = allocation.allocate(10)
+    volumes = list(allocation.allocate(10).values())
     kept = [d.kernel_size * (1 - float(d.sparsity)) for d in allocation.deltas]
-    assert sum(kept) == pytest.approx(0.4 * total, abs=1)
-    scores = allocation.layer_scores()
+    assert sum(kept) == pytest.approx(round(0.4 * total), abs=1e-6)
+    scores = list(allocation.layer_scores().values())
     assert (volumes[0] > volumes[1]) == (scores[0] > scores[1])
+    assert sum(volumes) == round(0.4 * total) and all(0 <= v <= 256 for v in volumes)
 
 
 def test_sparsity_survives_save_and_load(tmp_path):
@@ -134,6 +118,7 @@ def test_sparsity_survives_save_and_load(tmp_path):
 
 @pytest.mark.parametrize("fields", [{"rank": 5, "heads": 2}, {"heads": 0}, {"sparsity": 1.0},
                                     {"target_sparsity": -0.1}, {"initial_warmup": 0.6, "final_warmup": 0.5},
+                                    {"sparsity": 0.5, "target_sparsity": 0.3},
                                     {"beta1": 1.0}, {"allocation_interval": -1}, {"kernel_scale": 0.0}])
 def test_bad_hyperparameters_name_the_field(fields):
     with pytest.raises(ConfigError, match="|".join(fields)):

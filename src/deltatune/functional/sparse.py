@@ -20,7 +20,6 @@ from row blocks of ``grad_outᵀ x`` bounded by `CHUNK_ELEMENTS`, so no full den
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -58,30 +57,38 @@ def check_positions(indices: Tensor, numel: int) -> None:
         raise ValueError("positions must be sorted in increasing order without repeats")
 
 
-@dataclass(frozen=True)
 class SparsePattern:
-    """The CSR structure of S (out, fan_in) and of Sᵀ, derived once from the sorted flat positions.
+    """The CSR structure of S (out, fan_in), derived once from the sorted flat positions; that of Sᵀ is built on
+    first use (only the unfused path's input gradient needs it). Row pointers and columns are int32 when the
+    sizes allow (torch's CSR kernels take either), to keep the cache small next to the values."""
 
-    `transpose_order[j]` is the position (in value order) of the j-th entry of Sᵀ in CSR order.
-    """
-
-    shape: tuple[int, int]
-    indices: Tensor
-    crow: Tensor
-    col: Tensor
-    transpose_crow: Tensor
-    transpose_col: Tensor
-    transpose_order: Tensor
+    def __init__(self, indices: Tensor, shape: tuple[int, int]) -> None:
+        out, fan_in = shape
+        self.shape = shape
+        self.indices = indices
+        self.index_dtype = torch.int32 if max(out, fan_in, indices.numel()) < 2**31 - 1 else torch.int64
+        rows, cols = rows_and_columns(indices, fan_in)
+        self.crow = _compressed(rows, out).to(self.index_dtype)
+        self.col = cols.to(self.index_dtype)
+        self._transpose: tuple[Tensor, Tensor, Tensor] | None = None
 
     @staticmethod
     def from_indices(indices: Tensor, shape: tuple[int, int]) -> SparsePattern:
-        out, fan_in = shape
-        rows, cols = rows_and_columns(indices, fan_in)
-        crow = _compressed(rows, out)
-        order = torch.argsort(cols * out + rows)
-        return SparsePattern(
-            shape, indices, crow, cols, _compressed(cols, fan_in), rows.index_select(0, order), order
-        )
+        return SparsePattern(indices, shape)
+
+    def transpose_parts(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(row pointers, columns, order): `order[j]` is the value index of the j-th entry of Sᵀ in CSR order."""
+        if self._transpose is None:
+            out, fan_in = self.shape
+            rows, cols = rows_and_columns(self.indices, fan_in)
+            order = torch.argsort(cols * out + rows)
+            self._transpose = (_compressed(cols, fan_in).to(self.index_dtype),
+                               rows.index_select(0, order).to(self.index_dtype), order)
+        return self._transpose
+
+    def cached_tensors(self) -> list[Tensor]:
+        """Every tensor this cache holds besides the positions (for memory accounting)."""
+        return [self.crow, self.col, *(self._transpose or ())]
 
     def matrix(self, values: Tensor) -> Tensor:
         """S as a CSR tensor."""
@@ -89,8 +96,8 @@ class SparsePattern:
 
     def transposed(self, values: Tensor) -> Tensor:
         """Sᵀ as a CSR tensor."""
-        order = self.transpose_order
-        return _csr(self.transpose_crow, self.transpose_col, values.index_select(0, order), self.shape[::-1])
+        crow, col, order = self.transpose_parts()
+        return _csr(crow, col, values.index_select(0, order), self.shape[::-1])
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from deltatune.allocate.importance import proportional_ranks, sensitivity, sensitivity_score, smooth_sensitivity
+from deltatune.allocate.schedules import CubicBudgetSchedule
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.layers import ALL_KINDS, EMBEDDING, LayerInfo
@@ -92,6 +93,9 @@ class SNELLAConfig(DeltaConfig):
             config_check(0 <= getattr(self, name) < 1, name, getattr(self, name), "a share in [0, 1)")
         config_check(self.initial_warmup + self.final_warmup < 1, "final_warmup", self.final_warmup,
                      f"initial_warmup + final_warmup < 1 (initial_warmup={self.initial_warmup})")
+        config_check(not self.allocate or self.target_sparsity >= self.sparsity, "target_sparsity",
+                     self.target_sparsity, f">= sparsity={self.sparsity}: the allocation only shrinks the kept volume",
+                     "or set allocate=False for a fixed sparsity")
         for name in ("beta1", "beta2"):
             config_check(0 < getattr(self, name) < 1, name, getattr(self, name), "a factor in (0, 1)")
         config_check(isinstance(self.allocation_interval, int) and self.allocation_interval >= 0,
@@ -168,7 +172,10 @@ class SNELLADelta(Delta):
 
 
 class SNELLAAllocation:
-    """Trainer callback: the bi-level sparsity competition (across layers by importance, inside by |K|)."""
+    """Trainer callback: the bi-level sparsity competition (across layers by importance, inside by |K|).
+
+    Built from the shared allocation pieces: `allocate.importance` (I = |θ ⊙ ∇θ|, its EMA and uncertainty, the
+    score ĪŪ), `allocate.schedules.CubicBudgetSchedule` (V(t)) and `proportional_ranks` (the capped split)."""
 
     def __init__(self, model: nn.Module, config: SNELLAConfig, total_steps: int) -> None:
         self.deltas = [m for m in model.modules() if isinstance(m, SNELLADelta) and m.config is config]
@@ -177,58 +184,52 @@ class SNELLAAllocation:
         if total_steps < 1:
             raise ConfigError(f"total_steps={total_steps} is invalid: expected >= 1 training step")
         self.config = config
-        self.total_steps = total_steps
-        self.sizes = torch.tensor([d.kernel_size for d in self.deltas], dtype=torch.float64)
-        self.initial_volume = float(((1 - config.sparsity) * self.sizes).sum())
-        self.target_volume = float(((1 - config.target_sparsity) * self.sizes).sum())
+        self.sizes = {f"{i:06d}": d.kernel_size for i, d in enumerate(self.deltas)}
+        total = sum(self.sizes.values())
+        self.schedule = CubicBudgetSchedule(
+            initial_budget=round((1 - config.sparsity) * total),
+            final_budget=round((1 - config.target_sparsity) * total), total_steps=total_steps,
+            initial_warmup=round(config.initial_warmup * total_steps),
+            final_warmup=round(config.final_warmup * total_steps),
+        )
         self.importance: list[list[Tensor]] = []
         self.uncertainty: list[list[Tensor]] = []
         self.step = 0
 
+    def budget(self, step: int) -> int:
+        """Kept volume V(t): V₀ during the initial warm-up, cubic decay to V_T, V_T in the final phase."""
+        return self.schedule.budget(step)
+
     @torch.no_grad()
     def update_importance(self) -> None:
         """EMA of I = |θ ⊙ ∇θ| and of its deviation, per factor entry (official `update_ipt`)."""
-        b1, b2 = self.config.beta1, self.config.beta2
         if not self.importance:
             self.importance = [[torch.zeros_like(p) for p in d.importance_tensors()] for d in self.deltas]
             self.uncertainty = [[torch.zeros_like(p) for p in d.importance_tensors()] for d in self.deltas]
         for delta, means, deviations in zip(self.deltas, self.importance, self.uncertainty):
-            for p, mean, deviation in zip(delta.importance_tensors(), means, deviations):
+            for k, p in enumerate(delta.importance_tensors()):
                 if p.grad is None:
                     continue
-                current = torch.nan_to_num(p.detach() * p.grad).abs()
-                mean.mul_(b1).add_(current, alpha=1 - b1)
-                deviation.mul_(b2).add_((current - mean).abs(), alpha=1 - b2)
+                current = torch.nan_to_num(sensitivity(p, p.grad))
+                means[k], deviations[k] = smooth_sensitivity(current, means[k], deviations[k], self.config.beta1,
+                                                             self.config.beta2)
 
-    def layer_scores(self) -> Tensor:
-        """S_ℓ = mean(ĪŪ) over A plus over B, normalized to sum to 1 (uniform before any gradient)."""
+    def layer_scores(self) -> dict[str, float]:
+        """S_ℓ = mean(ĪŪ) over A plus over B (0 before any gradient: the split is then uniform)."""
         if not self.importance:
-            return torch.full((len(self.deltas),), 1.0 / len(self.deltas), dtype=torch.float64)
-        scores = torch.tensor([sum(float((m * u).mean()) for m, u in zip(means, deviations))
-                               for means, deviations in zip(self.importance, self.uncertainty)], dtype=torch.float64)
-        total = scores.sum()
-        return scores / total if total > 0 else torch.full_like(scores, 1.0 / len(scores))
-
-    def budget(self, step: int) -> float:
-        """Kept volume V(t): V₀ during the initial warmup, cubic decay to V_T, V_T in the final phase."""
-        start = round(self.config.initial_warmup * self.total_steps)
-        end = self.total_steps - round(self.config.final_warmup * self.total_steps)
-        if step <= start:
-            return self.initial_volume
-        if step >= end:
-            return self.target_volume
-        remaining = 1 - (step - start) / (end - start)
-        return self.target_volume + (self.initial_volume - self.target_volume) * remaining ** 3
+            return {name: 0.0 for name in self.sizes}
+        return {name: sum(float(sensitivity_score(m, u).mean()) for m, u in zip(means, deviations))
+                for name, means, deviations in zip(self.sizes, self.importance, self.uncertainty)}
 
     @torch.no_grad()
-    def allocate(self, step: int) -> Tensor:
-        """Split V(step) across layers ∝ S_ℓ (capped, remainder redistributed); set each s_ℓ; returns V_ℓ."""
-        volumes = split_volume(self.budget(step), self.layer_scores(), self.sizes)
-        for delta, volume, size in zip(self.deltas, volumes.tolist(), self.sizes.tolist()):
-            delta.sparsity.fill_(min(max(1 - volume / size, 0.0), 1.0))
+    def allocate(self, step: int) -> dict[str, int]:
+        """Split V(step) across layers ∝ S_ℓ (capped at each layer's size, the rest re-split); set each s_ℓ."""
+        volumes = proportional_ranks(self.layer_scores(), self.budget(step), 0, self.sizes)
+        for delta, name in zip(self.deltas, self.sizes):
+            delta.sparsity.fill_(1 - volumes[name] / self.sizes[name])
         return volumes
 
-    def on_backward_end(self, *_: Any, **__: Any) -> None:
+    def on_backward_end(self, **_: Any) -> None:
         self.update_importance()
 
     def on_step_end(self, global_step: int | None = None, **_: Any) -> None:
@@ -237,7 +238,7 @@ class SNELLAAllocation:
         if interval and self.step % interval == 0:
             self.allocate(self.step)
 
-    def on_epoch_end(self, *_: Any, **__: Any) -> None:
+    def on_epoch_end(self, **_: Any) -> None:
         if self.config.allocation_interval == 0:
             self.allocate(self.step)
 
@@ -246,28 +247,5 @@ class SNELLAAllocation:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.importance, self.uncertainty = state["importance"], state["uncertainty"]
-
-
-def split_volume(volume: float, scores: Tensor, sizes: Tensor) -> Tensor:
-    """Integer volumes ∝ scores, each at most its size, summing to round(volume) (official `param_alloc`, with
-    an exact integer remainder step instead of its float loop)."""
-    target = min(int(round(volume)), int(sizes.sum()))
-    volumes = torch.zeros_like(sizes)
-    open_ = torch.ones_like(sizes, dtype=torch.bool)
-    while target - volumes.sum() >= 1 and open_.any():
-        share = scores * open_
-        share = share / share.sum() if share.sum() > 0 else open_.double() / open_.sum()
-        volumes = torch.minimum(volumes + torch.floor((target - volumes.sum()) * share), sizes)
-        full = volumes >= sizes
-        if not bool((full & open_).any()):
-            break
-        open_ &= ~full
-    leftover = int(target - volumes.sum())
-    for index in torch.argsort(scores, descending=True, stable=True).tolist():
-        if leftover <= 0:
-            break
-        room = int(sizes[index] - volumes[index])
-        volumes[index] += min(room, leftover)
-        leftover -= min(room, leftover)
-    return volumes
+        self.importance = [list(t) for t in state["importance"]]
+        self.uncertainty = [list(t) for t in state["uncertainty"]]
