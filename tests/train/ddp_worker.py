@@ -3,7 +3,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node=2 ddp_worker.py OUT_DIR
 
 Trains (1) a plain two-layer net, (2) a LoRA-adapted net (a small trainable subset), (3) the plain net
-stopped at step 3 and resumed, (4) a net with dropout, straight and resumed; rank 0 writes each run's trainable parameters and evaluation metrics.
+stopped at step 3 and resumed, (4) a net with dropout, straight and resumed, (5) a net with a trainable
+parameter that forward never uses (with and without find_unused_parameters); rank 0 writes each run's trainable parameters and evaluation metrics.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
+from deltatune.errors import TrainingError
 from deltatune.train import TrainConfig, Trainer
 from deltatune.train.distributed import setup_world
 from train.trainer_toys import BlobDataset, lora_net, save_trainable, small_net
@@ -29,6 +33,12 @@ class StopAt:
     def on_step_end(self, trainer, global_step, **_):
         if global_step == self.step:
             trainer.request_stop()
+
+
+def with_unused_parameter() -> nn.Module:
+    model = small_net(dtype=F64)
+    model.register_parameter("spare", nn.Parameter(torch.zeros(3, dtype=F64)))  # trainable, never used
+    return model
 
 
 def config(out: Path | None, **overrides) -> TrainConfig:
@@ -58,10 +68,18 @@ def run_all(out: Path) -> None:
     train(small_net(dtype=F64, dropout=0.3), config(dropout_dir, checkpoint_every=2), callbacks=[StopAt(3)])
     runs["dropout-resumed"] = train(small_net(dtype=F64, dropout=0.3),
                                     config(dropout_dir, checkpoint_every=2, resume=True))
+    runs["unused"] = train(with_unused_parameter(), config(None, find_unused_parameters=True))
     if is_main:
         for name, (model, metrics) in runs.items():
             save_trainable(model, str(out / f"{name}.safetensors"))
             (out / f"{name}.json").write_text(json.dumps(metrics))
+    try:  # last: this run's DistributedDataParallel stops mid-way
+        train(with_unused_parameter(), config(None))
+        message = "no error"
+    except TrainingError as error:
+        message = str(error)
+    if is_main:
+        (out / "unused-error.txt").write_text(message)
 
 
 if __name__ == "__main__":

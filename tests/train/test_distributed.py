@@ -43,22 +43,30 @@ def one_process_run(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("run", ["plain", "lora", "resumed"])
+@pytest.mark.parametrize("run", ["plain", "lora", "resumed", "unused"])
 def test_two_processes_match_one_process(two_process_run, one_process_run, run):
     distributed = load_file(str(two_process_run / f"{run}.safetensors"))
     single = load_file(str(one_process_run / f"{run}.safetensors"))
     assert distributed.keys() == single.keys() and distributed
     if run == "lora":
         assert all("lora" in name or name.startswith("head.") for name in single)
-    start = ddp_worker.lora_net(dtype=torch.float64) if run == "lora" else ddp_worker.small_net(dtype=torch.float64)
-    initial = dict(start.named_parameters())
+    start = {"lora": ddp_worker.lora_net, "unused": ddp_worker.with_unused_parameter}.get(run, ddp_worker.small_net)
+    initial = dict((start() if run == "unused" else start(dtype=torch.float64)).named_parameters())
     for name in single:
-        assert not torch.equal(single[name], initial[name].detach()), f"{name} did not train"
+        trained = not torch.equal(single[name], initial[name].detach())
+        assert trained == (name != "spare"), f"{name} trained: {trained}"
         torch.testing.assert_close(distributed[name], single[name], atol=1e-10, rtol=0, msg=name)
     metrics_ddp = json.loads((two_process_run / f"{run}.json").read_text())
     metrics_single = json.loads((one_process_run / f"{run}.json").read_text())
     assert metrics_ddp.keys() == metrics_single.keys()
     assert metrics_ddp == pytest.approx(metrics_single, abs=1e-9)
+
+
+@pytest.mark.distributed
+def test_a_parameter_without_gradient_names_the_setting(two_process_run, one_process_run):
+    message = (two_process_run / "unused-error.txt").read_text()
+    assert "find_unused_parameters=True" in message and "\n" not in message
+    assert (one_process_run / "unused-error.txt").read_text() == "no error"  # one process needs no DDP
 
 
 @pytest.mark.distributed
