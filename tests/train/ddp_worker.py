@@ -4,7 +4,8 @@
 
 Trains (1) a plain two-layer net, (2) a LoRA-adapted net (a small trainable subset), (3) the plain net
 stopped at step 3 and resumed, (4) a net with dropout, straight and resumed, (5) a net with a trainable
-parameter that forward never uses (with and without find_unused_parameters); rank 0 writes each run's trainable parameters and evaluation metrics.
+parameter that forward never uses (with and without find_unused_parameters); rank 0 writes each run's
+trainable parameters and evaluation metrics.
 """
 from __future__ import annotations
 

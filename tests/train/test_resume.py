@@ -10,7 +10,7 @@ import torch
 from deltatune.errors import TrainingError
 from deltatune.train import Callback, TrainConfig, Trainer, list_checkpoints
 from deltatune.train.checkpoint import checkpoints_root
-from train.trainer_toys import BlobDataset, lora_net, small_net, trainable_snapshot
+from train.trainer_toys import BlobDataset, small_net, trainable_snapshot
 
 
 class StopAt:
