@@ -204,3 +204,29 @@ def test_a_plugged_in_update_rule_resumes_exactly(tmp_path):
     assert isinstance(runs["b"].optimizer, AdamR)
     assert runs["b"].optimizer.param_groups[0]["weight_decay"] == 1e-2
     assert_identical(trainable_snapshot(runs["b"].model), trainable_snapshot(runs["a"].model))
+
+
+def test_adalora_rank_allocation_resumes_exactly(tmp_path):
+    """An allocator callback (importance EMAs, budget schedule, rank masks) through a checkpoint: the resumed
+    run ends with the same ranks and parameters; the orthogonality regularizer enters the loss."""
+    import deltatune as dt
+
+    def run(folder, extra=(), resume=False):
+        model = small_net(hidden=32)
+        torch.manual_seed(5)
+        adalora = dt.config_for("adalora", targets=["body", "head"], init_rank=3, target_rank=1, mask_interval=1,
+                                initial_warmup=1, final_warmup=2)
+        model = dt.adapt(model, adalora)
+        config = TrainConfig(epochs=6, batch_size=8, lr=0.05, checkpoint_every=3, output_dir=str(folder),
+                             resume=resume, progress=False)
+        callbacks = [*adalora.training_callbacks(model, total_steps=24), *extra]
+        trainer = Trainer(model, config, BlobDataset(n=30), callbacks=callbacks)
+        trainer.train()
+        return trainer
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", extra=[StopAt(3)])  # early in the budget's decrease: the importance EMAs matter
+    resumed = run(tmp_path / "b", resume=True)
+    assert straight.callbacks[0].allocator.describe() == resumed.callbacks[0].allocator.describe()
+    assert straight.callbacks[0].allocator.total_rank == 2  # target_rank 1 x 2 modules
+    assert_identical(trainable_snapshot(resumed.model), trainable_snapshot(straight.model))

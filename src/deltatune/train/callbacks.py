@@ -14,6 +14,9 @@ on_step_end sees the count after it (1 after the first step). Order within one o
     -> on_backward_end (read gradients here: importance scores) -> clipping -> optimizer.step
     -> scheduler.step -> on_step_end
 
+Gradients are zeroed at the start of each step (after on_step_begin), so at on_step_end `.grad` still holds
+the (clipped) gradients the optimizer just used; allocators rely on this.
+
 on_epoch_end follows the last step of an epoch and its evaluation; on_train_end follows the final checkpoint.
 A callback stops training cleanly (final checkpoint written, resumable) with `trainer.request_stop()`.
 
