@@ -146,6 +146,17 @@ class UpdateWarmup:
                     parameter, slot_dim = delta.component_tensors()[name]
                     self._before[(path, name)] = (parameter.detach().clone(), slot_dim)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The pending snapshots (a resumed run scales the next update exactly as an uninterrupted one)."""
+        return {f"{path}|{name}": previous.clone() for (path, name), (previous, _) in self._before.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor], deltas: dict[str, nn.Module]) -> None:
+        self._before = {}
+        for key, previous in state.items():
+            path, name = key.split("|")
+            slot_dim = deltas[path].component_tensors()[name][1]
+            self._before[(path, name)] = (previous.clone(), slot_dim)
+
 
 class GrowthAllocator(Allocator):
     """Grow `add_rank` components on the best modules at each schedule event until the target budget."""
@@ -200,11 +211,12 @@ class GrowthAllocator(Allocator):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state.update(finished=self.finished, scorer=self.scorer.state_dict())
+        state.update(finished=self.finished, scorer=self.scorer.state_dict(), warmup=self.warmup.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.scorer.load_state_dict(state["scorer"])
+        self.warmup.load_state_dict(state["warmup"], self.deltas)
         if bool(state["finished"]) and not self.finished:
             self._finish()

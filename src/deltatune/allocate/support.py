@@ -43,10 +43,15 @@ def _number(value: Any) -> bool:
 
 
 def adapter_name_of(model: nn.Module, config: DeltaConfig) -> str:
-    """The name under which `config` was adapted onto `model`."""
-    for name, candidate in adapter_state(model).configs.items():
-        if candidate is config:
-            return name
+    """The name under which `config` (or the one adapter with an equal config) was adapted onto `model`."""
+    configs = adapter_state(model).configs
+    same = [name for name, candidate in configs.items() if candidate is config]
+    equal = [name for name, candidate in configs.items() if candidate == config]
+    if same or len(equal) == 1:
+        return (same or equal)[0]
+    if equal:
+        raise ConfigError(f"adapters {equal} have this same config; build the allocator from the config object "
+                          "passed to deltatune.adapt")
     raise ConfigError("this config is not adapted onto the model; call deltatune.adapt(model, config) first")
 
 
