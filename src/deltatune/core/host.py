@@ -30,6 +30,8 @@ class AdaptedLayer(nn.Module):
         self.merged: tuple[str, ...] = ()
         self.disabled = False
         self._plan: dict[DeltaKind, tuple[Delta, ...]] = {}
+        self._live = False
+        self._fuse_first_additive = False
         self.register_state_dict_post_hook(_base_keys_on_save)
         self.register_load_state_dict_pre_hook(_base_keys_on_load)
 
@@ -57,24 +59,40 @@ class AdaptedLayer(nn.Module):
         """Precompute the per-kind delta lists once, so forward does no bookkeeping."""
         live = [self.deltas[n] for n in self.active if n not in self.merged]
         self._plan = {kind: tuple(d for d in live if d.kind is kind) for kind in COMPOSITION_ORDER}
+        self._live = bool(live)
+        # Capability `forward_with_base(x, base_layer)`: an additive delta that can compute the base output and its
+        # own term together (one fused autograd node, see functional.lowrank.lowrank_linear). Only when the base
+        # runs with its own weight, i.e. no weight-space delta comes first.
+        additive = self._plan[DeltaKind.ADDITIVE]
+        self._fuse_first_additive = (
+            not self._plan[DeltaKind.WEIGHT] and bool(additive) and hasattr(additive[0], "forward_with_base")
+        )
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if self.disabled or not any(self._plan.values()):
+        if self.disabled or not self._live:
             return self.base_layer(x)
-        weight_deltas = self._plan[DeltaKind.WEIGHT]
-        if weight_deltas:
-            weight = self.base_layer.weight
-            for delta in weight_deltas:
-                weight = delta.adapted_weight(weight)
-            y = self.layer.op(x, weight, base_bias(self.base_layer))
+        additive = self._plan[DeltaKind.ADDITIVE]
+        y = additive[0].forward_with_base(x, self.base_layer) if self._fuse_first_additive else None
+        if y is None:
+            y = self._base_output(x)
         else:
-            y = self.base_layer(x)
-        for delta in self._plan[DeltaKind.ADDITIVE]:
+            additive = additive[1:]
+        for delta in additive:
             y = y + delta(x)
         for delta in self._plan[DeltaKind.OUTPUT]:
             y = delta.transform_output(y)
         return y
+
+    def _base_output(self, x: Tensor) -> Tensor:
+        """The base layer's output, run with the weight-space deltas applied to its weight, if any."""
+        weight_deltas = self._plan[DeltaKind.WEIGHT]
+        if not weight_deltas:
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        for delta in weight_deltas:
+            weight = delta.adapted_weight(weight)
+        return self.layer.op(x, weight, base_bias(self.base_layer))
 
     # --- merging --------------------------------------------------------------------------------------------
     def _merge_order(self) -> list[str]:

@@ -22,14 +22,15 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+import torch.nn.modules.module as _module_globals  # torch's registries of global module hooks
 from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
-from deltatune.core.layers import ALL_KINDS, CONV, EMBEDDING, LayerInfo
+from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, EMBEDDING, LINEAR, LayerInfo, is_hf_conv1d
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, UnsupportedLayerError, config_check
-from deltatune.functional.lowrank import lowrank_delta_weight
+from deltatune.functional.lowrank import lowrank_delta_weight, lowrank_linear
 
 INITS = ("kaiming", "gaussian", "random")
 
@@ -148,6 +149,16 @@ class LoRADelta(Delta):
         x_in = x if self.layer.kind == EMBEDDING else self.dropout(x.to(self.lora_A.dtype))
         return (_LOWRANK_PATH[self.layer.kind](self, x_in) * self.scale).to(x.dtype if x.is_floating_point() else self.lora_A.dtype)
 
+    def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
+        """base_layer(x) + forward(x) in one fused autograd node (`functional.lowrank.lowrank_linear`), or None
+        when this call cannot be fused (the host then runs the two separately): only for a plain nn.Linear or
+        transformers Conv1D without hooks, one dtype throughout, outside autocast, and no active dropout on the
+        branch."""
+        if self.training and self.config.dropout > 0 or not _fusable(self, x, base_layer):
+            return None
+        weight = base_layer.weight if self.layer.kind == LINEAR else base_layer.weight.t()
+        return lowrank_linear(x, weight, base_layer.bias, self.lora_A, self.lora_B, self.config.scale)
+
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         return lowrank_delta_weight(self.layer, self.lora_A, self.lora_B, self.scale).to(base_weight.dtype)
 
@@ -155,6 +166,27 @@ class LoRADelta(Delta):
         if self.layer.kind == EMBEDDING:
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
         return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+
+def _fusable(delta: LoRADelta, x: Tensor, base_layer: nn.Module) -> bool:
+    """True when base_layer(x) is exactly F.linear on its (out, in) weight matrix and every tensor shares x's dtype."""
+    kind = delta.layer.kind
+    plain = type(base_layer) is nn.Linear if kind == LINEAR else kind == CONV1D_HF and is_hf_conv1d(base_layer)
+    if not plain or "forward" in base_layer.__dict__ or _has_hooks(base_layer):
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks each op's dtype; the unfused path follows it
+        return False
+    bias = base_layer.bias
+    return x.dtype == base_layer.weight.dtype == delta.lora_A.dtype and (bias is None or bias.dtype == x.dtype)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks run by module.__call__, which the fused path does not go through."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        or _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
+        or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks
+    )
 
 
 def _dense_path(delta: LoRADelta, x: Tensor) -> Tensor:
