@@ -75,20 +75,38 @@ class SlottedLowRankDelta(Delta):
     def set_activation_observer(self, observer: Observer | None) -> None:
         self._observer = observer
 
+    def used_slot_mask(self) -> Tensor:
+        """Slots that can contribute to ΔW (methods with other contributing slots override this)."""
+        return self.rank_mask
+
+    def used_slots(self) -> int:
+        """k such that slots >= k are all unused: forward and ΔW compute slots [0, k) only, so reserved
+        capacity costs nothing until it is used (slots fill from the front)."""
+        used = torch.nonzero(self.used_slot_mask())
+        return max(int(used.max()) + 1, 1) if used.numel() else 1
+
     # --- the math ---------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         x_in = x if self.layer.kind == EMBEDDING else self.dropout(x.to(self.lora_A.dtype))
-        hidden = _DOWN[self.layer.kind](self, x_in)
-        hidden = _mix(hidden, self.slot_mixer(), channel_dim=1 if self.layer.kind == CONV else -1)
-        out = _UP[self.layer.kind](self, hidden) * self.scale()
+        k = self.used_slots()
+        down, up, mixer = self._slots(k)
+        hidden = _DOWN[self.layer.kind](self.layer, down, x_in)
+        hidden = _mix(hidden, mixer, channel_dim=1 if self.layer.kind == CONV else -1)
+        out = _UP[self.layer.kind](self.layer, up, hidden) * self.scale()
         if self._observer is not None:
             self._observer(self, x_in, out)
         return out.to(x.dtype if x.is_floating_point() else self.lora_A.dtype)
 
-    def delta_matrix(self) -> Tensor:
-        down = self.lora_A.reshape(self.rank_capacity, -1)
-        up = self.lora_B.reshape(self.layer.out_features, self.rank_capacity)
+    def _slots(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A, B and M restricted to the first k slots."""
         mixer = self.slot_mixer()
+        mixer = mixer[:k] if mixer.dim() == 1 else mixer[:k, :k]
+        return self.lora_A[:k], self.lora_B[:, :k], mixer
+
+    def delta_matrix(self) -> Tensor:
+        k = self.used_slots()
+        down, up, mixer = self._slots(k)
+        down, up = down.reshape(k, -1), up.reshape(self.layer.out_features, k)
         mixed_up = up * mixer if mixer.dim() == 1 else up @ mixer
         return (mixed_up @ down) * self.scale()
 
@@ -113,28 +131,28 @@ class SlottedLowRankDelta(Delta):
         return tuple(shape)
 
 
-def _dense_down(delta: SlottedLowRankDelta, x: Tensor) -> Tensor:
-    return F.linear(x, delta.lora_A)
+def _dense_down(layer: LayerInfo, down: Tensor, x: Tensor) -> Tensor:
+    return F.linear(x, down)
 
 
-def _dense_up(delta: SlottedLowRankDelta, hidden: Tensor) -> Tensor:
-    return F.linear(hidden, delta.lora_B)
+def _dense_up(layer: LayerInfo, up: Tensor, hidden: Tensor) -> Tensor:
+    return F.linear(hidden, up)
 
 
-def _conv(delta: SlottedLowRankDelta) -> Callable[..., Tensor]:
-    return (F.conv1d, F.conv2d, F.conv3d)[delta.layer.conv_dims - 1]
+def _conv(layer: LayerInfo) -> Callable[..., Tensor]:
+    return (F.conv1d, F.conv2d, F.conv3d)[layer.conv_dims - 1]
 
 
-def _conv_down(delta: SlottedLowRankDelta, x: Tensor) -> Tensor:
-    return _conv(delta)(x, delta.lora_A, **delta.layer.conv_args)
+def _conv_down(layer: LayerInfo, down: Tensor, x: Tensor) -> Tensor:
+    return _conv(layer)(x, down, **layer.conv_args)
 
 
-def _conv_up(delta: SlottedLowRankDelta, hidden: Tensor) -> Tensor:
-    return _conv(delta)(hidden, delta.lora_B)
+def _conv_up(layer: LayerInfo, up: Tensor, hidden: Tensor) -> Tensor:
+    return _conv(layer)(hidden, up)
 
 
-def _embedding_down(delta: SlottedLowRankDelta, x: Tensor) -> Tensor:
-    return F.embedding(x, delta.lora_A.T, **delta.layer.embedding_args)
+def _embedding_down(layer: LayerInfo, down: Tensor, x: Tensor) -> Tensor:
+    return F.embedding(x, down.T, **layer.embedding_args)
 
 
 _DOWN = {"linear": _dense_down, "conv1d_hf": _dense_down, CONV: _conv_down, EMBEDDING: _embedding_down}

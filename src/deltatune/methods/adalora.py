@@ -120,6 +120,9 @@ class AdaLoRADelta(SlottedLowRankDelta):
     def slot_mixer(self) -> Tensor:
         return self.lora_E.reshape(-1)  # masked λ are zero in place, so they can revive (paper §3.3)
 
+    def used_slot_mask(self) -> Tensor:
+        return torch.ones_like(self.rank_mask)  # every triplet computes: a pruned λ may come back
+
     def scale(self) -> Tensor:
         return self.scaling
 

@@ -162,6 +162,9 @@ class IncreLoRADelta(SlottedLowRankDelta):
     def scale(self) -> Tensor:
         return self.alpha / (self.rank_mask.sum().to(self.alpha.dtype) + 1e-5)
 
+    def used_slot_mask(self) -> Tensor:
+        return self.rank_mask | self.reserve_mask
+
     def component_tensors(self) -> dict[str, tuple[Tensor, int]]:
         return {"lora_A": (self.lora_A, 0), "lora_E": (self.lora_E, 0), "lora_B": (self.lora_B, 1)}
 
