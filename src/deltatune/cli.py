@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     try:
-        from deltatune.merge.cli import add_merge_commands
+        from deltatune.merging.cli import add_merge_commands
     except ImportError:
         pass
     else:

@@ -135,3 +135,16 @@ def test_full_state_dict_round_trips_through_load_state_dict():
     clone = dt.adapt(copy.deepcopy(base), dt.LoRAConfig(rank=2))
     clone.load_state_dict(model.state_dict())
     torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+
+
+def test_public_functions_are_not_shadowed_by_subpackages():
+    """Importing every subpackage must leave the public API's functions callable: a subpackage named like a
+    public function (a `deltatune/merge/` next to `deltatune.merge(model)`) replaces the function on import."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.walk_packages(dt.__path__, prefix="deltatune."):
+        if not info.name.endswith(("__main__", "build_wordnet")):
+            importlib.import_module(info.name)
+    for name in dt.__all__:
+        assert not isinstance(getattr(dt, name), type(dt)), f"deltatune.{name} is a module, not the public API"

@@ -1,1 +1,0 @@
-"""Merge methods, one file each; importing a file registers its methods (see `deltatune.merge.registry`)."""

@@ -1,0 +1,192 @@
+"""`deltatune merge` and `deltatune prune`: the command-line face of `deltatune.merging`.
+
+The main CLI (`deltatune.cli`) calls `add_merge_commands(subparsers)`; each command's `func(args) -> int`
+raises DeltatuneError subclasses, which the main CLI prints as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import yaml
+
+from deltatune.errors import ConfigError
+
+MERGE_EPILOG = """example config (mergekit's models: syntax; see src/deltatune/merging/README.md):
+  merge_method: ties
+  base_model: ./base
+  models:
+    - model: ./math
+      parameters: {weight: 1.0, density: 0.2}
+    - model: ./code
+      parameters: {weight: 1.0, density: 0.2}
+  parameters: {lambda: 1.0}
+
+examples:
+  deltatune merge ties.yaml --out merged/
+  deltatune merge ties.yaml --out merged/ --overwrite --shard-size 2GB
+  deltatune merge --list-methods
+"""
+PRUNE_EPILOG = """examples:
+  deltatune prune ./finetuned --base ./base --out pruned/ --drop-rate 0.9             # DARE
+  deltatune prune ./finetuned --base ./base --out pruned/ --method darex --drop-rate 0.99 --q 0.2
+  deltatune prune ./finetuned --base ./base --out pruned/ --method darex --drop-rate 0.99 --q-map q.json
+  deltatune prune ./finetuned --base ./base --out pruned/ --method magnitude --drop-rate 0.9
+"""
+PRUNE_METHODS = {"dare": "dare_linear", "darex": "darex", "magnitude": "magnitude_prune"}
+UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1e9' or a byte count -> bytes (decimal units, as mergekit's --out-shard-size)."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]I?)?B?\s*", text.upper())
+    if match is None:
+        raise ConfigError(f"--shard-size {text!r}: expected a size like 5GB, 500MB or a number of bytes")
+    try:
+        value = float(match.group(1)) * UNITS[match.group(2) or ""]
+    except ValueError:
+        raise ConfigError(f"--shard-size {text!r}: expected a size like 5GB, 500MB or a number of bytes") from None
+    if value < 1:
+        raise ConfigError(f"--shard-size {text!r}: expected at least 1 byte")
+    return int(value)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise ConfigError(f"--threads {threads}: expected an integer >= 1")
+        torch.set_num_threads(threads)
+
+
+def _report(report) -> None:
+    size = report.bytes_written / 1e9
+    print(f"merged {report.tensors} tensors ({size:.2f} GB in {report.shards} shard"
+          f"{'s' if report.shards > 1 else ''}) into {report.out_dir} in {report.seconds:.1f} s")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from deltatune.merging.registry import list_merge_methods
+
+    if args.list_methods:
+        for spec in list_merge_methods():
+            print(f"{spec.name:<17} base {spec.base:<9} {spec.description}")
+        return 0
+    if args.config is None or args.out is None:
+        raise ConfigError("deltatune merge needs CONFIG.yaml and --out DIR (or --list-methods)")
+    from dataclasses import replace
+
+    from deltatune.merging.config import load_config
+    from deltatune.merging.stream import run_merge
+
+    _set_threads(args.threads)
+    config = load_config(args.config)
+    if args.seed is not None:
+        config = replace(config, seed=args.seed)
+    report = run_merge(config, args.out, overwrite=args.overwrite, shard_bytes=parse_size(args.shard_size),
+                       progress=not args.no_progress)
+    _report(report)
+    return 0
+
+
+def _density_setting(density: float, keep: list[str]) -> list[dict]:
+    return [{"filter": pattern, "value": 1.0} for pattern in keep] + [{"value": density}]
+
+
+def _q_setting(args: argparse.Namespace) -> object:
+    if args.q_map is None:
+        return args.q
+    try:
+        q_map = yaml.safe_load(Path(args.q_map).read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"--q-map {args.q_map}: cannot read it as JSON/YAML ({error}); write "
+                          "{tensor name: q, ...}") from None
+    if not isinstance(q_map, dict):
+        raise ConfigError(f"--q-map {args.q_map}: expected a mapping {{tensor name: q}}")
+    # longest names first: a full tensor name can then only match itself (filters match substrings)
+    conditions = [{"filter": name, "value": q_map[name]} for name in sorted(q_map, key=len, reverse=True)]
+    return conditions + ([{"value": args.q}] if args.q is not None else [])
+
+
+def prune_config_dict(args: argparse.Namespace) -> dict:
+    """The merge config a prune command stands for: one model, weight 1, the chosen method's density / q."""
+    if not 0.0 <= args.drop_rate < 1.0:
+        raise ConfigError(f"--drop-rate {args.drop_rate}: expected 0 <= p < 1 (the fraction of delta entries dropped)")
+    method = PRUNE_METHODS[args.method]
+    keep = args.keep if args.keep is not None else ["classifier", "lm_head"]
+    model_parameters: dict = {"weight": 1.0, "density": _density_setting(1.0 - args.drop_rate, keep)}
+    parameters: dict = {}
+    if args.method == "darex":
+        q = _q_setting(args)
+        if q is not None:
+            model_parameters["q"] = q
+    elif args.q is not None or args.q_map is not None:
+        raise ConfigError("--q and --q-map only apply to --method darex")
+    if args.method == "dare":
+        parameters["rescale"] = args.rescale
+    raw = {"merge_method": method, "base_model": str(args.base), "semantics": "paper", "seed": args.seed,
+           "models": [{"model": str(args.finetuned), "parameters": model_parameters}], "parameters": parameters}
+    if args.dtype:
+        raw["dtype"] = args.dtype
+    return raw
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from deltatune.merging.config import config_from_dict
+    from deltatune.merging.stream import run_merge
+
+    _set_threads(args.threads)
+    raw = prune_config_dict(args)
+    config = config_from_dict(raw, None, yaml.safe_dump(raw, sort_keys=False))
+    report = run_merge(config, args.out, overwrite=args.overwrite, shard_bytes=parse_size(args.shard_size),
+                       progress=not args.no_progress)
+    _report(report)
+    return 0
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB; e.g. 500MB)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the tensor math")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def add_merge_commands(subparsers) -> None:
+    """Register `merge` and `prune` on the main CLI's subparsers."""
+    merge = subparsers.add_parser(
+        "merge", help="merge fine-tuned checkpoints from a YAML config (mergekit-style)",
+        description="Merge safetensors checkpoints (task_arithmetic, ties, dare_linear, dare_ties, darex, pcb, "
+                    "linear, magnitude_prune) tensor by tensor, with bounded memory, into a new folder written "
+                    "atomically. Inputs are never modified.",
+        epilog=MERGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    merge.add_argument("config", nargs="?", help="merge YAML (mergekit's models: syntax)")
+    merge.add_argument("--out", help="output folder (sharded safetensors + config.json + tokenizer files)")
+    merge.add_argument("--seed", type=int, default=None, help="seed of the random methods (overrides the YAML)")
+    merge.add_argument("--list-methods", action="store_true", help="list the merge methods and exit")
+    _add_output_options(merge)
+    merge.set_defaults(func=cmd_merge)
+
+    prune = subparsers.add_parser(
+        "prune", help="prune one fine-tune's delta: DARE, DAREx-q or magnitude",
+        description="Delta-parameter pruning of one fine-tuned checkpoint against its base: drop a fraction p of "
+                    "θ_ft − θ_0 and rescale (DARE: 1/(1−p); DAREx-q: 1/q), or keep the largest entries "
+                    "(magnitude). Writes base + pruned delta as a new checkpoint folder.",
+        epilog=PRUNE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_argument("finetuned", help="fine-tuned model folder or .safetensors file")
+    prune.add_argument("--base", required=True, help="the base model it was fine-tuned from")
+    prune.add_argument("--out", required=True, help="output folder")
+    prune.add_argument("--method", choices=sorted(PRUNE_METHODS), default="dare", help="default: dare")
+    prune.add_argument("--drop-rate", type=float, default=0.9, help="fraction p of delta entries dropped (0.9)")
+    prune.add_argument("--rescale", choices=("inverse_density", "l1", "none"), default="inverse_density",
+                       help="dare only: 1/(1-p) (paper), L1-norm matching (mergekit) or none (DropOnly)")
+    prune.add_argument("--q", type=float, default=None, help="darex: rescale divisor q (default 1-p = DARE)")
+    prune.add_argument("--q-map", default=None, help="darex: JSON/YAML {tensor name: q} for per-layer q")
+    prune.add_argument("--keep", action="append", default=None, metavar="SUBSTRING",
+                       help="tensors whose name contains this keep their whole delta (repeatable; default: "
+                            "classifier, lm_head as in the DAREx code)")
+    prune.add_argument("--seed", type=int, default=0, help="seed of the random drop (default 0)")
+    prune.add_argument("--dtype", default=None, help="working dtype (float32, bfloat16, ...)")
+    _add_output_options(prune)
+    prune.set_defaults(func=cmd_prune)
