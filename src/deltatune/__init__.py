@@ -33,6 +33,7 @@ from deltatune.core.registry import list_methods, method_entry, register_method
 from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
 from deltatune.methods.lora import LoRAConfig
+from deltatune.merging.adapters import combine_adapters
 
 __version__ = "0.1.0"
 
@@ -44,7 +45,7 @@ def config_for(method: str, **hyperparameters) -> DeltaConfig:
 
 __all__ = [
     "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "LoRAConfig", "ParameterCount", "active_adapters",
-    "adapt", "adapter_names", "adapter_state_dict", "config_for", "delete_adapter", "disabled", "iter_deltas",
+    "adapt", "adapter_names", "adapter_state_dict", "combine_adapters", "config_for", "delete_adapter", "disabled", "iter_deltas",
     "list_methods", "load_adapter", "merge", "method_entry", "register_method", "regularization_loss",
     "save_adapter", "set_active", "set_trainable", "trainable_parameters", "unload", "unmerge",
 ]

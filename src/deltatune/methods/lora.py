@@ -162,6 +162,21 @@ class LoRADelta(Delta):
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         return lowrank_delta_weight(self.layer, self.lora_A, self.lora_B, self.scale).to(base_weight.dtype)
 
+    @torch.no_grad()
+    def assign_delta_weight(self, delta_weight: Tensor) -> None:
+        """Set A and B so that ΔW is the best rank-r approximation of `delta_weight` (native shape).
+
+        Eckart–Young: with the SVD of the (out, fan_in) matrix view of ΔW / scale, B = U_r √S_r and
+        A = √S_r V_rᵀ (the square root splits the singular values evenly between the factors). Exact when
+        `delta_weight` has rank ≤ r. Used to combine adapters into a new LoRA (`deltatune.merging.adapters`).
+        """
+        matrix = self.layer.to_matrix(delta_weight).double() / float(self.scale)
+        left, values, right = torch.linalg.svd(matrix, full_matrices=False)
+        root = values[: self.config.rank].sqrt()
+        up, down = left[:, : self.config.rank] * root, root[:, None] * right[: self.config.rank]
+        self.lora_B.copy_(up.reshape(self.lora_B.shape))
+        self.lora_A.copy_(down.reshape(self.lora_A.shape))
+
     def peft_tensor_names(self) -> dict[str, str]:
         if self.layer.kind == EMBEDDING:
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}

@@ -1,0 +1,115 @@
+"""The delta algebra on adapters: combine named adapters of one model into a new LoRA adapter.
+
+Per adapted layer, each adapter's ΔW_i (any method: the delta contract's `delta_weight`) is a task vector with
+base 0; a registered merge method (task arithmetic, TIES, DARE, PCB, ... — the same functions that merge
+checkpoints) combines them into one ΔW, and a truncated SVD turns ΔW into the factors of a new LoRA adapter
+(`LoRADelta.assign_delta_weight`). This is peft's `add_weighted_adapter` with its `svd` / `ties_svd` /
+`dare_*_svd` combination types, for every deltatune method and merge method.
+
+With `task_arithmetic` and a rank of at least the sum of the LoRA adapters' ranks the result is exact:
+Σ w_i ΔW_i has rank ≤ Σ r_i, so it equals peft's lossless `cat` combination.
+
+    combine_adapters(model, ["math", "code"], "both", weights=[0.7, 0.3])          # exact, rank r_1 + r_2
+    combine_adapters(model, ["math", "code"], "both", method="ties", rank=8,       # TIES on ΔW, then rank 8
+                     model_params=[TiesModelParams(weight=1.0, density=0.2)] * 2)
+    deltatune.set_active(model, "both")
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from deltatune.core.model import active_adapters, adapt, adapter_state, iter_hosts, set_active
+from deltatune.core.state import adapter_names
+from deltatune.errors import AdapterNameError, ConfigError
+from deltatune.merging.memory import merge_state_dicts
+from deltatune.merging.registry import merge_method
+from deltatune.methods.lora import LoRAConfig
+
+
+def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *, method: str = "task_arithmetic",
+                     weights: Sequence[float] | None = None, rank: int | None = None, alpha: float | None = None,
+                     params: Any = None, model_params: Sequence[Any] | None = None, seed: int = 0) -> nn.Module:
+    """Add LoRA adapter `new_name` whose ΔW on every layer is `method` applied to the adapters' ΔW.
+
+    Args:
+        adapters: names of adapters already on `model`; they must adapt the same modules.
+        method: a registered merge method (`deltatune.merging.list_merge_methods()`); its paper defaults apply.
+        weights: one coefficient per adapter (default 1.0 each); ignored when `model_params` is given.
+        rank: the new adapter's rank. Default: the sum of the adapters' `rank`s (exact for task arithmetic on
+            LoRA-family adapters); required when an adapter has no rank (sparse methods).
+        alpha: the new adapter's alpha (default: `rank`, so its scale is 1).
+        params / model_params: the merge method's dataclasses, e.g. `TiesParams()`, `[TiesModelParams(...)]`.
+        seed: seeds the random methods (DARE's drops), per layer.
+
+    The adapters are left untouched, and so is the active set: `deltatune.set_active(model, new_name)` to use
+    the result. Extra trainable modules (heads) are not combined. Returns `model`.
+    """
+    adapters = list(adapters)
+    spec = merge_method(method)
+    _check_adapters(model, adapters, new_name)
+    if model_params is None:
+        weights = [1.0] * len(adapters) if weights is None else list(weights)
+        if len(weights) != len(adapters):
+            raise ConfigError(f"got {len(weights)} weights for {len(adapters)} adapters; give one per adapter")
+        model_params = [spec.model_params_cls(weight=float(w)) for w in weights]
+    hosts = _hosts_with(model, adapters)
+    deltas = [adapter_delta_weights(model, name) for name in adapters]
+    zeros = {path: torch.zeros_like(tensor) for path, tensor in deltas[0].items()}
+    combined = merge_state_dicts(method, zeros, deltas, params, model_params, seed=seed)
+    rank = rank if rank is not None else _summed_rank(model, adapters)
+    previous = active_adapters(model)
+    config = LoRAConfig(rank=rank, alpha=float(alpha if alpha is not None else rank), targets=tuple(hosts))
+    adapt(model, config, new_name, trainable=False)
+    for path, host in hosts.items():
+        host.deltas[new_name].assign_delta_weight(combined[path])
+    set_active(model, previous)
+    return model
+
+
+def _check_adapters(model: nn.Module, adapters: list[str], new_name: str) -> None:
+    known = adapter_names(model)
+    missing = [name for name in adapters if name not in known]
+    if missing:
+        raise AdapterNameError(f"no adapter named {missing[0]!r} on this model; its adapters are {sorted(known)}")
+    if not adapters:
+        raise ConfigError("adapters is empty: name at least one adapter to combine")
+    if len(set(adapters)) != len(adapters):
+        raise ConfigError(f"adapters {adapters} name an adapter twice; list each adapter once")
+    if new_name in known:
+        raise AdapterNameError(f"an adapter named {new_name!r} already exists on this model; pick another new_name")
+
+
+def _hosts_with(model: nn.Module, adapters: list[str]) -> dict[str, Any]:
+    """The adapted layers of the adapters; an error names the first layer that only some adapters adapt."""
+    hosts = {}
+    for path, host in iter_hosts(model):
+        present = [name for name in adapters if name in host.deltas]
+        if present and len(present) != len(adapters):
+            absent = next(name for name in adapters if name not in host.deltas)
+            raise ConfigError(
+                f"adapters {adapters} do not adapt the same modules: {path!r} has {present} but not {absent!r}; "
+                "combine adapters with the same targets"
+            )
+        if present and any(name in host.merged for name in adapters):
+            raise ConfigError(f"adapters are merged into {path!r}; call deltatune.unmerge(model) first")
+        if present:
+            hosts[path] = host
+    return hosts
+
+
+def _summed_rank(model: nn.Module, adapters: list[str]) -> int:
+    configs = adapter_state(model).configs
+    ranks = [getattr(configs[name], "rank", None) for name in adapters]
+    if any(not isinstance(value, int) for value in ranks):
+        raise ConfigError(f"adapters {adapters} do not all have a rank; pass rank= for the combined LoRA adapter")
+    return sum(ranks)
+
+
+def adapter_delta_weights(model: nn.Module, name: str) -> dict[str, Tensor]:
+    """ΔW of adapter `name` on every layer it adapts ({module path: tensor in the base weight's shape})."""
+    return {path: host.deltas[name].delta_weight(host.base_layer.weight).detach()
+            for path, host in iter_hosts(model) if name in host.deltas}
