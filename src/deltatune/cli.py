@@ -107,15 +107,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from deltatune.errors import DeltatuneError
     from deltatune.inspect import summarize_adapter
 
     summary = summarize_adapter(args.adapter)
     if args.json:
         print(json.dumps({"method": summary.method, "format": summary.format, "config": summary.config,
                           "parameters": summary.parameters, "file_bytes": summary.file_bytes,
-                          "modules": summary.modules}, indent=2, default=list))
+                          "modules": summary.modules, "ranks": summary.ranks}, indent=2, default=list))
     else:
         print(summary.render())
+    if args.plot:
+        from deltatune.allocate.plots import plot_rank_heatmap
+
+        if not summary.ranks:
+            raise DeltatuneError(f"{args.adapter} has no allocated ranks to plot (method {summary.method}); --plot "
+                                 "needs an adapter of a budget-adaptive method (adalora, increlora, triadaptlora)")
+        print(f"rank heat map written to {plot_rank_heatmap(summary.ranks, args.plot)}")
     return 0
 
 
@@ -168,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show an adapter folder's config, tensors and size")
     inspect.add_argument("adapter", help="adapter folder (deltatune or peft)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--plot", metavar="PNG", help="write the allocated-rank heat map (layers x modules) here")
     inspect.set_defaults(func=cmd_inspect)
 
     demo = commands.add_parser("demo", help="train LoRA on the default task next to a linear-probe baseline")

@@ -21,6 +21,7 @@ class AdapterSummary:
     modules: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
     file_bytes: int = 0
     model_parameters: int | None = None
+    ranks: dict[str, int] = field(default_factory=dict)  # live ranks of budget-adaptive methods
 
     @property
     def parameters(self) -> int:
@@ -36,7 +37,24 @@ class AdapterSummary:
         if self.model_parameters:
             share = f" ({100 * self.parameters / (self.model_parameters + self.parameters):.4f}% of the adapted model)"
         lines += ["", f"parameters  {self.parameters:,}{share}", f"file size   {self.file_bytes / 1024:,.1f} KiB"]
+        if self.ranks:
+            lines += ["", *_rank_lines(self.ranks)]
         return "\n".join(lines)
+
+
+def _rank_lines(ranks: dict[str, int]) -> list[str]:
+    """The allocated ranks as a layers x modules table (the text form of `plot_rank_heatmap`)."""
+    from deltatune.allocate.describe import rank_table
+
+    layers, modules, grid = rank_table(ranks)
+    width = max(len(m) for m in modules)
+    total = sum(ranks.values())
+    lines = [f"final ranks (total {total}, mean {total / len(ranks):.2f} over {len(ranks)} modules)",
+             "  " + "layer".ljust(7) + "".join(m.rjust(width + 2) for m in modules)]
+    for layer, row in zip(layers, grid):
+        cells = "".join(("-" if value != value else str(int(value))).rjust(width + 2) for value in row)
+        lines.append("  " + layer.ljust(7) + cells)
+    return lines
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -52,6 +70,15 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:
         raise AdapterFileError(f"weights file {path} is corrupt or truncated ({error}); re-save the adapter") from None
+
+
+def _allocated_ranks(path: Path) -> dict[str, int]:
+    """Module path -> live rank, from the rank masks a budget-adaptive adapter saves (empty for the others)."""
+    from deltatune.allocate.describe import MASK_KEY, ranks_from_tensors
+
+    with safe_open(str(path), framework="pt") as handle:
+        masks = {key: handle.get_tensor(key) for key in handle.keys() if key.endswith("." + MASK_KEY)}
+    return ranks_from_tensors(masks)
 
 
 def _group_by_module(shapes: dict[str, tuple[int, ...]], tensor_suffixes: int) -> dict[str, dict[str, tuple]]:
@@ -71,6 +98,7 @@ def summarize_adapter(path: str | Path) -> AdapterSummary:
         summary = AdapterSummary(folder, "deltatune", str(meta.get("method")), meta.get("config", {}),
                                  model_parameters=meta.get("model_parameters"))
         summary.modules = _group_by_module(_tensor_shapes(weights), 1)
+        summary.ranks = _allocated_ranks(weights)
     else:
         meta = read_json(folder / PEFT_CONFIG)
         weights = folder / PEFT_WEIGHTS

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import deltatune as dt
 from contract.toy_models import build
@@ -25,6 +26,25 @@ def test_inspect_shows_config_shapes_parameters_and_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method lora" in out and "lora_A (4, 20)" in out and "parameters  " in out and "file size" in out
     assert f"{dt.trainable_parameters(model).trainable:,}" in out
+
+
+def test_inspect_shows_allocated_ranks_and_plots_them(tmp_path, capsys):
+    model = dt.adapt(build("linear")[0], dt.config_for("adalora", init_rank=6, target_rank=2))
+    for index, (_, _, delta) in enumerate(dt.iter_deltas(model)):  # as an allocator leaves them: 3 and 5 live
+        delta.prune_components(torch.arange(6) < 3 + 2 * index)
+    dt.save_adapter(model, tmp_path / "a")
+    assert main(["inspect", str(tmp_path / "a"), "--plot", str(tmp_path / "ranks.png")]) == 0
+    out = capsys.readouterr().out
+    assert "final ranks (total 8, mean 4.00 over 2 modules)" in out
+    assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["inspect", str(tmp_path / "a"), "--json"]) == 0
+    assert '"first": 3' in capsys.readouterr().out
+
+
+def test_inspect_plot_of_an_adapter_without_ranks_is_a_one_line_error(tmp_path, capsys):
+    dt.save_adapter(dt.adapt(build("linear")[0], dt.LoRAConfig(rank=4)), tmp_path / "a")
+    assert main(["inspect", str(tmp_path / "a"), "--plot", str(tmp_path / "r.png")]) == 2
+    assert "no allocated ranks" in capsys.readouterr().err and not (tmp_path / "r.png").exists()
 
 
 def test_inspect_reads_peft_folders(tmp_path, capsys):
