@@ -110,3 +110,13 @@ def test_equals_peft_add_weighted_adapter(tmp_path, combination, rank):
     combine_adapters(model, ["a", "b"], "both", weights=[0.75, 0.25], rank=rank)
     dt.set_active(model, "both")
     torch.testing.assert_close(model(x), theirs(x), rtol=0, atol=1e-10)
+
+
+def test_combined_adapter_covers_exactly_the_adapted_modules():
+    """A path list would match `inner.first` by suffix too; the combined adapter adapts only `first`."""
+    model = torch.nn.ModuleDict({"first": torch.nn.Linear(6, 5), "inner": torch.nn.ModuleDict(
+        {"first": torch.nn.Linear(6, 5)})}).double()
+    for name in ("a", "b"):
+        dt.adapt(model, dt.LoRAConfig(rank=2, init="random", targets=r"first"), name=name)
+    combine_adapters(model, ["a", "b"], "both")
+    assert list(adapter_delta_weights(model, "both")) == ["first"]

@@ -16,6 +16,7 @@ With `task_arithmetic` and a rank of at least the sum of the LoRA adapters' rank
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -62,7 +63,9 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *
     combined = merge_state_dicts(method, zeros, deltas, params, model_params, seed=seed)
     rank = rank if rank is not None else _summed_rank(model, adapters)
     previous = active_adapters(model)
-    config = LoRAConfig(rank=rank, alpha=float(alpha if alpha is not None else rank), targets=tuple(hosts))
+    # one regular expression matching exactly these paths (a name list would also match longer paths by suffix)
+    exact_paths = "|".join(re.escape(path) for path in hosts)
+    config = LoRAConfig(rank=rank, alpha=float(alpha if alpha is not None else rank), targets=exact_paths)
     adapt(model, config, new_name, trainable=False)
     for path, host in hosts.items():
         host.deltas[new_name].assign_delta_weight(combined[path])
