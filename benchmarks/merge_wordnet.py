@@ -1,6 +1,6 @@
 """Delta pruning and multi-task merging of real fine-tunes of all-MiniLM-L6-v2 on four WordNet 3.0 tasks.
 
-Fine-tunes (stage `finetune`, cached in --work): full fine-tuning of the embedded default backbone (MiniLM + mean
+Fine-tunes (made by the stage that needs them, cached in --work): full fine-tuning of the embedded default backbone (MiniLM + mean
 pooling + a Linear head) on each of `wordnet-nouns`, `wordnet-verbs`, `wordnet-pos`, `wordnet-adj`, with the
 recipe's full-fine-tuning rate 5e-5, AdamW, linear decay, batch 32, 2 epochs over a label-stratified
 1,000-example subset of each training split (seed 0). A task vector is the fine-tuned backbone minus the base
@@ -23,7 +23,9 @@ task keeps its own trained head.
 
 Test subsets: the first 1,000 glosses of each fixed test split (the splits are shuffled once at build time).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py                 # both stages, then the report
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage prune   # or side by side: prune | merge,
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage merge   # then --stage report
 """
 from __future__ import annotations
 
@@ -173,13 +175,20 @@ def merged(name: str, base: dict, finetunes: list[dict], lam: float, seed: int =
 
 
 class EvaluationCache:
-    """Per-task accuracies of merged models, keyed by (method, λ, seed, split), kept in a JSON file."""
+    """Evaluation results by key, kept in a JSON file, so that a rerun (e.g. on a wider grid) computes only new points."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.values = json.loads(path.read_text()) if path.exists() else {}
 
-    def per_task(self, backbone, name: str, lam: float, seed: int, which: str, merge) -> dict[str, float]:
+    def get(self, key: str, compute) -> dict:
+        if key not in self.values:
+            self.values[key] = compute()
+            atomic_write_text(self.path, json.dumps(self.values, indent=1))
+        return self.values[key]
+
+
+def per_task(self, backbone, name: str, lam: float, seed: int, which: str, merge) -> dict[str, float]:
         key = f"{name}|{lam}|{seed}|{which}"
         if key not in self.values:
             self.values[key] = per_task(backbone, merge(), self.heads, self.splits, which)
@@ -195,19 +204,21 @@ def per_task(backbone, state: dict, heads: dict, splits: dict, which: str) -> di
 def merge_experiment(backbone, base: dict, finetunes: dict, heads: dict, splits: dict, cache: EvaluationCache
                      ) -> list[dict]:
     states = [finetunes[task] for task in TASKS]
-    cache.heads, cache.splits = heads, splits
+
+    def evaluate(name: str, lam: float, seed: int, which: str) -> dict[str, float]:
+        return cache.get(f"{name}|{lam}|{seed}|{which}", lambda: per_task(
+            backbone, merged(name, base, states, lam, seed), heads, splits, which))
+
     rows = [{"method": "individual fine-tunes", "lambda": None,
              "test": [{task: accuracy(_loaded(backbone, finetunes[task]), heads[task], splits[task], "test")
                        for task in TASKS}]}]
     for name in MERGES:
         tuning = {}
         for lam in LAMBDA_GRID:
-            tuning[lam] = statistics.mean(cache.per_task(
-                backbone, name, lam, 0, "validation", lambda: merged(name, base, states, lam)).values())
+            tuning[lam] = statistics.mean(evaluate(name, lam, 0, "validation").values())
         best = max(tuning, key=tuning.get)
         seeds = SEEDS if name.startswith("DARE") else (0,)
-        test = [cache.per_task(backbone, name, best, seed, "test", lambda: merged(name, base, states, best, seed))
-                for seed in seeds]
+        test = [evaluate(name, best, seed, "test") for seed in seeds]
         rows.append({"method": name, "lambda": best, "validation_by_lambda": list(tuning.values()), "test": test})
         print(f"{name}: lambda={best} test mean {statistics.mean(_task_means(test).values()):.4f}", flush=True)
     return rows
@@ -300,9 +311,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     for stage in {"all": STAGES, "report": ()}.get(args.stage, (args.stage,)):
         run_stage(stage, args.work, args.threads)
+    missing = [stage for stage in STAGES if not (args.work / f"{stage}.json").exists()]
+    if missing:
+        print(f"stage results kept in {args.work}; the report needs the {' and '.join(missing)} stage too")
+        return
     payload = {stage: json.loads((args.work / f"{stage}.json").read_text()) for stage in STAGES}
     atomic_write_text(args.json, json.dumps(payload, indent=1))
-    command = f"HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --threads {args.threads}"
+    command = ("HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage prune & "
+               "(same) --stage merge; then --stage report")
     atomic_write_text(args.output, report(payload, command))
     print(args.output.read_text())
 
