@@ -111,6 +111,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from deltatune.inspect import summarize_adapter
 
     summary = summarize_adapter(args.adapter)
+    if args.plot and not summary.ranks:
+        raise DeltatuneError(f"{args.adapter} has no allocated ranks to plot (method {summary.method}); --plot needs "
+                             "an adapter of a budget-adaptive method (adalora, increlora, triadaptlora, colora)")
     if args.json:
         print(json.dumps({"method": summary.method, "format": summary.format, "config": summary.config,
                           "parameters": summary.parameters, "file_bytes": summary.file_bytes,
@@ -120,9 +123,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         from deltatune.allocate.plots import plot_rank_heatmap
 
-        if not summary.ranks:
-            raise DeltatuneError(f"{args.adapter} has no allocated ranks to plot (method {summary.method}); --plot "
-                                 "needs an adapter of a budget-adaptive method (adalora, increlora, triadaptlora)")
         print(f"rank heat map written to {plot_rank_heatmap(summary.ranks, args.plot)}")
     return 0
 
