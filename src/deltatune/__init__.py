@@ -45,7 +45,7 @@ def config_for(method: str, **hyperparameters) -> DeltaConfig:
 
 __all__ = [
     "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "LoRAConfig", "ParameterCount", "active_adapters",
-    "adapt", "adapter_names", "adapter_state_dict", "combine_adapters", "config_for", "delete_adapter", "disabled", "iter_deltas",
-    "list_methods", "load_adapter", "merge", "method_entry", "register_method", "regularization_loss",
+    "adapt", "adapter_names", "adapter_state_dict", "combine_adapters", "config_for", "delete_adapter", "disabled",
+    "iter_deltas", "list_methods", "load_adapter", "merge", "method_entry", "register_method", "regularization_loss",
     "save_adapter", "set_active", "set_trainable", "trainable_parameters", "unload", "unmerge",
 ]

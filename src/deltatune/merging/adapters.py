@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.model import active_adapters, adapt, adapter_state, iter_hosts, set_active
-from deltatune.core.state import adapter_names
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.merging.memory import merge_state_dicts
 from deltatune.merging.registry import merge_method
@@ -74,7 +73,7 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *
 
 
 def _check_adapters(model: nn.Module, adapters: list[str], new_name: str) -> None:
-    known = adapter_names(model)
+    known = list(adapter_state(model).configs)
     missing = [name for name in adapters if name not in known]
     if missing:
         raise AdapterNameError(f"no adapter named {missing[0]!r} on this model; its adapters are {sorted(known)}")
