@@ -92,13 +92,19 @@ def _raise_unsupported(path: str, module: nn.Module, supported: frozenset[str], 
 
 
 def _no_match_message(model: nn.Module, config: DeltaConfig) -> str:
-    paths = [p for p, _ in candidate_layers(model)]
+    # Only layers a delta can wrap are worth suggesting: containers ("encoder", "0") would not match either.
+    paths = [p for p, m in candidate_layers(model) if layer_kind(m) is not None]
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     wanted = config.targets if isinstance(config.targets, tuple) else (str(config.targets),)
     near: list[str] = []
     for name in wanted:
         near += difflib.get_close_matches(name.rsplit(".", 1)[-1], leaves, n=4, cutoff=0.5)
         near += difflib.get_close_matches(name, paths, n=2, cutoff=0.6)
-    hint = f"near misses: {', '.join(dict.fromkeys(near))}" if near else f"module names include: {', '.join(leaves[:12])}"
+    if near:
+        hint = f"near misses: {', '.join(dict.fromkeys(near))}"
+    elif paths:
+        hint = f"adaptable layer names include: {', '.join(leaves[:12])} (e.g. {paths[0]!r})"
+    else:
+        hint = "the model has no Linear, Conv or Embedding layer at all"
     types = f" with layer_types={list(config.layer_types)}" if config.layer_types else ""
     return f"targets={config.targets!r}{types} matched no adaptable module; {hint}. Fix `targets`."
