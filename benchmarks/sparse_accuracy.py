@@ -63,7 +63,7 @@ if os.environ.get("SPARSE_ACCURACY_SMOKE"):  # a few-minute end-to-end check of 
     TRAIN_SIZE, VALIDATION_SIZE, EPOCHS, PROBE_SIZE, SIMILARITY_SIZE = 64, 64, 1, 100, 50
 SHARE = 0.03125  # = LoRA rank 8 on the 36 encoder Linear layers of MiniLM
 METHODS = ("lora", "sara", "spt", "id3", "snella", "bitfit")
-LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2)  # LoRA and SaRA peaked at the top of (3e-4, 1e-3, 3e-3): 1e-2 added
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # 1e-2 and 3e-2 added: SaRA and BitFit peaked at the grid's top
 SEEDS = (0, 1, 2)
 
 

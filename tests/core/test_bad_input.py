@@ -43,6 +43,18 @@ def test_targets_matching_nothing_list_near_misses():
         dt.adapt(_model(), dt.LoRAConfig(targets=["frist"]))
 
 
+def test_targets_far_from_every_name_list_adaptable_layers_not_containers():
+    model = nn.Sequential()
+    model.add_module("encoder", nn.Sequential())
+    model.encoder.add_module("query", nn.Linear(4, 4))
+    model.encoder.add_module("act", nn.ReLU())
+    with pytest.raises(TargetError) as error:
+        dt.adapt(model, dt.LoRAConfig(targets=["zzz"]))
+    message = str(error.value)
+    assert "include: query (e.g. 'encoder.query')" in message
+    assert "encoder," not in message and "act" not in message
+
+
 def test_unknown_method_suggests_close_names():
     with pytest.raises(ConfigError, match="unknown method 'lorra'.*Did you mean lora"):
         dt.config_for("lorra")
