@@ -64,6 +64,27 @@ def test_plan_follows_the_taylor_scores_the_global_budget_and_the_structured_rul
     assert planned.structured, "this budget is meant to give one matrix LoRA"
 
 
+def test_the_default_loss_reads_tuple_and_dict_batches_alike():
+    """Without a loss_fn, plan_spt takes (inputs, labels) tuples as well as {"x", "labels"} dicts."""
+
+    class Keyword(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    config = SPTConfig(targets=["0", "2"], budget=0.1, lora_rank=2)
+    from_tuples = plan_spt(_model(), config, _batches())
+    from_dicts = plan_spt(Keyword(_model()), SPTConfig(targets=["inner.0", "inner.2"], budget=0.1, lora_rank=2),
+                          [{"x": x, "labels": y} for x, y in _batches()])
+    expected = _manual_sensitivity(_model(), ["0", "2"])
+    for name in ("0", "2"):
+        torch.testing.assert_close(from_tuples.sensitivity[name].double(), expected[name], rtol=1e-5, atol=1e-12)
+        assert torch.equal(from_tuples.sensitivity[name], from_dicts.sensitivity["inner." + name])
+
+
 def test_adapted_positions_are_the_most_sensitive_entries_and_output_is_unchanged():
     model = _model()
     reference = copy.deepcopy(model)

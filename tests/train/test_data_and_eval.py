@@ -103,3 +103,36 @@ def test_trainer_wants_a_train_config_and_data():
         Trainer(small_net(), {"epochs": 1}, BlobDataset())
     with pytest.raises(TrainingError, match="training dataset is empty"):
         Trainer(small_net(), TrainConfig(progress=False), BlobDataset(n=0))
+
+
+def test_tuple_batches_train_and_evaluate_exactly_like_dict_batches():
+    """A TensorDataset(x, y) is called as model(x); the run equals the dict-batch run step for step."""
+    from torch.utils.data import TensorDataset
+
+    data = BlobDataset(n=40, dtype=torch.float64)
+    config = TrainConfig(epochs=2, batch_size=8, lr=1e-2, progress=False, seed=3)
+    runs = []
+    for dataset in (data, TensorDataset(data.x, data.labels)):
+        model = small_net(dtype=torch.float64)
+        trainer = Trainer(model, config, dataset, dataset)
+        result = trainer.train()
+        runs.append((result.history, trainer.evaluate(), trainable_snapshot(model)))
+    (history_a, metrics_a, weights_a), (history_b, metrics_b, weights_b) = runs
+    losses_a, losses_b = ([r["loss"] for r in h if "loss" in r] for h in (history_a, history_b))
+    assert losses_a and losses_a == losses_b
+    assert metrics_a == metrics_b
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.mark.parametrize("item", [{"x": torch.zeros(3)}, torch.zeros(3)])
+def test_batches_without_labels_name_both_conventions(item):
+    class Items(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index):
+            return item
+
+    trainer = Trainer(small_net(features=3), TrainConfig(max_steps=1, batch_size=2, progress=False), Items())
+    with pytest.raises(TrainingError, match=r"expected a dict of tensors with a 'labels' entry or a tuple"):
+        trainer.train()

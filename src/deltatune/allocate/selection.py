@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError
+from deltatune.train.batches import split_batch
+from deltatune.train.losses import logits_of
 
 
 def check_budget(budget: float, field: str = "budget") -> None:
@@ -102,10 +105,12 @@ def d3_scores(grad: Tensor, value: Tensor, eps: float = 1e-3, exponent: float = 
 LossFn = Callable[[nn.Module, object], Tensor]
 
 
-def classification_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    """Cross-entropy of the batch convention of `deltatune.data`: model(**inputs) -> logits, batch["labels"]."""
-    inputs = {name: value for name, value in batch.items() if name != "labels"}
-    return F.cross_entropy(model(**inputs), batch["labels"])
+def classification_loss(model: nn.Module, batch: Any) -> Tensor:
+    """Cross-entropy of a batch in either convention of `deltatune.train.batches` (dict with "labels", or a
+    tuple (inputs..., labels)), on the model's device."""
+    device = next(model.parameters()).device
+    split = split_batch(batch).to(device)
+    return F.cross_entropy(logits_of(split.run(model)), split.labels)
 
 
 def taylor_sensitivity(

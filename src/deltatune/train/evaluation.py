@@ -8,16 +8,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from deltatune.train.batches import SplitBatch
 from deltatune.train.data_order import balanced_split
 from deltatune.train.distributed import World, all_reduce_sum
 from deltatune.train.losses import LossFn, logits_of
 
-LABELS = "labels"
-
-
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], dict], loss_fn: LossFn,
-                   world: World, batch_size: int, to_device: Callable[[dict], dict[str, Any]]) -> dict[str, float]:
+def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any], loss_fn: LossFn,
+                   world: World, batch_size: int, to_device: Callable[[Any], SplitBatch]) -> dict[str, float]:
     """{"loss": mean of loss_fn over examples, "accuracy": share of argmax == label}; training mode restored."""
     was_training = model.training
     model.eval()
@@ -26,8 +24,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[lis
     try:
         for start in range(0, len(shard), batch_size):
             batch = to_device(collate_fn([dataset[i] for i in shard[start:start + batch_size]]))
-            labels = batch[LABELS]
-            logits = logits_of(model(**{k: v for k, v in batch.items() if k != LABELS}))
+            labels = batch.labels
+            logits = logits_of(batch.run(model))
             count = torch.tensor(float(len(labels)), dtype=torch.float64, device=sums.device)
             sums += torch.stack([loss_fn(logits, labels).double() * count,
                                  (logits.argmax(dim=-1) == labels).sum().double(), count])

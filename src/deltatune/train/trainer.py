@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.train import resume as resume_state
+from deltatune.train.batches import SplitBatch, split_batch
 from deltatune.train.callbacks import fire
 from deltatune.train.config import TrainConfig
 from deltatune.train.data_order import (
@@ -39,9 +40,6 @@ from deltatune.train.losses import LossFn, cross_entropy, is_zero_constant, logi
 from deltatune.train.metrics_log import IntervalStats, MetricsLog, progress_bar
 from deltatune.train.schedules import build_scheduler
 from deltatune.train.seeding import set_seed
-
-LABELS = "labels"
-
 
 @dataclass
 class TrainResult:
@@ -60,11 +58,12 @@ class Trainer:
     """Trains the parameters of `model` that require gradients (see the module docstring for the loop).
 
     Args:
-        model: called as `model(**batch_without_labels)`; returns logits (B, C), or an object with `.logits`.
-            It is moved to the training device.
+        model: called as `model(**batch_without_labels)` for dict batches, `model(*inputs)` for tuple batches;
+            returns logits (B, C), or an object with `.logits`. It is moved to the training device.
         config: a `TrainConfig`.
-        train_dataset / eval_dataset: map-style datasets whose items are dicts of tensors with `labels`.
-        collate_fn: list of items -> batch dict (default `torch.utils.data.default_collate`).
+        train_dataset / eval_dataset: map-style datasets whose items collate to a dict of tensors with `labels`
+            or to a tuple `(inputs..., labels)` (a `TensorDataset(x, y)` works as it is).
+        collate_fn: list of items -> batch (default `torch.utils.data.default_collate`).
         loss_fn: `loss_fn(logits, labels)` -> batch-mean loss (default cross-entropy).
         callbacks: objects with any of the hooks of `deltatune.train.Callback`, fired in this order.
         optimizer_factory: `factory(param_groups) -> torch.optim.Optimizer` replaces the default AdamW. It gets
@@ -205,18 +204,17 @@ class Trainer:
         fire(self.callbacks, "on_step_end", **self.hook_context())
         self._agree_on_stop()
 
-    def _forward_backward(self, micro: MicroBatch, batch: dict[str, Any]) -> float:
+    def _forward_backward(self, micro: MicroBatch, batch: Any) -> float:
         """Backward of this micro-batch's part of the global objective; returns that part's value."""
         batch = self._to_device(batch)
-        inputs = {name: value for name, value in batch.items() if name != LABELS}
         try:
-            logits = logits_of(self._train_model(**inputs))
+            logits = logits_of(batch.run(self._train_model))
         except RuntimeError as error:
             if "find_unused_parameters" in str(error):
                 raise TrainingError("some trainable parameters got no gradient in the last step; set "
                                     "TrainConfig(find_unused_parameters=True) or freeze them") from error
             raise
-        part = self.loss_fn(logits, batch[LABELS]) * micro.weight
+        part = self.loss_fn(logits, batch.labels) * micro.weight
         if micro.last:
             reg = regularization(self.model)
             if not is_zero_constant(reg):
@@ -253,13 +251,8 @@ class Trainer:
             flag = torch.tensor([float(self._stop_requested)], device=self.world.device)
             self._stop_requested = bool(all_reduce_sum(flag, self.world).item() > 0)
 
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(batch, dict) or LABELS not in batch:
-            keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
-            raise TrainingError(f"a batch is {keys}; expected a dict of tensors with a '{LABELS}' entry "
-                                "(see deltatune.data.datasets for the batch convention)")
-        return {k: v.to(self.world.device, non_blocking=True) if isinstance(v, Tensor) else v
-                for k, v in batch.items()}
+    def _to_device(self, batch: Any) -> SplitBatch:
+        return split_batch(batch).to(self.world.device)
 
     # --- logging, epochs, evaluation ----------------------------------------------------------------------
     def _log_if_due(self, bar: Any) -> None:
