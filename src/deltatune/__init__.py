@@ -7,6 +7,7 @@ The shortest path::
     from deltatune import LoRAConfig
 
     model = deltatune.adapt(model, LoRAConfig(rank=8, targets=["query", "value"]))
+    # every method the same way: deltatune.adapt(model, deltatune.SaRAConfig()), AdaLoRAConfig(...), ...
     ...train...
     deltatune.save_adapter(model, "out/adapter")            # or format="peft"
     deltatune.load_adapter(fresh_model, "out/adapter")       # deltatune or peft folders
@@ -32,7 +33,16 @@ from deltatune.core.model import (
 from deltatune.core.registry import list_methods, method_entry, register_method
 from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
+from deltatune.methods.adalora import AdaLoRAConfig
+from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.colora import CoLoRAConfig
+from deltatune.methods.id3 import ID3Config
+from deltatune.methods.increlora import IncreLoRAConfig
 from deltatune.methods.lora import LoRAConfig
+from deltatune.methods.sara import SaRAConfig
+from deltatune.methods.snella import SNELLAConfig
+from deltatune.methods.spt import SPTConfig
+from deltatune.methods.triadaptlora import TriAdaptLoRAConfig
 from deltatune.merging.adapters import combine_adapters
 
 __version__ = "0.1.0"
@@ -44,8 +54,10 @@ def config_for(method: str, **hyperparameters) -> DeltaConfig:
 
 
 __all__ = [
-    "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "LoRAConfig", "ParameterCount", "active_adapters",
-    "adapt", "adapter_names", "adapter_state_dict", "combine_adapters", "config_for", "delete_adapter", "disabled",
-    "iter_deltas", "list_methods", "load_adapter", "merge", "method_entry", "register_method", "regularization_loss",
-    "save_adapter", "set_active", "set_trainable", "trainable_parameters", "unload", "unmerge",
+    "AdaLoRAConfig", "BitFitConfig", "CoLoRAConfig", "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError",
+    "ID3Config", "IncreLoRAConfig", "LoRAConfig", "ParameterCount", "SNELLAConfig", "SPTConfig", "SaRAConfig",
+    "TriAdaptLoRAConfig", "active_adapters", "adapt", "adapter_names", "adapter_state_dict", "combine_adapters",
+    "config_for", "delete_adapter", "disabled", "iter_deltas", "list_methods", "load_adapter", "merge",
+    "method_entry", "register_method", "regularization_loss", "save_adapter", "set_active", "set_trainable",
+    "trainable_parameters", "unload", "unmerge",
 ]

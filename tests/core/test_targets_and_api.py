@@ -148,3 +148,11 @@ def test_public_functions_are_not_shadowed_by_subpackages():
             importlib.import_module(info.name)
     for name in dt.__all__:
         assert not isinstance(getattr(dt, name), type(dt)), f"deltatune.{name} is a module, not the public API"
+
+
+def test_every_registered_method_config_is_exported_at_the_top_level():
+    """The one-line promise `deltatune.adapt(model, deltatune.SaRAConfig())` holds for every built-in method."""
+    for entry in dt.list_methods():
+        name = entry.config_cls.__name__
+        assert getattr(dt, name, None) is entry.config_cls, f"deltatune.{name} missing"
+        assert name in dt.__all__
