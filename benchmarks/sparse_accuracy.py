@@ -283,10 +283,14 @@ def main() -> None:
                 with args.jsonl.open("a") as handle:
                     handle.write(json.dumps(result) + "\n")
                 print(json.dumps(result), flush=True)
-    report = render(read_jsonl(args.jsonl), args)
+    done = read_jsonl(args.jsonl)
+    report = render(done, args)
     print(report)
     if args.output:
-        args.output.write_text(report)
+        from deltatune.core.atomic import atomic_write_text
+
+        plot_accuracy_vs_drift(final_runs(done), args.output.with_suffix(".png"))
+        atomic_write_text(args.output, report)
 
 
 def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -295,9 +299,50 @@ def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def final_runs(done: list[dict]) -> dict[str, list[dict]]:
+    """Each method's test runs at its chosen learning rate."""
+    best = chosen_rates(done)
+    return {m: [r for r in done if r["method"] == m and r["lr"] == best[m] and "test" in r] for m in METHODS}
+
+
+def plot_accuracy_vs_drift(finals: dict[str, list[dict]], path: Path) -> None:
+    """Test accuracy against the two drift measures, one point per method (mean, ±1 std bars)."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from deltatune.core.atomic import atomic_write_bytes
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for axis, (key, scale, label) in zip(axes, (
+            ("similarity_correlation", 1, "similarity correlation with the base model (1 = unchanged geometry)"),
+            ("probe_change", 100, f"frozen-probe accuracy change on {PROBE_TASK} (points)"))):
+        for method, rows in finals.items():
+            if not rows:
+                continue
+            x = [r[key] * scale for r in rows]
+            y = [r["test"] * 100 for r in rows]
+            axis.errorbar(statistics.mean(x), statistics.mean(y), xerr=statistics.stdev(x) if len(x) > 1 else 0,
+                          yerr=statistics.stdev(y) if len(y) > 1 else 0, fmt="o", capsize=3, label=method)
+            axis.annotate(method, (statistics.mean(x), statistics.mean(y)), textcoords="offset points",
+                          xytext=(6, 4))
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel(f"test accuracy on {TASK} (%)")
+    axes[1].legend(loc="lower right")
+    figure.suptitle("Selective methods: accuracy vs how far the backbone moved (MiniLM, 3 seeds)")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def render(done: list[dict], args: argparse.Namespace) -> str:
     best = chosen_rates(done)
-    finals = {m: [r for r in done if r["method"] == m and r["lr"] == best[m] and "test" in r] for m in METHODS}
+    finals = final_runs(done)
     lines = [
         "# Selective methods on wordnet-nouns (all-MiniLM-L6-v2): accuracy and base-model drift", "",
         f"{datetime.datetime.now():%Y-%m-%d}, torch {torch.__version__}, Python {platform.python_version()}, "
@@ -332,7 +377,8 @@ def render(done: list[dict], args: argparse.Namespace) -> str:
             row = next((r for r in done if r["method"] == method and r["lr"] == lr and r["seed"] == 0), None)
             cells.append(f"{100 * row['validation']:.1f}" if row else "–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "Raw numbers: sparse_accuracy.jsonl next to this file (one line per run).", ""]
+    lines += ["", "Accuracy against drift: sparse_accuracy.png next to this file.",
+              "Raw numbers: sparse_accuracy.jsonl next to this file (one line per run).", ""]
     return "\n".join(lines)
 
 
