@@ -65,6 +65,7 @@ SHARE = 0.03125  # = LoRA rank 8 on the 36 encoder Linear layers of MiniLM
 METHODS = ("lora", "sara", "spt", "id3", "snella", "bitfit")
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # 1e-2 and 3e-2 added: SaRA and BitFit peaked at the grid's top
 SEEDS = (0, 1, 2)
+LEARNED = 0.5  # validation accuracy (10 classes) above which a grid run counts as trained, not diverged
 
 
 # --- data and model -------------------------------------------------------------------------------------------
@@ -230,15 +231,22 @@ def drift(backbone: nn.Module, reference: nn.Module) -> dict[str, float]:
 
 # --- driver ----------------------------------------------------------------------------------------------------
 def plan(done: list[dict]) -> list[dict]:
-    """Runs still to do: the lr grid on seed 0 (validation only), then the chosen lr on every seed (test + drift)."""
+    """Runs still to do: the lr grid on seed 0 (validation only), then the chosen lr on every seed (test + drift),
+    then test + drift of every other seed-0 grid run that learned (the accuracy/drift trade-off along the grid;
+    these only reload adapters)."""
     have = {(r["method"], r["lr"], r["seed"], "test" in r) for r in done}
     todo = [dict(method=m, lr=lr, seed=0, test=False) for m, lr in itertools.product(METHODS, LR_GRID)
             if (m, lr, 0, False) not in have and (m, lr, 0, True) not in have]
     if todo:
         return todo
     best = chosen_rates(done)
-    return [dict(method=m, lr=best[m], seed=s, test=True) for m in METHODS for s in SEEDS
+    todo = [dict(method=m, lr=best[m], seed=s, test=True) for m in METHODS for s in SEEDS
             if (m, best[m], s, True) not in have]
+    if todo:
+        return todo
+    return [dict(method=r["method"], lr=r["lr"], seed=0, test=True) for r in done
+            if r["seed"] == 0 and "test" not in r and r["validation"] >= LEARNED
+            and (r["method"], r["lr"], 0, True) not in have]
 
 
 def chosen_rates(done: list[dict]) -> dict[str, float]:
@@ -289,7 +297,7 @@ def main() -> None:
     if args.output:
         from deltatune.core.atomic import atomic_write_text
 
-        plot_accuracy_vs_drift(final_runs(done), args.output.with_suffix(".png"))
+        plot_accuracy_vs_drift(final_runs(done), grid_runs(done), args.output.with_suffix(".png"))
         atomic_write_text(args.output, report)
 
 
@@ -305,8 +313,19 @@ def final_runs(done: list[dict]) -> dict[str, list[dict]]:
     return {m: [r for r in done if r["method"] == m and r["lr"] == best[m] and "test" in r] for m in METHODS}
 
 
-def plot_accuracy_vs_drift(finals: dict[str, list[dict]], path: Path) -> None:
-    """Test accuracy against the two drift measures, one point per method (mean, ±1 std bars)."""
+def grid_runs(done: list[dict]) -> dict[str, list[dict]]:
+    """Each method's seed-0 test runs across the lr grid, by increasing lr (one row per lr)."""
+    rows = {m: {r["lr"]: r for r in done if r["method"] == m and r["seed"] == 0 and "test" in r} for m in METHODS}
+    return {m: [by_lr[lr] for lr in sorted(by_lr)] for m, by_lr in rows.items()}
+
+
+DRIFT_AXES = (("similarity_correlation", 1, "similarity correlation with the base model (1 = unchanged geometry)"),
+              ("probe_change", 100, f"frozen-probe accuracy change on {PROBE_TASK} (points)"))
+
+
+def plot_accuracy_vs_drift(finals: dict[str, list[dict]], grid: dict[str, list[dict]], path: Path) -> None:
+    """Test accuracy against the two drift measures: per method its chosen lr (mean over seeds, ±1 std bars) and,
+    dashed, its seed-0 runs along the lr grid (the trade-off a different lr would give)."""
     import io
 
     import matplotlib
@@ -315,24 +334,26 @@ def plot_accuracy_vs_drift(finals: dict[str, list[dict]], path: Path) -> None:
 
     from deltatune.core.atomic import atomic_write_bytes
 
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for axis, (key, scale, label) in zip(axes, (
-            ("similarity_correlation", 1, "similarity correlation with the base model (1 = unchanged geometry)"),
-            ("probe_change", 100, f"frozen-probe accuracy change on {PROBE_TASK} (points)"))):
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for axis, (key, scale, label) in zip(axes, DRIFT_AXES):
         for method, rows in finals.items():
             if not rows:
                 continue
-            x = [r[key] * scale for r in rows]
-            y = [r["test"] * 100 for r in rows]
-            axis.errorbar(statistics.mean(x), statistics.mean(y), xerr=statistics.stdev(x) if len(x) > 1 else 0,
-                          yerr=statistics.stdev(y) if len(y) > 1 else 0, fmt="o", capsize=3, label=method)
-            axis.annotate(method, (statistics.mean(x), statistics.mean(y)), textcoords="offset points",
-                          xytext=(6, 4))
+            x, y = [r[key] * scale for r in rows], [r["test"] * 100 for r in rows]
+            spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+            axis.errorbar(statistics.mean(x), statistics.mean(y), xerr=spread(x), yerr=spread(y), fmt="o",
+                          capsize=3, color=colors[method], label=method)
+            curve = grid.get(method, [])
+            if len(curve) > 1:
+                axis.plot([r[key] * scale for r in curve], [r["test"] * 100 for r in curve], "--.",
+                          color=colors[method], alpha=0.5, linewidth=1)
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel(f"test accuracy on {TASK} (%)")
     axes[1].legend(loc="lower right")
-    figure.suptitle("Selective methods: accuracy vs how far the backbone moved (MiniLM, 3 seeds)")
+    figure.suptitle("Selective methods: accuracy vs how far the backbone moved "
+                    "(points: chosen lr, 3 seeds; dashed: seed 0 along the lr grid)")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -377,6 +398,16 @@ def render(done: list[dict], args: argparse.Namespace) -> str:
             row = next((r for r in done if r["method"] == method and r["lr"] == lr and r["seed"] == 0), None)
             cells.append(f"{100 * row['validation']:.1f}" if row else "–")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    grid = grid_runs(done)
+    if any(len(rows) > 1 for rows in grid.values()):
+        lines += ["", "## Accuracy and drift along the lr grid (seed 0, runs that learned)", "",
+                  "A larger step moves the backbone further; compare methods at equal accuracy, not only at "
+                  "their best lr.", "",
+                  "| method | lr | test | probe Δ (verbs) | similarity corr. | self-cosine |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for method, rows in grid.items():
+            lines += [f"| {method} | {r['lr']:g} | {100 * r['test']:.1f} | {100 * r['probe_change']:+.2f} | "
+                      f"{r['similarity_correlation']:.3f} | {r['self_cosine']:.3f} |" for r in rows]
     lines += ["", "Accuracy against drift: sparse_accuracy.png next to this file.",
               "Raw numbers: sparse_accuracy.jsonl next to this file (one line per run).", ""]
     return "\n".join(lines)
