@@ -361,6 +361,28 @@ def plot_accuracy_vs_drift(finals: dict[str, list[dict]], grid: dict[str, list[d
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def sara_versus_lora(finals: dict[str, list[dict]]) -> list[str]:
+    """The SaRA paper's claim, checked: does SaRA move the backbone less than LoRA? A difference counts when it
+    exceeds two standard errors of the difference of the means over seeds."""
+    sara, lora = finals.get("sara", []), finals.get("lora", [])
+    if len(sara) < 2 or len(lora) < 2:
+        return []
+    lines = ["", "SaRA vs LoRA (the paper: SaRA keeps more of the base model), at the chosen rates:"]
+    for key, scale, label, keeps_more in (("similarity_correlation", 1, "similarity correlation", "higher"),
+                                          ("probe_change", 100, "probe Δ (points)", "higher"),
+                                          ("self_cosine", 1, "self-cosine", "higher")):
+        a, b = [r[key] * scale for r in sara], [r[key] * scale for r in lora]
+        difference = statistics.mean(a) - statistics.mean(b)
+        error = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+        if abs(difference) <= 2 * error:
+            verdict = "within noise"
+        else:
+            verdict = "SaRA keeps more" if (difference > 0) == (keeps_more == "higher") else "SaRA moves it more"
+        lines.append(f"- {label}: SaRA {statistics.mean(a):.3f} vs LoRA {statistics.mean(b):.3f}, difference "
+                     f"{difference:+.3f} (2 s.e. = {2 * error:.3f}): {verdict}")
+    return lines
+
+
 def render(done: list[dict], args: argparse.Namespace) -> str:
     best = chosen_rates(done)
     finals = final_runs(done)
@@ -387,6 +409,7 @@ def render(done: list[dict], args: argparse.Namespace) -> str:
             f"{_mean_std([r['similarity_correlation'] for r in rows], scale=1, digits=3)} | "
             f"{_mean_std([r['self_cosine'] for r in rows], scale=1, digits=3)} | "
             f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
+    lines += sara_versus_lora(finals)
     base = next((r["base_probe"] for r in done if "base_probe" in r), None)
     if base is not None:
         lines += ["", f"Base model probe accuracy on {PROBE_TASK}: {100 * base:.1f}% (probe Δ is relative to it)."]
