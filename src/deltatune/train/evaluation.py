@@ -13,6 +13,7 @@ from deltatune.train.data_order import balanced_split
 from deltatune.train.distributed import World, all_reduce_sum
 from deltatune.train.losses import LossFn, logits_of
 
+
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any], loss_fn: LossFn,
                    world: World, batch_size: int, to_device: Callable[[Any], SplitBatch]) -> dict[str, float]:

@@ -41,6 +41,7 @@ from deltatune.train.metrics_log import IntervalStats, MetricsLog, progress_bar
 from deltatune.train.schedules import build_scheduler
 from deltatune.train.seeding import set_seed
 
+
 @dataclass
 class TrainResult:
     """What `Trainer.train` returns. `metrics`: the last training loss and the final evaluation
