@@ -15,7 +15,8 @@ allocation every 8 steps; BitFit: the same layers' biases (its count cannot be m
 
 Learning rate: tuned per method on seed 0 over the same grid for every method, on a fixed 500-example validation
 subset; then seeds 0, 1, 2 (head init and data order) at the chosen rate, reported as mean ± std on the full test
-split (2,000).
+split (2,000). Last, every other seed-0 grid run that learned (validation ≥ 50%) is tested too, reloading its
+adapter: the accuracy/drift trade-off along the grid, so methods can be compared at equal accuracy.
 
 Drift of the base model (the SaRA paper's claim that it keeps more of the pretrained ability than LoRA), measured
 on the trained backbone with the head removed:
