@@ -112,6 +112,36 @@ def test_equals_peft_add_weighted_adapter(tmp_path, combination, rank):
     torch.testing.assert_close(model(x), theirs(x), rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("combination, method, params", [
+    ("ties_svd", "ties", TiesParams(trim_scope="tensor", normalize="count")),  # peft: Σ_agreeing w_i δ_i / |A|
+    ("magnitude_prune_svd", "magnitude_prune", None),
+])
+def test_trimming_combinations_equal_peft_with_unequal_weights(tmp_path, combination, method, params):
+    peft = pytest.importorskip("peft")
+    reference, model, x = _two_loras("linear")
+    for name in ("a", "b"):
+        dt.save_adapter(model, tmp_path / name, name=name, format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "a", adapter_name="a")
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.add_weighted_adapter(["a", "b"], [0.75, 0.25], "both", combination_type=combination, svd_rank=5,
+                                density=0.5)
+    theirs.set_adapter("both")
+    combine_adapters(model, ["a", "b"], "both", method=method, weights=[0.75, 0.25], density=0.5, rank=5,
+                     params=params)
+    dt.set_active(model, "both")
+    torch.testing.assert_close(model(x), theirs(x), rtol=0, atol=1e-10)
+
+
+def test_density_is_refused_where_it_has_no_meaning():
+    _, model, _ = _two_loras("linear")
+    with pytest.raises(ConfigError, match="'linear' does not trim"):
+        combine_adapters(model, ["a", "b"], "both", method="linear", density=0.5)
+    with pytest.raises(ConfigError, match="density is ignored when model_params is given"):
+        combine_adapters(model, ["a", "b"], "both", method="ties", density=0.5,
+                         model_params=[TiesModelParams(density=0.3)] * 2)
+    assert dt.adapter_names(model) == ["a", "b"]
+
+
 def test_combined_adapter_covers_exactly_the_adapted_modules():
     """A path list would match `inner.first` by suffix too; the combined adapter adapts only `first`."""
     model = torch.nn.ModuleDict({"first": torch.nn.Linear(6, 5), "inner": torch.nn.ModuleDict(

@@ -131,6 +131,23 @@ def test_dare_ties_elects_signs_after_dropping():
     assert merged["w"].tolist() == [-3.0, -1.0, 2.0]
 
 
+@pytest.mark.parametrize("method, params, model_params", [
+    ("ties", TiesParams(normalize="count"), TiesModelParams),
+    ("dare_ties", DareTiesParams(normalize="count"), DareModelParams),
+])
+def test_count_normalization_divides_the_weighted_agreeing_sum_by_the_agreeing_models(method, params,
+                                                                                      model_params):
+    """peft's weighted TIES: Σ_{i∈A} w_i δ_i / |A|, the sign elected from the unweighted trimmed deltas."""
+    base = sd([0.0] * 3)
+    models = [sd([1.0, -1.0, 2.0]), sd([3.0, 2.0, 4.0])]
+    weights = [model_params(weight=2.0, density=1.0), model_params(weight=0.5, density=1.0)]
+    merged = merge_state_dicts(method, base, models, params, weights)["w"].tolist()
+    # entry 0: both agree (+) -> (2·1 + 0.5·3) / 2; entry 1: unweighted sum +1 -> only model 2 agrees -> 0.5·2 / 1
+    assert merged == pytest.approx([1.75, 1.0, (2 * 2 + 0.5 * 4) / 2])
+    with pytest.raises(ConfigError, match="normalize='mean'"):
+        type(params)(normalize="mean")
+
+
 def test_darex_divides_by_q():
     base, models = sd([0.0] * 2000), [sd([1.0] * 2000)]
     merged = merge_state_dicts("darex", base, models, DarexParams(), [DarexModelParams(density=0.1, q=0.4)])

@@ -4,18 +4,20 @@ Per adapted layer, each adapter's ΔW_i (any method: the delta contract's `delta
 base 0; a registered merge method (task arithmetic, TIES, DARE, PCB, ... — the same functions that merge
 checkpoints) combines them into one ΔW, and a truncated SVD turns ΔW into the factors of a new LoRA adapter
 (`LoRADelta.assign_delta_weight`). This is peft's `add_weighted_adapter` with its `svd` / `ties_svd` /
-`dare_*_svd` combination types, for every deltatune method and merge method.
+`dare_*_svd` combination types, for every deltatune method and merge method. peft's `ties_svd` is
+`method="ties", params=TiesParams(trim_scope="tensor", normalize="count")` and its `magnitude_prune_svd` is
+`method="magnitude_prune"` (equal outputs in the tests, weights and density as in peft).
 
 With `task_arithmetic` and a rank of at least the sum of the LoRA adapters' ranks the result is exact:
 Σ w_i ΔW_i has rank ≤ Σ r_i, so it equals peft's lossless `cat` combination.
 
     combine_adapters(model, ["math", "code"], "both", weights=[0.7, 0.3])          # exact, rank r_1 + r_2
-    combine_adapters(model, ["math", "code"], "both", method="ties", rank=8,       # TIES on ΔW, then rank 8
-                     model_params=[TiesModelParams(weight=1.0, density=0.2)] * 2)
+    combine_adapters(model, ["math", "code"], "both", method="ties", density=0.2, rank=8)  # TIES on ΔW, rank 8
     deltatune.set_active(model, "both")
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -31,14 +33,18 @@ from deltatune.methods.lora import LoRAConfig
 
 
 def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *, method: str = "task_arithmetic",
-                     weights: Sequence[float] | None = None, rank: int | None = None, alpha: float | None = None,
-                     params: Any = None, model_params: Sequence[Any] | None = None, seed: int = 0) -> nn.Module:
+                     weights: Sequence[float] | None = None, density: float | None = None, rank: int | None = None,
+                     alpha: float | None = None, params: Any = None, model_params: Sequence[Any] | None = None,
+                     seed: int = 0) -> nn.Module:
     """Add LoRA adapter `new_name` whose ΔW on every layer is `method` applied to the adapters' ΔW.
 
     Args:
         adapters: names of adapters already on `model`; they must adapt the same modules.
         method: a registered merge method (`deltatune.merging.list_merge_methods()`); its paper defaults apply.
         weights: one coefficient per adapter (default 1.0 each); ignored when `model_params` is given.
+        density: the share of entries each adapter's ΔW keeps, for methods that trim (TIES, DARE, magnitude
+            pruning, ...; their paper default otherwise), as peft's `add_weighted_adapter(density=...)`.
+            Task arithmetic accepts and ignores it (mergekit's and peft's convention).
         rank: the new adapter's rank. Default: the sum of the adapters' `rank`s (exact for task arithmetic on
             LoRA-family adapters); required when an adapter has no rank (sparse methods).
         alpha: the new adapter's alpha (default: `rank`, so its scale is 1).
@@ -55,7 +61,9 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *
         weights = [1.0] * len(adapters) if weights is None else list(weights)
         if len(weights) != len(adapters):
             raise ConfigError(f"got {len(weights)} weights for {len(adapters)} adapters; give one per adapter")
-        model_params = [spec.model_params_cls(weight=float(w)) for w in weights]
+        model_params = [spec.model_params_cls(weight=float(w), **_density_field(spec, density)) for w in weights]
+    elif density is not None:
+        raise ConfigError("density is ignored when model_params is given; set the density in each model_params")
     hosts = _hosts_with(model, adapters)
     deltas = [adapter_delta_weights(model, name) for name in adapters]
     zeros = {path: torch.zeros_like(tensor) for path, tensor in deltas[0].items()}
@@ -70,6 +78,16 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *
         host.deltas[new_name].assign_delta_weight(combined[path])
     set_active(model, previous)
     return model
+
+
+def _density_field(spec: Any, density: float | None) -> dict[str, float]:
+    if density is None:
+        return {}
+    fields = {f.name for f in dataclasses.fields(spec.model_params_cls)}
+    if "density" not in fields:
+        raise ConfigError(f"merge method {spec.name!r} does not trim, so density={density} has no meaning; drop it "
+                          "or pick a method that trims (ties, dare_linear, dare_ties, magnitude_prune, ...)")
+    return {"density": float(density)}
 
 
 def _check_adapters(model: nn.Module, adapters: list[str], new_name: str) -> None:

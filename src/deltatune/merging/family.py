@@ -56,6 +56,13 @@ def check_consensus_options(consensus: str | None, sign_from: str, zero_sign: st
     config_check(zero_sign in ZERO_SIGN_RULES, "zero_sign", zero_sign, f"one of {ZERO_SIGN_RULES}")
 
 
+def check_consensus_normalize(value: object) -> None:
+    """normalize of a consensus merge: True divides by the agreeing weights (TIES' disjoint mean, mergekit),
+    "count" by the number of agreeing models (peft's `ties` / `dare_ties`), False not at all."""
+    config_check(isinstance(value, bool) or value == "count", "normalize", value,
+                 "true, false or 'count' (divide by the number of agreeing models, as peft)")
+
+
 def boolean_rescale(params: object, true_means: str) -> None:
     """Let a frozen params dataclass accept mergekit's boolean `rescale` (False → "none", True → `true_means`)."""
     value = getattr(params, "rescale")
@@ -111,9 +118,12 @@ def _consensus_sum(deltas: list[Tensor], weights: Sequence[Tensor], sign: Tensor
 
 def merge_task_vectors(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], *,
                        sparsify: SparsifyFn | None = None, consensus: str | None = None,
-                       sign_from: str = "weighted", zero_sign: str = "positive", normalize: bool = False,
+                       sign_from: str = "weighted", zero_sign: str = "positive", normalize: bool | str = False,
                        scaling: float = 1.0, inplace: bool = False) -> Tensor:
     """θ_0 + λ · combine(consensus(w_i · sparsify(θ_i − θ_0))), in the base's dtype.
+
+    normalize: True divides by Σ w_i (over the agreeing models with a consensus), "count" by the number of
+    (agreeing) models — peft's weighted TIES: Σ_{i∈A} w_i δ_i / |A| —, False not at all.
 
     inplace: the fine-tuned tensors and the base may be overwritten; memory then stays at the inputs plus a
     few temporaries.
@@ -130,12 +140,13 @@ def merge_task_vectors(base: Tensor, tensors: Sequence[Tensor], weights: Sequenc
     if consensus is not None:
         if sign is None:
             sign = ops.elect_sign(deltas, consensus, zero_sign)
-        merged, divisor = _consensus_sum(deltas, weight_tensors, sign)
+        counted = [torch.ones_like(w) for w in weight_tensors] if normalize == "count" else weight_tensors
+        merged, divisor = _consensus_sum(deltas, counted, sign)
         del sign
         divisor[divisor == 0] = 1
     else:
         merged = accumulate(deltas, into_first=True)
-        divisor = accumulate(weight_tensors)
+        divisor = accumulate(weight_tensors) if normalize != "count" else torch.tensor(float(len(deltas)))
         if divisor.abs() < 1e-8:
             divisor = torch.ones_like(divisor)
     del deltas

@@ -21,6 +21,7 @@ from deltatune.errors import config_check
 from deltatune.merging.family import (
     TaskModelParams,
     boolean_rescale,
+    check_consensus_normalize,
     check_consensus_options,
     merge_task_vectors,
     random_sparsifier,
@@ -57,7 +58,10 @@ class DareParams:
 @dataclass(frozen=True)
 class DareTiesParams(DareParams):
     """DareParams plus TIES' election: sign_election "sum"/"count", sign_from "unweighted" (TIES paper) or
-    "weighted" (mergekit), zero_sign "majority" or "positive"."""
+    "weighted" (mergekit), zero_sign "majority" or "positive"; normalize may also be "count" (divide by the
+    number of agreeing models, peft's `dare_ties`)."""
+
+    normalize: bool | str = False
 
     sign_election: str = "sum"
     sign_from: str = "unweighted"
@@ -66,6 +70,7 @@ class DareTiesParams(DareParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_consensus_options(self.sign_election, self.sign_from, self.zero_sign)
+        check_consensus_normalize(self.normalize)
 
 
 def dare_merge(inputs: MergeInputs, consensus: bool) -> Tensor:

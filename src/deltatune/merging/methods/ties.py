@@ -22,6 +22,7 @@ from deltatune.merging import ops
 from deltatune.merging.family import (
     TaskModelParams,
     boolean_rescale,
+    check_consensus_normalize,
     check_consensus_options,
     magnitude_sparsifier,
     merge_task_vectors,
@@ -41,7 +42,8 @@ class TiesModelParams(TaskModelParams):
 
 @dataclass(frozen=True)
 class TiesParams:
-    """scaling: λ (YAML `lambda`). normalize: divide by the agreeing weights (the disjoint mean).
+    """scaling: λ (YAML `lambda`). normalize: divide by the agreeing weights (the disjoint mean; True), by the
+    number of agreeing models ("count", peft's weighted TIES) or not at all (False).
     sign_election: "sum" (paper, mass) or "count" (sign votes). sign_from: "unweighted" (paper) or "weighted"
     (mergekit). zero_sign: "majority" (paper code) or "positive" (mergekit). trim_scope: "model" (paper) or
     "tensor" (mergekit, peft). rescale: "none" or "l1" (mergekit's `rescale: true`). tie_break: entries tied
@@ -50,7 +52,7 @@ class TiesParams:
     """
 
     scaling: float = 1.0
-    normalize: bool = True
+    normalize: bool | str = True
     sign_election: str = "sum"
     sign_from: str = "unweighted"
     zero_sign: str = "majority"
@@ -63,6 +65,7 @@ class TiesParams:
         boolean_rescale(self, true_means="l1")
         config_check(self.tie_break in ops.TIE_BREAKS, "tie_break", self.tie_break, f"one of {ops.TIE_BREAKS}")
         check_consensus_options(self.sign_election, self.sign_from, self.zero_sign)
+        check_consensus_normalize(self.normalize)
         config_check(self.trim_scope in SCOPES, "trim_scope", self.trim_scope, f"one of {SCOPES}")
         config_check(self.rescale in ("none", "l1"), "rescale", self.rescale, "'none' or 'l1'")
 
