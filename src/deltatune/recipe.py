@@ -6,6 +6,7 @@ backbone with a trained head, "probe", and full fine-tuning, "full"), evaluates 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,16 @@ def build_config(method: str, params: dict[str, Any], task) -> dt.DeltaConfig:
     return dt.config_for(method, **params)
 
 
-def prepare_model(task, method: str, params: dict[str, Any], seed: int):
-    """A fresh task model, adapted (or frozen / fully trainable for the reference points)."""
+def training_batches(task, batch_size: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Training batches in a seeded order, built lazily (a method's planning stage reads only a few)."""
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    for start in range(0, len(order), batch_size):
+        yield task.collate([task.train[i] for i in order[start:start + batch_size]])
+
+
+def prepare_model(task, method: str, params: dict[str, Any], seed: int, batch_size: int = 32):
+    """A fresh task model, adapted (or frozen / fully trainable for the reference points); a method with a
+    planning stage (SPT) plans on training batches first."""
     torch.manual_seed(seed)
     model = task.build_model()
     if method == FULL:
@@ -60,7 +69,7 @@ def prepare_model(task, method: str, params: dict[str, Any], seed: int):
         for name in task.extra_trainable:
             model.get_submodule(name).requires_grad_(True)
         return model, None
-    config = build_config(method, params, task)
+    config = build_config(method, params, task).plan(model, training_batches(task, batch_size, seed))
     return dt.adapt(model, config), config
 
 
@@ -88,7 +97,7 @@ def finetune(
     if epochs <= 0:
         raise ConfigError(f"epochs={epochs} is invalid: expected an integer > 0")
     data = load_task(task, max_length=max_length, train_size=train_size, seed=seed)
-    model, config = prepare_model(data, method, params or {}, seed)
+    model, config = prepare_model(data, method, params or {}, seed, batch_size)
     steps = max_steps or epochs * -(-len(data.train) // batch_size)
     train_config = TrainConfig(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,

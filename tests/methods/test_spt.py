@@ -162,3 +162,11 @@ def test_budgets_that_select_nothing_or_too_much_are_refused():
         dt.adapt(_model(), SPTConfig(budget=50))
     with pytest.raises(ConfigError, match="batches is empty"):
         plan_spt(_model(), SPTConfig(), [], _loss)
+
+
+def test_config_plan_is_plan_spt_once_and_then_the_identity():
+    config = SPTConfig(targets=["0", "2"], budget=0.1, lora_rank=2)
+    planned = config.plan(_model(), _batches())
+    assert planned.allocation == plan_spt(_model(), config, _batches()).allocation
+    assert planned.plan(_model(seed=1), _batches(seed=1)) is planned
+    assert dt.LoRAConfig().plan(_model(), _batches()) == dt.LoRAConfig()

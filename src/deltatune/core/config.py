@@ -50,6 +50,12 @@ class DeltaConfig:
             except re.error as error:
                 raise ConfigError(f"targets={self.targets!r} is not a valid regular expression: {error}") from None
 
+    def plan(self, model: Any, batches: Any) -> DeltaConfig:
+        """The config to adapt `model` with, for methods that choose what to train from data before training
+        (SPT's sensitivity); `batches` is an iterable of training batches, read only as far as the method needs.
+        Methods without such a stage return themselves."""
+        return self
+
     def training_callbacks(self, model: Any, total_steps: int) -> list[Any]:
         """Trainer callbacks this method needs (allocators, schedules), built for a run of `total_steps`.
         Methods without a training-time schedule return none."""

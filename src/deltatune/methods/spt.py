@@ -99,6 +99,10 @@ class SPTConfig(DeltaConfig):
     def is_planned(self) -> bool:
         return self.allocation is not None
 
+    def plan(self, model: Any, batches: Any) -> SPTConfig:
+        """Stage 1 (`plan_spt`) unless this config is already planned."""
+        return self if self.is_planned() else plan_spt(model, self, batches)
+
 
 def plan_spt(
     model: nn.Module, config: SPTConfig, batches: Iterable[Any], loss_fn: LossFn = classification_loss,
