@@ -1,4 +1,4 @@
-"""`deltatune` command line: methods | train | eval | inspect | demo | merge | prune.
+"""`deltatune` command line: methods | train | compare | eval | inspect | demo | merge | prune.
 
 Every error deltatune raises on purpose prints as one line (what was wrong, what was expected, the fix) and
 exits with status 2; `--debug` shows the traceback instead.
@@ -17,6 +17,7 @@ EPILOG = """examples:
   deltatune methods
   deltatune train --method lora -p rank=8 -p alpha=16 --epochs 2 --out runs/lora
   deltatune train --method lora -p targets=query,key,value --task wordnet-verbs --out runs/verbs
+  deltatune compare probe lora sara --seeds 0,1,2 --train-size 1000 --plot
   deltatune eval runs/lora/adapter --task wordnet-nouns
   deltatune inspect runs/lora/adapter
   deltatune demo
@@ -127,6 +128,49 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _per_method(pairs: Sequence[str], option: str, example: str) -> list[tuple[str, str]]:
+    """`["sara:fraction=0.05"]` -> [("sara", "fraction=0.05")] (option names the flag for the error)."""
+    from deltatune.errors import ConfigError
+
+    split = []
+    for pair in pairs:
+        method, sep, rest = pair.partition(option)
+        if not sep or not method or not rest:
+            raise ConfigError(f"{pair!r}: expected {example}")
+        split.append((method, rest))
+    return split
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from deltatune.compare import compare, render_table
+    from deltatune.errors import ConfigError
+
+    params: dict[str, dict[str, Any]] = {}
+    for method, pair in _per_method(args.param, ":", "METHOD:KEY=VALUE, e.g. -p sara:fraction=0.05"):
+        if method in args.methods and method not in ("probe", "full"):
+            params.setdefault(method, {}).update(parse_method_params(method, [pair]))
+        else:
+            params.setdefault(method, {})[pair] = None  # compare() names the problem
+    rates = {}
+    for method, text in _per_method(args.lr, "=", "METHOD=LR, e.g. --lr sara=1e-2"):
+        try:
+            rates[method] = float(text)
+        except ValueError:
+            raise ConfigError(f"--lr {method}={text}: {text!r} is not a number") from None
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+    train = dict(epochs=args.epochs, batch_size=args.batch_size, max_length=args.max_length,
+                 train_size=args.train_size, max_steps=args.max_steps)
+    summaries = compare(args.task, args.methods, params, seeds, out_dir=args.out, lr=rates, plot=args.plot,
+                        **train)
+    print()
+    print(render_table(summaries, args.task, seeds))
+    print(f"table written to {Path(args.out) / 'results.md'}; every run in {Path(args.out) / 'runs.jsonl'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from deltatune.demo import run_demo
 
@@ -178,6 +222,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--plot", metavar="PNG", help="write the allocated-rank heat map (layers x modules) here")
     inspect.set_defaults(func=cmd_inspect)
+
+    comparison = commands.add_parser(
+        "compare", help="train several methods on one task over several seeds, one table",
+        description="Train each method on the same task, data and schedule for every seed (the recipe of "
+                    "`train`), then print and write a table of test / validation accuracy (mean ± std over seeds), "
+                    "trainable parameters and time. Finished runs are kept in OUT/runs.jsonl: re-running the "
+                    "same command resumes.",
+        epilog="example:\n  deltatune compare probe lora sara bitfit --seeds 0,1,2 --train-size 1000 \\\n"
+               "      -p lora:rank=4 -p sara:fraction=0.02 --lr sara=1e-2 --plot --out runs/compare",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    comparison.add_argument("methods", nargs="+", help="registered methods and/or probe, full")
+    comparison.add_argument("-p", "--param", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                            help="a method's hyper-parameter, repeatable: -p lora:rank=4")
+    comparison.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                            help="a method's learning rate, repeatable (default: the recipe's per-method rate)")
+    comparison.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    comparison.add_argument("--task", default="wordnet-nouns", help="built-in task (default: wordnet-nouns)")
+    comparison.add_argument("--epochs", type=int, default=2)
+    comparison.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps")
+    comparison.add_argument("--batch-size", type=int, default=32)
+    comparison.add_argument("--max-length", type=int, default=32, help="tokens per gloss (default: 32)")
+    comparison.add_argument("--train-size", type=int, default=None, help="use only this many training examples")
+    comparison.add_argument("--plot", action="store_true", help="also write OUT/results.png (bar chart)")
+    comparison.add_argument("--out", default="runs/compare", help="output folder (runs, table, plot, adapters)")
+    comparison.set_defaults(func=cmd_compare)
 
     demo = commands.add_parser("demo", help="train LoRA on the default task next to a linear-probe baseline")
     demo.add_argument("--out", default="runs/demo")

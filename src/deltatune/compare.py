@@ -1,0 +1,185 @@
+"""`deltatune compare`: several methods on one built-in task, several seeds each, one table.
+
+Every run is the recipe of `deltatune train` (`recipe.finetune`) with the same task, data subset, schedule and
+seeds; only the method (and its own hyper-parameters and learning rate) changes. Finished runs are appended to
+`runs.jsonl` in the output folder, so an interrupted comparison resumes where it stopped (a run is reused only
+when every setting that shapes it is equal). The summary (mean ± sample std over seeds) is written atomically as
+`results.md`, and with `plot=True` as a bar chart `results.png`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from deltatune.core.atomic import atomic_write_bytes, atomic_write_text
+from deltatune.errors import ConfigError
+
+RUNS_FILE, TABLE_FILE, PLOT_FILE = "runs.jsonl", "results.md", "results.png"
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    method: str
+    trainable: int
+    share: float
+    test: list[float]
+    validation: list[float]
+    seconds: list[float]
+
+    @property
+    def test_mean(self) -> float:
+        return statistics.mean(self.test)
+
+    @property
+    def test_std(self) -> float:
+        return statistics.stdev(self.test) if len(self.test) > 1 else 0.0
+
+
+def check_request(methods: Sequence[str], seeds: Sequence[int]) -> None:
+    """Refuse an empty or repeated method list and an empty seed list before anything trains."""
+    if not methods:
+        raise ConfigError("no methods to compare; name at least one, e.g. `deltatune compare lora probe`")
+    repeated = sorted({m for m in methods if list(methods).count(m) > 1})
+    if repeated:
+        raise ConfigError(f"method {repeated[0]!r} is listed twice; list each method once")
+    if not seeds:
+        raise ConfigError("no seeds; give at least one, e.g. --seeds 0,1,2")
+
+
+def check_configs(methods: Sequence[str], params: Mapping[str, Mapping[str, Any]]) -> None:
+    """Build every method's config once, so a bad name or hyper-parameter stops the comparison before the
+    first run instead of after hours of the others."""
+    import deltatune as dt
+    from deltatune.recipe import FULL, PROBE
+
+    for method in methods:
+        if method in (PROBE, FULL):
+            if params.get(method):
+                raise ConfigError(f"{method} takes no hyper-parameters; drop -p {method}:...")
+            continue
+        dt.config_for(method, **params.get(method, {}))
+    unknown = sorted(set(params) - set(methods))
+    if unknown:
+        raise ConfigError(f"hyper-parameters given for {unknown[0]!r}, which is not compared; add it to the "
+                          "methods or drop its -p")
+
+
+def run_settings(task: str, method: str, params: Mapping[str, Any], seed: int, lr: float | None,
+                 train: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything that shapes one run (JSON-ready), the key under which it is stored and reused."""
+    return json.loads(json.dumps({"task": task, "method": method, "params": dict(params), "seed": seed, "lr": lr,
+                                  **train}, default=list))
+
+
+def read_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    runs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise ConfigError(f"{path} line {number} is not JSON; delete that line (or the file) to re-run "
+                              "the runs it held") from None
+    return runs
+
+
+def compare(task: str, methods: Sequence[str], params: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
+            out_dir: str | Path, lr: Mapping[str, float] | None = None, plot: bool = False,
+            **train: Any) -> list[MethodSummary]:
+    """Train every method on every seed (reusing finished runs), write the table (and plot), return summaries.
+
+    params: per-method config keyword arguments; lr: per-method learning rates (default: the recipe's);
+    train: `recipe.finetune` settings shared by all runs (epochs, batch_size, train_size, max_steps, ...).
+    """
+    from deltatune.recipe import finetune
+
+    check_request(methods, seeds)
+    check_configs(methods, params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / RUNS_FILE
+    done = read_runs(runs_path)
+    total = len(methods) * len(seeds)
+    for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
+        settings = run_settings(task, method, params.get(method, {}), seed, (lr or {}).get(method), train)
+        if any(run["settings"] == settings for run in done):
+            continue
+        print(f"[{index}/{total}] {method}, seed {seed}", flush=True)
+        result = finetune(task, method, dict(params.get(method, {})), seed=seed, lr=settings["lr"],
+                          out_dir=out / f"{method}-seed{seed}", **train)
+        record = {"settings": settings, "test": result.test_accuracy, "validation": result.validation_accuracy,
+                  "trainable": result.trainable.trainable, "share": result.trainable.share,
+                  "seconds": result.seconds}
+        with runs_path.open("a") as handle:  # one whole line per finished run: a crash loses at most the current
+            handle.write(json.dumps(record) + "\n")
+        done.append(record)
+        print(f"      test accuracy {result.test_accuracy:.4f}", flush=True)
+    summaries = summarize(done, task, methods, params, seeds, lr, train)
+    atomic_write_text(out / TABLE_FILE, render_table(summaries, task, seeds))
+    if plot:
+        plot_summaries(summaries, out / PLOT_FILE, task)
+    return summaries
+
+
+def summarize(done: list[dict[str, Any]], task: str, methods: Sequence[str],
+              params: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], lr: Mapping[str, float] | None,
+              train: Mapping[str, Any]) -> list[MethodSummary]:
+    summaries = []
+    for method in methods:
+        wanted = [run_settings(task, method, params.get(method, {}), s, (lr or {}).get(method), train)
+                  for s in seeds]
+        runs = [next(r for r in done if r["settings"] == w) for w in wanted]
+        summaries.append(MethodSummary(method, runs[0]["trainable"], runs[0]["share"], [r["test"] for r in runs],
+                                       [r["validation"] for r in runs], [r["seconds"] for r in runs]))
+    return summaries
+
+
+def _mean_std(values: list[float], scale: float = 100.0) -> str:
+    spread = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{statistics.mean(values) * scale:.1f} ± {spread:.1f}"
+
+
+def render_table(summaries: list[MethodSummary], task: str, seeds: Sequence[int]) -> str:
+    lines = [f"Task {task}, seeds {', '.join(map(str, seeds))}: accuracy in %, mean ± std over seeds.", "",
+             "| method | trainable | share | test | validation | seconds / run |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for s in sorted(summaries, key=lambda s: -s.test_mean):
+        lines.append(f"| {s.method} | {s.trainable:,} | {100 * s.share:.3f}% | {_mean_std(s.test)} | "
+                     f"{_mean_std(s.validation)} | {statistics.mean(s.seconds):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summaries(summaries: list[MethodSummary], path: Path, task: str) -> None:
+    """Test accuracy per method (bars: mean, whiskers: ±1 std, dots: the seeds), written atomically."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib; install deltatune[plot]") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(1.2 * len(summaries) + 2.5, 3.8))
+    positions = range(len(summaries))
+    axis.bar(positions, [100 * s.test_mean for s in summaries], yerr=[100 * s.test_std for s in summaries],
+             capsize=4, color="#8fb3d9")
+    for position, s in zip(positions, summaries):
+        axis.scatter([position] * len(s.test), [100 * v for v in s.test], color="#1f3b5c", s=12, zorder=3)
+    axis.set_xticks(list(positions), [f"{s.method}\n{s.trainable:,}" for s in summaries])
+    low = min(min(s.test) for s in summaries) * 100
+    axis.set_ylim(max(0.0, low - 5), min(100.0, max(max(s.test) for s in summaries) * 100 + 2))
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title(f"{task}: method (trainable parameters)")
+    axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
