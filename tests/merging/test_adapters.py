@@ -96,8 +96,14 @@ def test_bad_input_changes_nothing():
     assert dt.adapter_names(model) == ["a", "b", "first_only"]
 
 
-@pytest.mark.parametrize("combination, rank", [("cat", None), ("svd", 2)])
-def test_equals_peft_add_weighted_adapter(tmp_path, combination, rank):
+@pytest.mark.parametrize("combination, rank, ours", [
+    ("cat", None, {}),
+    ("svd", 2, {}),
+    # peft's weighted TIES: Σ_agreeing w_i δ_i / |A|, the sign from the unweighted trimmed deltas
+    ("ties_svd", 5, dict(method="ties", density=0.5, params=TiesParams(trim_scope="tensor", normalize="count"))),
+    ("magnitude_prune_svd", 5, dict(method="magnitude_prune", density=0.5)),
+])
+def test_equals_peft_add_weighted_adapter(tmp_path, combination, rank, ours):
     peft = pytest.importorskip("peft")
     reference, model, x = _two_loras("linear")
     for name in ("a", "b"):
@@ -105,29 +111,10 @@ def test_equals_peft_add_weighted_adapter(tmp_path, combination, rank):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "a", adapter_name="a")
     theirs.load_adapter(tmp_path / "b", adapter_name="b")
     # weights exact in float32: peft's svd path holds them in a float32 tensor
-    theirs.add_weighted_adapter(["a", "b"], [0.75, 0.25], "both", combination_type=combination, svd_rank=rank)
+    theirs.add_weighted_adapter(["a", "b"], [0.75, 0.25], "both", combination_type=combination, svd_rank=rank,
+                                density=ours.get("density"))
     theirs.set_adapter("both")
-    combine_adapters(model, ["a", "b"], "both", weights=[0.75, 0.25], rank=rank)
-    dt.set_active(model, "both")
-    torch.testing.assert_close(model(x), theirs(x), rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("combination, method, params", [
-    ("ties_svd", "ties", TiesParams(trim_scope="tensor", normalize="count")),  # peft: Σ_agreeing w_i δ_i / |A|
-    ("magnitude_prune_svd", "magnitude_prune", None),
-])
-def test_trimming_combinations_equal_peft_with_unequal_weights(tmp_path, combination, method, params):
-    peft = pytest.importorskip("peft")
-    reference, model, x = _two_loras("linear")
-    for name in ("a", "b"):
-        dt.save_adapter(model, tmp_path / name, name=name, format="peft")
-    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "a", adapter_name="a")
-    theirs.load_adapter(tmp_path / "b", adapter_name="b")
-    theirs.add_weighted_adapter(["a", "b"], [0.75, 0.25], "both", combination_type=combination, svd_rank=5,
-                                density=0.5)
-    theirs.set_adapter("both")
-    combine_adapters(model, ["a", "b"], "both", method=method, weights=[0.75, 0.25], density=0.5, rank=5,
-                     params=params)
+    combine_adapters(model, ["a", "b"], "both", weights=[0.75, 0.25], rank=rank, **ours)
     dt.set_active(model, "both")
     torch.testing.assert_close(model(x), theirs(x), rtol=0, atol=1e-10)
 
