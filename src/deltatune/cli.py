@@ -144,10 +144,11 @@ def _per_method(pairs: Sequence[str], option: str, example: str) -> list[tuple[s
 def cmd_compare(args: argparse.Namespace) -> int:
     from deltatune.compare import compare, render_table
     from deltatune.errors import ConfigError
+    from deltatune.recipe import FULL, PROBE
 
     params: dict[str, dict[str, Any]] = {}
     for method, pair in _per_method(args.param, ":", "METHOD:KEY=VALUE, e.g. -p sara:fraction=0.05"):
-        if method in args.methods and method not in ("probe", "full"):
+        if method in args.methods and method not in (PROBE, FULL):
             params.setdefault(method, {}).update(parse_method_params(method, [pair]))
         else:
             params.setdefault(method, {})[pair] = None  # compare() names the problem
