@@ -115,7 +115,8 @@ def finetune(
         adapter_path = dt.save_adapter(model, Path(out_dir) / "adapter")
     return FinetuneResult(
         task=task, method=method, test_accuracy=evaluate_accuracy(model, data.test),
-        validation_accuracy=evaluate_accuracy(model, data.validation),
+        # the trainer's final evaluation already ran on the validation split with the final weights
+        validation_accuracy=result.metrics["eval_accuracy"],
         trainable=dt.trainable_parameters(model), seconds=seconds, adapter_path=adapter_path,
         history=list(getattr(result, "history", [])),
     )
