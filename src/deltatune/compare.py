@@ -143,8 +143,9 @@ def summarize(done: list[dict[str, Any]], task: str, methods: Sequence[str],
 
 
 def _mean_std(values: list[float], scale: float = 100.0) -> str:
-    spread = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{statistics.mean(values) * scale:.1f} ± {spread:.1f}"
+    """"mean ± sample std", or the value alone for one seed (a ± 0.0 would claim a spread never measured)."""
+    mean = statistics.mean(values) * scale
+    return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def render_table(summaries: list[MethodSummary], task: str, seeds: Sequence[int]) -> str:
