@@ -117,7 +117,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                              "an adapter of a budget-adaptive method (adalora, increlora, triadaptlora, colora)")
     if args.json:
         print(json.dumps({"method": summary.method, "format": summary.format, "config": summary.config,
-                          "parameters": summary.parameters, "file_bytes": summary.file_bytes,
+                          "parameters": summary.parameters, "stored_values": summary.stored_values,
+                          "file_bytes": summary.file_bytes,
                           "modules": summary.modules, "ranks": summary.ranks}, indent=2, default=list))
     else:
         print(summary.render())

@@ -21,11 +21,17 @@ class AdapterSummary:
     modules: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
     file_bytes: int = 0
     model_parameters: int | None = None
+    adapter_parameters: int | None = None  # recorded at save; older files and peft folders lack it
     ranks: dict[str, int] = field(default_factory=dict)  # live ranks of budget-adaptive methods
 
     @property
-    def parameters(self) -> int:
+    def stored_values(self) -> int:
         return sum(_numel(shape) for tensors in self.modules.values() for shape in tensors.values())
+
+    @property
+    def parameters(self) -> int:
+        """The adapter's parameters (the file's values when the count was not recorded: LoRA-like files)."""
+        return self.stored_values if self.adapter_parameters is None else self.adapter_parameters
 
     def render(self) -> str:
         lines = [f"adapter  {self.path}  ({self.format} format, method {self.method})",
@@ -36,7 +42,10 @@ class AdapterSummary:
         share = ""
         if self.model_parameters:
             share = f" ({100 * self.parameters / (self.model_parameters + self.parameters):.4f}% of the adapted model)"
-        lines += ["", f"parameters  {self.parameters:,}{share}", f"file size   {self.file_bytes / 1024:,.1f} KiB"]
+        lines += ["", f"parameters  {self.parameters:,}{share}"]
+        if self.stored_values != self.parameters:
+            lines.append(f"stored      {self.stored_values:,} values (parameters + buffers: positions, masks, ...)")
+        lines.append(f"file size   {self.file_bytes / 1024:,.1f} KiB")
         if self.ranks:
             lines += ["", *_rank_lines(self.ranks)]
         return "\n".join(lines)
@@ -96,7 +105,8 @@ def summarize_adapter(path: str | Path) -> AdapterSummary:
         meta = read_json(folder / CONFIG_FILE)
         weights = folder / WEIGHTS_FILE
         summary = AdapterSummary(folder, "deltatune", str(meta.get("method")), meta.get("config", {}),
-                                 model_parameters=meta.get("model_parameters"))
+                                 model_parameters=meta.get("model_parameters"),
+                                 adapter_parameters=meta.get("adapter_parameters"))
         summary.modules = _group_by_module(_tensor_shapes(weights), 1)
         summary.ranks = _allocated_ranks(weights)
     else:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -26,6 +27,20 @@ def test_inspect_shows_config_shapes_parameters_and_size(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "method lora" in out and "lora_A (4, 20)" in out and "parameters  " in out and "file size" in out
     assert f"{dt.trainable_parameters(model).trainable:,}" in out
+    assert "stored " not in out  # LoRA stores exactly its parameters
+
+
+def test_inspect_counts_parameters_apart_from_the_buffers_a_sparse_adapter_stores(tmp_path, capsys):
+    model = dt.adapt(build("linear")[0], dt.SaRAConfig(fraction=0.2))
+    trainable = dt.trainable_parameters(model)
+    dt.save_adapter(model, tmp_path / "a")
+    assert main(["inspect", "--json", str(tmp_path / "a")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"] == trainable.trainable < report["stored_values"]
+    assert main(["inspect", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert f"parameters  {trainable.trainable:,} ({100 * trainable.share:.4f}% of the adapted model)" in out
+    assert f"stored      {report['stored_values']:,} values" in out
 
 
 def test_inspect_shows_allocated_ranks_and_plots_them(tmp_path, capsys):

@@ -87,12 +87,21 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         "config": config.to_dict(),
         "extra_modules": [p for p, _ in extra_modules(model, config)],
         "deltatune_version": _version(),
-        "model_parameters": trainable_parameters(model).total - sum(t.numel() for t in tensors.values()),
     }
+    # Parameters, not stored values: sparse methods also store buffers (positions, masks, base values).
+    adapter_parameters = _adapter_parameter_count(model, name, config)
+    meta["adapter_parameters"] = adapter_parameters
+    meta["model_parameters"] = trainable_parameters(model).total - adapter_parameters
     with atomic_directory(path) as staging:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "method": meta["method"]})
         (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return Path(path)
+
+
+def _adapter_parameter_count(model: nn.Module, name: str, config: Any) -> int:
+    """Parameters of adapter `name`: its deltas' and its extra trainable modules'."""
+    deltas = sum(p.numel() for _, _, delta in iter_deltas(model, name) for p in delta.parameters())
+    return deltas + sum(p.numel() for _, module in extra_modules(model, config) for p in module.parameters())
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False) -> nn.Module:
