@@ -1,4 +1,5 @@
-"""SaRA's memory claim, measured: peak training memory and step time of SaRA vs the naive way, LoRA and full FT.
+"""SaRA's memory claim, measured: peak training memory and step time of SaRA vs the naive way, LoRA and full FT,
+and of the other selective methods (SPT, ID³, SNELLA, BitFit) on the same work.
 
 Every contender trains the same model — all-MiniLM-L6-v2 (read offline from the packaged files), mean pooling,
 a Linear head with 10 classes (the `wordnet-nouns` task) — float32, AdamW (lr 1e-4, no weight decay, torch
@@ -13,6 +14,12 @@ defaults otherwise), on the same batch of real WordNet glosses padded to 32 toke
                   gradient masked to the positions by a hook, AdamW state for the whole weights
     lora          LoRA on the same 36 matrices, rank chosen so the trainable count matches SaRA's
     full          every parameter trainable
+    spt           SPT at the same 10% budget (global top-10% Taylor sensitivity from the benchmark batch; LoRA
+                  rank 8 where the paper's rule says so)
+    id3           ID³ at the same 10% budget (weight form: the update is a dense parameter whose gradient is
+                  masked to the unmasked entries each step, so gradients and Adam state are dense)
+    snella        SNELLA at LoRA's matching rank (the dense kernel is recomputed in backward, not stored)
+    bitfit        the same layers' biases (its count cannot be matched; the smallest possible state)
 
 Memory: each contender runs alone in a fresh child process. Reported: RSS after set-up (model, adapter, batch,
 optimizer built; then glibc's `malloc_trim(0)` hands freed set-up scratch back to the system for every contender,
@@ -52,9 +59,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from deltatune.core.atomic import atomic_write_text  # noqa: E402
+
 TASK, BATCH, MAX_TOKENS, LEARNING_RATE, SEED, FRACTION = "wordnet-nouns", 32, 32, 1e-4, 0, 0.1
 TARGET_LEAVES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
-CONTENDERS = ("sara", "sara-unfused", "naive", "lora", "full")
+CONTENDERS = ("sara", "sara-unfused", "naive", "lora", "full", "spt", "id3", "snella", "bitfit")
 MIB = 1024 * 1024
 
 
@@ -89,8 +98,8 @@ def lora_rank_matching(model: nn.Module, count: int) -> int:
 
 
 # --- contenders -----------------------------------------------------------------------------------------------
-def build(name: str) -> tuple[nn.Module, object]:
-    """(model, per-step hook) of a contender, with exactly its trainable tensors requiring grad."""
+def build(name: str) -> tuple[nn.Module, list]:
+    """(model, trainer callbacks) of a contender, with exactly its trainable tensors requiring grad."""
     import deltatune as dt
     from deltatune.methods.sara import SaRAConfig
 
@@ -99,22 +108,45 @@ def build(name: str) -> tuple[nn.Module, object]:
     if name in ("sara", "sara-unfused"):
         config = SaRAConfig(fraction=FRACTION, targets=paths, extra_trainable=("classifier",))
         dt.adapt(model, config)
-        (schedule,) = config.training_callbacks(model, total_steps=10**6)
+        callbacks = config.training_callbacks(model, total_steps=10**6)  # the penalized matrix, each step
         if name == "sara-unfused":
             for _, _, delta in dt.iter_deltas(model):
                 delta.forward_with_base = lambda x, base_layer: None  # decline the fused path
             dt.set_active(model, "default")  # re-plan the hosts
-        return model, schedule.choose_penalized
+        return model, callbacks
     if name == "naive":
-        return naive_model(model, paths), None
+        return naive_model(model, paths), []
     if name == "lora":
         rank = lora_rank_matching(model, sara_trainable_count(model))
         dt.adapt(model, dt.LoRAConfig(rank=rank, alpha=float(rank), targets=paths, extra_trainable=("classifier",)))
-        return model, None
+        return model, []
     if name == "full":
         model.requires_grad_(True)
-        return model, None
-    raise ValueError(name)
+        return model, []
+    return other_selective(name, model, paths)
+
+
+def other_selective(name: str, model: nn.Module, paths: tuple[str, ...]) -> tuple[nn.Module, list]:
+    """The other selective methods at SaRA's budget, with their trainer callbacks (ID³'s gradient masking after
+    backward is part of its step)."""
+    import deltatune as dt
+
+    common = dict(targets=paths, extra_trainable=("classifier",))
+    if name == "spt":
+        inputs, labels = real_batch(BATCH)
+        config = dt.SPTConfig(budget=FRACTION, sensitivity_batches=1, **common).plan(model, [{**inputs,
+                                                                                               "labels": labels}])
+    elif name == "id3":
+        config = dt.ID3Config(budget=FRACTION, **common)
+    elif name == "snella":
+        rank = lora_rank_matching(model, sara_trainable_count(model))
+        config = dt.SNELLAConfig(rank=rank + rank % 2, allocation_interval=8, **common)
+    elif name == "bitfit":
+        config = dt.BitFitConfig(**common)
+    else:
+        raise ValueError(name)
+    dt.adapt(model, config)
+    return model, config.training_callbacks(model, total_steps=10**6)
 
 
 def naive_model(model: nn.Module, paths: tuple[str, ...]) -> nn.Module:
@@ -138,15 +170,21 @@ def optimizer_for(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LEARNING_RATE, weight_decay=0.0)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, hook, inputs: dict, labels: Tensor) -> float:
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, callbacks: list, inputs: dict,
+               labels: Tensor) -> float:
+    """One step as the Trainer runs it: the callbacks' hooks around forward/backward/update (step 0 each time:
+    the schedules never reach a re-selection, which is not what is measured)."""
     import deltatune as dt
+    from deltatune.train.callbacks import fire
 
+    context = dict(model=model, optimizer=optimizer, global_step=0)
     optimizer.zero_grad(set_to_none=True)
-    if hook is not None:
-        hook()
+    fire(callbacks, "on_step_begin", **context)
     loss = F.cross_entropy(model(**inputs), labels) + dt.regularization_loss(model)
     loss.backward()
+    fire(callbacks, "on_backward_end", **context)
     optimizer.step()
+    fire(callbacks, "on_step_end", **context)
     return float(loss.detach())
 
 
@@ -208,13 +246,13 @@ def _status_kib(field: str) -> int:
 
 def run_memory_worker(name: str, steps: int, batch_size: int) -> dict:
     inputs, labels = real_batch(batch_size)
-    model, hook = build(name)
+    model, callbacks = build(name)
     model.train()
     optimizer = optimizer_for(model)
     release_free_heap()
     rss_setup = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak from here on is training only
-    losses = [train_step(model, optimizer, hook, inputs, labels) for _ in range(steps)]
+    losses = [train_step(model, optimizer, callbacks, inputs, labels) for _ in range(steps)]
     peak_train = _status_kib("VmHWM")
     state = training_state_bytes(model, optimizer)
     activations = saved_activation_bytes(model, inputs, labels)
@@ -231,20 +269,20 @@ def run_timing(contenders: tuple[str, ...], rounds: int, block: int, batch_size:
     inputs, labels = real_batch(batch_size)
     runs = {}
     for name in contenders:
-        model, hook = build(name)
+        model, callbacks = build(name)
         model.train()
-        runs[name] = (model, optimizer_for(model), hook)
-    for name, (model, optimizer, hook) in runs.items():  # warm-up
+        runs[name] = (model, optimizer_for(model), callbacks)
+    for name, (model, optimizer, callbacks) in runs.items():  # warm-up
         for _ in range(2):
-            train_step(model, optimizer, hook, inputs, labels)
+            train_step(model, optimizer, callbacks, inputs, labels)
     times: dict[str, list[float]] = {name: [] for name in contenders}
     for r in range(rounds):
         order = contenders if r % 2 == 0 else tuple(reversed(contenders))
         for name in order:
-            model, optimizer, hook = runs[name]
+            model, optimizer, callbacks = runs[name]
             for _ in range(block):
                 start = time.perf_counter()
-                train_step(model, optimizer, hook, inputs, labels)
+                train_step(model, optimizer, callbacks, inputs, labels)
                 times[name].append(time.perf_counter() - start)
     return times
 
@@ -275,7 +313,7 @@ def main() -> None:
     if args.render:
         report = render(json.loads(args.render.read_text()))
         if args.output:
-            args.output.write_text(report)
+            atomic_write_text(args.output, report)
         print(report)
         return
     torch.set_num_threads(args.threads)
@@ -293,11 +331,11 @@ def main() -> None:
                      "--block", str(args.block), *common]) for _ in range(args.repeats)]
     record = {"memory": memory, "timing": timing, "meta": meta(args)}
     if args.json:
-        args.json.write_text(json.dumps(record, indent=1))
+        atomic_write_text(args.json, json.dumps(record, indent=1))
     report = render(record)
     print(report)
     if args.output:
-        args.output.write_text(report)
+        atomic_write_text(args.output, report)
 
 
 def host_fuses() -> bool:
@@ -320,7 +358,7 @@ def render(record: dict) -> str:
     by_name = {m["contender"]: m for m in record["memory"]}
     m = record["meta"]
     lines = [
-        "# SaRA memory benchmark (all-MiniLM-L6-v2, wordnet-nouns)", "",
+        "# SaRA memory benchmark, with the other selective methods (all-MiniLM-L6-v2, wordnet-nouns)", "",
         f"{m['date']}, torch {m['torch']}, Python {m['python']}, {m['cores']} cores (shared), "
         f"{m['threads']} thread(s), batch {m['batch']} × {m['tokens']} tokens, float32, AdamW. "
         f"Host runs the fused sparse layer (`forward_with_base`): {'yes' if m['host_fuses'] else 'no'}.", "",
@@ -350,6 +388,11 @@ def render(record: dict) -> str:
               "pattern) are not trainable state but live next to it; they are included in every RSS column. "
               "`sara-unfused` also caches the transposed pattern its input gradient needs.",
               "- The naive way also holds a dense float mask per target weight (set-up RSS).",
+              "- SPT at a 10% budget gives LoRA (rank 8) to every matrix whose sensitive count passes the paper's "
+              "rule, so its trainable count is lower than the budget. ID³ (weight form) trains a dense update "
+              "whose gradient is masked after backward: its gradients and Adam state are dense, like the naive "
+              "way's. SNELLA's kernel is recomputed in backward (checkpointing), which costs step time, not "
+              "memory. BitFit's count (biases) cannot be matched.",
               "- Step times on a shared machine drift between runs (see both runs); compare ratios within a run.",
               "", "Raw numbers: the JSON file next to this one (every step time, every loss).", ""]
     return "\n".join(lines)
