@@ -8,6 +8,7 @@ when every setting that shapes it is equal). The summary (mean ± sample std ove
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import statistics
@@ -107,14 +108,14 @@ def compare(task: str, methods: Sequence[str], params: Mapping[str, Mapping[str,
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / RUNS_FILE
     done = read_runs(runs_path)
-    total = len(methods) * len(seeds)
-    for index, (method, seed) in enumerate(((m, s) for m in methods for s in seeds), start=1):
-        settings = run_settings(task, method, params.get(method, {}), seed, (lr or {}).get(method), train)
-        if any(run["settings"] == settings for run in done):
+    wanted = {(m, s): run_settings(task, m, params.get(m, {}), s, (lr or {}).get(m), train)
+              for m in methods for s in seeds}
+    for index, ((method, seed), settings) in enumerate(wanted.items(), start=1):
+        if find_run(done, settings) is not None:
             continue
-        print(f"[{index}/{total}] {method}, seed {seed}", flush=True)
+        print(f"[{index}/{len(wanted)}] {method}, seed {seed}", flush=True)
         result = finetune(task, method, dict(params.get(method, {})), seed=seed, lr=settings["lr"],
-                          out_dir=out / f"{method}-seed{seed}", **train)
+                          out_dir=out / run_folder(settings), **train)
         record = {"settings": settings, "test": result.test_accuracy, "validation": result.validation_accuracy,
                   "trainable": result.trainable.trainable, "share": result.trainable.share,
                   "seconds": result.seconds}
@@ -122,24 +123,26 @@ def compare(task: str, methods: Sequence[str], params: Mapping[str, Mapping[str,
             handle.write(json.dumps(record) + "\n")
         done.append(record)
         print(f"      test accuracy {result.test_accuracy:.4f}", flush=True)
-    summaries = summarize(done, task, methods, params, seeds, lr, train)
+    summaries = [summarize(method, [find_run(done, wanted[method, s]) for s in seeds]) for method in methods]
     atomic_write_text(out / TABLE_FILE, render_table(summaries, task, seeds))
     if plot:
         plot_summaries(summaries, out / PLOT_FILE, task)
     return summaries
 
 
-def summarize(done: list[dict[str, Any]], task: str, methods: Sequence[str],
-              params: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], lr: Mapping[str, float] | None,
-              train: Mapping[str, Any]) -> list[MethodSummary]:
-    summaries = []
-    for method in methods:
-        wanted = [run_settings(task, method, params.get(method, {}), s, (lr or {}).get(method), train)
-                  for s in seeds]
-        runs = [next(r for r in done if r["settings"] == w) for w in wanted]
-        summaries.append(MethodSummary(method, runs[0]["trainable"], runs[0]["share"], [r["test"] for r in runs],
-                                       [r["validation"] for r in runs], [r["seconds"] for r in runs]))
-    return summaries
+def find_run(done: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any] | None:
+    return next((run for run in done if run.get("settings") == settings), None)
+
+
+def run_folder(settings: dict[str, Any]) -> str:
+    """Adapter and metrics folder of one run: other settings of the same method and seed get their own."""
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{settings['method']}-seed{settings['seed']}-{digest}"
+
+
+def summarize(method: str, runs: list[dict[str, Any]]) -> MethodSummary:
+    return MethodSummary(method, runs[0]["trainable"], runs[0]["share"], [r["test"] for r in runs],
+                         [r["validation"] for r in runs], [r["seconds"] for r in runs])
 
 
 def _mean_std(values: list[float], scale: float = 100.0) -> str:

@@ -46,6 +46,7 @@ def test_a_changed_setting_is_a_new_run(tmp_path):
     _compare(tmp_path, seeds=(0,), max_steps=4)
     runs = (tmp_path / RUNS_FILE).read_text().splitlines()
     assert len(runs) == 4
+    assert len(list(tmp_path.glob("lora-seed0-*"))) == 2  # each setting keeps its own adapter folder
 
 
 @pytest.mark.parametrize("methods, params, match", [
