@@ -171,8 +171,9 @@ def test_failed_save_leaves_previous_adapter_intact(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("deltatune.core.state.save_file", broken)
+    monkeypatch.setattr("deltatune.core.adapter_files.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         dt.save_adapter(model, folder)
     assert (folder / "deltatune_adapter.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a"]
+    assert sorted(p.name for p in folder.iterdir()) == ["deltatune_adapter.safetensors", "deltatune_config.json"]

@@ -7,14 +7,14 @@ and its delta a `peft_tensor_names()` map from its tensor names to peft's key su
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from deltatune.core.atomic import atomic_directory
+from deltatune.core.adapter_files import (
+    CONFIG_DIGEST, canonical_digest, check_config_record, save_folder, write_weights_then_config,
+)
 from deltatune.core.model import _config_of, extra_modules, iter_deltas
 from deltatune.core.registry import list_methods
 from deltatune.core.state import attach_adapter, read_json, read_safetensors, _pickle_refusal
@@ -34,10 +34,14 @@ def _peft_config_class(peft_type: str):
 
 
 def save_peft_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as a peft folder that `PeftModel.from_pretrained` loads."""
+    """Write adapter `name` as a peft folder that `PeftModel.from_pretrained` loads (only its two files, each
+    atomically; see `deltatune.core.adapter_files`)."""
+    from deltatune.core.state import CONFIG_FILE
+
     config = _config_of(model, name)
     if not hasattr(config, "to_peft_config"):
         raise DeltatuneError(f"{type(config).__name__} has no peft equivalent; save with format='deltatune'")
+    folder = save_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS), CONFIG_FILE, "deltatune")
     tensors: dict[str, Tensor] = {}
     targets = []
     for path_, _, delta in iter_deltas(model, name):
@@ -49,10 +53,9 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, name: str = "de
         for key, tensor in module.state_dict().items():
             tensors[f"{PREFIX}{path_}.{key}"] = tensor.detach().contiguous()
     peft_config = config.to_peft_config(targets, [p for p, _ in extras])
-    with atomic_directory(path) as staging:
-        save_file(tensors, str(staging / PEFT_WEIGHTS), metadata={"format": "pt"})
-        (staging / PEFT_CONFIG).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-    return Path(path)
+    metadata = {"format": "pt", CONFIG_DIGEST: canonical_digest(peft_config)}
+    write_weights_then_config(folder, PEFT_WEIGHTS, PEFT_CONFIG, tensors, metadata, peft_config)
+    return folder
 
 
 def load_peft_adapter(model: nn.Module, folder: Path, name: str = "default", *, trainable: bool = False) -> nn.Module:
@@ -65,6 +68,7 @@ def load_peft_adapter(model: nn.Module, folder: Path, name: str = "default", *, 
         raise AdapterFileError(_pickle_refusal(folder / "adapter_model.bin"))
     config = _peft_config_class(str(peft_config["peft_type"])).from_peft_config(peft_config)
     raw = read_safetensors(weights)
+    check_config_record(peft_config, weights, folder / PEFT_CONFIG)
     tensors = _to_deltatune_keys(model, config, raw, name)
     return attach_adapter(model, config, tensors, name, trainable, source=folder)
 

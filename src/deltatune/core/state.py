@@ -9,7 +9,8 @@ A deltatune adapter folder holds two files:
   extra trainable modules under their own keys (``classifier.weight``). Adapter names are not in the keys, so
   a file loads under any name.
 
-Both are written atomically into a staging folder that replaces the target only when complete.
+A save writes only these two files, each atomically, the config last; nothing else in the folder is touched
+(see `deltatune.core.adapter_files`). The config records the weights file's size and sha256, which a load checks.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from deltatune.core.atomic import atomic_directory
+from deltatune.core.adapter_files import check_weights_record, save_folder, with_weights_record, write_weights_then_config
 from deltatune.core.model import (
     _config_of, adapt, adapter_state, delete_adapter, extra_modules, iter_deltas, set_trainable,
     trainable_parameters,
@@ -71,7 +72,10 @@ def load_trainable_state_dict(model: nn.Module, state: dict[str, Tensor]) -> Non
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", format: str = "deltatune") -> Path:
-    """Save adapter `name` into folder `path` (created or replaced atomically). format: "deltatune" | "peft"."""
+    """Save adapter `name` into folder `path` (created if missing; "." works). format: "deltatune" | "peft".
+
+    Writes only the adapter's two files (each atomically); other files in the folder are left as they are. A
+    `path` that is an existing file other than the adapter's own is refused."""
     if format == "peft":
         from deltatune.core.peft_format import save_peft_adapter
 
@@ -79,6 +83,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if format != "deltatune":
         raise DeltatuneError(f"format={format!r} is unknown; use 'deltatune' or 'peft'")
     config = _config_of(model, name)
+    folder = save_folder(path, (CONFIG_FILE, WEIGHTS_FILE), "adapter_config.json", "peft")
     tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, name).items()}
     meta = {
         "format": "deltatune",
@@ -92,10 +97,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     adapter_parameters = _adapter_parameter_count(model, name, config)
     meta["adapter_parameters"] = adapter_parameters
     meta["model_parameters"] = trainable_parameters(model).total - adapter_parameters
-    with atomic_directory(path) as staging:
-        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt", "method": meta["method"]})
-        (staging / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return Path(path)
+    write_weights_then_config(folder, WEIGHTS_FILE, CONFIG_FILE, tensors, {"format": "pt", "method": meta["method"]},
+                              with_weights_record(meta))
+    return folder
 
 
 def _adapter_parameter_count(model: nn.Module, name: str, config: Any) -> int:
@@ -115,6 +119,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         entry = method_entry(str(meta.get("method")))
         config = entry.config_cls.from_dict(meta.get("config", {}))
         tensors = read_safetensors(folder / WEIGHTS_FILE)
+        check_weights_record(meta, folder / WEIGHTS_FILE, folder / CONFIG_FILE)
         return attach_adapter(model, config, tensors, name, trainable, source=folder)
     from deltatune.core.peft_format import load_peft_adapter
 
