@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from deltatune.cli import main
-from deltatune.errors import ConfigError, DeltatuneError, MergeError
+from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError, MergeError
 from deltatune.merging import config_from_dict, load_config, run_merge
 from deltatune.merging.checkpoint import ShardWriter
 from merging.tiny_checkpoints import make_models, save_checkpoint, tiny_state
@@ -134,7 +134,8 @@ def test_disk_error_mid_write_leaves_nothing_behind(models, tmp_path, monkeypatc
         original(self, name, tensor)
 
     monkeypatch.setattr(ShardWriter, "write", failing_write)
-    _expect(MergeError, "No space left on device", _merge, _raw(base_dir, dirs), tmp_path / "out", shard_bytes=400)
+    _expect(AdapterFileError, "No space left on device; free disk space", _merge, _raw(base_dir, dirs),
+            tmp_path / "out", shard_bytes=400)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft0", "ft1", "ft2"]
 

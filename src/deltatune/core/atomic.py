@@ -149,7 +149,7 @@ def write_failure(error: BaseException, target: Path) -> AdapterFileError | None
     if number not in WRITE_ONLY_ERRNOS:
         if number not in ACCESS_ERRNOS or not _names_output(filename, target):
             return None
-    return AdapterFileError(f"cannot write {target}: {os.strerror(number).lower()}; {FIXES[number]} "
+    return AdapterFileError(f"cannot write {target}: {os.strerror(number)}; {FIXES[number]} "
                             "(the previous content, if any, is unchanged)")
 
 
