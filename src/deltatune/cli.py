@@ -84,16 +84,31 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> int:
     from deltatune.recipe import finetune
 
-    result = finetune(
-        args.task, args.method, _method_params(args), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, max_length=args.max_length, train_size=args.train_size, seed=args.seed, out_dir=args.out,
-        max_steps=args.max_steps,
-    )
+    try:
+        result = finetune(
+            args.task, args.method, _method_params(args), epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, max_length=args.max_length, train_size=args.train_size, seed=args.seed, out_dir=args.out,
+            max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, resume=args.resume,
+        )
+    except KeyboardInterrupt:
+        print(f"deltatune: {_interrupted_training(Path(args.out))}", file=sys.stderr)
+        return 130
     print(result.line())
     print(f"validation accuracy {result.validation_accuracy:.4f}")
     if result.adapter_path:
         print(f"adapter saved to {result.adapter_path}")
     return 0
+
+
+def _interrupted_training(out: Path) -> str:
+    """What an interrupted `train` leaves to resume from (checkpoints are written atomically: the last is whole)."""
+    from deltatune.train.checkpoint import checkpoints_root, latest_checkpoint
+
+    folder = latest_checkpoint(checkpoints_root(out))
+    if folder is None:
+        return (f"interrupted before the first checkpoint in {out}; nothing to resume (--checkpoint-every N "
+                "checkpoints during training)")
+    return f"interrupted; the last checkpoint {folder} is intact: run the same command with --resume to continue"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -193,6 +208,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-size", type=int, default=None, help="use only this many training examples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/train", help="output folder: metrics, checkpoints, adapter")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="also checkpoint every N optimizer steps into OUT/checkpoints (the last is always kept)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in OUT (same settings required)")
 
 
 def build_parser() -> argparse.ArgumentParser:

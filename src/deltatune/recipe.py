@@ -2,9 +2,13 @@
 
 One call trains a built-in task's model with a registered method (or the two reference points: a frozen
 backbone with a trained head, "probe", and full fine-tuning, "full"), evaluates it and saves the adapter.
+With `checkpoint_every` it checkpoints during training; `resume=True` continues the newest complete checkpoint
+in `out_dir` exactly (an interrupted run resumed ends bit-identical to one that never stopped). Every checkpoint
+records the run's settings, and a resume with other settings is refused.
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +19,7 @@ import torch
 
 import deltatune as dt
 from deltatune.core.model import ParameterCount
-from deltatune.errors import ConfigError
+from deltatune.errors import AdapterFileError, ConfigError, TrainingError
 
 PROBE, FULL = "probe", "full"
 # Learning rates chosen on the wordnet-nouns validation split (AdamW, batch 32, 2 epochs).
@@ -73,6 +77,76 @@ def prepare_model(task, method: str, params: dict[str, Any], seed: int, batch_si
     return dt.adapt(model, config), config
 
 
+class RunSettings:
+    """A stateful training callback (it does nothing per step) that stores the settings shaping a run in every
+    checkpoint, so that a resume can refuse a checkpoint written for another method, config or schedule."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = _plain(settings)
+
+    def state_dict(self) -> dict[str, str]:
+        return {"settings": json.dumps(self.settings, sort_keys=True)}
+
+    def load_state_dict(self, state: dict[str, str]) -> None:
+        check_same_settings(json.loads(state["settings"]), self.settings, "the checkpoint")
+
+
+def _plain(value: Any) -> Any:
+    """JSON's view of `value` (tuples become lists), so saved and current settings compare equal."""
+    return json.loads(json.dumps(value, default=list))
+
+
+def check_same_settings(saved: dict[str, Any], current: dict[str, Any], source: str) -> None:
+    saved, current = _flat(saved), _flat(current)
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            raise TrainingError(f"{source} was written for {key}={saved.get(key)!r} but this run has "
+                                f"{key}={current.get(key)!r}; resume with the same settings, or train into another "
+                                "output folder")
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """{"config": {"rank": 8}} -> {"config.rank": 8}: a difference is named by its field."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": item for inner, item in _flat(value).items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def check_resumable(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse `resume` when out_dir holds no complete checkpoint, or only one of another run's settings."""
+    from deltatune.train.callbacks import callback_key
+    from deltatune.train.checkpoint import STATE_FILE, checkpoints_root, latest_checkpoint
+
+    root = checkpoints_root(out_dir)
+    folder = latest_checkpoint(root)
+    if folder is None:
+        raise TrainingError(f"resume: {root} holds no complete checkpoint; train without resume to start "
+                            "(checkpoint_every / --checkpoint-every saves during training)")
+    try:
+        callbacks = json.loads((folder / STATE_FILE).read_text()).get("callbacks", {})
+    except (OSError, ValueError, AttributeError) as error:
+        raise AdapterFileError(f"checkpoint {folder} is unreadable ({error}); delete it to resume from the "
+                               "previous one") from None
+    key = callback_key(0, RunSettings(settings))  # finetune passes it as the first callback
+    saved = callbacks.get(key, {}).get("settings") if isinstance(callbacks, dict) else None
+    if saved is None:
+        raise TrainingError(f"checkpoint {folder} holds no run settings (it was not written by `deltatune train`); "
+                            "resume it with the Trainer that wrote it, or train into another output folder")
+    check_same_settings(json.loads(saved), _plain(settings), f"checkpoint {folder}")
+
+
+def run_settings(task: str, method: str, config: dt.DeltaConfig | None, train_config: Any,
+                 max_length: int, train_size: int | None) -> dict[str, Any]:
+    """What shapes the result: task and data, method and its (unplanned) config, the training schedule."""
+    schedule = {name: getattr(train_config, name) for name in ("epochs", "max_steps", "batch_size", "lr", "seed")}
+    return {"task": task, "method": method, "config": config.to_dict() if config is not None else None,
+            "max_length": max_length, "train_size": train_size, **schedule}
+
+
 def finetune(
     task: str = "wordnet-nouns",
     method: str = "lora",
@@ -89,24 +163,35 @@ def finetune(
     progress: bool = True,
     callbacks: tuple = (),
     optimizer_factory=None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> FinetuneResult:
-    """Train `method` on `task`, report validation and test accuracy, and save the adapter in out_dir/adapter."""
+    """Train `method` on `task`, report validation and test accuracy, and save the adapter in out_dir/adapter.
+
+    checkpoint_every: also checkpoint every this many optimizer steps (out_dir/checkpoints; the last is always
+    written). resume: continue from the newest complete checkpoint in out_dir, which must have been written
+    with the same settings (task, method, config, schedule, seed)."""
     from deltatune.data import evaluate_accuracy, load_task
     from deltatune.train import TrainConfig, Trainer
 
     if epochs <= 0:
         raise ConfigError(f"epochs={epochs} is invalid: expected an integer > 0")
-    data = load_task(task, max_length=max_length, train_size=train_size, seed=seed)
-    model, config = prepare_model(data, method, params or {}, seed, batch_size)
-    steps = max_steps or epochs * -(-len(data.train) // batch_size)
     train_config = TrainConfig(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
-        lr=lr or DEFAULT_LR.get(method, DEFAULT_METHOD_LR),
+        lr=lr or DEFAULT_LR.get(method, DEFAULT_METHOD_LR), checkpoint_every=checkpoint_every, resume=resume,
         output_dir=str(out_dir) if out_dir else None, progress=progress,
     )
+    data = load_task(task, max_length=max_length, train_size=train_size, seed=seed)
+    settings = run_settings(task, method, build_config(method, params or {}, data) if method not in (PROBE, FULL)
+                            else None, train_config, max_length, train_size)
+    if resume:
+        check_resumable(Path(out_dir), settings)
+    model, config = prepare_model(data, method, params or {}, seed, batch_size)
+    steps = max_steps or epochs * -(-len(data.train) // batch_size)
     method_callbacks = config.training_callbacks(model, steps) if config is not None else []
     trainer = Trainer(model, train_config, data.train, data.validation, collate_fn=data.collate,
-                      callbacks=(*method_callbacks, *callbacks), optimizer_factory=optimizer_factory)
+                      callbacks=(RunSettings(settings), *method_callbacks, *callbacks),
+                      optimizer_factory=optimizer_factory)
     start = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - start

@@ -100,10 +100,17 @@ def fsync_folder(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _sync_tree(root: Path) -> None:
+def _finish_tree(root: Path) -> None:
+    """Give everything below `root` the umask's mode (safetensors writes 0600 files, mkdtemp 0700 folders)
+    and make it durable."""
+    files_mode, folders_mode = file_mode(), folder_mode()
     for folder, _, files in os.walk(root, topdown=False):
         for name in files:
-            fsync_file(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, files_mode)
+                fsync_file(path)
+        os.chmod(folder, folders_mode)
         fsync_folder(folder)
 
 
@@ -255,17 +262,19 @@ class StagedFile:
 
     target: Path
     temp: Path
+    mode: int  # the target's mode (a new target: the umask's), given at commit: writers may recreate the file
+
+    def commit(self) -> None:
+        os.chmod(self.temp, self.mode)
+        fsync_file(self.temp)
 
 
-def _new_temp_file(target: Path) -> Path:
-    """An empty temporary sibling with the target's mode (a new target: the umask's; mkstemp gives 0600)."""
+def _new_temp_file(target: Path) -> StagedFile:
+    """An empty temporary sibling of `target` (mkstemp: private until committed)."""
     mode = target.stat().st_mode & 0o7777 if target.is_file() else file_mode()
     fd, name = tempfile.mkstemp(prefix=_temp_prefix(target.name), suffix=".tmp", dir=target.parent)
-    try:
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    return Path(name)
+    os.close(fd)
+    return StagedFile(target, Path(name), mode)
 
 
 def _check_file_target(target: Path) -> None:
@@ -288,12 +297,11 @@ def staged_files(*targets: str | os.PathLike) -> Iterator[list[StagedFile]]:
         try:
             with write_errors(paths[0]):
                 for path in paths:
-                    temp = _new_temp_file(path)
-                    stack.enter_context(_registered(temp))
-                    staged.append(StagedFile(path, temp))
+                    staged.append(_new_temp_file(path))
+                    stack.enter_context(_registered(staged[-1].temp))
                 yield staged
                 for item in staged:
-                    fsync_file(item.temp)
+                    item.commit()
                 for item in staged:
                     os.replace(item.temp, item.target)
                 for folder in dict.fromkeys(p.parent for p in paths):
@@ -377,9 +385,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(target.name), suffix=".staging", dir=target.parent))
     try:
         with _registered(staging), write_errors(target):
-            os.chmod(staging, folder_mode())  # mkdtemp creates 0700; the user's umask decides
             yield staging
-            _sync_tree(staging)
+            _finish_tree(staging)
             _swap_in(staging, target)
     finally:
         _remove(staging)

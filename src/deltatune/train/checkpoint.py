@@ -75,7 +75,9 @@ def write_checkpoint(root: Path, step: int, checkpoint: Checkpoint, keep_last: i
     with atomic_directory(target) as staging:
         save_file(_storable(checkpoint.model), str(staging / MODEL_FILE))
         save_file(_storable(checkpoint.tensors), str(staging / TENSORS_FILE))
-        torch.save({"optimizer": checkpoint.optimizer, "scheduler": checkpoint.scheduler}, staging / OPTIMIZER_FILE)
+        # Through a Python file object, so a full disk surfaces as an OSError (a path gives a bare RuntimeError).
+        with open(staging / OPTIMIZER_FILE, "wb") as handle:
+            torch.save({"optimizer": checkpoint.optimizer, "scheduler": checkpoint.scheduler}, handle)
         state = {"format_version": FORMAT_VERSION, **checkpoint.state}
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
     prune_checkpoints(root, keep_last)

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from deltatune.core.atomic import atomic_write_text
+from deltatune.core.atomic import atomic_write_text, write_errors
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -34,7 +34,7 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self.history.append(record)
         if self.writes:
-            with self.path.open("a", encoding="utf-8") as handle:
+            with write_errors(self.path), self.path.open("a", encoding="utf-8") as handle:
                 handle.write(_line(record))
 
     def _read(self) -> list[dict[str, Any]]:
@@ -80,6 +80,15 @@ class IntervalStats:
         self.samples += samples
         self.seconds += seconds
         self.lr, self.grad_norm = lr, grad_norm
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far, for a checkpoint: a resumed run's next record then averages the same steps."""
+        return {"loss": self.loss, "steps": self.steps, "samples": self.samples, "seconds": self.seconds,
+                "lr": self.lr, "grad_norm": self.grad_norm}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss, self.steps, self.samples = float(state["loss"]), int(state["steps"]), int(state["samples"])
+        self.seconds, self.lr, self.grad_norm = float(state["seconds"]), float(state["lr"]), state["grad_norm"]
 
     def summary(self) -> dict[str, float]:
         record = {"loss": self.loss / max(1, self.steps), "lr": self.lr,

@@ -55,6 +55,7 @@ def _write(trainer: Trainer, rng_states: list[tuple[dict[str, Any], dict[str, An
         "permutation_seed": permutation_seed(trainer.config.seed, trainer.epoch),
         "num_examples": len(trainer.train_dataset), "world_size": trainer.world.size,
         "last_eval_step": trainer._last_eval_step, "config": trainer.config.to_dict(), "callbacks": callbacks,
+        "interval": trainer._interval.state_dict(),
         "rng": [plain for plain, _ in rng_states],
     }
     checkpoint = Checkpoint(trainable_tensors(trainer.model), trainer.optimizer.state_dict(),
@@ -110,6 +111,8 @@ def _restore_position(trainer: Trainer, state: dict[str, Any]) -> None:
     trainer.epoch = int(state["epoch"])
     trainer.batch_in_epoch = int(state["batch_in_epoch"])
     trainer._last_eval_step = state.get("last_eval_step")
+    if "interval" in state:  # checkpoints written before it was kept: the next record averages fewer steps
+        trainer._interval.load_state_dict(state["interval"])
 
 
 def _restore_rng(trainer: Trainer, checkpoint: Checkpoint) -> None:
