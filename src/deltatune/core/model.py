@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
+from deltatune.core.guards import install_guards, remove_guards
 from deltatune.core.host import AdaptedLayer
 from deltatune.core.layers import base_bias, describe_layer
 from deltatune.core.registry import entry_for_config
@@ -100,6 +101,7 @@ def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, train
         _host_for(model, path).add_delta(name, delta)
     state = adapter_state(model)
     state.configs[name] = config
+    install_guards(model)
     set_active(model, [name])
     if trainable:
         set_trainable(model, name)
@@ -208,6 +210,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         setattr(parent, child, host.base_layer)
     if hasattr(model, _STATE_ATTR):
         object.__delattr__(model, _STATE_ATTR)
+    remove_guards(model)
     return model
 
 
