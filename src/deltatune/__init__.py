@@ -12,6 +12,11 @@ The shortest path::
     deltatune.save_adapter(model, "out/adapter")            # or format="peft"
     deltatune.load_adapter(fresh_model, "out/adapter")       # deltatune or peft folders
     plain = deltatune.unload(model, merge=True)              # plain nn.Modules, adapter folded in
+    deltatune.save_merged(model, "out/merged")               # transformers: from_pretrained loads it, no deltatune
+
+transformers' save_pretrained of an adapted model (and so every HF Trainer checkpoint) writes a file whose deltas a
+plain from_pretrained drops: use save_adapter or save_merged, and for Trainer checkpoints
+deltatune.integrations.transformers.SaveAdapterCallback.
 """
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
@@ -30,6 +35,7 @@ from deltatune.core.model import (
     unload,
     unmerge,
 )
+from deltatune.core.merged import save_merged
 from deltatune.core.registry import list_methods, method_entry, register_method
 from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
@@ -58,6 +64,6 @@ __all__ = [
     "ID3Config", "IncreLoRAConfig", "LoRAConfig", "ParameterCount", "SNELLAConfig", "SPTConfig", "SaRAConfig",
     "TriAdaptLoRAConfig", "active_adapters", "adapt", "adapter_names", "adapter_state_dict", "combine_adapters",
     "config_for", "delete_adapter", "disabled", "iter_deltas", "list_methods", "load_adapter", "merge",
-    "method_entry", "register_method", "regularization_loss", "save_adapter", "set_active", "set_trainable",
-    "trainable_parameters", "unload", "unmerge",
+    "method_entry", "register_method", "regularization_loss", "save_adapter", "save_merged", "set_active",
+    "set_trainable", "trainable_parameters", "unload", "unmerge",
 ]

@@ -181,3 +181,129 @@ def test_compiled_forward_and_backward_match_eager(method):
     torch.testing.assert_close(compiled(x), expected, rtol=1e-12, atol=1e-12)
     compiled(x).square().sum().backward()
     assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# --- real model shapes (issue 9): ViT patch conv, GPT-2's tied head and embedding, ResNet BatchNorm in train mode.
+# Each row asks only the methods' declarations (layer_kinds, mergeable); a method either passes or refuses with
+# a one-line deltatune error.
+from contract.toy_models import output_of, tiny_gpt2, tiny_resnet, tiny_vit  # noqa: E402
+from deltatune.core.layers import CONV, EMBEDDING, LINEAR  # noqa: E402
+from deltatune.errors import ConfigError, TargetError  # noqa: E402
+
+CLEAR_REFUSALS = (UnsupportedLayerError, TargetError, ConfigError)
+
+
+def _refuses_clearly(error: BaseException) -> None:
+    assert isinstance(error, CLEAR_REFUSALS), repr(error)
+    assert "\n" not in str(error).strip() and str(error), str(error)
+
+
+def _kind_supported(method: str, kind: str) -> bool:
+    return kind in dt.method_entry(method).delta_cls.layer_kinds
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_vit_with_its_patch_conv_adapted_runs_merges_and_reloads(method, tmp_path):
+    base, x = tiny_vit()
+    config = dt.config_for(method, targets=["projection"])
+    if not _kind_supported(method, CONV):
+        with pytest.raises(UnsupportedLayerError) as caught:
+            dt.adapt(copy.deepcopy(base), config)
+        return _refuses_clearly(caught.value)
+    model = dt.adapt(copy.deepcopy(base), config)
+    _perturb(model, "default")
+    expected = output_of(model(x)).detach()  # the model reads projection.weight.dtype: must not crash
+    assert not torch.allclose(expected, output_of(base(x)))
+    dt.save_adapter(model, tmp_path / "adapter")
+    loaded = dt.load_adapter(copy.deepcopy(base), tmp_path / "adapter")
+    torch.testing.assert_close(output_of(loaded(x)), expected, rtol=0, atol=0)
+    if dt.method_entry(method).delta_cls.mergeable:
+        dt.merge(model)
+        torch.testing.assert_close(output_of(model(x)), expected, rtol=0, atol=1e-10)
+
+
+TIED_SIDES = {"lm_head": (LINEAR, "transformer.wte"), "wte": (EMBEDDING, "lm_head")}
+
+
+@pytest.mark.parametrize("side", sorted(TIED_SIDES))
+@pytest.mark.parametrize("method", METHODS)
+def test_gpt2_tied_weights_are_refused_by_default_and_merge_exactly_when_untied(method, side):
+    base, ids = tiny_gpt2()
+    kind, other = TIED_SIDES[side]
+    if not _kind_supported(method, kind):
+        with pytest.raises(UnsupportedLayerError) as caught:
+            dt.adapt(base, dt.config_for(method, targets=[side], layer_types=(kind,)))
+        return _refuses_clearly(caught.value)
+    with pytest.raises(TargetError) as caught:
+        dt.adapt(base, dt.config_for(method, targets=[side], layer_types=(kind,)))
+    _refuses_clearly(caught.value)
+    assert "lm_head.weight" in str(caught.value) and "transformer.wte.weight" in str(caught.value)
+    assert "untie=True" in str(caught.value)
+    assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
+    try:  # a method may still refuse this layer for its own reason (BitFit: GPT-2's head has no bias)
+        model = dt.adapt(base, dt.config_for(method, targets=[side], layer_types=(kind,), untie=True))
+    except CLEAR_REFUSALS as error:
+        assert base.lm_head.weight is base.transformer.wte.weight, "a refused adapt must leave the tie alone"
+        return _refuses_clearly(error)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    _perturb(model, "default")
+    expected = model(ids).logits.detach()
+    untouched = model.get_submodule(other).weight.detach().clone()
+    if not dt.method_entry(method).delta_cls.mergeable:
+        with pytest.raises(NotMergeableError):
+            dt.merge(model)
+        return
+    dt.merge(model)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-10)
+    assert torch.equal(model.get_submodule(other).weight, untouched)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_default_targets_never_include_gpt2s_tied_head(method):
+    base, _ = tiny_gpt2()
+    try:
+        model = dt.adapt(base, dt.config_for(method))
+    except CLEAR_REFUSALS as error:
+        assert "tied" not in str(error), str(error)
+        return _refuses_clearly(error)
+    adapted = {path for path, _, _ in dt.iter_deltas(model)}
+    assert adapted and "lm_head" not in adapted and "transformer.wte" not in adapted
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_resnet_trained_in_train_mode_reloads_with_its_batchnorm_statistics(method, tmp_path):
+    base, x = tiny_resnet()
+    config = dt.config_for(method, targets=None, layer_types=(CONV,))
+    if not _kind_supported(method, CONV):
+        with pytest.raises(UnsupportedLayerError) as caught:
+            dt.adapt(copy.deepcopy(base), config)
+        return _refuses_clearly(caught.value)
+    try:  # a method may refuse these layers for its own reason (BitFit: ResNet convs have no bias)
+        model = dt.adapt(copy.deepcopy(base), config)
+    except CLEAR_REFUSALS as error:
+        return _refuses_clearly(error)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(2):  # train-mode forwards move every BatchNorm's running statistics
+        model(x).logits.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    expected = model(x).logits.detach()
+    dt.save_adapter(model, tmp_path / "adapter")
+    fresh = copy.deepcopy(base).eval()
+    assert not torch.allclose(dt.load_adapter(copy.deepcopy(fresh), tmp_path / "adapter")(x).logits,
+                              _without_statistics(model, fresh, x)), "the statistics make no difference"
+    loaded = dt.load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=0, atol=0)
+
+
+def _without_statistics(model, fresh, x):
+    """The trained adapter on the base's own statistics: what a reload gave before they were saved."""
+    copied = copy.deepcopy(model)
+    base_buffers = dict(fresh.named_buffers())
+    with torch.no_grad():
+        for name, buffer in copied.named_buffers():
+            if name in base_buffers and "running" in name:
+                buffer.copy_(base_buffers[name])
+    return copied(x).logits

@@ -68,3 +68,55 @@ def build(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
 
 
 LAYER_CASES = {"linear": "linear", "conv1d_hf": "conv1d_hf", "conv": "conv", "conv1d": "conv", "embedding": "embedding"}
+
+
+# --- real model shapes that once failed (issue 9): a ViT patch conv, GPT-2's tied head, a ResNet's BatchNorm ---
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
+def tiny_vit(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """transformers ViT, float64, eval; its patch embedding is the Conv2d `embeddings.patch_embeddings.projection`."""
+    from transformers import ViTConfig, ViTModel
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=4, num_channels=3)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return ViTModel(config).double().eval(), x
+
+
+def tiny_gpt2(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """transformers GPT-2 LM, float64, eval; `lm_head.weight` is `transformer.wte.weight` (tied)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+                        eos_token_id=0)
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(seed))
+    return GPT2LMHeadModel(config).double().eval(), ids
+
+
+def tiny_resnet(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """transformers ResNet classifier with BatchNorm2d after every (bias-free) conv, float64; every conv has
+    min(fan_in, out) >= 12, above the default ranks."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    _quiet_transformers()
+    torch.manual_seed(seed)
+    config = ResNetConfig(num_channels=3, embedding_size=12, hidden_sizes=[12, 16], depths=[1, 1],
+                          layer_type="basic", num_labels=3)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return ResNetForImageClassification(config).double(), x
+
+
+def output_of(output) -> torch.Tensor:
+    """The main tensor of a transformers output (or a plain tensor)."""
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(output, name):
+            return getattr(output, name)
+    return output

@@ -23,12 +23,16 @@ class DeltaConfig:
             ends with ``"." + name`` (``["query", "value"]``); a single string other than ``"all-linear"`` is a
             regular expression that must match the whole dotted path; ``"all-linear"`` selects every Linear and
             transformers Conv1D except the model's output head and ``extra_trainable`` modules; ``None`` selects
-            every layer of the types in ``layer_types``.
+            every layer of the types in ``layer_types`` except the output head (name the head to adapt it).
         layer_types: keep only layers of these kinds (``"linear"``, ``"conv"``, ``"embedding"``,
             ``"conv1d_hf"``) or class names (``"Conv2d"``); empty = no filter.
         exclude: module names (suffix match, as ``targets``) never adapted.
         extra_trainable: modules trained and saved with the adapter although they get no delta (a
             classifier head, say); matched by suffix like ``targets``.
+        untie: a target that shares a parameter with another module (GPT-2's ``lm_head`` and
+            ``transformer.wte``) is refused unless this is True; then the target gets its own copy of the shared
+            parameter before the delta is attached, so training and merging change the target only (the model
+            then holds one more weight-sized tensor).
     """
 
     method: ClassVar[str] = ""
@@ -36,8 +40,10 @@ class DeltaConfig:
     layer_types: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     extra_trainable: tuple[str, ...] = ()
+    untie: bool = False
 
     def __post_init__(self) -> None:
+        config_check(isinstance(self.untie, bool), "untie", self.untie, "True or False")
         for name in ("layer_types", "exclude", "extra_trainable"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name), name))
         if self.targets is not None and not isinstance(self.targets, str):

@@ -3,6 +3,11 @@
 The host keeps the base layer as `base_layer` but reports the base layer's parameters under their original
 keys in `state_dict()` (`q.weight`, not `q.base_layer.weight`), so an adapted model's base keys are the base
 checkpoint's keys; adapter tensors appear as `q.deltas.<adapter>.<param>`.
+
+Attributes the host does not have itself are read from (and written to) the base layer, so model code that
+looks at an adapted layer's ``.weight``, ``.bias``, ``in_features``, ``kernel_size``, ``num_embeddings``,
+``padding_idx`` ... keeps working (transformers' ViT reads ``projection.weight.dtype``, weight tying assigns
+``lm_head.weight``). The base layer's parameters stay registered on the base layer only.
 """
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ from deltatune.core.layers import LayerInfo, base_bias
 from deltatune.errors import DeltatuneError, NotMergeableError
 
 _BASE = "base_layer."
+# The host's own fields: never forwarded to the base layer, even if a base layer happened to have one.
+_OWN_FIELDS = frozenset({
+    "base_layer", "layer", "deltas", "active", "merged", "disabled", "_plan", "_live", "_fuse_first_additive",
+})
 
 
 class AdaptedLayer(nn.Module):
@@ -34,6 +43,27 @@ class AdaptedLayer(nn.Module):
         self._fuse_first_additive = False
         self.register_state_dict_post_hook(_base_keys_on_save)
         self.register_load_state_dict_pre_hook(_base_keys_on_load)
+
+    # --- the base layer's attributes -----------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        # Called only when normal lookup fails. nn.Module's own lookup (parameters, buffers, children such as
+        # `base_layer` and `deltas`) comes first; then the base layer answers. `_modules` is read from __dict__
+        # because during copy/unpickling it may not exist yet (no recursion then).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name in _OWN_FIELDS:
+                raise
+            return getattr(base, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # Writes to an attribute the base layer has (`weight = tied_parameter`, `num_embeddings = n`) go to the
+        # base layer, so the host never grows a second `weight` beside `base_layer.weight`.
+        if _belongs_to_base(self, name):
+            setattr(self.__dict__["_modules"]["base_layer"], name, value)
+        else:
+            super().__setattr__(name, value)
 
     # --- membership -----------------------------------------------------------------------------------------
     def add_delta(self, name: str, delta: Delta) -> None:
@@ -127,6 +157,17 @@ class AdaptedLayer(nn.Module):
                 f"adapter {name!r} changes the bias of a {self.layer.type_name} that has none; keep it unmerged"
             )
         current.copy_(bias)
+
+
+def _belongs_to_base(host: AdaptedLayer, name: str) -> bool:
+    """True for attributes the base layer owns and the host does not (neither a host field, nor on its class)."""
+    base = host.__dict__.get("_modules", {}).get("base_layer")
+    if base is None or name in _OWN_FIELDS or name in host.__dict__ or hasattr(type(host), name):
+        return False
+    own_tables = (host.__dict__.get("_parameters", {}), host.__dict__.get("_buffers", {}), host.__dict__["_modules"])
+    if any(name in table for table in own_tables):
+        return False
+    return name in base.__dict__ or name in base._parameters or name in base._buffers or name in base._modules
 
 
 def _detached_bias(host: AdaptedLayer) -> Tensor | None:

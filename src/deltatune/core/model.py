@@ -10,10 +10,12 @@ from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
+from deltatune.core.guards import install_guards, remove_guards
 from deltatune.core.host import AdaptedLayer
 from deltatune.core.layers import base_bias, describe_layer
 from deltatune.core.registry import entry_for_config
 from deltatune.core.targets import _is_inside, find_targets
+from deltatune.core.ties import refuse_or_untie, refuse_tied_merge, untie_parameters
 from deltatune.errors import AdapterNameError, ConfigError, DeltatuneError, TargetError
 
 _STATE_ATTR = "_deltatune_state"
@@ -85,6 +87,7 @@ def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, train
     entry = entry_for_config(config)
     _check_new_name(model, name)
     paths = find_targets(model, config, entry.delta_cls.layer_kinds, entry.name)
+    ties = refuse_or_untie(model, paths, config.untie, entry.name)
     deltas = []
     for path in paths:  # build every delta before touching the model, so a bad config changes nothing
         module = model.get_submodule(path)
@@ -93,10 +96,12 @@ def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, train
         delta.to(device=base.weight.device, dtype=_float_dtype(base.weight))
         delta.init_from_base(base.weight.detach(), base_bias(base))
         deltas.append((path, delta))
+    untie_parameters(model, ties)
     for path, delta in deltas:
         _host_for(model, path).add_delta(name, delta)
     state = adapter_state(model)
     state.configs[name] = config
+    install_guards(model)
     set_active(model, [name])
     if trainable:
         set_trainable(model, name)
@@ -173,9 +178,14 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the active adapters into the base weights (forward is then the plain layers' cost)."""
+    _refuse_tied_merge(model)
     for _, host in iter_hosts(model):
         host.merge()
     return model
+
+
+def _refuse_tied_merge(model: nn.Module) -> None:
+    refuse_tied_merge(model, [path for path, host in iter_hosts(model) if host._merge_order()])
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -188,6 +198,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every wrapper, leaving plain modules. With merge=True the active adapters are folded in first;
     with merge=False the base weights are restored. Returns the same model object, now free of deltatune."""
+    if merge:
+        _refuse_tied_merge(model)
     for path, host in list(iter_hosts(model)):
         if merge:
             host.merge()
@@ -198,6 +210,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         setattr(parent, child, host.base_layer)
     if hasattr(model, _STATE_ATTR):
         object.__delattr__(model, _STATE_ATTR)
+    remove_guards(model)
     return model
 
 

@@ -8,6 +8,7 @@ and its delta a `peft_tensor_names()` map from its tensor names to peft's key su
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -17,6 +18,7 @@ from deltatune.core.adapter_files import (
 )
 from deltatune.core.model import _config_of, extra_modules, iter_deltas
 from deltatune.core.registry import list_methods
+from deltatune.core.running_stats import running_statistics
 from deltatune.core.state import attach_adapter, read_json, read_safetensors, _pickle_refusal
 from deltatune.errors import AdapterFileError, DeltatuneError
 
@@ -52,10 +54,22 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, name: str = "de
     for path_, module in extras:
         for key, tensor in module.state_dict().items():
             tensors[f"{PREFIX}{path_}.{key}"] = tensor.detach().contiguous()
+    _warn_statistics_left_out(model, tensors)
     peft_config = config.to_peft_config(targets, [p for p, _ in extras])
     metadata = {"format": "pt", CONFIG_DIGEST: canonical_digest(peft_config)}
     write_weights_then_config(folder, PEFT_WEIGHTS, PEFT_CONFIG, tensors, metadata, peft_config)
     return folder
+
+
+def _warn_statistics_left_out(model: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """peft files have no place for normalization statistics outside modules_to_save: say what is left out."""
+    left_out = [key for key in running_statistics(model) if f"{PREFIX}{key}" not in tensors]
+    if left_out:
+        warnings.warn(
+            f"format='peft' leaves out the running statistics of the model's normalization layers ({len(left_out)} "
+            f"buffers, first {left_out[0]!r}): a reloaded adapter runs with the base model's statistics; "
+            "save with format='deltatune' to keep them", UserWarning, stacklevel=3,
+        )
 
 
 def load_peft_adapter(model: nn.Module, folder: Path, name: str = "default", *, trainable: bool = False) -> nn.Module:

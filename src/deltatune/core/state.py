@@ -6,8 +6,12 @@ A deltatune adapter folder holds two files:
   "extra_modules": [...], "deltatune_version": ...}``;
 - ``deltatune_adapter.safetensors``: one tensor per key ``<module path>.<delta tensor name>`` (the names each
   method documents, e.g. ``encoder.layer.0.attention.self.query.lora_A``) plus the full parameters of the
-  extra trainable modules under their own keys (``classifier.weight``). Adapter names are not in the keys, so
-  a file loads under any name.
+  extra trainable modules under their own keys (``classifier.weight``), plus the running statistics of the
+  model's normalization layers that track them (``bn1.running_mean``, ``bn1.running_var``,
+  ``bn1.num_batches_tracked``; see `core.running_stats`), so that the loaded model reproduces the trained
+  model's eval outputs. Loading sets those statistics on the model; a file without them (an older file, or a
+  model without such layers) leaves the model's own. Adapter names are not in the keys, so a file loads under
+  any name.
 
 A save writes only these two files, each atomically, the config last; nothing else in the folder is touched
 (see `deltatune.core.adapter_files`). The config records the weights file's size and sha256, which a load checks.
@@ -29,6 +33,7 @@ from deltatune.core.model import (
     trainable_parameters,
 )
 from deltatune.core.registry import entry_for_config, method_entry
+from deltatune.core.running_stats import running_statistics
 from deltatune.errors import AdapterFileError, DeltatuneError
 
 FORMAT_VERSION = 1
@@ -55,10 +60,11 @@ def trainable_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """What a training checkpoint must keep: every trainable parameter and every delta tensor, under the
     model's own state-dict keys (base keys unchanged by adaptation)."""
     state = model.state_dict(keep_vars=True)
+    statistics = running_statistics(model)  # changed by train-mode forwards: needed to resume exactly
     return {
         key: tensor.detach()
         for key, tensor in state.items()
-        if ".deltas." in f".{key}" or (isinstance(tensor, nn.Parameter) and tensor.requires_grad)
+        if ".deltas." in f".{key}" or (isinstance(tensor, nn.Parameter) and tensor.requires_grad) or key in statistics
     }
 
 
@@ -85,6 +91,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     config = _config_of(model, name)
     folder = save_folder(path, (CONFIG_FILE, WEIGHTS_FILE), "adapter_config.json", "peft")
     tensors = {k: v.detach().contiguous() for k, v in adapter_state_dict(model, name).items()}
+    tensors |= {k: v.detach().contiguous() for k, v in running_statistics(model).items() if k not in tensors}
     meta = {
         "format": "deltatune",
         "format_version": FORMAT_VERSION,
@@ -146,6 +153,8 @@ def attach_adapter(
 
 def _fill_adapter(model: nn.Module, name: str, tensors: dict[str, Tensor], source: Path) -> None:
     expected = adapter_state_dict(model, name)
+    statistics = _saved_statistics(model, tensors, expected, source)
+    tensors = {k: v for k, v in tensors.items() if k not in statistics}
     for key, target in expected.items():
         if key not in tensors:
             raise AdapterFileError(f"{source} has no tensor {key!r} that this model's adapter needs; "
@@ -162,6 +171,31 @@ def _fill_adapter(model: nn.Module, name: str, tensors: dict[str, Tensor], sourc
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
+        for key, (target, saved) in statistics.items():
+            target.copy_(saved)
+
+
+def _saved_statistics(
+    model: nn.Module, tensors: dict[str, Tensor], expected: dict[str, Tensor], source: Path
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The file's normalization statistics, key -> (model buffer, saved tensor): all of the model's or none."""
+    buffers = {k: v for k, v in running_statistics(model).items() if k not in expected}
+    present = [key for key in buffers if key in tensors]
+    if not present:
+        return {}
+    missing = [key for key in buffers if key not in tensors]
+    if missing:
+        raise AdapterFileError(
+            f"{source} has running statistics for {len(present)} of this model's normalization buffers but not "
+            f"{missing[0]!r}; was it saved for another model?"
+        )
+    for key in present:
+        if tuple(tensors[key].shape) != tuple(buffers[key].shape):
+            raise AdapterFileError(
+                f"{source}: statistics {key!r} have shape {tuple(tensors[key].shape)} but the model expects "
+                f"{tuple(buffers[key].shape)}; the adapter was saved for a different model"
+            )
+    return {key: (buffers[key], tensors[key]) for key in present}
 
 
 def _adapter_folder(path: Path) -> Path:

@@ -25,7 +25,8 @@ def _is_inside(path: str, names: Iterable[str]) -> bool:
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """Paths of the model's output head (transformers' get_output_embeddings), excluded by "all-linear"."""
+    """Paths of the model's output head (transformers' get_output_embeddings), excluded by "all-linear" and by
+    targets=None: a head is adapted only when named (it is often tied to the input embeddings)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None:
@@ -38,7 +39,7 @@ def _wanted_by_targets(path: str, module: nn.Module, config: DeltaConfig, heads:
     if targets == ALL_LINEAR:
         return layer_kind(module) in (LINEAR, CONV1D_HF) and path not in heads
     if targets is None:
-        return layer_kind(module) is not None
+        return layer_kind(module) is not None and path not in heads
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
     return matches_name(path, targets)

@@ -31,7 +31,8 @@ class BitFitConfig(DeltaConfig):
     """BitFit has no hyper-parameters besides targeting.
 
     Args:
-        targets: by default (None) every Linear, transformers Conv1D and Conv layer; each must have a bias.
+        targets: by default (None) every Linear, transformers Conv1D and Conv layer except the output head; each
+            must have a bias.
     """
 
     targets: str | tuple[str, ...] | None = None

@@ -75,7 +75,7 @@ class SaRAConfig(DeltaConfig):
             None disables it.
         seed: seeds the random choice of the one penalized matrix per step (the official schedule).
         targets, layer_types: by default every Linear, transformers Conv1D and Conv layer ("any model, Linear
-            and Conv"); add "embedding" to `layer_types` to tune embeddings too.
+            and Conv") except the output head; add "embedding" to `layer_types` to tune embeddings too.
     """
 
     targets: str | tuple[str, ...] | None = None
