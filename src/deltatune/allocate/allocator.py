@@ -52,8 +52,8 @@ def warn_no_gradient(module: str, step: int, warned: set[str]) -> None:
     if module in warned:
         return
     warned.add(module)
-    warnings.warn(f"{module} got no gradient at step {step} (the loss does not depend on it): the allocator counts "
-                  f"its importance as 0 while this lasts; if it is not used, leave it out (exclude=[{module!r}])",
+    warnings.warn(f"{module} got no gradient at step {step} (the loss does not reach it): the allocator scores what "
+                  f"got none as 0 while this lasts; if the module is not used, leave it out (exclude=[{module!r}])",
                   stacklevel=4)
 
 

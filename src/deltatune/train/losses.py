@@ -100,6 +100,8 @@ def causal_lm_loss(outputs: Any, labels: Tensor) -> Tensor:
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise TrainingError(f"causal_lm_loss needs logits (B, T, V) and token labels (B, T); got logits "
                             f"{tuple(logits.shape)} and labels {tuple(labels.shape)}; pass the matching loss_fn")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # a softmax over the vocabulary in half precision loses the small probabilities
     shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
     shifted_labels = labels[:, 1:].reshape(-1)
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
