@@ -5,12 +5,13 @@ A new method joins by registering; nothing here names a method.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 
 import deltatune as dt
-from contract.toy_models import LAYER_CASES, build
+from contract.toy_models import LAYER_CASES, TokenDataset, build, tiny_causal_lm
 from deltatune.core.host import AdaptedLayer
 from deltatune.errors import NotMergeableError, UnsupportedLayerError
 
@@ -307,3 +308,78 @@ def _without_statistics(model, fresh, x):
             if name in base_buffers and "running" in name:
                 buffer.copy_(base_buffers[name])
     return copied(x).logits
+
+
+# --- a causal LM through the Trainer (issue 9, training part) ----------------------------------------------------
+# Every registered method, from its declarations alone: plan (if it has a planning stage) with the LM's own loss,
+# adapt, train a few steps with its training callbacks, save -> load -> the same logits. A method may refuse the
+# model clearly (one-line DeltatuneError) while it is set up; once training starts, nothing may fail.
+
+LM_STEPS = 20  # the shortest run every growth schedule's defaults fit in
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared machine: extra intra-op threads only wait for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _lm_setup(method: str, data):
+    """(model, config, callbacks), or the one-line refusal of the method's set-up."""
+    from deltatune.errors import DeltatuneError
+
+    model = tiny_causal_lm()
+    try:
+        config = dt.config_for(method).plan(model, data.batches(4))  # default loss: the model's own .loss
+        model = dt.adapt(model, config)
+        return model, config, config.training_callbacks(model, LM_STEPS)
+    except DeltatuneError as error:
+        message = str(error)
+        assert message and "\n" not in message.strip(), message
+        return None, None, message
+
+
+def _lm_logits(model, data) -> torch.Tensor:
+    batch = data.batches(len(data))[0]
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", METHODS)
+def test_a_causal_lm_trains_through_the_trainer_saves_and_reloads(method, tmp_path):
+    from deltatune.recipe import DEFAULT_LR, DEFAULT_METHOD_LR
+    from deltatune.train import TrainConfig, Trainer
+
+    data = TokenDataset()
+    model, config, callbacks = _lm_setup(method, data)
+    if model is None:
+        pytest.skip(f"refused clearly: {callbacks}")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    settings = TrainConfig(max_steps=LM_STEPS, batch_size=4, lr=DEFAULT_LR.get(method, DEFAULT_METHOD_LR),
+                           log_every=1, progress=False, seed=0)
+    result = Trainer(model, settings, data, data, callbacks=callbacks).train()
+    losses = [record["loss"] for record in result.history if "loss" in record]
+    assert len(losses) == LM_STEPS and all(math.isfinite(loss) for loss in losses)
+    assert losses[-1] < losses[0] or len(set(losses)) > 1, losses
+    assert math.isfinite(result.metrics["eval_loss"]) and "eval_accuracy" not in result.metrics  # token labels
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], value) for n, value in frozen.items()), "a frozen tensor changed"
+    assert any(not torch.equal(after[n], value) for n, value in trainable.items() if n in after)
+    expected = _lm_logits(model, data)
+    dt.save_adapter(model, tmp_path / "adapter")
+    loaded = dt.load_adapter(tiny_causal_lm(), tmp_path / "adapter")
+    torch.testing.assert_close(_lm_logits(loaded, data), expected, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_causal_lm_row_covers_every_method_and_most_train():
+    """The row is not vacuous: set-up refusals stay the exception."""
+    data = TokenDataset()
+    refused = [m for m in METHODS if _lm_setup(m, data)[0] is None]
+    assert len(refused) <= len(METHODS) // 4, refused

@@ -120,3 +120,49 @@ def output_of(output) -> torch.Tensor:
         if hasattr(output, name):
             return getattr(output, name)
     return output
+
+
+# --- causal LM through the Trainer (issue 9, training part) -----------------------------------------------------
+# Kept at the end of the file, apart from the layer-kind models above, so rows added in parallel merge cleanly.
+
+LM_VOCAB, LM_LENGTH = 40, 8
+
+
+def tiny_causal_lm(seed: int = 0) -> nn.Module:
+    """A float64 transformers Llama causal LM (2 layers, hidden 16, biases, untied head): its forward takes `labels` and
+    returns `.loss` (next-token cross-entropy, shifted inside the model, -100 ignored)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=LM_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2 * LM_LENGTH,
+                         tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                         attn_implementation="eager")
+    return LlamaForCausalLM(config).double()
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Counting sequences (start, start + step, ...) mod the vocabulary: learnable next tokens. Items are
+    {"input_ids", "attention_mask", "labels"} with labels = input_ids (transformers' causal-LM convention); the
+    last `padded` positions of every other item are padding (labels -100, attention 0)."""
+
+    def __init__(self, n: int = 16, seed: int = 0, padded: int = 2) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, LM_VOCAB, (n, 1), generator=generator)
+        steps = torch.randint(1, 4, (n, 1), generator=generator)
+        self.input_ids = (starts + steps * torch.arange(LM_LENGTH)) % LM_VOCAB
+        self.attention_mask = torch.ones_like(self.input_ids)
+        self.attention_mask[1::2, LM_LENGTH - padded:] = 0
+        self.labels = self.input_ids.masked_fill(self.attention_mask == 0, -100)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+                "labels": self.labels[index]}
+
+    def batches(self, size: int) -> list[dict[str, torch.Tensor]]:
+        """The dataset as collated dict batches (for a method's planning stage)."""
+        return [torch.utils.data.default_collate([self[i] for i in range(start, min(start + size, len(self)))])
+                for start in range(0, len(self), size)]

@@ -30,9 +30,14 @@ def _loss(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1])
 
 
+def _task_loss(outputs, labels):
+    """The same loss in the Trainer's form, loss_fn(outputs, labels), as plan_spt takes it."""
+    return F.cross_entropy(outputs, labels)
+
+
 def _plan(model, **overrides):
     config = SPTConfig(**{"targets": ["0", "2"], "budget": 0.1, "lora_rank": 2, **overrides})
-    return plan_spt(model, config, _batches(), _loss)
+    return plan_spt(model, config, _batches(), _task_loss)
 
 
 def _manual_sensitivity(model, names):
@@ -62,6 +67,24 @@ def test_plan_follows_the_taylor_scores_the_global_budget_and_the_structured_rul
         else:
             assert planned.allocation[name] == count and name not in planned.structured
     assert planned.structured, "this budget is meant to give one matrix LoRA"
+
+
+def test_a_custom_loss_fn_is_the_loss_whose_sensitivity_is_measured():
+    """loss_fn(outputs, labels) replaces cross-entropy: the scores are the squared gradients of that loss."""
+    def margin(outputs, labels):
+        return (outputs.gather(1, labels[:, None]) - outputs.logsumexp(1, keepdim=True)).square().mean()
+
+    planned = SPTConfig(targets=["0", "2"], budget=0.1, lora_rank=2).plan(_model(), _batches(), loss_fn=margin)
+    model = _model()
+    weights = [model.get_submodule(n).weight for n in ("0", "2")]
+    expected = [torch.zeros_like(w) for w in weights]
+    for x, y in _batches():
+        for score, grad in zip(expected, torch.autograd.grad(margin(model(x), y), weights)):
+            score += grad.square()
+    for name, score in zip(("0", "2"), expected):
+        torch.testing.assert_close(planned.sensitivity[name].double(), score, rtol=1e-5, atol=1e-12)
+    default = SPTConfig(targets=["0", "2"], budget=0.1, lora_rank=2).plan(_model(), _batches())
+    assert not torch.allclose(default.sensitivity["0"], planned.sensitivity["0"])
 
 
 def test_the_default_loss_reads_tuple_and_dict_batches_alike():
@@ -161,7 +184,7 @@ def test_budgets_that_select_nothing_or_too_much_are_refused():
     with pytest.raises(ConfigError, match="only plan_spt can split"):
         dt.adapt(_model(), SPTConfig(budget=50))
     with pytest.raises(ConfigError, match="batches is empty"):
-        plan_spt(_model(), SPTConfig(), [], _loss)
+        plan_spt(_model(), SPTConfig(), [], _task_loss)
 
 
 def test_config_plan_is_plan_spt_once_and_then_the_identity():

@@ -15,6 +15,7 @@ carry them; the allocator's own state (EMAs, counters) goes through `state_dict`
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, ClassVar
 
@@ -46,6 +47,16 @@ def find_capable_deltas(model: nn.Module, adapter: str, required: tuple[type, ..
     return found
 
 
+def warn_no_gradient(module: str, step: int, warned: set[str]) -> None:
+    """Warn once per module (tracked in `warned`) that `module` got no gradient and counts as unimportant."""
+    if module in warned:
+        return
+    warned.add(module)
+    warnings.warn(f"{module} got no gradient at step {step} (the loss does not reach it): the allocator scores what "
+                  f"got none as 0 while this lasts; if the module is not used, leave it out (exclude=[{module!r}])",
+                  stacklevel=4)
+
+
 class Allocator:
     """Base class: subclasses implement `_step(global_step)` and extend `state_dict`/`load_state_dict`."""
 
@@ -58,6 +69,8 @@ class Allocator:
         self.deltas = find_capable_deltas(model, adapter, self.required)
         self.last_step = 0
         self._captured: dict[int, Tensor] = {}
+        self._current_step = 0
+        self._warned_no_gradient: set[str] = set()
 
     @property
     def model(self) -> nn.Module:
@@ -87,6 +100,7 @@ class Allocator:
                 f"global_step={global_step} is beyond total_steps={self.total_steps} that this allocator was "
                 "built for; build it with the real training length"
             )
+        self._current_step = global_step
         try:
             self._step(global_step)
         finally:
@@ -96,17 +110,27 @@ class Allocator:
     def _step(self, global_step: int) -> None:
         raise NotImplementedError
 
-    def gradient(self, parameter: Tensor, name: str = "") -> Tensor:
-        """The gradient of a component tensor for this step: the captured copy, else the live `.grad`."""
+    def gradient(self, parameter: Tensor, name: str = "", module: str | None = None) -> Tensor:
+        """The gradient of a component tensor for this step: the captured copy, else the live `.grad`.
+
+        A tensor without one while other component tensors have theirs belongs to a module the loss did not reach
+        (BERT's pooler under a loss on `last_hidden_state`): its gradient is zero for this step, and a warning
+        names `module` once. No gradient anywhere is a call-order mistake (stepped after `zero_grad`)."""
         captured = self._captured.get(id(parameter))
         if captured is not None:
             return captured
-        if parameter.grad is None:
+        if parameter.grad is not None:
+            return parameter.grad
+        if not self._any_gradient():
             raise AllocationError(
                 f"no gradient for {name or 'a component tensor'}: call allocator.step after loss.backward() and "
                 "optimizer.step(), before optimizer.zero_grad()"
             )
-        return parameter.grad
+        warn_no_gradient(module or name, self._current_step, self._warned_no_gradient)
+        return torch.zeros_like(parameter)
+
+    def _any_gradient(self) -> bool:
+        return bool(self._captured) or any(p.grad is not None for p in self._component_parameters())
 
     def _component_parameters(self) -> list[Tensor]:
         return [p for delta in self.deltas.values() for p, _ in delta.component_tensors().values()]

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.allocate.allocator import AllocationError, Allocator
+from deltatune.allocate.allocator import AllocationError, Allocator, warn_no_gradient
 from deltatune.allocate.importance import (
     delta_gradient_score, normalized_frobenius, sensitivity_score, smooth_sensitivity,
 )
@@ -41,19 +41,25 @@ class SmoothedDeltaGradientScore:
         self.average: dict[str, Tensor] = {}
         self.uncertainty: dict[str, Tensor] = {}
         self.probe: DeltaGradientProbe | None = None
+        self._warned_no_gradient: set[str] = set()
 
     def attach(self, deltas: dict[str, nn.Module]) -> None:
         self.probe = DeltaGradientProbe(deltas)
 
     def observe(self, deltas: dict[str, nn.Module], step: int) -> None:
+        """Smooth this step's score; a module no backward pass reached (while others were) scores 0."""
+        if not any(self.probe.has_gradient(delta) for delta in deltas.values()):
+            raise AllocationError(
+                f"no backward pass reached any of the {len(deltas)} adapted modules since the last allocator step: "
+                "call allocator.step once per optimizer step, after loss.backward() and optimizer.step()"
+            )
         for path, delta in deltas.items():
             gradient = self.probe.delta_gradient(delta)
             if gradient is None:
-                raise AllocationError(
-                    f"no backward pass reached {path} since the last allocator step: call allocator.step once "
-                    "per optimizer step, after loss.backward() and optimizer.step()"
-                )
-            current = delta_gradient_score(delta.delta_matrix(), gradient).to(torch.float64).cpu()
+                warn_no_gradient(path, step, self._warned_no_gradient)
+                current = torch.zeros((), dtype=torch.float64)
+            else:
+                current = delta_gradient_score(delta.delta_matrix(), gradient).to(torch.float64).cpu()
             average = self.average.get(path, torch.zeros((), dtype=torch.float64))
             uncertainty = self.uncertainty.get(path, torch.zeros((), dtype=torch.float64))
             self.average[path], self.uncertainty[path] = smooth_sensitivity(

@@ -64,7 +64,7 @@ class SensitivityPruner(Allocator):
         for path, delta in self.deltas.items():
             for name, (parameter, _) in delta.component_tensors().items():
                 key = f"{path}.{name}"
-                current = sensitivity(parameter, self.gradient(parameter, key))
+                current = sensitivity(parameter, self.gradient(parameter, key, module=path))
                 average = self.average.get(key, torch.zeros_like(current))
                 uncertainty = self.uncertainty.get(key, torch.zeros_like(current))
                 self.average[key], self.uncertainty[key] = smooth_sensitivity(

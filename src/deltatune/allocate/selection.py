@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.errors import ConfigError
 from deltatune.train.batches import split_batch
-from deltatune.train.losses import logits_of
+from deltatune.train.losses import LossFn as TaskLossFn
+from deltatune.train.losses import batch_loss
 
 
 def check_budget(budget: float, field: str = "budget") -> None:
@@ -102,19 +102,24 @@ def d3_scores(grad: Tensor, value: Tensor, eps: float = 1e-3, exponent: float = 
     return grad.abs() / (value.abs() + eps).pow(exponent)
 
 
-LossFn = Callable[[nn.Module, object], Tensor]
+Objective = Callable[[nn.Module, object], Tensor]
+"""`objective(model, batch) -> 0-dim loss tensor`: runs the model on one raw batch."""
 
 
-def classification_loss(model: nn.Module, batch: Any) -> Tensor:
-    """Cross-entropy of a batch in either convention of `deltatune.train.batches` (dict with "labels", or a
-    tuple (inputs..., labels)), on the model's device."""
-    device = next(model.parameters()).device
-    split = split_batch(batch).to(device)
-    return F.cross_entropy(logits_of(split.run(model)), split.labels)
+def task_objective(loss_fn: TaskLossFn | None = None) -> Objective:
+    """The trainer's task loss as an objective: a batch in either convention of `deltatune.train.batches` (dict
+    with "labels", or a tuple (inputs..., labels)) on the model's device, scored by `loss_fn(outputs, labels)`,
+    else the model's own `.loss`, else classification cross-entropy (`deltatune.train.losses.batch_loss`)."""
+
+    def objective(model: nn.Module, batch: Any) -> Tensor:
+        device = next(model.parameters()).device
+        return batch_loss(model, split_batch(batch).to(device), loss_fn)[0]
+
+    return objective
 
 
 def taylor_sensitivity(
-    model: nn.Module, weights: Mapping[str, Tensor], batches: Iterable[object], loss_fn: LossFn,
+    model: nn.Module, weights: Mapping[str, Tensor], batches: Iterable[object], objective: Objective,
 ) -> dict[str, Tensor]:
     """First-order Taylor sensitivity Σ_batches (∂L/∂w)² of each entry of `weights` (SPT's stage 1).
 
@@ -131,7 +136,7 @@ def taylor_sensitivity(
         for p in params.values():
             p.requires_grad_(True)
         for batch in batches:
-            grads = torch.autograd.grad(loss_fn(model, batch), list(params.values()), allow_unused=True)
+            grads = torch.autograd.grad(objective(model, batch), list(params.values()), allow_unused=True)
             for (name, _), grad in zip(params.items(), grads):
                 if grad is not None:
                     scores[name] += grad.detach().float().square()

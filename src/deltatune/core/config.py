@@ -56,9 +56,10 @@ class DeltaConfig:
             except re.error as error:
                 raise ConfigError(f"targets={self.targets!r} is not a valid regular expression: {error}") from None
 
-    def plan(self, model: Any, batches: Any) -> DeltaConfig:
+    def plan(self, model: Any, batches: Any, loss_fn: Any = None) -> DeltaConfig:
         """The config to adapt `model` with, for methods that choose what to train from data before training
-        (SPT's sensitivity); `batches` is an iterable of training batches, read only as far as the method needs.
+        (SPT's sensitivity); `batches` is an iterable of training batches, read only as far as the method needs;
+        `loss_fn(outputs, labels)` is the training loss, as the Trainer takes it (None: the Trainer's default).
         Methods without such a stage return themselves."""
         return self
 

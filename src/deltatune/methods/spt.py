@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.allocate.selection import (
-    LossFn, check_budget, classification_loss, global_top_counts, largest_score_positions, resolve_budget,
-    taylor_sensitivity,
+    check_budget, global_top_counts, largest_score_positions, resolve_budget, task_objective, taylor_sensitivity,
 )
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
@@ -48,6 +47,7 @@ from deltatune.core.registry import register_method
 from deltatune.core.targets import find_targets
 from deltatune.errors import ConfigError, config_check
 from deltatune.functional.sparse import PatternCache, scatter_matrix, sparse_adapted_linear, sparse_matmul
+from deltatune.train.losses import LossFn
 
 
 @dataclass(frozen=True)
@@ -99,19 +99,23 @@ class SPTConfig(DeltaConfig):
     def is_planned(self) -> bool:
         return self.allocation is not None
 
-    def plan(self, model: Any, batches: Any) -> SPTConfig:
+    def plan(self, model: Any, batches: Any, loss_fn: LossFn | None = None) -> SPTConfig:
         """Stage 1 (`plan_spt`) unless this config is already planned."""
-        return self if self.is_planned() else plan_spt(model, self, batches)
+        return self if self.is_planned() else plan_spt(model, self, batches, loss_fn)
 
 
 def plan_spt(
-    model: nn.Module, config: SPTConfig, batches: Iterable[Any], loss_fn: LossFn = classification_loss,
+    model: nn.Module, config: SPTConfig, batches: Iterable[Any], loss_fn: LossFn | None = None,
 ) -> SPTConfig:
     """Stage 1: measure sensitivity on the first `config.sensitivity_batches` batches and return the planned
-    config (targets narrowed to the modules that got a delta) to pass to `deltatune.adapt`."""
+    config (targets narrowed to the modules that got a delta) to pass to `deltatune.adapt`.
+
+    The sensitivity is that of the training loss: `loss_fn(outputs, labels)` as the Trainer takes it; by default
+    the model's own `.loss` when its forward takes `labels` (a transformers causal LM), else classification
+    cross-entropy (`deltatune.train.losses` has the rules)."""
     weights = _target_weights(model, config)
     batches = itertools.islice(iter(batches), config.sensitivity_batches)
-    scores = taylor_sensitivity(model, weights, batches, loss_fn)
+    scores = taylor_sensitivity(model, weights, batches, task_objective(loss_fn))
     infos = {path: _layer_info(model, path) for path in weights}
     matrices = {path: infos[path].to_matrix(score) for path, score in scores.items()}
     budget = resolve_budget(config.budget, sum(s.numel() for s in matrices.values()))

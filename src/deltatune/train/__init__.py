@@ -8,12 +8,12 @@ Runs unchanged as one process or under `torchrun --nproc_per_node=N` (Distribute
 from deltatune.train.callbacks import Callback
 from deltatune.train.checkpoint import latest_checkpoint, list_checkpoints
 from deltatune.train.config import TrainConfig
-from deltatune.train.losses import cross_entropy
+from deltatune.train.losses import causal_lm_loss, cross_entropy
 from deltatune.train.schedules import build_scheduler, lr_multiplier
 from deltatune.train.seeding import set_seed
 from deltatune.train.trainer import TrainResult, Trainer
 
 __all__ = [
-    "Callback", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "cross_entropy", "latest_checkpoint",
-    "list_checkpoints", "lr_multiplier", "set_seed",
+    "Callback", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "causal_lm_loss", "cross_entropy",
+    "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
 ]

@@ -27,7 +27,10 @@ class SplitBatch:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def run(self, model: nn.Module) -> Any:
+    def run(self, model: nn.Module, with_labels: bool = False) -> Any:
+        """The model's outputs; `with_labels` also passes `labels=` (for models that compute their own loss)."""
+        if with_labels:
+            return model(*self.args, **self.kwargs, labels=self.labels)
         return model(*self.args, **self.kwargs)
 
     def to(self, device: torch.device | str) -> SplitBatch:

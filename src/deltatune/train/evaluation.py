@@ -5,32 +5,49 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from deltatune.train.batches import SplitBatch
 from deltatune.train.data_order import balanced_split
 from deltatune.train.distributed import World, all_reduce_sum
-from deltatune.train.losses import LossFn, logits_of
+from deltatune.train.losses import LossFn, batch_loss, find_logits
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any], loss_fn: LossFn,
-                   world: World, batch_size: int, to_device: Callable[[Any], SplitBatch]) -> dict[str, float]:
-    """{"loss": mean of loss_fn over examples, "accuracy": share of argmax == label}; training mode restored."""
+def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any], loss_fn: LossFn | None,
+                   world: World, batch_size: int, to_device: Callable[[Any], SplitBatch],
+                   labels_to_model: bool | None = None) -> dict[str, float]:
+    """{"loss": the task loss (`losses.batch_loss`) averaged over examples, "accuracy": share of argmax == label};
+    training mode restored.
+
+    Accuracy is reported only when every batch has one class label per example (labels (B,) with logits (B, C));
+    token-level labels (a causal LM's) and outputs without logits get the loss alone."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss * n, correct, n
+    sums = torch.zeros(4, dtype=torch.float64, device=world.device)  # loss * n, correct, n classified, n
     shard = balanced_split(range(len(dataset)), world.size)[world.rank]
     try:
         for start in range(0, len(shard), batch_size):
             batch = to_device(collate_fn([dataset[i] for i in shard[start:start + batch_size]]))
-            labels = batch.labels
-            logits = logits_of(batch.run(model))
-            count = torch.tensor(float(len(labels)), dtype=torch.float64, device=sums.device)
-            sums += torch.stack([loss_fn(logits, labels).double() * count,
-                                 (logits.argmax(dim=-1) == labels).sum().double(), count])
+            loss, outputs = batch_loss(model, batch, loss_fn, labels_to_model)
+            count = float(len(batch.labels)) if batch.labels.dim() else 1.0
+            correct, classified = _correct_predictions(find_logits(outputs), batch.labels)
+            sums += torch.tensor([float(loss) * count, correct, classified, count], dtype=torch.float64,
+                                 device=sums.device)
     finally:
         model.train(was_training)
-    loss, correct, count = all_reduce_sum(sums, world).tolist()
-    return {"loss": loss / count, "accuracy": correct / count}
+    loss, correct, classified, count = all_reduce_sum(sums, world).tolist()
+    metrics = {"loss": loss / count}
+    if classified == count:
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+def _correct_predictions(logits: Tensor | None, labels: Tensor) -> tuple[float, float]:
+    """(correct, examples counted) for one class label per example; (0, 0) where accuracy has no meaning."""
+    one_label_each = (logits is not None and logits.dim() == 2 and labels.dim() == 1
+                      and not labels.is_floating_point() and labels.shape[0] == logits.shape[0])
+    if not one_label_each:
+        return 0.0, 0.0
+    return float((logits.argmax(dim=-1) == labels).sum()), float(labels.shape[0])

@@ -36,7 +36,7 @@ from deltatune.train.data_order import (
 )
 from deltatune.train.distributed import all_reduce_sum, setup_world
 from deltatune.train.evaluation import evaluate_model
-from deltatune.train.losses import LossFn, cross_entropy, is_zero_constant, logits_of, regularization
+from deltatune.train.losses import LossFn, batch_loss, is_zero_constant, regularization, takes_labels
 from deltatune.train.metrics_log import IntervalStats, MetricsLog, progress_bar
 from deltatune.train.schedules import build_scheduler
 from deltatune.train.seeding import set_seed
@@ -44,8 +44,9 @@ from deltatune.train.seeding import set_seed
 
 @dataclass
 class TrainResult:
-    """What `Trainer.train` returns. `metrics`: the last training loss and the final evaluation
-    (`eval_loss`, `eval_accuracy`) when there is an eval dataset; `history`: every logged record."""
+    """What `Trainer.train` returns. `metrics`: the last training loss and the final evaluation (`eval_loss`, and
+    `eval_accuracy` for one class label per example) when there is an eval dataset; `history`: every logged
+    record."""
 
     global_step: int
     epoch: int
@@ -59,13 +60,18 @@ class Trainer:
     """Trains the parameters of `model` that require gradients (see the module docstring for the loop).
 
     Args:
-        model: called as `model(**batch_without_labels)` for dict batches, `model(*inputs)` for tuple batches;
-            returns logits (B, C), or an object with `.logits`. It is moved to the training device.
+        model: called as `model(**batch_without_labels)` for dict batches, `model(*inputs)` for tuple batches
+            (plus `labels=` when it computes its own loss, see `loss_fn`); returns logits (B, C), an object with
+            `.logits`, or whatever `loss_fn` reads. It is moved to the training device.
         config: a `TrainConfig`.
         train_dataset / eval_dataset: map-style datasets whose items collate to a dict of tensors with `labels`
             or to a tuple `(inputs..., labels)` (a `TensorDataset(x, y)` works as it is).
         collate_fn: list of items -> batch (default `torch.utils.data.default_collate`).
-        loss_fn: `loss_fn(logits, labels)` -> batch-mean loss (default cross-entropy).
+        loss_fn: `loss_fn(outputs, labels)` -> the batch-mean loss (a 0-dim tensor), `outputs` being what the model
+            returned; the model is then called without labels. Default: the model's own `.loss` when its forward
+            takes `labels` (transformers' causal LMs and classifiers), else classification cross-entropy of the
+            logits (`deltatune.train.losses` has the rules; `causal_lm_loss` is there for LMs that do not
+            compute a loss). Evaluation uses the same loss.
         callbacks: objects with any of the hooks of `deltatune.train.Callback`, fired in this order.
         optimizer_factory: `factory(param_groups) -> torch.optim.Optimizer` replaces the default AdamW. It gets
             one group {"params", "param_names", "lr": config.lr}; the group's lr wins over the factory's own.
@@ -82,7 +88,11 @@ class Trainer:
         self.model = model.to(self.world.device)
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate_fn = collate_fn or default_collate
-        self.loss_fn = loss_fn or cross_entropy
+        if loss_fn is not None and not callable(loss_fn):
+            raise ConfigError(f"loss_fn is a {type(loss_fn).__name__}; expected a function (outputs, labels) -> "
+                              "0-dim loss tensor, or None for the default")
+        self.loss_fn = loss_fn
+        self._labels_to_model = loss_fn is None and takes_labels(self.model)
         self.callbacks = list(callbacks)
         self._check_data()
         self.optimizer = self._build_optimizer(optimizer_factory)
@@ -209,13 +219,13 @@ class Trainer:
         """Backward of this micro-batch's part of the global objective; returns that part's value."""
         batch = self._to_device(batch)
         try:
-            logits = logits_of(batch.run(self._train_model))
+            loss, _ = batch_loss(self._train_model, batch, self.loss_fn, self._labels_to_model)
         except RuntimeError as error:
             if "find_unused_parameters" in str(error):
                 raise TrainingError("some trainable parameters got no gradient in the last step; set "
                                     "TrainConfig(find_unused_parameters=True) or freeze them") from error
             raise
-        part = self.loss_fn(logits, batch.labels) * micro.weight
+        part = loss * micro.weight
         if micro.last:
             reg = regularization(self.model)
             if not is_zero_constant(reg):
@@ -285,13 +295,14 @@ class Trainer:
         return metrics
 
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
-        """Mean loss (the task loss, no regularizer) and accuracy over `dataset` (default: the eval dataset),
-        shared out across processes."""
+        """Mean loss (the task loss, no regularizer) and, for one class label per example, accuracy over
+        `dataset` (default: the eval dataset), shared out across processes (see `evaluation.evaluate_model`)."""
         dataset = self.eval_dataset if dataset is None else dataset
         if dataset is None or len(dataset) == 0:
             raise TrainingError("evaluate() needs a non-empty dataset; pass one or give the Trainer eval_dataset")
         return evaluate_model(self.model, dataset, self.collate_fn, self.loss_fn, self.world,
-                              self.config.eval_batch_size or self.config.batch_size, self._to_device)
+                              self.config.eval_batch_size or self.config.batch_size, self._to_device,
+                              self._labels_to_model)
 
     # --- checkpoints and the end --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
