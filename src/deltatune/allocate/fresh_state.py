@@ -79,7 +79,7 @@ class FreshSlotAllocator(Allocator):
 
 def optimizer_rule(optimizer: torch.optim.Optimizer) -> str:
     """"adam" or "sgd": how new slots get fresh state in this optimizer; refuses the others by name."""
-    if isinstance(optimizer, torch.optim.Adam) or isinstance(optimizer, torch.optim.AdamW):
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         return "adam"
     if isinstance(optimizer, torch.optim.SGD):
         damped = [g["dampening"] for g in optimizer.param_groups if g["momentum"] != 0 and g["dampening"] != 0]
@@ -111,6 +111,7 @@ class FreshSlotState:
     # --- wiring -----------------------------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Hook into `optimizer` (idempotent); call before its first step, after a resume too."""
+        optimizer = _unwrapped(optimizer)
         if optimizer is self.optimizer:
             return
         rule = optimizer_rule(optimizer)
@@ -226,6 +227,15 @@ class FreshSlotState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ages = {key: torch.as_tensor(ages, dtype=torch.int64).clone() for key, ages in state["ages"].items()}
         self.seen = {key: int(step) for key, step in state["seen"].items()}
+
+
+def _unwrapped(optimizer: Any) -> Any:
+    """The torch optimizer inside a wrapper that steps it (accelerate's AcceleratedOptimizer, as the HF
+    Trainer uses): its own step hooks then see every step."""
+    while not isinstance(optimizer, (torch.optim.Adam, torch.optim.SGD)) and isinstance(
+            getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def _group_of(optimizer: torch.optim.Optimizer, parameter: Tensor) -> dict[str, Any] | None:
