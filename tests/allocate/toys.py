@@ -62,6 +62,6 @@ def train(model: nn.Module, allocator, steps: int, lr: float = 0.05, micro_batch
             (loss + dt.regularization_loss(model) / micro_batches).backward()
         opt.step()
         if allocator is not None:
-            allocator.step(model, step)
+            allocator.step(model, step, opt)
         opt.zero_grad()
     return opt

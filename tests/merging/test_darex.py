@@ -200,3 +200,29 @@ def test_adamr_factory_for_trainers():
     assert len(optimizer.param_groups[0]["params"]) == 1
     with pytest.raises(ConfigError, match="weight_decay"):
         AdamR(model.parameters(), weight_decay=-1)
+
+
+@pytest.mark.parametrize("q", [0.5, 0.8, None])
+def test_darex_without_dropping_still_divides_by_q(q):
+    """δ̂ = m ⊙ δ / q with m = 1 at density 1 (the official rescale_v divides whatever was dropped)."""
+    generator = torch.Generator().manual_seed(4)
+    base = {"weight": torch.randn(6, 5, generator=generator, dtype=torch.float64)}
+    tuned = {"weight": base["weight"] + torch.randn(6, 5, generator=generator, dtype=torch.float64)}
+    merged = merge_state_dicts("darex", base, [tuned], None, [DarexModelParams(density=1.0, q=q)], seed=0)
+    delta = tuned["weight"] - base["weight"]
+    expected = base["weight"] + (delta / q if q is not None else delta)
+    torch.testing.assert_close(merged["weight"], expected, rtol=0, atol=1e-15)
+
+
+def test_prune_with_q_leaves_the_kept_head_whole_and_divides_the_rest(tmp_path):
+    from deltatune.cli import main
+    from merging.tiny_checkpoints import load_folder, make_models
+
+    base_dir, dirs, base, tuned = make_models(tmp_path, count=1)
+    out = tmp_path / "pruned"
+    assert main(["prune", str(dirs[0]), "--base", str(base_dir), "--out", str(out), "--method", "darex",
+                 "--drop-rate", "0.0", "--q", "0.5", "--keep", "embed_tokens", "--no-progress"]) == 0
+    pruned = load_folder(out)
+    head, body = "model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(pruned[head], tuned[0][head])
+    torch.testing.assert_close(pruned[body] - base[body], (tuned[0][body] - base[body]) / 0.5)

@@ -53,6 +53,34 @@ def test_allocation_splits_the_budget_in_proportion_to_contribution():
     assert allocator.describe() == {"0": 2, "2": 4}
 
 
+def test_the_split_follows_the_size_of_the_contribution_whatever_its_sign():
+    """c_i = |Σ_t ⟨g_t, Δθ_t⟩|: a descending loss makes the sums negative; the split uses their size."""
+    config = CoLoRAConfig(targets=["0", "2"], rank=3, max_rank=5, probe=1)
+    model = _model(config)
+    allocator = config.allocator(model, 10)
+    allocator.contribution = {"0": -1.0, "2": -3.0}
+    assert allocator.allocate(step=1) == {"0": 2, "2": 4}
+
+
+def test_contributions_measured_while_the_loss_falls_are_negative_and_still_split_the_budget():
+    config = CoLoRAConfig(targets=["0", "2"], rank=3, max_rank=6, probe=5)
+    model = _model(config)
+    allocator = config.allocator(model, 10)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=generator, dtype=torch.float64)
+    target = torch.randn(32, 12, generator=generator, dtype=torch.float64)
+    for step in range(1, 5):
+        (model(x) - target).square().mean().backward()
+        optimizer.step()
+        allocator.step(model, step, optimizer)
+        optimizer.zero_grad()
+    assert all(value < 0 for value in allocator.contribution.values())  # SGD: ⟨g, −lr·g⟩ < 0
+    planned = allocator.planned_ranks()
+    share = abs(allocator.contribution["0"]) / sum(abs(v) for v in allocator.contribution.values())
+    assert planned["0"] == 1 + round(4 * share) and sum(planned.values()) == 6
+
+
 def test_resizing_keeps_the_largest_components_and_growing_keeps_the_output():
     config = CoLoRAConfig(targets=["0"], rank=3, max_rank=6)
     model = _model(config)

@@ -83,3 +83,77 @@ def test_events_grow_the_top_modules_by_score_until_the_target():
 def test_bad_hyper_parameters_name_the_field(fields, message):
     with pytest.raises(ConfigError, match=message):
         IncreLoRAConfig(**fields)
+
+
+def test_the_scale_is_alpha_over_the_live_rank_not_the_slots_in_use():
+    """ΔW = alpha / (live + 1e-5) · B diag(e) A, with reserves (held at 1e-5) in use but not counted."""
+    model = _model(init_rank=1, target_rank=4, rank_step=1, alpha=6.0)
+    delta = model[0].deltas["default"]
+    delta.grow_rank(1, step=1)
+    delta.grow_rank(1, step=2)
+    assert delta.rank == 3 and int(delta.reserve_mask.sum()) == 1
+    with torch.no_grad():
+        delta.lora_E.copy_(torch.linspace(0.5, 2.0, delta.rank_capacity, dtype=torch.float64).reshape(-1, 1))
+    mixer = torch.where(delta.rank_mask, delta.lora_E.reshape(-1), torch.zeros(()).double())
+    mixer = mixer + RESERVE_VALUE * delta.reserve_mask
+    expected = 6.0 / (3 + 1e-5) * (delta.lora_B * mixer) @ delta.lora_A
+    torch.testing.assert_close(delta.delta_matrix(), expected, rtol=1e-12, atol=1e-15)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    torch.testing.assert_close(delta(x), x @ expected.T, rtol=1e-12, atol=1e-15)
+
+
+def test_the_module_score_is_the_smoothed_sensitivity_times_its_uncertainty():
+    """σ_t = Σ|ΔW ⊙ ∂L/∂ΔW|/√n by hand each step (ΔW after the optimizer step, when the allocator reads it);
+    Ī ← β₁Ī + (1−β₁)σ, Ū ← β₂Ū + (1−β₂)|σ − Ī|; the score is Ī·Ū."""
+    config = IncreLoRAConfig(targets=["0", "2"], init_rank=1, target_rank=2, initial_warmup=50, interval=1,
+                             beta1=0.7, beta2=0.6, restart_warmup=0)
+    torch.manual_seed(0)
+    model = dt.adapt(nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12)).double(), config)
+    allocator = config.allocator(model, 100)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    deltas = {path: model.get_submodule(path).deltas["default"] for path in ("0", "2")}
+    seen: dict[str, tuple] = {}
+
+    def record(path: str):
+        def hook(module, args, out):
+            out.retain_grad()
+            seen[path] = (args[0], out)
+        return hook
+
+    hooks = [delta.register_forward_hook(record(path)) for path, delta in deltas.items()]
+    average = {path: 0.0 for path in deltas}
+    uncertainty = dict(average)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(1, 5):
+        x = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+        model(x).sin().sum().backward()
+        optimizer.step()
+        for path, delta in deltas.items():
+            inputs, out = seen[path]
+            gradient = out.grad.T @ inputs  # ∂L/∂ΔW of out = x ΔWᵀ
+            matrix = delta.delta_matrix().detach()
+            sigma = float((matrix * gradient).abs().sum()) / matrix.numel() ** 0.5
+            average[path] = 0.7 * average[path] + 0.3 * sigma
+            uncertainty[path] = 0.6 * uncertainty[path] + 0.4 * abs(sigma - average[path])
+        allocator.step(model, step, optimizer)
+        optimizer.zero_grad()
+    for hook in hooks:
+        hook.remove()
+    scores = allocator.scorer.scores(allocator.deltas, 4)
+    assert all(average[p] * uncertainty[p] > 0 for p in deltas)
+    for path in deltas:
+        assert scores[path] == pytest.approx(average[path] * uncertainty[path], rel=1e-9)
+
+
+def test_modules_tied_with_the_last_chosen_score_grow_too():
+    """The code's `is_dict[n] >= increase_threshold`: every module at the top_h-th score grows."""
+    config = IncreLoRAConfig(targets=["0", "2", "4"], init_rank=1, target_rank=3, top_modules=1, initial_warmup=0,
+                             interval=1)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 12)).double()
+    model = dt.adapt(base, config)
+    allocator = config.allocator(model, 10)
+    allocator.scorer.scores = lambda deltas, step: {"0": 2.0, "2": 1.0, "4": 2.0}
+    allocator.scorer.observe = lambda deltas, step: None
+    allocator.step(model, 1)
+    assert allocator.describe() == {"0": 2, "2": 1, "4": 2}

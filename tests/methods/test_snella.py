@@ -133,3 +133,39 @@ def test_allocation_needs_an_attached_config_and_steps():
     with pytest.raises(ConfigError, match="total_steps=0"):
         config.training_callbacks(model, 0)
     assert SNELLAConfig(allocate=False).training_callbacks(model, 10) == []
+
+
+def _allocation_with_scores(layer_scores: list[float], target_sparsity: float = 0.6):
+    """Two 16×16 layers whose S_ℓ = mean(ĪŪ)_A + mean(ĪŪ)_B is set by hand (Ī random, Ū scaled to it)."""
+    torch.manual_seed(0)
+    config = SNELLAConfig(rank=4, sparsity=0.0, target_sparsity=target_sparsity, allocation_interval=1)
+    model = dt.adapt(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)).double(), config)
+    (allocation,) = config.training_callbacks(model, total_steps=10)
+    generator = torch.Generator().manual_seed(3)
+    allocation.importance, allocation.uncertainty = [], []
+    for delta, score in zip(allocation.deltas, layer_scores):
+        means = [torch.rand(p.shape, generator=generator, dtype=torch.float64) for p in delta.importance_tensors()]
+        raw = sum(float(m.square().mean()) for m in means)  # with Ū = c·Ī, S_ℓ = c · Σ mean(Ī²)
+        allocation.importance.append(means)
+        allocation.uncertainty.append([m * (score / raw) for m in means])
+    return allocation
+
+
+def test_layer_scores_are_the_mean_of_importance_times_uncertainty_over_both_factors():
+    allocation = _allocation_with_scores([1.0, 3.0])
+    assert list(allocation.layer_scores().values()) == pytest.approx([1.0, 3.0], rel=1e-12)
+
+
+def test_the_kept_volume_is_split_across_layers_in_proportion_to_their_scores():
+    allocation = _allocation_with_scores([1.0, 3.0])
+    budget = allocation.budget(10)
+    assert budget == round(0.4 * 512) == 205
+    # 205 · ¼ = 51.25 and 205 · ¾ = 153.75: largest remainder gives the extra unit to the second layer
+    assert list(allocation.allocate(10).values()) == [51, 154]
+    assert [float(d.sparsity) for d in allocation.deltas] == pytest.approx([1 - 51 / 256, 1 - 154 / 256])
+
+
+def test_a_layer_whose_share_exceeds_its_size_is_capped_and_the_rest_re_split():
+    allocation = _allocation_with_scores([1.0, 9.0], target_sparsity=0.3)
+    budget = allocation.budget(10)  # 0.7 · 512 = 358: the second layer's share 322 > 256
+    assert list(allocation.allocate(10).values()) == [budget - 256, 256]

@@ -4,7 +4,11 @@ An allocator binds to one adapter's deltas that have the capabilities it needs (
 stepped once per optimizer step. In a plain loop, two lines::
 
     optimizer.step()
-    allocator.step(model, global_step)   # global_step = optimizer steps so far (1 after the first); then zero_grad()
+    allocator.step(model, global_step, optimizer)   # global_step = optimizer steps so far (1 after the first)
+
+then `zero_grad()`. Allocators that add components give them a new parameter's optimizer state
+(`fresh_state`): pass the optimizer (or call `allocator.attach_optimizer(optimizer)` before the first step;
+after resuming from a checkpoint, before the first resumed step).
 
 With the deltatune trainer, `allocator.callback()` (or the method config's `training_callbacks`) does the same
 at `on_step_end`. Gradient accumulation needs nothing more: the allocator only reads the summed gradients of a
@@ -87,9 +91,10 @@ class Allocator:
         }
 
     @torch.no_grad()
-    def step(self, model: nn.Module, global_step: int) -> None:
+    def step(self, model: nn.Module, global_step: int, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Update importance and apply this step's allocation decision. Call after `optimizer.step()` and
-        before `zero_grad()`, with the number of optimizer steps taken so far."""
+        before `zero_grad()`, with the number of optimizer steps taken so far (and the optimizer, which
+        `attach_optimizer` then hooks)."""
         if model is not self.model:
             raise AllocationError("allocator.step got a different model than the one the allocator was built for")
         if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 1:
@@ -101,6 +106,9 @@ class Allocator:
                 "built for; build it with the real training length"
             )
         self._current_step = global_step
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+        self._before_step()
         try:
             self._step(global_step)
         finally:
@@ -109,6 +117,13 @@ class Allocator:
 
     def _step(self, global_step: int) -> None:
         raise NotImplementedError
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer that trains the model (allocators that add components give them fresh state in it,
+        `fresh_state.FreshSlotAllocator`); call before its first step. Nothing to do here."""
+
+    def _before_step(self) -> None:
+        """Checks before this step's decision (none here)."""
 
     def gradient(self, parameter: Tensor, name: str = "", module: str | None = None) -> Tensor:
         """The gradient of a component tensor for this step: the captured copy, else the live `.grad`.
@@ -165,12 +180,17 @@ class AllocatorCallback:
         self.allocator = allocator
         self.capture = capture
 
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        # before the first optimizer step, and after a resume has restored the optimizer's state
+        if kwargs.get("optimizer") is not None:
+            self.allocator.attach_optimizer(kwargs["optimizer"])
+
     def on_backward_end(self, *args: Any, **kwargs: Any) -> None:
         if self.capture:
             self.allocator.capture_gradients()
 
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-        self.allocator.step(self.allocator.model, _global_step(args, kwargs))
+        self.allocator.step(self.allocator.model, _global_step(args, kwargs), kwargs.get("optimizer"))
 
     def state_dict(self) -> dict[str, Any]:
         return self.allocator.state_dict()

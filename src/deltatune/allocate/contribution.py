@@ -12,14 +12,15 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from deltatune.allocate.allocator import Allocator
+from deltatune.allocate.fresh_state import FreshSlotAllocator
 from deltatune.allocate.importance import proportional_ranks
 from deltatune.allocate.protocols import CanResizeRank, HasRankComponents
 from deltatune.allocate.schedules import OneShotSchedule
 
 
-class ContributionAllocator(Allocator):
-    """Path-integrated contribution per module, then one proportional re-split of the budget."""
+class ContributionAllocator(FreshSlotAllocator):
+    """Path-integrated contribution per module, then one proportional re-split of the budget (added components
+    get a new parameter's optimizer state, `fresh_state`)."""
 
     required: ClassVar[tuple[type, ...]] = (HasRankComponents, CanResizeRank)
 
@@ -66,7 +67,7 @@ class ContributionAllocator(Allocator):
     def allocate(self, step: int) -> dict[str, int]:
         ranks = self.planned_ranks()
         for path, rank in ranks.items():
-            self.deltas[path].resize_rank(rank, step)
+            self.reinitialize(path, lambda: self.deltas[path].resize_rank(rank, step))
         self.allocated = True
         self._previous = {}
         return ranks

@@ -11,8 +11,10 @@ the last chosen score grow too, as in both official codes) and each gains `add_r
 slots, until the global target. Deviation from both codes: the target is never exceeded (the last module
 grows by what is left) and a module with no free slot is skipped for the next one.
 
-`UpdateWarmup` restarts a linear learning-rate warm-up for components that just appeared (IncreLoRA's new
-parameter groups with their own warm-up) by scaling each new slot's update of the step just taken.
+New components get a new parameter's optimizer state (moments at zero, their own step count for Adam's bias
+correction: `fresh_state`), as the official IncreLoRA code's new parameter groups do. `UpdateWarmup` restarts
+a linear learning-rate warm-up for them (those groups' own warm-up) by scaling each new slot's update of the
+step just taken.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from deltatune.allocate.allocator import AllocationError, Allocator, warn_no_gradient
+from deltatune.allocate.allocator import AllocationError, warn_no_gradient
+from deltatune.allocate.fresh_state import FreshSlotAllocator
 from deltatune.allocate.importance import (
     delta_gradient_score, normalized_frobenius, sensitivity_score, smooth_sensitivity,
 )
@@ -120,8 +123,9 @@ class UpdateWarmup:
     """Scale the update each new component received in the step just taken by its warm-up factor.
 
     After `step(t)` snapshots the slots still warming up, the optimizer's step t+1 moves them; `apply(t+1)`
-    then replaces θ by θ_before + f·(θ − θ_before). For SGD and Adam(W) this equals running those slots at
-    f × the learning rate, without a separate optimizer parameter group."""
+    then replaces θ by θ_before + f·(θ − θ_before). With the slots' fresh state (`fresh_state`), for SGD and
+    Adam(W) this equals running them as a new parameter group at f × the learning rate (weight decay
+    included)."""
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
@@ -164,8 +168,9 @@ class UpdateWarmup:
             self._before[(path, name)] = (previous.clone(), slot_dim)
 
 
-class GrowthAllocator(Allocator):
-    """Grow `add_rank` components on the best modules at each schedule event until the target budget."""
+class GrowthAllocator(FreshSlotAllocator):
+    """Grow `add_rank` components on the best modules at each schedule event until the target budget; the
+    new components get a new parameter's optimizer state (`fresh_state`)."""
 
     required: ClassVar[tuple[type, ...]] = (HasRankComponents, CanGrowRank)
 
@@ -204,7 +209,7 @@ class GrowthAllocator(Allocator):
             left = self.schedule.target_budget - self.total_rank
             if left <= 0 or (len(added) >= count and scores[path] < threshold):
                 break
-            grown = self.deltas[path].grow_rank(min(self.add_rank, left), step)
+            grown = self.reinitialize(path, lambda: self.deltas[path].grow_rank(min(self.add_rank, left), step))
             if grown:
                 added[path] = grown
         return added

@@ -3,7 +3,9 @@ runtime-checkable protocols; they never check a method's class.
 
 A delta "has rank components" when its update is a sum of rank-one pieces living in a fixed number of slots
 (`rank_capacity`), of which `rank_mask` marks the live ones. Tensor shapes never change: pruning and growing
-only flip mask entries and (re)initialize slot values, so optimizer state and adapter files stay valid.
+only flip mask entries and (re)initialize slot values, so optimizers and adapter files stay valid; the slots a
+change (re)initializes are reported (`HasNewSlots`) and get a new parameter's optimizer state
+(`fresh_state`), as the official codes' new parameters do.
 """
 from __future__ import annotations
 
@@ -62,6 +64,16 @@ class CanResizeRank(Protocol):
     """CoLoRA-style: set a module's live rank directly (drop the weakest components, add fresh ones)."""
 
     def resize_rank(self, rank: int, step: int) -> None: ...
+
+
+@runtime_checkable
+class HasNewSlots(Protocol):
+    """Reports the slots whose values a grow or resize (re)initialized: they start over, like new parameters."""
+
+    def take_new_slots(self) -> dict[str, Tensor]:
+        """Component tensor name (as in `component_tensors`) -> indices of the slots (re)initialized since the
+        last call (int64, along that tensor's slot dimension); the record is then cleared."""
+        ...
 
 
 @runtime_checkable

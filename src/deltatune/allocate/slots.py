@@ -47,6 +47,7 @@ class SlottedLowRankDelta(Delta):
         self.register_buffer("rank_mask", mask)
         self.dropout = nn.Dropout(config.dropout) if getattr(config, "dropout", 0.0) > 0 else nn.Identity()
         self._observer: Observer | None = None
+        self._new_slots: dict[str, set[int]] = {}
         self.regularization_share = 1.0  # allocators set 1/(number of tensors) for the official "mean" form
 
     # --- what a method fills in ------------------------------------------------------------------------------
@@ -120,10 +121,23 @@ class SlottedLowRankDelta(Delta):
         return torch.Generator().manual_seed((seed * 1_000_003 + key) % (2**63))
 
     def write_slots(self, parameter: Tensor, slot_dim: int, slots: Tensor, values: Tensor) -> None:
-        """Copy `values` (slots along dim 0) into `parameter` at `slots` along `slot_dim`, in place."""
+        """Copy `values` (slots along dim 0) into `parameter` at `slots` along `slot_dim`, in place. The slots
+        count as new (`take_new_slots`): a slot written here starts over with fresh optimizer state."""
         with torch.no_grad():
             view = parameter.movedim(slot_dim, 0)
             view[slots] = values.to(device=parameter.device, dtype=parameter.dtype).reshape(view[slots].shape)
+        self.mark_new_slots(parameter, slots)
+
+    def mark_new_slots(self, parameter: Tensor, slots: Tensor) -> None:
+        """Record `slots` of component tensor `parameter` as starting over (values kept, state fresh)."""
+        name = next(n for n, (tensor, _) in self.component_tensors().items() if tensor is parameter)
+        self._new_slots.setdefault(name, set()).update(int(i) for i in slots.reshape(-1).tolist())
+
+    def take_new_slots(self) -> dict[str, Tensor]:
+        """`HasNewSlots`: the slots written by `write_slots` / `mark_new_slots` since the last call."""
+        taken = {name: torch.tensor(sorted(slots), dtype=torch.int64) for name, slots in self._new_slots.items()}
+        self._new_slots = {}
+        return taken
 
     def slot_shape(self, parameter: Tensor, slot_dim: int, count: int) -> tuple[int, ...]:
         shape = list(parameter.movedim(slot_dim, 0).shape)

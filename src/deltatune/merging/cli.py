@@ -95,6 +95,10 @@ def _density_setting(density: float, keep: list[str]) -> list[dict]:
     return [{"filter": pattern, "value": 1.0} for pattern in keep] + [{"value": density}]
 
 
+def _conditions(setting: object) -> list[dict]:
+    return setting if isinstance(setting, list) else [{"value": setting}]
+
+
 def _q_setting(args: argparse.Namespace) -> object:
     if args.q_map is None:
         return args.q
@@ -120,8 +124,8 @@ def prune_config_dict(args: argparse.Namespace) -> dict:
     parameters: dict = {}
     if args.method == "darex":
         q = _q_setting(args)
-        if q is not None:
-            model_parameters["q"] = q
+        if q is not None:  # kept tensors are left whole: no drop and no rescale, as the official code's heads
+            model_parameters["q"] = [{"filter": pattern, "value": 1.0} for pattern in keep] + _conditions(q)
     elif args.q is not None or args.q_map is not None:
         raise ConfigError("--q and --q-map only apply to --method darex")
     if args.method == "dare":

@@ -183,10 +183,10 @@ def random_sparsifier(densities: Sequence[float], generator: Callable[[int], tor
     """
 
     def sparsify(delta: Tensor, index: int) -> Tensor:
-        if densities[index] >= 1.0:
-            return delta
-        mask = ops.random_keep_mask(delta.shape, densities[index], generator(index), delta.device)
         divisor = None if divisors is None else divisors[index]
+        if densities[index] >= 1.0:  # nothing to drop; DAREx's δ/q still applies (m = 1 in m ⊙ δ / q)
+            return delta.div_(divisor) if rescale == "divisor" and divisor != 1 else delta
+        mask = ops.random_keep_mask(delta.shape, densities[index], generator(index), delta.device)
         return mask_and_rescale(delta, mask, rescale, densities[index], divisor)
 
     return sparsify

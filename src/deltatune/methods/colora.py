@@ -14,8 +14,10 @@ be read (no code was released), so this applies the allocation rule to our tasks
    straight-line path between the same end points has the same total, split differently across layers);
 2. then the budget rank × #layers is split in proportion to c_i, each layer within [min_rank, max_rank]
    (`allocate.ContributionAllocator`); a layer that shrinks keeps its components with the largest ‖b_j‖·‖a_j‖,
-   a layer that grows gets fresh LoRA components (A Kaiming-uniform, B = 0, output unchanged); then training
-   goes on with the new ranks (CoLoRA allocates before fine-tuning; we keep the probe's progress).
+   a layer that grows gets fresh LoRA components (A Kaiming-uniform, B = 0, output unchanged) with a new
+   parameter's optimizer state (`allocate.fresh_state`: moments zeroed, their own Adam step count; a dropped
+   component's slot is zeroed with its moments); then training goes on with the new ranks (CoLoRA allocates
+   before fine-tuning; we keep the probe's progress).
 
 Saved tensors (per module): ``lora_A`` (capacity, in) — (capacity, in, *kernel) for convolutions —,
 ``lora_B`` (out, capacity) — (out, capacity, 1, ...) for convolutions —, ``rank_mask`` (capacity,) bool.

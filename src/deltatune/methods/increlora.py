@@ -21,8 +21,13 @@ target_rank / 2 (the code's table); warm-up and interval 1% of training (README 
 advance learning and restart warm-up on (the code's defaults). Deviations:
 - Fixed shapes: each module has `max_rank` + `rank_step` slots (default max_rank = min(4 × target_rank, in,
   out)); the code's lists grow without bound. A full module is skipped for the next best one.
-- New components are not a new optimizer parameter group: their update is scaled by the warm-up factor
-  (same effect for SGD/Adam); the code's later rescaling of those groups' decay is not reproduced.
+- New components are not new parameters in a new optimizer parameter group (the code's
+  `optimizer.add_param_group` of each new rank-1 a, b at reserve creation and of e at activation), but slots of
+  fixed tensors. They get the same optimizer state: at creation (a, b) or activation (e) their moments are
+  zeroed and they count their own steps for Adam's bias correction (`allocate.fresh_state`; Adam, AdamW and
+  SGD — other optimizers are refused); the group's warm-up is their update scaled by the warm-up factor. The
+  code's later decay of those groups' learning rate (over the remaining steps) is not reproduced, and without
+  advance learning the held reserves' a, b are still under the optimizer's weight decay before activation.
 - The growth never overshoots the target (the code can, by rank_step − 1 per module or on ties).
 - ∂L/∂ΔW is summed over accumulated micro-batches (the code keeps the last micro-batch's).
 - The orthogonality regularizer acts on the concatenated live and reserve components (the code applies it
@@ -178,7 +183,12 @@ class IncreLoRADelta(SlottedLowRankDelta):
         reserves = torch.nonzero(self.reserve_mask).reshape(-1)[: max(0, min(count, room))]
         if reserves.numel() == 0:
             return 0
-        self.lora_E[reserves] = RESERVE_VALUE if self.config.advance_learning else 0.0
+        start = RESERVE_VALUE if self.config.advance_learning else 0.0
+        self.write_slots(self.lora_E, 0, reserves, torch.full((reserves.numel(), 1), start, dtype=torch.float64))
+        if not self.config.advance_learning:  # the code's a, b join the optimizer only now, with e
+            self.mark_new_slots(self.lora_A, reserves)
+            self.mark_new_slots(self.lora_B, reserves)
+            self.trained_since[reserves] = step
         self.rank_mask[reserves], self.reserve_mask[reserves] = True, False
         self.live_since[reserves] = step
         self._create_reserves(step)
@@ -192,7 +202,7 @@ class IncreLoRADelta(SlottedLowRankDelta):
         for parameter, slot_dim in ((self.lora_A, 0), (self.lora_B, 1)):
             shape = self.slot_shape(parameter, slot_dim, free.numel())
             self.write_slots(parameter, slot_dim, free, gaussian(shape, generator, 0.02))
-        self.lora_E[free] = 0.0
+        self.write_slots(self.lora_E, 0, free, torch.zeros(free.numel(), 1))
         self.reserve_mask[free] = True
         self.trained_since[free] = step
 

@@ -25,6 +25,8 @@ warm-up, an event every step, γ 0.5 (plain norms averaged), alpha 8 (peft's). D
   core block and each new L row strip ~ N(0, 0.02²); new U column strips start at 0, so a growth event leaves
   ΔW unchanged apart from the code's α/R rescaling.
 - Fixed shapes: `max_rank` slots per module (default min(4 × target_rank, in, out)); full modules are skipped.
+  A new block's A rows, B columns, L row strip and U column strip get a new parameter's optimizer state
+  (moments zeroed, their own Adam step count: `allocate.fresh_state`), as the file's new parameters would.
 - Growth never overshoots the target budget (the code counts modules against ranks and can overshoot).
 - Layer kinds: every kind (the file has Linear and transformers Conv1D).
 """

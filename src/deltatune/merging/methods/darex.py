@@ -25,7 +25,9 @@ from deltatune.merging.registry import MergeInputs, register_merge
 @dataclass(frozen=True)
 class DarexModelParams:
     """weight: w_i. density: 1 − p, fraction kept (0.01 = 99% pruned). q: rescale divisor in (0, 1]; the
-    paper searches it in [1 − p, 1]; None means 1 − p (DARE)."""
+    paper searches it in [1 − p, 1]; None means 1 − p (DARE). q divides the delta also where nothing is
+    dropped (density 1), as δ̂ = m ⊙ δ / q and the official `rescale_v` do; a tensor to leave untouched
+    (a head) needs q: 1 as well (`deltatune prune --keep` sets both)."""
 
     weight: float = 1.0
     density: float = 0.01
