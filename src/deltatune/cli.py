@@ -24,40 +24,23 @@ EPILOG = """examples:
 """
 
 
-def _coerce(value: str, default: Any) -> Any:
-    """Turn `-p key=value` text into the type of the field's default."""
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError("expected true or false")
-        return value.lower() in ("true", "1", "yes")
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    if isinstance(default, tuple) or default is None or (isinstance(default, str) and "," in value):
-        if value.lower() in ("none", "null"):
-            return None
-        return tuple(v for v in value.split(",") if v) if "," in value or isinstance(default, tuple) else value
-    return value
-
-
 def parse_method_params(method: str, pairs: Sequence[str]) -> dict[str, Any]:
-    """`["rank=8", "targets=query,value"]` -> typed keyword arguments for the method's config."""
+    """`["rank=8", "targets=query,value"]` -> typed keyword arguments for the method's config (read by each
+    field's type hint: `DeltaConfig.parse_field`)."""
     from deltatune.core.registry import method_entry
     from deltatune.errors import ConfigError
 
-    fields = {f.name: f for f in dataclasses.fields(method_entry(method).config_cls)}
+    config_cls = method_entry(method).config_cls
+    fields = sorted(f.name for f in dataclasses.fields(config_cls))
     params: dict[str, Any] = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or key not in fields:
-            raise ConfigError(f"-p {pair!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        field = fields[key]
-        default = field.default if field.default is not dataclasses.MISSING else None
+            raise ConfigError(f"-p {pair!r}: expected KEY=VALUE with KEY one of {fields}")
         try:
-            params[key] = _coerce(text, default)
-        except ValueError as error:
-            raise ConfigError(f"-p {pair!r}: {error}; {key} defaults to {default!r}") from None
+            params[key] = config_cls.parse_field(key, text)
+        except ConfigError as error:
+            raise ConfigError(f"-p {pair!r}: {error}") from None
     return params
 
 
@@ -77,6 +60,11 @@ def _method_params(args: argparse.Namespace) -> dict[str, Any]:
     from deltatune.recipe import FULL, PROBE
 
     if args.method in (PROBE, FULL):
+        if args.param:
+            from deltatune.errors import ConfigError
+
+            raise ConfigError(f"-p {args.param[0]!r}: --method {args.method} has no hyper-parameters; drop -p, "
+                              "or pick a registered method (see `deltatune methods`)")
         return {}
     return parse_method_params(args.method, args.param)
 
@@ -116,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from deltatune.data import evaluate_accuracy, load_task
 
     task = load_task(args.task, max_length=args.max_length)
-    model = dt.load_adapter(task.build_model(), args.adapter)
+    model = dt.load_adapter(task.build_model(), args.adapter, allow_nonfinite=args.allow_nonfinite)
     split = getattr(task, args.split)
     print(f"{args.split} accuracy {evaluate_accuracy(model, split):.4f} ({len(split)} examples, task {task.name})")
     return 0
@@ -198,7 +186,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="lora",
                         help="a registered method (see `deltatune methods`), or probe / full (default: lora)")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="method hyper-parameter, repeatable: -p rank=8 -p targets=query,value")
+                        help="method hyper-parameter, repeatable: -p rank=8 -p targets=query,value (module "
+                             "names; -p targets=re:PATTERN for a regular expression, all-linear, none)")
     parser.add_argument("--task", default="wordnet-nouns", help="built-in task (default: wordnet-nouns)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
@@ -236,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--task", default="wordnet-nouns")
     evaluate.add_argument("--split", choices=("validation", "test"), default="test")
     evaluate.add_argument("--max-length", type=int, default=32)
+    evaluate.add_argument("--allow-nonfinite", action="store_true",
+                          help="load an adapter whose tensors hold NaN or infinite values (refused by default)")
     evaluate.set_defaults(func=cmd_eval)
 
     inspect = commands.add_parser("inspect", help="show an adapter folder's config, tensors and size")

@@ -8,7 +8,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
-from deltatune.core.state import CONFIG_FILE, WEIGHTS_FILE, _adapter_folder, read_json
+from deltatune.core.state import CONFIG_FILE, WEIGHTS_FILE, _adapter_folder, _readable_file, check_format_fields, read_json
 from deltatune.errors import AdapterFileError
 
 
@@ -74,6 +74,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    _readable_file(path, "weights file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -103,6 +104,7 @@ def summarize_adapter(path: str | Path) -> AdapterSummary:
     folder = _adapter_folder(Path(path))
     if (folder / CONFIG_FILE).exists():
         meta = read_json(folder / CONFIG_FILE)
+        check_format_fields(meta, folder / CONFIG_FILE)
         weights = folder / WEIGHTS_FILE
         summary = AdapterSummary(folder, "deltatune", str(meta.get("method")), meta.get("config", {}),
                                  model_parameters=meta.get("model_parameters"),

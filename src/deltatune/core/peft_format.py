@@ -1,7 +1,7 @@
 """peft interop: read and write Hugging Face peft adapter folders (adapter_config.json + adapter_model.safetensors).
 
-A method joins by giving its config class a `peft_type` ClassVar plus `to_peft_config` / `from_peft_config`,
-and its delta a `peft_tensor_names()` map from its tensor names to peft's key suffixes. Keys in peft files are
+A method joins by giving its config class a `peft_type` ClassVar plus `to_peft_config(target_paths,
+extra_paths)` / `from_peft_config(peft_config, tensor_keys)` (which honours or refuses every peft field), and its delta a `peft_tensor_names()` map from its tensor names to peft's key suffixes. Keys in peft files are
 ``base_model.model.<module path>.<peft suffix>``; extra trainable modules (peft's ``modules_to_save``) are
 ``base_model.model.<module path>.<param>``.
 """
@@ -11,6 +11,7 @@ import os
 import warnings
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from deltatune.core.adapter_files import (
@@ -19,12 +20,15 @@ from deltatune.core.adapter_files import (
 from deltatune.core.model import _config_of, extra_modules, iter_deltas
 from deltatune.core.registry import list_methods
 from deltatune.core.running_stats import running_statistics
-from deltatune.core.state import attach_adapter, read_json, read_safetensors, _pickle_refusal
-from deltatune.errors import AdapterFileError, DeltatuneError
+from deltatune.core.state import (
+    _pickle_refusal, adapter_state_dict, attach_adapter, read_json, read_safetensors, refuse_nonfinite,
+)
+from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PEFT_BASE_LAYER = "base_layer"  # peft's name for the wrapped layer inside its LoRA layer
 
 
 def _peft_config_class(peft_type: str):
@@ -72,26 +76,35 @@ def _warn_statistics_left_out(model: nn.Module, tensors: dict[str, Tensor]) -> N
         )
 
 
-def load_peft_adapter(model: nn.Module, folder: Path, name: str = "default", *, trainable: bool = False) -> nn.Module:
+def load_peft_adapter(
+    model: nn.Module, folder: Path, name: str = "default", *, trainable: bool = False, allow_nonfinite: bool = False
+) -> nn.Module:
     """Load a peft folder written by peft (or by `save_peft_adapter`) as deltatune adapter `name`."""
     peft_config = read_json(folder / PEFT_CONFIG)
-    if "peft_type" not in peft_config:
-        raise AdapterFileError(f"{folder / PEFT_CONFIG} has no 'peft_type'; it is not a peft adapter config")
+    if not isinstance(peft_config.get("peft_type"), str):
+        raise AdapterFileError(f"{folder / PEFT_CONFIG} has no 'peft_type' string; it is not a peft adapter config")
     weights = folder / PEFT_WEIGHTS
     if not weights.exists() and (folder / "adapter_model.bin").exists():
         raise AdapterFileError(_pickle_refusal(folder / "adapter_model.bin"))
-    config = _peft_config_class(str(peft_config["peft_type"])).from_peft_config(peft_config)
+    config_cls = _peft_config_class(peft_config["peft_type"])
     raw = read_safetensors(weights)
     check_config_record(peft_config, weights, folder / PEFT_CONFIG)
-    tensors = _to_deltatune_keys(model, config, raw, name)
+    if not allow_nonfinite:
+        refuse_nonfinite(raw, weights)
+    stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    try:
+        config = config_cls.from_peft_config(peft_config, list(stripped))
+    except ConfigError as error:
+        raise ConfigError(f"{folder / PEFT_CONFIG}: {error}") from None
+    tensors = _to_deltatune_keys(model, config, stripped, name, weights)
     return attach_adapter(model, config, tensors, name, trainable, source=folder)
 
 
-def _to_deltatune_keys(model: nn.Module, config, raw: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+def _to_deltatune_keys(model: nn.Module, config, stripped: dict[str, Tensor], name: str, source: Path
+                       ) -> dict[str, Tensor]:
     """Rename peft keys to ours. Needs the deltas' peft names, so it probes a throw-away adapter."""
     from deltatune.core.model import adapt, delete_adapter
 
-    stripped = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
     probe = f"_peft_probe_{name}"
     adapt(model, config, probe, trainable=False)
     try:
@@ -100,6 +113,36 @@ def _to_deltatune_keys(model: nn.Module, config, raw: dict[str, Tensor], name: s
             for path, _, delta in iter_deltas(model, probe)
             for ours, theirs in delta.peft_tensor_names().items()
         }
+        wanted = set(adapter_state_dict(model, probe))
     finally:
         delete_adapter(model, probe)
-    return {renames.get(key, key): tensor for key, tensor in stripped.items()}
+    tensors = {renames.get(key, key): tensor for key, tensor in stripped.items()}
+    return _drop_unchanged_base_copies(model, tensors, wanted, source)
+
+
+def _drop_unchanged_base_copies(model: nn.Module, tensors: dict[str, Tensor], wanted: set[str], source: Path
+                                ) -> dict[str, Tensor]:
+    """peft saves the base weights of targeted embedding layers beside the adapter (`<module>.base_layer.weight`,
+    for resized vocabularies). A copy equal to the model's own weight is dropped; a different one would have to
+    replace the base weight, which a load never does, so it is refused by name."""
+    base = model.state_dict()
+    kept = {}
+    for key, tensor in tensors.items():
+        base_key = key.replace(f".{PEFT_BASE_LAYER}.", ".")
+        if key in wanted or base_key not in base:
+            kept[key] = tensor
+        elif not _same_values(tensor, base[base_key]):
+            raise AdapterFileError(
+                f"{source} holds a base weight {key!r} that differs from this model's {base_key!r} (peft saves the "
+                "base of targeted embedding layers, changed e.g. by resize_token_embeddings); load it onto the "
+                "model it was trained from, or resize this model's embeddings the same way first"
+            )
+    return kept
+
+
+def _same_values(saved: Tensor, own: Tensor) -> bool:
+    if saved.shape != own.shape or saved.is_floating_point() != own.is_floating_point():
+        return False
+    if saved.is_floating_point():
+        return torch.equal(saved.double(), own.detach().double().cpu())
+    return torch.equal(saved, own.detach().cpu())

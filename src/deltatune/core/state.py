@@ -34,7 +34,7 @@ from deltatune.core.model import (
 )
 from deltatune.core.registry import entry_for_config, method_entry
 from deltatune.core.running_stats import running_statistics
-from deltatune.errors import AdapterFileError, DeltatuneError
+from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "deltatune_config.json"
@@ -115,22 +115,71 @@ def _adapter_parameter_count(model: nn.Module, name: str, config: Any) -> int:
     return deltas + sum(p.numel() for _, module in extra_modules(model, config) for p in module.parameters())
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False) -> nn.Module:
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
+    allow_nonfinite: bool = False,
+) -> nn.Module:
     """Load a deltatune or peft LoRA adapter folder onto `model` as adapter `name` (made active).
 
     The model is left unchanged when anything about the file is wrong. Pickle files are refused, never read.
+    Tensors holding NaN or infinite values are refused unless `allow_nonfinite=True`.
     """
     folder = _adapter_folder(Path(path))
-    if (folder / CONFIG_FILE).exists():
+    if _exists(folder / CONFIG_FILE):
         meta = read_json(folder / CONFIG_FILE)
-        entry = method_entry(str(meta.get("method")))
-        config = entry.config_cls.from_dict(meta.get("config", {}))
+        config = config_from_meta(meta, folder / CONFIG_FILE)
         tensors = read_safetensors(folder / WEIGHTS_FILE)
         check_weights_record(meta, folder / WEIGHTS_FILE, folder / CONFIG_FILE)
+        if not allow_nonfinite:
+            refuse_nonfinite(tensors, folder / WEIGHTS_FILE)
         return attach_adapter(model, config, tensors, name, trainable, source=folder)
     from deltatune.core.peft_format import load_peft_adapter
 
-    return load_peft_adapter(model, folder, name, trainable=trainable)
+    return load_peft_adapter(model, folder, name, trainable=trainable, allow_nonfinite=allow_nonfinite)
+
+
+def config_from_meta(meta: dict[str, Any], source: Path) -> Any:
+    """The method config a deltatune_config.json describes, after checking its format fields."""
+    check_format_fields(meta, source)
+    entry = method_entry(meta["method"])
+    try:
+        return entry.config_cls.from_dict(meta["config"])
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def check_format_fields(meta: dict[str, Any], source: Path) -> None:
+    """`format` is "deltatune", `format_version` an integer this version reads, `method` a string and
+    `config` a JSON object; anything else is refused by name (a newer or foreign file is never guessed at)."""
+    fmt = meta.get("format")
+    if fmt != "deltatune":
+        raise AdapterFileError(f"{source}: format={fmt!r} is not a deltatune adapter (expected 'deltatune'); "
+                               "convert it with the tool that wrote it")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise AdapterFileError(f"{source}: format_version={version!r} is invalid: expected an integer from 1 to "
+                               f"{FORMAT_VERSION}; re-save the adapter")
+    if version > FORMAT_VERSION:
+        raise AdapterFileError(f"{source}: format_version {version} was written by a newer deltatune (this one "
+                               f"reads up to {FORMAT_VERSION}); upgrade deltatune")
+    if not isinstance(meta.get("method"), str):
+        raise AdapterFileError(f"{source}: method={meta.get('method')!r} is invalid: expected a method name "
+                               "string such as 'lora'; re-save the adapter")
+    if not isinstance(meta.get("config"), dict):
+        raise AdapterFileError(f"{source}: config={meta.get('config')!r} is invalid: expected a JSON object of "
+                               "the method's fields; re-save the adapter")
+
+
+def refuse_nonfinite(tensors: dict[str, Tensor], source: Path) -> None:
+    """Refuse a file whose floating tensors hold NaN or infinite values: they give NaN outputs silently."""
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise AdapterFileError(
+                f"{source}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the adapter "
+                "is broken (re-train or re-save it), or pass allow_nonfinite=True to load it anyway"
+            )
 
 
 def attach_adapter(
@@ -168,6 +217,8 @@ def _fill_adapter(model: nn.Module, name: str, tensors: dict[str, Tensor], sourc
     if unexpected:
         raise AdapterFileError(f"{source} has tensor {unexpected[0]!r} that matches nothing in the model; "
                                "was it saved for another model?")
+    for key, target in expected.items():
+        _check_dtype_kind(tensors[key], target, key, source)
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
@@ -198,14 +249,36 @@ def _saved_statistics(
     return {key: (buffers[key], tensors[key]) for key in present}
 
 
+def _dtype_kind(tensor: Tensor) -> str:
+    return "complex" if tensor.is_complex() else "float" if tensor.is_floating_point() else str(tensor.dtype)
+
+
+def _check_dtype_kind(tensor: Tensor, target: Tensor, key: str, source: Path) -> None:
+    """Floats load into floats of any precision (deltas follow the base dtype); integer and boolean tensors
+    (positions, masks) must keep their exact dtype, since a cast would change what they index."""
+    if _dtype_kind(tensor) != _dtype_kind(target):
+        raise AdapterFileError(f"{source}: tensor {key!r} has dtype {tensor.dtype} but the model expects "
+                               f"{target.dtype}; the file is corrupt or was written for another method")
+
+
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, "adapter_config.json", "adapter_model.safetensors")
+
+
 def _adapter_folder(path: Path) -> Path:
-    if not path.exists():
+    if not _exists(path):
         raise AdapterFileError(f"adapter path {path} does not exist; pass the folder written by save_adapter")
-    if path.is_file():
+    if not path.is_dir():
         if path.suffix in PICKLE_SUFFIXES:
             raise AdapterFileError(_pickle_refusal(path))
+        if path.name not in ADAPTER_FILES:
+            raise AdapterFileError(f"adapter path {path} is a file, not an adapter folder; pass the folder that "
+                                   f"holds {CONFIG_FILE} (deltatune) or adapter_config.json (peft)")
         path = path.parent
-    names = {p.name for p in path.iterdir()}
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError as error:
+        raise AdapterFileError(f"adapter folder {path} cannot be listed ({_reason(error)}); "
+                               "check its permissions") from None
     if CONFIG_FILE in names or "adapter_config.json" in names:
         return path
     if any(n.endswith(PICKLE_SUFFIXES) for n in names):
@@ -215,30 +288,64 @@ def _adapter_folder(path: Path) -> Path:
     )
 
 
+def _exists(path: Path) -> bool:
+    """Path.exists that reports an unreadable parent folder instead of raising PermissionError."""
+    try:
+        return path.exists()
+    except OSError as error:
+        raise AdapterFileError(f"{path} cannot be checked ({_reason(error)}); check the folder's permissions") from None
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or type(error).__name__
+
+
+def _readable_file(path: Path, what: str) -> None:
+    """A missing file, a folder where the file should be: one line naming the path and the fix."""
+    if not _exists(path):
+        raise AdapterFileError(f"{what} {path} is missing; the adapter folder is incomplete")
+    if path.is_dir():
+        raise AdapterFileError(f"{what} {path} is a folder, not a file; remove it and re-save the adapter")
+    try:  # readers written in other languages (safetensors) would report a permission problem as corruption
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise AdapterFileError(f"{what} {path} cannot be read ({_reason(error)}); check its permissions") from None
+
+
 def _pickle_refusal(path: Path) -> str:
     return (f"{path} holds a pickle file; deltatune never unpickles adapters (it can run arbitrary code). "
             "Convert it to safetensors with the library that wrote it")
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise AdapterFileError(f"config file {path} is missing; the adapter folder is incomplete")
+    _readable_file(path, "config file")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise AdapterFileError(f"config file {path} is not valid JSON ({error}); re-save the adapter") from None
+    except OSError as error:
+        raise AdapterFileError(f"config file {path} cannot be read ({_reason(error)}); check its permissions") from None
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError, too-long integers
+        raise AdapterFileError(f"config file {path} is not valid JSON ({_one_line(error)}); "
+                               "re-save the adapter") from None
     if not isinstance(data, dict):
-        raise AdapterFileError(f"config file {path} must hold a JSON object")
+        raise AdapterFileError(f"config file {path} must hold a JSON object, not {type(data).__name__}; "
+                               "re-save the adapter")
     return data
 
 
 def read_safetensors(path: Path) -> dict[str, Tensor]:
-    if not path.exists():
-        raise AdapterFileError(f"weights file {path} is missing; the adapter folder is incomplete")
+    _readable_file(path, "weights file")
     try:
         return load_file(str(path))
+    except OSError as error:
+        raise AdapterFileError(f"weights file {path} cannot be read ({_reason(error)}); check its permissions") from None
     except Exception as error:  # safetensors raises its own error types for truncated/corrupt headers
-        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({error}); re-save the adapter") from None
+        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({_one_line(error)}); "
+                               "re-save the adapter") from None
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 def _version() -> str:

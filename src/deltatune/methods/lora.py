@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +32,7 @@ from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, EMBEDDING, LINEAR,
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, UnsupportedLayerError, config_check
 from deltatune.functional.lowrank import lowrank_delta_weight, lowrank_linear
+from deltatune.methods.lora_peft import check_peft_lora_config
 
 INITS = ("kaiming", "gaussian", "random")
 
@@ -78,34 +80,31 @@ class LoRAConfig(DeltaConfig):
         }
 
     @classmethod
-    def from_peft_config(cls, peft: dict[str, Any]) -> LoRAConfig:
-        _refuse_unsupported_peft_options(peft)
-        targets = peft.get("target_modules")
+    def from_peft_config(cls, peft: dict[str, Any], tensor_keys: Iterable[str]) -> LoRAConfig:
+        """The LoRAConfig of a peft LoRA folder: `peft` is its adapter_config.json, `tensor_keys` its tensors'
+        keys without peft's ``base_model.model.`` prefix. Every peft field is honoured or refused by name
+        (`methods.lora_peft`); the adapted modules are the ones the file holds LoRA tensors for."""
+        check_peft_lora_config(peft)
+        keys = list(tensor_keys)
+        targets = sorted({key[: -len(suffix)] for key in keys for suffix in PEFT_SUFFIXES if key.endswith(suffix)})
+        if not targets:
+            raise ConfigError("this peft LoRA folder holds no LoRA tensors (lora_A / lora_B); it adapts nothing")
+        others = [key for key in keys if not key.endswith(PEFT_SUFFIXES)]
+        saved = [name for name in _as_list(peft.get("modules_to_save")) if any(f".{name}." in f".{k}" for k in others)]
         return cls(
-            rank=int(peft.get("r", 8)), alpha=float(peft.get("lora_alpha", 8)),
-            dropout=float(peft.get("lora_dropout", 0.0)), rslora=bool(peft.get("use_rslora", False)),
-            targets=targets if isinstance(targets, str) else tuple(targets or ()),
-            exclude=tuple(_as_list(peft.get("exclude_modules"))),
-            extra_trainable=tuple(_as_list(peft.get("modules_to_save"))),
+            rank=peft.get("r", 8), alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
+            rslora=peft.get("use_rslora", False), targets=tuple(targets), extra_trainable=tuple(saved),
         )
+
+
+# peft's key suffixes of a LoRA layer's tensors (linear and convolution; embedding)
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 
 
 def _as_list(value: Any) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
-
-
-def _refuse_unsupported_peft_options(peft: dict[str, Any]) -> None:
-    unsupported = {
-        "use_dora": bool(peft.get("use_dora")), "rank_pattern": bool(peft.get("rank_pattern")),
-        "alpha_pattern": bool(peft.get("alpha_pattern")), "bias": peft.get("bias", "none") != "none",
-        "layers_to_transform": peft.get("layers_to_transform") is not None,
-        "lora_bias": bool(peft.get("lora_bias")), "target_parameters": bool(peft.get("target_parameters")),
-    }
-    used = [name for name, on in unsupported.items() if on]
-    if used:
-        raise ConfigError(f"this peft LoRA folder uses {used}, which deltatune's LoRA import does not support yet")
 
 
 @register_method("lora", LoRAConfig, "LoRA: low-rank update (alpha/r)·BA added on the activation path")

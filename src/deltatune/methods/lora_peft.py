@@ -1,0 +1,128 @@
+"""peft's LoraConfig (adapter_config.json) read as a deltatune LoRAConfig: every field honoured or refused.
+
+Each field of peft's `LoraConfig` is in exactly one table below (a test walks peft's dataclass fields, so a field
+a later peft adds fails the suite until it is classified here):
+
+- `HONOURED`: deltatune reproduces its effect (the value says how);
+- `REFUSED_UNLESS`: deltatune cannot reproduce it, so any value but peft's default (given here) is refused by name;
+- `IRRELEVANT`: no effect on the loaded adapter's outputs (the value says why).
+
+Which modules get a LoRA comes from the file's tensors, not from `target_modules` (peft saves a ``lora_A`` and
+``lora_B`` for exactly the modules it adapted), so `target_modules`, `exclude_modules`, `layers_to_transform` and
+`layers_pattern` are honoured whatever matching rules produced them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from deltatune.core.fields import Mismatch, conform, describe
+from deltatune.errors import ConfigError
+
+HONOURED = {
+    "peft_type": "selects the method (LORA)",
+    "r": "rank",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "use_rslora": "rslora",
+    "target_modules": "the adapted modules are the ones the file has LoRA tensors for",
+    "exclude_modules": "as target_modules",
+    "layers_to_transform": "as target_modules",
+    "layers_pattern": "as target_modules",
+    "modules_to_save": "extra_trainable: the listed modules the file holds tensors for (peft's SEQ_CLS default "
+                       "lists both 'classifier' and 'score'; a model has one)",
+    "init_lora_weights": "initializations that leave the base weights alone only choose the starting A and B, "
+                         "which the file's trained tensors replace; the others are refused (see REWRITES_BASE)",
+    "eva_config": "EVA's settings act at initialization only; its rank redistribution is written to "
+                  "rank_pattern and its scale adjustment to alpha_pattern, both refused unless empty",
+}
+
+REFUSED_UNLESS: dict[str, Any] = {
+    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "lora_bias": False,
+    "target_parameters": None, "trainable_token_indices": None, "megatron_config": None, "loftq_config": {},
+    "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
+    "use_qalora": False, "monteclora_config": None, "layer_replication": None, "use_bdlora": None,
+    "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+}
+
+IRRELEVANT = {
+    "task_type": "picks peft's model wrapper class; the head modules it implies are listed in modules_to_save",
+    "auto_mapping": "names the class peft would build the base model with; deltatune is given the model",
+    "peft_version": "provenance only",
+    "base_model_name_or_path": "provenance only: deltatune loads onto the model it is given",
+    "revision": "provenance only: the base model's hub revision",
+    "inference_mode": "peft's trainable flag; load_adapter's `trainable` argument decides",
+    "fan_in_fan_out": "peft only transposes ΔW with it when merging into a base that stores (in, out) weights "
+                      "(transformers Conv1D); deltatune reads the layout from the layer itself",
+    "megatron_core": "the module peft imports for megatron_config, which is refused unless None",
+    "qalora_group_size": "read only with use_qalora, which is refused unless False",
+    "runtime_config": "runtime settings peft never saves (GPU offload)",
+}
+
+# peft's spelling of the fields deltatune reads, with the types its files must use.
+TYPES: dict[str, Any] = {
+    "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool,
+    "modules_to_save": list[str] | None, "init_lora_weights": bool | str,
+}
+
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+_CONVERSION = ("convert it to a plain LoRA of the original base in peft first: PeftModel.save_pretrained(out, "
+               "path_initial_model_for_weight_conversion=<the initial adapter folder>)")
+# init family -> (name, what it does to the base, the fix)
+REWRITES_BASE = {
+    "pissa": ("PiSSA", "subtracts the initial adapter (its top singular directions) from the base weights", _CONVERSION),
+    "olora": ("OLoRA", "subtracts the initial adapter (a QR factor pair) from the base weights", _CONVERSION),
+    "corda": ("CorDA", "subtracts the initial adapter (context-oriented SVD) from the base weights", _CONVERSION),
+    "lora_ga": ("LoRA-GA", "subtracts the initial adapter (gradient SVD) from the base weights", _CONVERSION),
+    "loftq": ("LoftQ", "replaces the base weights by their quantized approximation",
+              "load it with peft onto the LoftQ base model it was trained with"),
+}
+OTHER_INITS = {"mica": "MiCA keeps lora_B frozen in training, which deltatune's LoRA does not"}
+
+
+def classified_fields() -> set[str]:
+    return set(HONOURED) | set(REFUSED_UNLESS) | set(IRRELEVANT)
+
+
+def check_peft_lora_config(peft: dict[str, Any]) -> None:
+    """Refuse, by field name, every value deltatune's LoRA cannot reproduce; check the types of the rest."""
+    for name, hint in TYPES.items():
+        if name in peft:
+            try:
+                conform(peft[name], hint)
+            except Mismatch:
+                raise ConfigError(f"peft field {name}={peft[name]!r} is invalid: expected {describe(hint)}; "
+                                  "fix adapter_config.json") from None
+    used = [name for name, default in REFUSED_UNLESS.items() if name in peft and not _is_default(peft[name], default)]
+    if used:
+        name = used[0]
+        raise ConfigError(f"this peft LoRA folder sets {name}={peft[name]!r}, which deltatune's LoRA cannot "
+                          f"reproduce (only {REFUSED_UNLESS[name]!r} is supported); load it with peft, or re-train "
+                          "without it")
+    unknown = sorted(k for k in peft if k not in classified_fields() and _is_on(peft[k]))
+    if unknown:
+        raise ConfigError(f"this peft LoRA folder sets field {unknown[0]}={peft[unknown[0]]!r}, which deltatune "
+                          "does not know (written by a newer peft?); load it with peft")
+    _check_init(peft.get("init_lora_weights", True))
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """peft writes an unset field as its default, or as None / an empty container."""
+    return value == default and type(value) is type(default) or (value in (None, {}, []) and not default)
+
+
+def _is_on(value: Any) -> bool:
+    """A field peft added after this table was written is taken as off at None, False or empty."""
+    return value not in (None, False, {}, [], "")
+
+
+def _check_init(init: bool | str) -> None:
+    if any(init == plain and type(init) is type(plain) for plain in PLAIN_INITS):
+        return
+    family = init.split("_niter_")[0] if isinstance(init, str) else init
+    if family in REWRITES_BASE:
+        name, change, fix = REWRITES_BASE[family]
+        raise ConfigError(f"this peft LoRA folder has init_lora_weights={init!r}: {name} {change}, so its A and B "
+                          f"are only right on that changed base, not on this model; {fix}")
+    reason = OTHER_INITS.get(family, f"supported: {list(PLAIN_INITS)}")
+    raise ConfigError(f"this peft LoRA folder has init_lora_weights={init!r}, which deltatune's LoRA does not "
+                      f"reproduce ({reason}); load it with peft")
