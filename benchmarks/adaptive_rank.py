@@ -19,10 +19,11 @@ at budget 8 (reused at budget 2); full fine-tuning uses the recipe's 5e-5 (chose
 task's authors). Then seeds 0, 1, 2 (head and adapter init, data order): test accuracy (2,000 examples) mean ± std.
 
 Modes:
-    accuracy  the table above (child process per run, `--workers` at a time, JSONL resumable)
+    accuracy  the table above (a fresh child process per run, `--workers` at a time, resumable: finished runs are
+              appended to the JSONL file and skipped by a re-run; the loop is deltatune.bench.harness's)
     timing    step time of each method vs LoRA, side by side (A B A B ...), during allocation and after it
     peft      AdaLoRA vs peft's AdaLoRA on MiniLM: same config, seed and batches -> final per-layer ranks
-    report    write the Markdown table and the rank heat maps from the JSONL files
+    report    write the Markdown table and the rank heat maps from the JSONL and JSON files (no training)
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adaptive_rank.py accuracy --workers 2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adaptive_rank.py timing
@@ -33,15 +34,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +49,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.harness import mean_std  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -193,8 +194,7 @@ def job_name(job: dict) -> str:
 
 
 # --- the accuracy plan --------------------------------------------------------------------------------------
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+RUN_IDENTITY = ("method", "budget", "seed", "lr")  # a record is the job plus its results
 
 
 def tuning_jobs() -> list[dict]:
@@ -235,40 +235,29 @@ def final_jobs(records: list[dict]) -> list[dict]:
     return jobs
 
 
-def is_done(job: dict, records: list[dict]) -> bool:
-    keys = ("method", "budget", "seed", "lr")
-    return any(all(r[k] == job[k] for k in keys) for r in records)
+def run_child(job: dict, work_dir: Path) -> dict:
+    command = harness.script_command(__file__, "one", json.dumps(job), "--work-dir", str(work_dir))
+    result = harness.run_child(command, label=f"run {job_name(job)}")
+    print(f"done {job_name(job)}", flush=True)
+    return result
 
 
-def run_child(job: dict, jsonl: Path, work_dir: Path) -> None:
-    command = [sys.executable, __file__, "one", json.dumps(job), "--jsonl", str(jsonl), "--work-dir", str(work_dir)]
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        print(f"FAILED {job_name(job)}:\n{completed.stderr[-3000:]}", flush=True)
-    else:
-        print(f"done {job_name(job)}", flush=True)
-
-
-def run_jobs(jobs: list[dict], jsonl: Path, work_dir: Path, workers: int) -> None:
-    todo = [j for j in jobs if not is_done(j, read_jsonl(jsonl))]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda j: run_child(j, jsonl, work_dir), todo))
+def run_jobs(jobs: list[dict], log: harness.RunLog, work_dir: Path, workers: int) -> None:
+    harness.run_jobs(jobs, log, lambda job: run_child(job, work_dir), workers=workers)
 
 
 def accuracy_mode(args) -> None:
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    run_jobs(tuning_jobs(), args.jsonl, work_dir, args.workers)
-    while extra := [j for j in extension_jobs(read_jsonl(args.jsonl)) if not is_done(j, read_jsonl(args.jsonl))]:
-        run_jobs(extra, args.jsonl, work_dir, args.workers)
-    run_jobs(final_jobs(read_jsonl(args.jsonl)), args.jsonl, work_dir, args.workers)
+    log = harness.RunLog(args.jsonl, identity=RUN_IDENTITY)
+    run_jobs(tuning_jobs(), log, work_dir, args.workers)
+    while extra := log.pending(extension_jobs(log.records())):
+        run_jobs(extra, log, work_dir, args.workers)
+    run_jobs(final_jobs(log.records()), log, work_dir, args.workers)
 
 
 def one_mode(args) -> None:
-    job = json.loads(args.job)
-    result = run(job, Path(args.work_dir))
-    with open(args.jsonl, "a") as handle:  # one short line per write: appends from two workers do not interleave
-        handle.write(json.dumps(result) + "\n")
+    harness.emit(run(json.loads(args.job), Path(args.work_dir)))
 
 
 # --- timing -------------------------------------------------------------------------------------------------
@@ -281,8 +270,9 @@ def timing_mode(args) -> None:
     for budget in BUDGETS:
         for phase in ("allocating", "after"):
             rows.append(_time_phase(task, batch, budget, phase, args.steps))
-    payload = {"date": _date(), "machine": _machine(args.threads), "batch": BATCH, "rows": rows}
-    args.timing_json.write_text(json.dumps(payload, indent=1))
+    payload = {"date": _date(), "machine": _machine(args.threads), "batch": BATCH, "rows": rows,
+               "environment": harness.environment(threads=args.threads)}
+    harness.write_json(args.timing_json, payload)
     print(json.dumps(rows, indent=1))
 
 
@@ -390,8 +380,9 @@ def peft_mode(args) -> None:
                 allocator.step(model, step)
             optimizer.zero_grad()
         results[name] = _final_ranks(model, name)
-    payload = {"date": _date(), "machine": _machine(args.threads), "steps": steps, "ranks": results}
-    args.peft_json.write_text(json.dumps(payload, indent=1))
+    payload = {"date": _date(), "machine": _machine(args.threads), "steps": steps, "ranks": results,
+               "environment": harness.environment(threads=args.threads)}
+    harness.write_json(args.peft_json, payload)
     print(json.dumps(payload, indent=1))
 
 
@@ -419,13 +410,6 @@ def _final_ranks(model: nn.Module, name: str) -> dict[str, int]:
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
-
-
 def _final_records(records: list[dict]) -> list[dict]:
     chosen = {m: chosen_lr(records, m) for m in METHODS if m == "full" or any(r["method"] == m for r in records)}
     return [r for r in records if "test" in r and r["lr"] == chosen.get(r["method"])
@@ -465,7 +449,7 @@ def _accuracy_table(records: list[dict]) -> list[str]:
             live = int(statistics.mean(r["live_parameters"] for r in rows))
             seconds = statistics.mean(r["train_seconds"] for r in rows)
             label = "full" if method == "full" else str(budget)
-            lines.append(f"| {method} | {label} | {len(rows)} | {_mean_std(tests)} | {delta} | {live:,} |"
+            lines.append(f"| {method} | {label} | {len(rows)} | {mean_std(tests, digits=2)} | {delta} | {live:,} |"
                          f" {seconds:.0f} |")
     return lines
 
@@ -549,7 +533,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def _plots(records: list[dict]) -> list[str]:
+def _plots(records: list[dict], out_dir: Path) -> list[str]:
     from deltatune.allocate.plots import plot_rank_heatmap, plot_schedule
 
     written = []
@@ -559,11 +543,11 @@ def _plots(records: list[dict]) -> list[str]:
                     and r["seed"] == 0 and "ranks" in r]
             if rows:
                 short = {p.replace("backbone.encoder.", ""): v for p, v in rows[0]["ranks"].items()}
-                path = RESULTS / f"adaptive_rank_{method}_r{budget}.png"
+                path = out_dir / f"adaptive_rank_{method}_r{budget}.png"
                 plot_rank_heatmap(short, path, title=f"{method}, final ranks, budget {budget}/module, seed 0")
                 written.append(path.name)
     for method, schedule in _schedules(TUNING_BUDGET).items():
-        path = RESULTS / f"adaptive_rank_schedule_{method}.png"
+        path = out_dir / f"adaptive_rank_schedule_{method}.png"
         plot_schedule(schedule, STEPS, path)
         written.append(path.name)
     return written
@@ -587,10 +571,12 @@ def _schedules(budget: int) -> dict:
 
 
 def report_mode(args) -> None:
-    records = read_jsonl(args.jsonl)
+    records = harness.RunLog(args.jsonl, identity=RUN_IDENTITY).records()
+    env = harness.environment(threads=1)
     lines = [
         "# Budget-adaptive low rank vs LoRA and full fine-tuning (wordnet-nouns, MiniLM)", "",
-        f"Date: {_date()}. Machine: {_machine(1)} per run, 2 runs at a time; other jobs shared the cores.", "",
+        f"Date: {env['date'][:10]}. Machine: {_machine(1)} per run, 2 runs at a time; other jobs shared the cores.",
+        "",
         "Command:", "", "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adaptive_rank.py accuracy --workers 2",
         "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adaptive_rank.py timing",
         "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adaptive_rank.py peft",
@@ -610,19 +596,20 @@ def report_mode(args) -> None:
     if args.peft_json.exists():
         lines += ["## AdaLoRA vs peft's AdaLoRA (same config, seed and batches; final ranks)", "",
                   *_peft_lines(json.loads(args.peft_json.read_text())), ""]
-    plots = _plots(records)
+    plots = _plots(records, args.out_dir)  # written (atomically) before the table that shows them
     lines += ["## Plots", "", *[f"![{name}]({name})" for name in plots], ""]
-    output = RESULTS / "adaptive_rank.md"
-    output.write_text("\n".join(lines))
-    print(output.read_text())
+    report = "\n".join(lines)
+    harness.write_report(args.out_dir / "adaptive_rank.md", report)
+    print(report)
 
 
 def _date() -> str:
-    return datetime.date.today().isoformat()
+    return harness.environment()["date"][:10]
 
 
 def _machine(threads: int) -> str:
-    return f"{os.cpu_count()} cores (shared), torch {torch.__version__}, {threads} thread(s), {platform.machine()}"
+    env = harness.environment(threads=threads)
+    return f"{env['cores']} cores (shared), torch {env['torch']}, {env['threads']} thread(s), {platform.machine()}"
 
 
 def main() -> None:
@@ -632,7 +619,8 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, default=RESULTS / "adaptive_rank.jsonl")
     parser.add_argument("--timing-json", type=Path, default=RESULTS / "adaptive_rank_timing.json")
     parser.add_argument("--peft-json", type=Path, default=RESULTS / "adaptive_rank_peft.json")
-    parser.add_argument("--work-dir", default="/tmp/adaptive_rank_runs")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "adaptive_rank_runs"))
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="where `report` writes the table and plots")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=12)

@@ -27,26 +27,25 @@ on the trained backbone with the head removed:
   and the mean cosine between each gloss's embedding before and after.
 
 Each run is a fresh child process (`--workers` at a time); finished runs are appended to the JSONL file, so an
-interrupted benchmark resumes where it stopped. Trained adapters are kept in `--work-dir`: the test/drift run of
-seed 0 reloads the tuning run's adapter instead of training again.
+interrupted benchmark resumes where it stopped (the loop is deltatune.bench.harness's). Trained adapters are kept
+in `--work-dir` (default: in the system's temporary folder): the test/drift run of seed 0 reloads the tuning
+run's adapter instead of training again. `--render` only re-writes the report from the JSONL file.
 
-    HF_HUB_OFFLINE=1 /work/main/.venv/bin/python benchmarks/sparse_accuracy.py --workers 2 \\
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sparse_accuracy.py --workers 2 \\
+        --jsonl benchmarks/results/sparse_accuracy.jsonl --output benchmarks/results/sparse_accuracy.md
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sparse_accuracy.py --render \\
         --jsonl benchmarks/results/sparse_accuracy.jsonl --output benchmarks/results/sparse_accuracy.md
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,6 +55,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+
+from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.harness import mean_std  # noqa: E402
 
 TASK, PROBE_TASK, SIMILARITY_TASK = "wordnet-nouns", "wordnet-verbs", "wordnet-adj"
 TRAIN_SIZE, VALIDATION_SIZE, EPOCHS, BATCH = 1000, 500, 2, 32
@@ -260,17 +262,21 @@ def chosen_rates(done: list[dict]) -> dict[str, float]:
     return best
 
 
+def run_identity(job_or_record: dict) -> list | None:
+    """A run is (method, lr, seed, tested or not): a job says `test: True/False`; its record holds a test
+    accuracy only when it was tested (the layout of the committed JSONL file)."""
+    if not all(key in job_or_record for key in ("method", "lr", "seed")):
+        return None
+    return [job_or_record["method"], job_or_record["lr"], job_or_record["seed"],
+            job_or_record.get("test", False) is not False]
+
+
 def launch(job: dict, threads: int, work_dir: Path) -> dict:
-    command = [sys.executable, __file__, "--run", json.dumps(job), "--threads", str(threads),
-               "--work-dir", str(work_dir)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"run {job} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    command = harness.script_command(__file__, "--run", json.dumps(job), "--threads", str(threads),
+                                     "--work-dir", str(work_dir))
+    result = harness.run_child(command, label=f"run {job}")
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def main() -> None:
@@ -279,34 +285,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jsonl", type=Path, default=Path("benchmarks/results/sparse_accuracy.jsonl"))
     parser.add_argument("--output", type=Path)
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/sparse_accuracy_runs"),
+    parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "sparse_accuracy_runs",
                         help="trained adapters (reused by the test runs of seed 0)")
+    parser.add_argument("--render", action="store_true", help="only re-write the report from the JSONL file")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.run:
-        print(json.dumps(run(json.loads(args.run), args.work_dir)))
+        harness.emit(run(json.loads(args.run), args.work_dir))
         return
-    while todo := plan(read_jsonl(args.jsonl)):
-        with ThreadPoolExecutor(args.workers) as pool:
-            for result in pool.map(lambda job: launch(job, args.threads, args.work_dir), todo):
-                with args.jsonl.open("a") as handle:
-                    handle.write(json.dumps(result) + "\n")
-                print(json.dumps(result), flush=True)
-    done = read_jsonl(args.jsonl)
+    log = harness.RunLog(args.jsonl, identity=run_identity)
+    while not args.render and (todo := plan(log.records())):
+        harness.run_jobs(todo, log, lambda job: launch(job, args.threads, args.work_dir), workers=args.workers)
+    done = log.records()
     report = render(done, args)
     print(report)
     if args.output:
-        from deltatune.core.atomic import atomic_write_text
-
-        plot_accuracy_vs_drift(final_runs(done), grid_runs(done), args.output.with_suffix(".png"))
-        atomic_write_text(args.output, report)
-
-
-def _mean_std(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-    mean = statistics.mean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        figure = plot_accuracy_vs_drift(final_runs(done), grid_runs(done))
+        harness.write_report(args.output, report, {args.output.with_suffix(".png"): figure})
 
 
 def final_runs(done: list[dict]) -> dict[str, list[dict]]:
@@ -325,17 +321,10 @@ DRIFT_AXES = (("similarity_correlation", 1, "similarity correlation with the bas
               ("probe_change", 100, f"frozen-probe accuracy change on {PROBE_TASK} (points)"))
 
 
-def plot_accuracy_vs_drift(finals: dict[str, list[dict]], grid: dict[str, list[dict]], path: Path) -> None:
+def plot_accuracy_vs_drift(finals: dict[str, list[dict]], grid: dict[str, list[dict]]):
     """Test accuracy against the two drift measures: per method its chosen lr (mean over seeds, ±1 std bars) and,
     dashed, its seed-0 runs along the lr grid that reach PLOT_FLOOR (the trade-off a different lr would give)."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from deltatune.core.atomic import atomic_write_bytes
-
+    plt = harness.pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for axis, (key, scale, label) in zip(axes, DRIFT_AXES):
@@ -357,10 +346,7 @@ def plot_accuracy_vs_drift(finals: dict[str, list[dict]], grid: dict[str, list[d
     figure.suptitle("Selective methods: accuracy vs how far the backbone moved "
                     f"(points: chosen lr, 3 seeds; dashed: seed 0 along the lr grid, runs ≥ {PLOT_FLOOR:.0%})")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    return figure
 
 
 def sara_versus_lora(finals: dict[str, list[dict]]) -> list[str]:
@@ -388,11 +374,12 @@ def sara_versus_lora(finals: dict[str, list[dict]]) -> list[str]:
 def render(done: list[dict], args: argparse.Namespace) -> str:
     best = chosen_rates(done)
     finals = final_runs(done)
+    env = harness.environment(threads=args.threads)
     lines = [
         "# Selective methods on wordnet-nouns (all-MiniLM-L6-v2): accuracy and base-model drift", "",
-        f"{datetime.datetime.now():%Y-%m-%d}, torch {torch.__version__}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} cores (shared), {args.threads} thread(s) per run, {args.workers} runs at a time.", "",
-        "Command: `python benchmarks/sparse_accuracy.py " + " ".join(sys.argv[1:]) + "`", "",
+        f"{env['date'][:10]}, torch {env['torch']}, Python {env['python']}, {env['cores']} cores (shared), "
+        f"{env['threads']} thread(s) per run, {args.workers} runs at a time, deltatune at {env['commit']}.", "",
+        f"Command: `{env['command']}`", "",
         f"Train: {TRAIN_SIZE} examples (fixed stratified subset), {EPOCHS} epochs, batch {BATCH}; lr grid "
         f"{list(LR_GRID)} tuned on seed 0 on {VALIDATION_SIZE} validation examples; test = full test split; "
         f"seeds {list(SEEDS)}. Accuracies in %, mean ± std over seeds.", "",
@@ -406,10 +393,10 @@ def render(done: list[dict], args: argparse.Namespace) -> str:
             continue
         lines.append(
             f"| {method} | {rows[0]['trainable']:,} | {best[method]:g} | "
-            f"{_mean_std([r['validation'] for r in rows])} | {_mean_std([r['test'] for r in rows])} | "
-            f"{_mean_std([r['probe_change'] for r in rows], digits=2)} | "
-            f"{_mean_std([r['similarity_correlation'] for r in rows], scale=1, digits=3)} | "
-            f"{_mean_std([r['self_cosine'] for r in rows], scale=1, digits=3)} | "
+            f"{mean_std([r['validation'] for r in rows])} | {mean_std([r['test'] for r in rows])} | "
+            f"{mean_std([r['probe_change'] for r in rows], digits=2)} | "
+            f"{mean_std([r['similarity_correlation'] for r in rows], scale=1, digits=3)} | "
+            f"{mean_std([r['self_cosine'] for r in rows], scale=1, digits=3)} | "
             f"{statistics.mean(r['seconds'] for r in rows):.0f} |")
     lines += sara_versus_lora(finals)
     base = next((r["base_probe"] for r in done if "base_probe" in r), None)

@@ -33,21 +33,20 @@ saved_tensors_hooks, parameters excluded.
 Timing: one process holds every contender; after warm-up, blocks of steps alternate between contenders in
 mirrored order (A B C, C B A, ...); each whole step (zero_grad + forward + loss + backward + AdamW step) is timed
 alone; the table gives the median per contender and ratios of medians. The timing run is repeated (`--repeats`).
+Child processes, the environment record and the atomic report are deltatune.bench.harness's.
 
-    HF_HUB_OFFLINE=1 /work/main/.venv/bin/python benchmarks/sparse_memory.py --threads 1 --repeats 2 \\
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sparse_memory.py --threads 1 --repeats 2 \\
         --output benchmarks/results/sparse_memory.md --json benchmarks/results/sparse_memory.json
+    .venv/bin/python benchmarks/sparse_memory.py --render benchmarks/results/sparse_memory.json \\
+        --output benchmarks/results/sparse_memory.md     # the report again from the raw JSON, nothing measured
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from deltatune.core.atomic import atomic_write_text  # noqa: E402
+from deltatune.bench import harness  # noqa: E402
 
 TASK, BATCH, MAX_TOKENS, LEARNING_RATE, SEED, FRACTION = "wordnet-nouns", 32, 32, 1e-4, 0, 0.1
 TARGET_LEAVES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
@@ -289,11 +288,7 @@ def run_timing(contenders: tuple[str, ...], rounds: int, block: int, batch_size:
 
 # --- driver -----------------------------------------------------------------------------------------------------
 def child(args: list[str]) -> dict:
-    command = [sys.executable, __file__, *args]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"child {args} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return harness.run_child(harness.script_command(__file__, *args), label=f"child {args}")
 
 
 def main() -> None:
@@ -313,17 +308,17 @@ def main() -> None:
     if args.render:
         report = render(json.loads(args.render.read_text()))
         if args.output:
-            atomic_write_text(args.output, report)
+            harness.write_report(args.output, report)
         print(report)
         return
     torch.set_num_threads(args.threads)
     contenders = tuple(args.contenders.split(","))
     common = ["--threads", str(args.threads), "--batch", str(args.batch)]
     if args.worker == "memory":
-        print(json.dumps(run_memory_worker(contenders[0], args.memory_steps, args.batch)))
+        harness.emit(run_memory_worker(contenders[0], args.memory_steps, args.batch))
         return
     if args.worker == "timing":
-        print(json.dumps(run_timing(contenders, args.rounds, args.block, args.batch)))
+        harness.emit(run_timing(contenders, args.rounds, args.block, args.batch))
         return
     memory = [child(["--worker", "memory", "--contenders", c, "--memory-steps", str(args.memory_steps), *common])
               for c in contenders]
@@ -331,11 +326,11 @@ def main() -> None:
                      "--block", str(args.block), *common]) for _ in range(args.repeats)]
     record = {"memory": memory, "timing": timing, "meta": meta(args)}
     if args.json:
-        atomic_write_text(args.json, json.dumps(record, indent=1))
+        harness.write_json(args.json, record)
     report = render(record)
     print(report)
     if args.output:
-        atomic_write_text(args.output, report)
+        harness.write_report(args.output, report)
 
 
 def host_fuses() -> bool:
@@ -348,10 +343,10 @@ def host_fuses() -> bool:
 
 
 def meta(args: argparse.Namespace) -> dict:
-    return {"host_fuses": host_fuses(), "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-            "python": platform.python_version(), "cores": os.cpu_count(), "threads": args.threads,
-            "batch": args.batch, "tokens": MAX_TOKENS, "memory_steps": args.memory_steps, "rounds": args.rounds,
-            "block": args.block, "repeats": args.repeats, "command": "python " + " ".join(sys.argv)}
+    """The harness's environment (date, versions, cores, threads, commit, command) and this run's settings."""
+    return {"host_fuses": host_fuses(), **harness.environment(threads=args.threads), "batch": args.batch,
+            "tokens": MAX_TOKENS, "memory_steps": args.memory_steps, "rounds": args.rounds, "block": args.block,
+            "repeats": args.repeats}
 
 
 def render(record: dict) -> str:
@@ -361,7 +356,8 @@ def render(record: dict) -> str:
         "# SaRA memory benchmark, with the other selective methods (all-MiniLM-L6-v2, wordnet-nouns)", "",
         f"{m['date']}, torch {m['torch']}, Python {m['python']}, {m['cores']} cores (shared), "
         f"{m['threads']} thread(s), batch {m['batch']} × {m['tokens']} tokens, float32, AdamW. "
-        f"Host runs the fused sparse layer (`forward_with_base`): {'yes' if m['host_fuses'] else 'no'}.", "",
+        f"Host runs the fused sparse layer (`forward_with_base`): {'yes' if m['host_fuses'] else 'no'}."
+        + (f" deltatune at {m['commit']}." if "commit" in m else ""), "",  # recorded since the harness
         f"Command: `{m['command']}`", "",
         "## Memory (each contender in a fresh process)", "",
         "| contender | trainable | training state MiB (grads + optimizer) | adapter buffers MiB | "
@@ -414,7 +410,7 @@ def ratio_lines(by_name: dict, timing: list[dict]) -> list[str]:
         if {"sara", other} <= set(by_name):
             a, b = by_name["sara"]["peak_train_mib"], by_name[other]["peak_train_mib"]
             lines.append(f"- SaRA peak training RSS / {other}: {a:.0f} / {b:.0f} MiB = {a / b:.3f}")
-    for i, t in enumerate(timing):
+    for i, t in enumerate(timing if "sara" in by_name else []):  # ratios to SaRA need SaRA among the contenders
         medians = {n: statistics.median(v) for n, v in t.items()}
         parts = [f"{n} {medians[n] / medians['sara']:.2f}×" for n in medians if n != "sara"]
         lines.append(f"- step time relative to SaRA, run {i + 1}: " + ", ".join(parts))

@@ -4,12 +4,12 @@ Every run is the recipe of `deltatune train` (`recipe.finetune`) with the same t
 seeds; only the method (and its own hyper-parameters and learning rate) changes. Finished runs are appended to
 `runs.jsonl` in the output folder, so an interrupted comparison resumes where it stopped (a run is reused only
 when every setting that shapes it is equal). The summary (mean ± sample std over seeds) is written atomically as
-`results.md`, and with `plot=True` as a bar chart `results.png`.
+`results.md`, and with `plot=True` as a bar chart `results.png`. The loop, the run log and the report writing
+are the benchmark harness's (deltatune.bench.harness).
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import statistics
 from collections.abc import Mapping, Sequence
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltatune.core.atomic import atomic_write_bytes, atomic_write_text
+from deltatune.bench.harness import RunLog, mean_std, pyplot, run_jobs, write_report
 from deltatune.errors import ConfigError
 
 RUNS_FILE, TABLE_FILE, PLOT_FILE = "runs.jsonl", "results.md", "results.png"
@@ -77,21 +77,6 @@ def run_settings(task: str, method: str, params: Mapping[str, Any], seed: int, l
                                   **train}, default=list))
 
 
-def read_runs(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    runs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ConfigError(f"{path} line {number} is not JSON; delete that line (or the file) to re-run "
-                              "the runs it held") from None
-    return runs
-
-
 def compare(task: str, methods: Sequence[str], params: Mapping[str, Mapping[str, Any]], seeds: Sequence[int], *,
             out_dir: str | Path, lr: Mapping[str, float] | None = None, plot: bool = False,
             **train: Any) -> list[MethodSummary]:
@@ -100,38 +85,34 @@ def compare(task: str, methods: Sequence[str], params: Mapping[str, Mapping[str,
     params: per-method config keyword arguments; lr: per-method learning rates (default: the recipe's);
     train: `recipe.finetune` settings shared by all runs (epochs, batch_size, train_size, max_steps, ...).
     """
-    from deltatune.recipe import finetune
-
     check_request(methods, seeds)
     check_configs(methods, params)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    runs_path = out / RUNS_FILE
-    done = read_runs(runs_path)
-    wanted = {(m, s): run_settings(task, m, params.get(m, {}), s, (lr or {}).get(m), train)
-              for m in methods for s in seeds}
-    for index, ((method, seed), settings) in enumerate(wanted.items(), start=1):
-        if find_run(done, settings) is not None:
-            continue
-        print(f"[{index}/{len(wanted)}] {method}, seed {seed}", flush=True)
-        result = finetune(task, method, dict(params.get(method, {})), seed=seed, lr=settings["lr"],
-                          out_dir=out / run_folder(settings), **train)
-        record = {"settings": settings, "test": result.test_accuracy, "validation": result.validation_accuracy,
-                  "trainable": result.trainable.trainable, "share": result.trainable.share,
-                  "seconds": result.seconds}
-        with runs_path.open("a") as handle:  # one whole line per finished run: a crash loses at most the current
-            handle.write(json.dumps(record) + "\n")
-        done.append(record)
-        print(f"      test accuracy {result.test_accuracy:.4f}", flush=True)
-    summaries = [summarize(method, [find_run(done, wanted[method, s]) for s in seeds]) for method in methods]
-    atomic_write_text(out / TABLE_FILE, render_table(summaries, task, seeds))
-    if plot:
-        plot_summaries(summaries, out / PLOT_FILE, task)
+    log = RunLog(out / RUNS_FILE, identity=("settings",))
+    jobs = {(m, s): {"settings": run_settings(task, m, params.get(m, {}), s, (lr or {}).get(m), train)}
+            for m in methods for s in seeds}
+    run_jobs(jobs.values(), log, lambda job: train_one(job["settings"], params, train, out),
+             describe=lambda job: f"{job['settings']['method']}, seed {job['settings']['seed']}")
+    done = log.records()
+    summaries = [summarize(method, [log.find(jobs[method, s], done) for s in seeds]) for method in methods]
+    figures = {out / PLOT_FILE: plot_summaries(summaries, task)} if plot else {}
+    write_report(out / TABLE_FILE, render_table(summaries, task, seeds), figures)
     return summaries
 
 
-def find_run(done: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any] | None:
-    return next((run for run in done if run.get("settings") == settings), None)
+def train_one(settings: dict[str, Any], params: Mapping[str, Mapping[str, Any]], train: Mapping[str, Any],
+              out: Path) -> dict[str, Any]:
+    """One run through the recipe; its record holds the settings that identify it in `runs.jsonl`."""
+    import deltatune.recipe
+
+    method = settings["method"]
+    result = deltatune.recipe.finetune(settings["task"], method, dict(params.get(method, {})),
+                                       seed=settings["seed"], lr=settings["lr"], out_dir=out / run_folder(settings),
+                                       **train)
+    print(f"      test accuracy {result.test_accuracy:.4f}", flush=True)
+    return {"settings": settings, "test": result.test_accuracy, "validation": result.validation_accuracy,
+            "trainable": result.trainable.trainable, "share": result.trainable.share, "seconds": result.seconds}
 
 
 def run_folder(settings: dict[str, Any]) -> str:
@@ -145,31 +126,19 @@ def summarize(method: str, runs: list[dict[str, Any]]) -> MethodSummary:
                          [r["validation"] for r in runs], [r["seconds"] for r in runs])
 
 
-def _mean_std(values: list[float], scale: float = 100.0) -> str:
-    """"mean ± sample std", or the value alone for one seed (a ± 0.0 would claim a spread never measured)."""
-    mean = statistics.mean(values) * scale
-    return f"{mean:.1f} ± {statistics.stdev(values) * scale:.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-
 def render_table(summaries: list[MethodSummary], task: str, seeds: Sequence[int]) -> str:
     lines = [f"Task {task}, seeds {', '.join(map(str, seeds))}: accuracy in %, mean ± std over seeds.", "",
              "| method | trainable | share | test | validation | seconds / run |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for s in sorted(summaries, key=lambda s: -s.test_mean):
-        lines.append(f"| {s.method} | {s.trainable:,} | {100 * s.share:.3f}% | {_mean_std(s.test)} | "
-                     f"{_mean_std(s.validation)} | {statistics.mean(s.seconds):.1f} |")
+        lines.append(f"| {s.method} | {s.trainable:,} | {100 * s.share:.3f}% | {mean_std(s.test)} | "
+                     f"{mean_std(s.validation)} | {statistics.mean(s.seconds):.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_summaries(summaries: list[MethodSummary], path: Path, task: str) -> None:
-    """Test accuracy per method (bars: mean, whiskers: ±1 std, dots: the seeds), written atomically."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("--plot needs matplotlib; install deltatune[plot]") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_summaries(summaries: list[MethodSummary], task: str) -> Any:
+    """Test accuracy per method (bars: mean, whiskers: ±1 std, dots: the seeds), as a matplotlib figure."""
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(1.2 * len(summaries) + 2.5, 3.8))
     positions = range(len(summaries))
     axis.bar(positions, [100 * s.test_mean for s in summaries], yerr=[100 * s.test_std for s in summaries],
@@ -183,7 +152,4 @@ def plot_summaries(summaries: list[MethodSummary], path: Path, task: str) -> Non
     axis.set_title(f"{task}: method (trainable parameters)")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    return figure

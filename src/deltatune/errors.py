@@ -38,6 +38,10 @@ class MergeError(DeltatuneError, ValueError):
     """Checkpoints or deltas cannot be merged as asked (mismatched names, shapes, dtypes, weights)."""
 
 
+class BenchmarkError(DeltatuneError, RuntimeError):
+    """A benchmark run failed (its child process exited with an error, or printed no result)."""
+
+
 def config_check(condition: bool, field: str, value: object, expected: str, fix: str = "") -> None:
     """Raise a ConfigError naming the field, the bad value and the allowed range unless `condition` holds."""
     if not condition:

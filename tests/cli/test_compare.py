@@ -78,3 +78,19 @@ def test_cli_prints_the_table_and_refuses_bad_flags_in_one_line(tmp_path, capsys
         assert main(argv + bad) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_runs_file_written_before_the_harness_is_reused_as_it_is(tmp_path, monkeypatch):
+    from deltatune.compare import run_settings
+
+    settings = run_settings("digits", "probe", {}, 0, None, QUICK)
+    line = {"settings": settings, "test": 0.25, "validation": 0.5, "trainable": 650, "share": 0.01, "seconds": 1.5}
+    (tmp_path / RUNS_FILE).write_text(json.dumps(line) + "\n")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(deltatune.recipe, "finetune", no_training)
+    [summary] = compare("digits", ["probe"], {}, [0], out_dir=tmp_path, **QUICK)
+    assert (summary.test, summary.trainable) == ([0.25], 650)
+    assert "| probe | 650 | 1.000% | 25.0 | 50.0 | 1.5 |" in (tmp_path / TABLE_FILE).read_text()
