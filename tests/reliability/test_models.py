@@ -267,6 +267,13 @@ def _rewrite_weights(folder, change) -> None:
     tensors = load_file(str(folder / WEIGHTS_FILE))
     change(tensors)
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    # A hand-edited file no longer matches the config's weights record; drop the record (older folders have
+    # none) so the load reaches the statistics checks under test.
+    config = folder / "deltatune_config.json"
+    meta = json.loads(config.read_text())
+    meta.pop("weights_sha256", None)
+    meta.pop("weights_bytes", None)
+    config.write_text(json.dumps(meta))
 
 
 @pytest.mark.parametrize("fault", ["wrong-shape", "one-missing"])
