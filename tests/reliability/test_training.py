@@ -31,13 +31,7 @@ from train.trainer_toys import BlobDataset, small_net, trainable_snapshot
 METHODS = [entry.name for entry in dt.list_methods()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: extra intra-op threads only wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def quiet(**overrides) -> TrainConfig:
