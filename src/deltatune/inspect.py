@@ -8,7 +8,9 @@ from pathlib import Path
 from safetensors import safe_open
 
 from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
-from deltatune.core.state import CONFIG_FILE, WEIGHTS_FILE, _adapter_folder, _readable_file, check_format_fields, read_json
+from deltatune.core.state import (
+    CONFIG_FILE, WEIGHTS_FILE, _adapter_folder, _one_line, _readable_file, check_format_fields, read_json,
+)
 from deltatune.errors import AdapterFileError
 
 
@@ -79,7 +81,8 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:
-        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({error}); re-save the adapter") from None
+        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({_one_line(error)}); re-save the adapter"
+                               ) from None
 
 
 def _allocated_ranks(path: Path) -> dict[str, int]:
