@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import struct
+import subprocess
 import tempfile
 import warnings
 from pathlib import Path
@@ -458,3 +459,124 @@ def test_fuzzed_safetensors_files_load_what_they_hold_or_fail_in_one_line(templa
         assert tensors is not None, "deltatune loaded a file that breaks the safetensors format"
         assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
         torch.testing.assert_close(outputs(model), outputs(rebuilt_from(tensors, format)), rtol=0, atol=0)
+
+
+# --- broken folders through the CLI: exit 2, one line, inputs unchanged -----------------------------------------
+def link_digest(root: Path) -> dict[str, str]:
+    """tree_digest that also records modes and never follows links (a symlink loop is an input too)."""
+    digest = {}
+    for path in sorted([root, *root.rglob("*")]):
+        relative, mode = str(path.relative_to(root)), oct(os.lstat(path).st_mode)
+        if path.is_symlink():
+            digest[relative] = f"link {os.readlink(path)}"
+        elif path.is_dir():
+            digest[relative] = f"<dir> {mode}"
+        else:
+            digest[relative] = f"{mode} {hashlib.sha256(path.read_bytes()).hexdigest()}"
+    return digest
+
+
+def run_in_process(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """`deltatune ARGV` through deltatune.cli.main in this process; an exception other than the ones main()
+    turns into exit 2 propagates and fails the test."""
+    from deltatune.cli import main
+
+    capsys.readouterr()
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, status, captured.out, captured.err)
+
+
+def needs_permissions() -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root reads files whatever their mode")
+
+
+def replace_by_folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+    (path / "inside.txt").write_text("not the file")
+
+
+def replace_by_loop(path: Path) -> None:
+    path.unlink() if path.is_file() else shutil.rmtree(path)
+    path.symlink_to(path.name)
+
+
+# case -> (how to break a saved deltatune adapter folder `a`, fragments of the message)
+BROKEN_ADAPTERS = {
+    "unreadable weights": (lambda a: (a / WEIGHTS["deltatune"]).chmod(0), ["cannot be read", "permission"]),
+    "unreadable folder": (lambda a: a.chmod(0), ["permission"]),
+    "weights file is a folder": (lambda a: replace_by_folder(a / WEIGHTS["deltatune"]), ["is a folder, not a file"]),
+    "config file is a folder": (lambda a: replace_by_folder(a / CONFIG["deltatune"]), ["is a folder, not a file"]),
+    "a file where the folder should be": (lambda a: (shutil.rmtree(a), a.write_text("notes")),
+                                          ["is a file, not an adapter folder"]),
+    "empty folder": (lambda a: (shutil.rmtree(a), a.mkdir()), ["has no deltatune_config.json"]),
+    "folder is a symlink loop": (replace_by_loop, ["symbolic link loop"]),
+    "weights file is a symlink loop": (lambda a: replace_by_loop(a / WEIGHTS["deltatune"]), ["symbolic link loop"]),
+    "non-UTF-8 config": (lambda a: (a / CONFIG["deltatune"]).write_bytes(b'{"format": "delta\xff\xfetune"}'),
+                         ["not valid JSON", "utf-8"]),
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "eval"])
+@pytest.mark.parametrize("case", sorted(BROKEN_ADAPTERS))
+def test_cli_on_a_broken_adapter_folder_exits_2_in_one_line(tmp_path, capsys, command, case):
+    if "unreadable" in case:
+        needs_permissions()
+    adapter = tmp_path / "adapter"
+    dt.save_adapter(saved_model("deltatune"), adapter)
+    breaking, fragments = BROKEN_ADAPTERS[case]
+    breaking(adapter)
+    before = link_digest(tmp_path)
+    try:
+        if command == "eval":  # in-process (the task's model is built once per worker): main() as the CLI runs it
+            result = run_in_process(capsys, "eval", str(adapter), "--task", "digits")
+        else:
+            result = run_cli(command, str(adapter), cwd=tmp_path)
+        assert_one_line_error(result, str(adapter), *fragments)
+        assert result.stdout == ""
+    finally:
+        adapter.chmod(0o755) if adapter.is_dir() and not adapter.is_symlink() else None
+    assert link_digest(tmp_path) == before
+
+
+def first_shard(model: Path) -> Path:
+    return sorted(model.glob("*.safetensors"))[0]
+
+
+# case -> (how to break the first fine-tuned model folder `m`, fragments of the message)
+BROKEN_MODELS = {
+    "unreadable shard": (lambda m: first_shard(m).chmod(0), ["cannot read", "permission"]),
+    "shard is a folder": (lambda m: replace_by_folder(first_shard(m)), ["is a directory"]),
+    "a file where the model folder should be": (lambda m: (shutil.rmtree(m), m.write_text("notes")),
+                                                ["not a safetensors file"]),
+    "empty model folder": (lambda m: (shutil.rmtree(m), m.mkdir()), ["has no *.safetensors files"]),
+    "model folder is a symlink loop": (replace_by_loop, ["symbolic link loop"]),
+    "shard is a symlink loop": (lambda m: replace_by_loop(first_shard(m)), ["symbolic links"]),
+    "non-UTF-8 index": (lambda m: (m / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"a": "\xff"}}'),
+                        ["model.safetensors.index.json", "corrupt"]),
+    "non-UTF-8 base config": (lambda m: (m.parent / "base" / "config.json").write_bytes(b'{"n_layer": "\xff"}'),
+                              ["config.json", "utf-8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_MODELS))
+def test_merge_of_a_broken_model_folder_exits_2_in_one_line(tmp_path, case):
+    import yaml
+
+    from merging.tiny_checkpoints import make_models
+
+    if "unreadable" in case:
+        needs_permissions()
+    base, dirs, _, _ = make_models(tmp_path / "inputs")
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(
+        {"merge_method": "task_arithmetic", "base_model": str(base),
+         "models": [{"model": str(d), "parameters": {"weight": 0.5}} for d in dirs]}))
+    breaking, fragments = BROKEN_MODELS[case]
+    breaking(dirs[0])
+    before = link_digest(tmp_path)
+    out = tmp_path / "merged"
+    result = run_cli("merge", str(tmp_path / "merge.yml"), "--out", str(out), "--no-progress", cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert link_digest(tmp_path) == before and not out.exists()

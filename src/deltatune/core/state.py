@@ -266,7 +266,8 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, "adapter_config.json", "adapter_mode
 
 def _adapter_folder(path: Path) -> Path:
     if not _exists(path):
-        raise AdapterFileError(f"adapter path {path} does not exist; pass the folder written by save_adapter")
+        raise AdapterFileError(_dangling(path, "adapter path") or
+                               f"adapter path {path} does not exist; pass the folder written by save_adapter")
     if not path.is_dir():
         if path.suffix in PICKLE_SUFFIXES:
             raise AdapterFileError(_pickle_refusal(path))
@@ -296,6 +297,20 @@ def _exists(path: Path) -> bool:
         raise AdapterFileError(f"{path} cannot be checked ({_reason(error)}); check the folder's permissions") from None
 
 
+def _dangling(path: Path, what: str) -> str | None:
+    """The message for a symbolic link that loops or points nowhere (Path.exists says False for both)."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13: a symlink loop
+        return f"{what} {path} is a symbolic link loop; point it at the real file or folder"
+    except OSError as error:
+        return (f"{what} {path} is a symbolic link to a missing path ({_reason(error)}); point it at the real "
+                "file or folder")
+    return None
+
+
 def _reason(error: OSError) -> str:
     return error.strerror or type(error).__name__
 
@@ -303,7 +318,7 @@ def _reason(error: OSError) -> str:
 def _readable_file(path: Path, what: str) -> None:
     """A missing file, a folder where the file should be: one line naming the path and the fix."""
     if not _exists(path):
-        raise AdapterFileError(f"{what} {path} is missing; the adapter folder is incomplete")
+        raise AdapterFileError(_dangling(path, what) or f"{what} {path} is missing; the adapter folder is incomplete")
     if path.is_dir():
         raise AdapterFileError(f"{what} {path} is a folder, not a file; remove it and re-save the adapter")
     try:  # readers written in other languages (safetensors) would report a permission problem as corruption
