@@ -282,7 +282,9 @@ def peft_outputs(folder: Path, matching: dict | None = None) -> torch.Tensor | E
     with tempfile.TemporaryDirectory() as work:
         shown = Path(shutil.copytree(folder, Path(work) / "peft"))
         config = json.loads((shown / CONFIG["peft"]).read_text())
-        config = {k: v for k, v in config.items() if v is not None and k not in MATCHING_FIELDS} | (matching or {})
+        config = {k: v for k, v in config.items() if v is not None}
+        if matching is not None:
+            config = {k: v for k, v in config.items() if k not in MATCHING_FIELDS} | matching
         (shown / CONFIG["peft"]).write_text(json.dumps(config))
         try:
             with warnings.catch_warnings():
@@ -459,6 +461,45 @@ def test_fuzzed_safetensors_files_load_what_they_hold_or_fail_in_one_line(templa
         assert tensors is not None, "deltatune loaded a file that breaks the safetensors format"
         assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
         torch.testing.assert_close(outputs(model), outputs(rebuilt_from(tensors, format)), rtol=0, atol=0)
+
+
+# --- the saved files themselves, and what the fuzzers found -----------------------------------------------------
+@pytest.mark.parametrize("format", sorted(CONFIG))
+def test_the_unchanged_files_load_to_the_saved_outputs(templates, format):
+    """The fuzzers' starting point (peft's own folder for peft) loads exactly: their oracle can tell."""
+    model = load_or_refuse(templates[format][0], norm=format == "deltatune")
+    assert model is not None
+    torch.testing.assert_close(outputs(model), templates[format][1], rtol=0, atol=0)
+    torch.testing.assert_close(peft_outputs(templates["peft"][0]), templates["peft"][1], rtol=1e-6, atol=1e-6)
+
+
+# (format, field, value written into the config, fragments of the one-line refusal)
+FOUND = [
+    ("deltatune", "alpha", 1.7e38 * 4, ["alpha", "float32"]),      # finite in JSON, inf or a torch error in use
+    ("deltatune", "alpha", 10**400, ["alpha", "float32"]),          # a raw OverflowError before
+    ("peft", "lora_alpha", 1e39, ["lora_alpha", "float32"]),
+    ("peft", "\nextra", True, ["'\\nextra'"]),                      # a field name that broke the line
+    ("peft", "alpha_pattern", [], ["alpha_pattern=[]"]),            # peft crashes on it; was taken as empty
+    ("peft", "arrow_config", [], ["arrow_config=[]"]),
+    ("peft", "task_type", [], ["task_type=[]", "SEQ_CLS"]),
+    ("peft", "task_type", "CAUSAL", ["task_type='CAUSAL'"]),
+    ("peft", "eva_config", [], ["eva_config=[]"]),
+]
+
+
+@pytest.mark.parametrize("format, field, value, fragments", FOUND, ids=[f"{f}-{k}-{v!r:.12}" for f, k, v, _ in FOUND])
+def test_values_the_fuzzers_found_are_refused_in_one_line(templates, tmp_path, format, field, value, fragments):
+    folder = Path(shutil.copytree(templates[format][0], tmp_path / "adapter"))
+    path = folder / CONFIG[format]
+    config = json.loads(path.read_text())
+    (config["config"] if format == "deltatune" else config)[field] = value
+    path.write_text(json.dumps(config))
+    model = base_model(norm=format == "deltatune")
+    before = model_digest(model)
+    with pytest.raises(DeltatuneError) as caught:
+        dt.load_adapter(model, folder)
+    assert_one_line_message(caught.value, *fragments)
+    assert model_digest(model) == before
 
 
 # --- broken folders through the CLI: exit 2, one line, inputs unchanged -----------------------------------------
