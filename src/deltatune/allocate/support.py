@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from deltatune.core.capabilities import HasRegularizationShare
 from deltatune.core.config import DeltaConfig
 from deltatune.core.model import adapter_state
 from deltatune.errors import ConfigError, config_check
@@ -59,7 +60,8 @@ def set_mean_regularization(allocator: Any, form: str) -> None:
     """The code form averages over every P and Q tensor of the adapter: 1 / (2 × #modules) per module."""
     share = 1.0 if form == "paper" else 1.0 / (2 * len(allocator.deltas))
     for delta in allocator.deltas.values():
-        delta.regularization_share = share
+        if isinstance(delta, HasRegularizationShare):
+            delta.regularization_share = share
 
 
 def default_max_rank(max_rank: int | None, target_rank: int, layer: Any, factor: int = 4) -> int:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from deltatune.core.capabilities import FusesWithBase
 from deltatune.core.delta import COMPOSITION_ORDER, Delta, DeltaKind
 from deltatune.core.layers import LayerInfo, base_bias
 from deltatune.errors import DeltatuneError, NotMergeableError
@@ -90,12 +91,12 @@ class AdaptedLayer(nn.Module):
         live = [self.deltas[n] for n in self.active if n not in self.merged]
         self._plan = {kind: tuple(d for d in live if d.kind is kind) for kind in COMPOSITION_ORDER}
         self._live = bool(live)
-        # Capability `forward_with_base(x, base_layer)`: an additive delta that can compute the base output and its
+        # Capability `FusesWithBase` (core.capabilities): an additive delta that can compute the base output and its
         # own term together (one fused autograd node, see functional.lowrank.lowrank_linear). Only when the base
         # runs with its own weight, i.e. no weight-space delta comes first.
         additive = self._plan[DeltaKind.ADDITIVE]
         self._fuse_first_additive = (
-            not self._plan[DeltaKind.WEIGHT] and bool(additive) and hasattr(additive[0], "forward_with_base")
+            not self._plan[DeltaKind.WEIGHT] and bool(additive) and isinstance(additive[0], FusesWithBase)
         )
 
     # --- forward --------------------------------------------------------------------------------------------

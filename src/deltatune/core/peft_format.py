@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from deltatune.core.adapter_files import (
     CONFIG_DIGEST, canonical_digest, check_config_record, save_folder, write_weights_then_config,
 )
+from deltatune.core.capabilities import PeftConvertibleConfig
 from deltatune.core.model import _config_of, extra_modules, iter_deltas
 from deltatune.core.registry import list_methods
 from deltatune.core.running_stats import running_statistics
@@ -32,10 +33,11 @@ PEFT_BASE_LAYER = "base_layer"  # peft's name for the wrapped layer inside its L
 
 
 def _peft_config_class(peft_type: str):
-    for entry in list_methods():
-        if getattr(entry.config_cls, "peft_type", None) == peft_type:
-            return entry.config_cls
-    supported = sorted(str(getattr(e.config_cls, "peft_type")) for e in list_methods() if hasattr(e.config_cls, "peft_type"))
+    convertible = [e.config_cls for e in list_methods() if isinstance(e.config_cls, PeftConvertibleConfig)]
+    for config_cls in convertible:
+        if config_cls.peft_type == peft_type:
+            return config_cls
+    supported = sorted(str(config_cls.peft_type) for config_cls in convertible)
     raise AdapterFileError(f"peft_type {peft_type!r} cannot be imported; supported: {supported}")
 
 
@@ -45,7 +47,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, name: str = "de
     from deltatune.core.state import CONFIG_FILE
 
     config = _config_of(model, name)
-    if not hasattr(config, "to_peft_config"):
+    if not isinstance(config, PeftConvertibleConfig):
         raise DeltatuneError(f"{type(config).__name__} has no peft equivalent; save with format='deltatune'")
     folder = save_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS), CONFIG_FILE, "deltatune")
     tensors: dict[str, Tensor] = {}
