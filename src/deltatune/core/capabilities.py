@@ -48,7 +48,8 @@ class AssignsDeltaBias(Protocol):
 @runtime_checkable
 class HasRank(Protocol):
     """A rank-structured delta: `rank` is its live rank now (LoRA: the configured r; the AdaLoRA family: the
-    live components), an upper bound of rank(ΔW) used to size a combined LoRA adapter."""
+    components that count, after the allocator's last step), which sizes a combined LoRA adapter. It bounds
+    rank(ΔW) up to the terms a method holds outside its live set (IncreLoRA's 1e-5 reserves while it grows)."""
 
     @property
     def rank(self) -> int: ...
