@@ -36,6 +36,11 @@ def register_method(name: str, config_cls: type[DeltaConfig], description: str =
     return decorate
 
 
+def unregister_method(name: str) -> None:
+    """Remove a registered method (test-only toy deltas register for one test and leave no trace)."""
+    _METHODS.pop(name, None)
+
+
 def _import_builtin_methods() -> None:
     import deltatune.methods as package
 

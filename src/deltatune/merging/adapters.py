@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.capabilities import AssignsDeltaBias, AssignsDeltaWeight, HasRank
+from deltatune.core.layers import base_bias
 from deltatune.core.model import active_adapters, adapt, adapter_state, iter_hosts, set_active
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.merging.memory import merge_state_dicts
@@ -90,7 +91,8 @@ BIAS_SUFFIX = ".bias"  # a layer's Δb is combined under "<module path>.bias", b
 
 def _biased_paths(hosts: dict[str, Any], adapters: list[str]) -> set[str]:
     """Layers on which some adapter changes the bias (`delta_bias` is not None)."""
-    return {path for path, host in hosts.items() if any(host.deltas[n].delta_bias() is not None for n in adapters)}
+    return {path for path, host in hosts.items()
+            if any(host.deltas[n].delta_bias(base_bias(host.base_layer)) is not None for n in adapters)}
 
 
 def _task_vectors(hosts: dict[str, Any], name: str, biased: set[str]) -> dict[str, Tensor]:
@@ -100,7 +102,7 @@ def _task_vectors(hosts: dict[str, Any], name: str, biased: set[str]) -> dict[st
         delta = host.deltas[name]
         vectors[path] = delta.delta_weight(host.base_layer.weight).detach()
         if path in biased:
-            change = delta.delta_bias()
+            change = delta.delta_bias(base_bias(host.base_layer))
             vectors[path + BIAS_SUFFIX] = (torch.zeros(host.layer.out_features, dtype=vectors[path].dtype,
                                                        device=vectors[path].device)
                                            if change is None else change.detach().to(vectors[path].dtype))
@@ -171,6 +173,6 @@ def _summed_rank(hosts: dict[str, Any], adapters: list[str]) -> int:
 
 def adapter_delta_weights(model: nn.Module, name: str) -> dict[str, Tensor]:
     """ΔW of adapter `name` on every layer it adapts ({module path: tensor in the base weight's shape}); its
-    bias term, if any, is `Delta.delta_bias()`."""
+    bias term, if any, is `Delta.delta_bias(base_bias)`."""
     return {path: host.deltas[name].delta_weight(host.base_layer.weight).detach()
             for path, host in iter_hosts(model) if name in host.deltas}

@@ -163,9 +163,9 @@ class LoRADelta(Delta):
 
     def _with_bias(self, out: Tensor) -> Tensor:
         """out + Δb, broadcast over the batch (and the spatial dimensions of a convolution)."""
-        change = self.delta_bias()
-        if change is None:
+        if not self.config.bias:
             return out
+        change = self.scale * self.lora_bias
         return out + (change.view(-1, *([1] * self.layer.conv_dims)) if self.layer.kind == CONV else change)
 
     def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
@@ -181,7 +181,7 @@ class LoRADelta(Delta):
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         return lowrank_delta_weight(self.layer, self.lora_A, self.lora_B, self.scale).to(base_weight.dtype)
 
-    def delta_bias(self) -> Tensor | None:
+    def delta_bias(self, base_bias: Tensor | None) -> Tensor | None:
         return self.scale * self.lora_bias if self.config.bias else None
 
     @torch.no_grad()
