@@ -88,9 +88,33 @@ class HasPeftTensorNames(Protocol):
     def peft_tensor_names(self) -> dict[str, str]: ...
 
 
+# --- config fields shared by several methods (validated and read once, in allocate.support / allocate.slots) ----
+@runtime_checkable
+class HasDropout(Protocol):
+    """A config with dropout on the delta's input."""
+
+    dropout: float
+
+
+@runtime_checkable
+class HasSmoothingFactors(Protocol):
+    """A config with the EMA factors of importance scores (AdaLoRA's β1 for sensitivity, β2 for uncertainty)."""
+
+    beta1: float
+    beta2: float
+
+
+@runtime_checkable
+class HasOrthogonalRegularizer(Protocol):
+    """A config with an orthogonality regularizer: its weight γ and its form ("paper" or "code")."""
+
+    orthogonal_weight: float
+    orthogonal_form: str
+
+
 DELTA_CAPABILITIES = (FusesWithBase, AssignsDeltaWeight, AssignsDeltaBias, HasRank, HasRegularizationShare,
                       HasPeftTensorNames)
-CONFIG_CAPABILITIES = (PeftConvertibleConfig,)
+CONFIG_CAPABILITIES = (PeftConvertibleConfig, HasDropout, HasSmoothingFactors, HasOrthogonalRegularizer)
 
 _PROTOCOL_MACHINERY = frozenset({"__init__", "__subclasshook__", "__abstractmethods__", "__class_getitem__",
                                  "__init_subclass__", "__parameters__", "__protocol_attrs__",

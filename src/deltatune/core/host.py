@@ -141,6 +141,8 @@ class AdaptedLayer(nn.Module):
         names. All or nothing: the folded (weight, bias) is computed first and written once, so a delta that
         refuses leaves the layer as it was."""
         order = tuple(self._merge_order())
+        if not order:
+            return order
         weight, bias = self.base_layer.weight.detach(), _detached_bias(self)
         for name in order:
             weight, bias = self.deltas[name].merge_into(weight, bias)

@@ -192,7 +192,7 @@ def _merge_all_or_none(model: nn.Module) -> None:
     try:
         for host in hosts:
             done.append((host, len(host.merge())))
-    except DeltatuneError:
+    except Exception:  # a refusal (or any failure) half way: the layers merged so far go back
         for host, count in reversed(done):
             host.unmerge(count)
         raise
