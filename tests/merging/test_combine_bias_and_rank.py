@@ -110,13 +110,6 @@ def test_a_lora_bias_term_is_scale_times_lora_bias_on_every_path():
     torch.testing.assert_close(model.second.base_layer(hidden) + delta(hidden), expected, rtol=0, atol=1e-12)
 
 
-def test_a_lora_with_a_bias_term_refuses_the_peft_format_by_name(tmp_path):
-    model, _ = build("linear")
-    dt.adapt(model, dt.LoRAConfig(rank=2, bias=True, targets=["first"]))
-    with pytest.raises(ConfigError, match="bias=True is invalid.*format='deltatune'"):
-        dt.save_adapter(model, tmp_path / "peft", format="peft")
-
-
 # --- the live rank: the AdaLoRA family is combined at the rank its deltas hold now ------------------------------
 RANKED = {
     "adalora": dict(init_rank=4, target_rank=2),

@@ -10,7 +10,8 @@ Saved tensors (per adapted module): ``lora_A`` (r, in) — (r, in, *kernel) for 
 (out, r) — (out, r, 1, ...) for convolutions. For an embedding, ``lora_A`` is (r, num_embeddings) and
 ``lora_B`` (dim, r), initialized A = 0, B ~ N(0, 1), as peft does. These are peft's shapes, so peft folders
 convert by renaming keys only. With ``bias=True`` also ``lora_bias`` (out,): Δb = scale · lora_bias, the bias term
-peft calls ``lora_B.bias`` (`combine_adapters` uses it to carry BitFit-like bias deltas; no peft export yet).
+peft calls ``lora_B.bias`` with ``lora_bias=True`` (`combine_adapters` uses it to carry BitFit-like bias deltas;
+peft has none for embeddings, so such an adapter saves in deltatune format only).
 
 Defaults follow peft (rank 8, alpha 8, dropout 0); the paper tunes alpha once and fixes it.
 Deviation: grouped convolutions are not supported (clear error).
@@ -74,14 +75,13 @@ class LoRAConfig(DeltaConfig):
 
     # --- peft interop (used by core.peft_format) ------------------------------------------------------------
     def to_peft_config(self, target_paths: list[str], extra_paths: list[str]) -> dict[str, Any]:
-        config_check(not self.bias, "bias", self.bias, "False for format='peft'", "save with format='deltatune'")
         return {
             "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
             "use_rslora": self.rslora, "target_modules": sorted(target_paths),
             "modules_to_save": sorted(extra_paths) or None, "bias": "none", "fan_in_fan_out": False,
             "init_lora_weights": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
             "layers_to_transform": None, "layers_pattern": None, "task_type": None, "inference_mode": True,
-            "base_model_name_or_path": None, "revision": None, "lora_bias": False, "exclude_modules": None,
+            "base_model_name_or_path": None, "revision": None, "lora_bias": self.bias, "exclude_modules": None,
         }
 
     @classmethod
@@ -98,12 +98,13 @@ class LoRAConfig(DeltaConfig):
         saved = [name for name in _as_list(peft.get("modules_to_save")) if any(f".{name}." in f".{k}" for k in others)]
         return cls(
             rank=peft.get("r", 8), alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
-            rslora=peft.get("use_rslora", False), targets=tuple(targets), extra_trainable=tuple(saved),
+            rslora=peft.get("use_rslora", False), bias=peft.get("lora_bias") or False, targets=tuple(targets),
+            extra_trainable=tuple(saved),
         )
 
 
 # peft's key suffixes of a LoRA layer's tensors (linear and convolution; embedding)
-PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
 
 
 def _as_list(value: Any) -> list[str]:
@@ -209,8 +210,12 @@ class LoRADelta(Delta):
 
     def peft_tensor_names(self) -> dict[str, str]:
         if self.layer.kind == EMBEDDING:
+            config_check(not self.config.bias, "bias", self.config.bias,
+                         f"False for a peft export of embedding {self.module_name!r} (peft has no embedding lora_bias)",
+                         "save with format='deltatune'")
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
-        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        return names | ({"lora_bias": "lora_B.bias"} if self.config.bias else {})
 
 
 def _fusable(delta: LoRADelta, x: Tensor, base_layer: nn.Module) -> bool:
