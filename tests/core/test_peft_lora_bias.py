@@ -72,3 +72,15 @@ def test_an_embedding_lora_with_a_bias_term_refuses_the_peft_format_by_name(tmp_
     with pytest.raises(ConfigError, match="bias=True is invalid.*peft has no embedding lora_bias.*format='deltatune'"):
         dt.save_adapter(model, tmp_path / "peft", format="peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_inspect_groups_a_peft_bias_term_under_its_module(tmp_path):
+    from deltatune.inspect import summarize_adapter
+
+    base, _ = build("linear")
+    model = dt.adapt(base, dt.LoRAConfig(rank=2, bias=True, targets=["first"], extra_trainable=["second"]))
+    dt.save_adapter(model, tmp_path / "peft", format="peft")
+    summary = summarize_adapter(tmp_path / "peft")
+    assert summary.modules == {"first": {"lora_A": (2, 20), "lora_B": (24, 2), "lora_B.bias": (24,)},
+                               "second": {"weight": (18, 24), "bias": (18,)}}
+    assert summary.parameters == 2 * 20 + 24 * 2 + 24 + 18 * 24 + 18
