@@ -16,7 +16,7 @@ from typing import Protocol
 
 from torch import nn
 
-from deltatune.core.files import exists, is_pickle, pickle_refusal, reason, PICKLE_SUFFIXES
+from deltatune.core.files import PICKLE_SUFFIXES, exists, is_pickle, pickle_refusal, reason
 from deltatune.errors import AdapterFileError, DeltatuneError
 
 

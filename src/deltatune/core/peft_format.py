@@ -1,9 +1,12 @@
-"""peft interop: read and write Hugging Face peft adapter folders (adapter_config.json + adapter_model.safetensors).
+"""peft interop: read and write Hugging Face peft adapter folders (adapter_config.json + adapter_model.safetensors),
+as the "peft" entry of the format table (`deltatune.core.formats`).
 
 A method joins by giving its config class a `peft_type` ClassVar plus `to_peft_config(target_paths,
-extra_paths)` / `from_peft_config(peft_config, tensor_keys)` (which honours or refuses every peft field), and its delta a `peft_tensor_names()` map from its tensor names to peft's key suffixes. Keys in peft files are
+extra_paths)` / `from_peft_config(peft_config, tensor_keys)` (which honours or refuses every peft field), and its
+delta a `peft_tensor_names()` map from its tensor names to peft's key suffixes. Keys in peft files are
 ``base_model.model.<module path>.<peft suffix>``; extra trainable modules (peft's ``modules_to_save``) are
-``base_model.model.<module path>.<param>``.
+``base_model.model.<module path>.<param>``. A load learns the deltatune names of those keys from blueprints of
+the deltas (`deltatune.core.blueprint`), so the user's model is only read until the adapter is attached.
 """
 from __future__ import annotations
 
