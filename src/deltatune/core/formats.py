@@ -5,6 +5,10 @@ A format is one `AdapterFormat` entry: `detect` (does this location hold my file
 peft's (`core.peft_format`). A load finds the one format whose `detect` accepts the path and refuses a path
 that several formats claim (it would otherwise load whichever was registered first). Other formats — kohya's
 and diffusers' LoRA files — join by registering an entry; `load_adapter` itself never changes.
+
+    register_format(AdapterFormat("kohya", detect=is_kohya_file, load=load_kohya))  # a read-only format
+
+`detect` gets an `AdapterLocation`: the folder and its file names, or the single file the user named.
 """
 from __future__ import annotations
 
