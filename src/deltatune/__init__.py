@@ -50,8 +50,9 @@ from deltatune.methods.snella import SNELLAConfig
 from deltatune.methods.spt import SPTConfig
 from deltatune.methods.triadaptlora import TriAdaptLoRAConfig
 from deltatune.merging.adapters import combine_adapters
+from deltatune.version import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 
 def config_for(method: str, **hyperparameters) -> DeltaConfig:
