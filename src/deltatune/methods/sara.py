@@ -115,11 +115,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def paper_learning_rate(threshold: float) -> float:
-    """The official code's default learning rate for a threshold θ: 1e-3 · exp(−350 θ) (paper Eq. 12)."""
-    return 1e-3 * math.exp(-350.0 * threshold)
-
-
 @register_method("sara", SaRAConfig, "SaRA: re-train the smallest-|w| entries, sparse grads, nuclear norm, PPA")
 class SaRADelta(Delta):
     """SaRA: re-train the smallest-|w| entries of each weight as a sparse update."""
