@@ -72,9 +72,10 @@ def callback_key(index: int, callback: Any) -> str:
     return f"{index}:{type(callback).__name__}"
 
 
-def fire(callbacks: Sequence[Any], hook: str, context: dict[str, Any], trainer: Any = None) -> None:
-    """Call `hook` on every callback that has it, in order, with `context` as keyword arguments (plus
-    `trainer=` for hooks that name that parameter: see the module docstring)."""
+def fire(callbacks: Sequence[Any], hook: str, **context: Any) -> None:
+    """Call `hook` on every callback that has it, in order, with `context` as keyword arguments; a `trainer` in
+    the context goes only to hooks that name that parameter (see the module docstring)."""
+    trainer = context.pop("trainer", None)
     for callback in callbacks:
         method = getattr(callback, hook, None)
         if method is None:

@@ -181,7 +181,7 @@ class Trainer:
                     global_step=self.global_step, epoch=self.epoch)
 
     def _fire(self, hook: str, **extra: Any) -> None:
-        fire(self.callbacks, hook, {**extra, **self.hook_context()}, trainer=self)
+        fire(self.callbacks, hook, trainer=self, **extra, **self.hook_context())
 
     # --- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
