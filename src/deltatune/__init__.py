@@ -43,8 +43,9 @@ from deltatune.core.registry import list_methods, method_entry, register_method
 from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
 from deltatune.merging.adapters import combine_adapters
+from deltatune.version import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 
 def config_for(method: str, **hyperparameters) -> DeltaConfig:

@@ -8,7 +8,9 @@ from pathlib import Path
 from safetensors import safe_open
 
 from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
-from deltatune.core.state import CONFIG_FILE, WEIGHTS_FILE, _adapter_folder, _readable_file, check_format_fields, read_json
+from deltatune.core.deltatune_format import CONFIG_FILE, WEIGHTS_FILE, check_format_fields
+from deltatune.core.files import read_json, readable_file
+from deltatune.core.formats import adapter_folder
 from deltatune.errors import AdapterFileError
 
 
@@ -74,7 +76,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    _readable_file(path, "weights file")
+    readable_file(path, "weights file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -113,7 +115,7 @@ def _group_peft_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, 
 
 
 def summarize_adapter(path: str | Path) -> AdapterSummary:
-    folder = _adapter_folder(Path(path))
+    folder = adapter_folder(Path(path))
     if (folder / CONFIG_FILE).exists():
         meta = read_json(folder / CONFIG_FILE)
         check_format_fields(meta, folder / CONFIG_FILE)

@@ -58,14 +58,21 @@ def test_output_unchanged_at_init_where_the_paper_says_so(method, case):
 
 @supported
 def test_gradients_reach_only_trainable_tensors(method, case):
-    _, model, x = _adapted(method, case)
+    reference, model, x = _adapted(method, case)
     _perturb(model, "default")
     model(x).square().sum().backward()
-    frozen_with_grad = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
-    trainable_with_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-    assert not frozen_with_grad
-    assert trainable_with_grad, "no delta received a gradient"
-    assert all(".deltas." in f".{n}" for n in trainable_with_grad)
+    parameters = dict(model.named_parameters())
+    # Every parameter outside the deltas is one of the base model's: each must be frozen and grad-free.
+    base = [n for n in parameters if ".deltas." not in f".{n}"]
+    assert len(base) == len(list(reference.parameters())), base
+    base_trainable = [n for n in base if parameters[n].requires_grad]
+    base_with_grad = [n for n in base if parameters[n].grad is not None]
+    assert not base_trainable and not base_with_grad, (base_trainable, base_with_grad)
+    trainable = [n for n, p in parameters.items() if p.requires_grad]
+    assert trainable and all(".deltas." in f".{n}" for n in trainable), trainable
+    without_grad = [n for n in trainable if parameters[n].grad is None]
+    assert not without_grad, f"trainable tensors without a gradient: {without_grad}"
+    assert any(bool(parameters[n].grad.ne(0).any()) for n in trainable), "every delta gradient is zero"
 
 
 @supported
@@ -178,10 +185,20 @@ def test_compiled_forward_and_backward_match_eager(method):
     _, model, x = _adapted(method, "linear")
     _perturb(model, "default")
     expected = model(x).detach()
+    eager = copy.deepcopy(model)
+    eager(x).square().sum().backward()
     compiled = torch.compile(model, backend="aot_eager")
     torch.testing.assert_close(compiled(x), expected, rtol=1e-12, atol=1e-12)
     compiled(x).square().sum().backward()
-    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+    eager_grads = {n: p.grad for n, p in eager.named_parameters() if p.requires_grad}
+    compiled_grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert eager_grads.keys() == compiled_grads.keys()
+    assert any(g is not None for g in eager_grads.values()), "no trainable tensor got an eager gradient"
+    for name, grad in eager_grads.items():
+        if grad is None:
+            assert compiled_grads[name] is None, name
+        else:
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
 # --- real model shapes (issue 9): ViT patch conv, GPT-2's tied head and embedding, ResNet BatchNorm in train mode.

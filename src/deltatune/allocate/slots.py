@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +221,3 @@ def kaiming_rows(shape: tuple[int, ...], generator: torch.Generator | None) -> T
 def gaussian(shape: tuple[int, ...], generator: torch.Generator | None, std: float) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64) * std
 
-
-def describe_slots(delta: Any) -> dict[str, int]:
-    return {"rank": delta.rank, "capacity": delta.rank_capacity, "parameters": delta.live_parameter_count()}

@@ -1,5 +1,5 @@
 """Config checks and wiring shared by the budget-adaptive method files (AdaLoRA, IncreLoRA, TriAdaptLoRA,
-CoLoRA), so each method file stays a thin layer over the engine."""
+CoLoRA) and the schedules of SaRA, ID³ and SNELLA, so each method file stays a thin layer over the engine."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from torch import nn
 
 from deltatune.core.capabilities import HasOrthogonalRegularizer, HasRegularizationShare, HasSmoothingFactors
 from deltatune.core.config import DeltaConfig
-from deltatune.core.model import adapter_state
+from deltatune.core.model import adapter_state, iter_deltas
 from deltatune.errors import ConfigError, config_check
 
 ORTHOGONAL_FORMS = ("paper", "code")
@@ -52,7 +52,27 @@ def adapter_name_of(model: nn.Module, config: DeltaConfig) -> str:
     if equal:
         raise ConfigError(f"adapters {equal} have this same config; build the allocator from the config object "
                           "passed to deltatune.adapt")
-    raise ConfigError("this config is not adapted onto the model; call deltatune.adapt(model, config) first")
+    raise ConfigError(f"this {type(config).__name__} is not attached to the model (adapters: {_adapters(model)}); "
+                      "call deltatune.adapt(model, config) first")
+
+
+def adapter_deltas(model: nn.Module, config: DeltaConfig, delta_type: type,
+                   adapter: str | None = None) -> list[tuple[str, Any]]:
+    """(module path, delta) for every `delta_type` delta of adapter `adapter` (default: the adapter `config` was
+    adapted under, `adapter_name_of`), in module order. Schedules bind by adapter name, as the allocators do:
+    a config equal to the adapted one finds the same deltas, and a schedule that would find none is refused."""
+    name = adapter_name_of(model, config) if adapter is None else adapter
+    found = [(path, delta) for path, _, delta in iter_deltas(model, name) if isinstance(delta, delta_type)]
+    if not found:
+        raise ConfigError(f"adapter {name!r} has no {delta_type.__name__} on this model (adapters: "
+                          f"{_adapters(model)}); pass adapter= the name the {type(config).__name__} was adapted "
+                          "under")
+    return found
+
+
+def _adapters(model: nn.Module) -> str:
+    configs = adapter_state(model).configs
+    return ", ".join(f"{name} ({type(config).__name__})" for name, config in configs.items()) or "none"
 
 
 def set_mean_regularization(allocator: Any, form: str) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 from enum import Enum
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
@@ -116,10 +115,6 @@ class Delta(nn.Module):
                 "weights; keep the adapter unmerged (or unload with merge=False)"
             )
 
-    # --- conveniences for method files ---------------------------------------------------------------------
-    def new_parameter(self, *shape: int, reference: Tensor) -> nn.Parameter:
-        """An uninitialized parameter on the reference tensor's device and dtype."""
-        return nn.Parameter(torch.empty(*shape, device=reference.device, dtype=reference.dtype))
-
+    # --- printing ------------------------------------------------------------------------------------------
     def extra_repr(self) -> str:
         return f"kind={self.kind.value}, layer={self.layer.kind}({self.layer.in_features}->{self.layer.out_features})"
