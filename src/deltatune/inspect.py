@@ -102,6 +102,18 @@ def _group_by_module(shapes: dict[str, tuple[int, ...]], tensor_suffixes: int) -
     return grouped
 
 
+def _group_peft_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple]]:
+    """peft keys are ``<module>.<lora tensor>[.weight]``, and ``<module>.lora_B.bias`` for LoRA's bias term
+    (lora_bias): a tensor is named from its first ``lora_`` part on; other keys (modules_to_save) by their last."""
+    grouped: dict[str, dict[str, tuple]] = {}
+    for key in sorted(shapes):
+        parts = key.split(".")
+        start = next((i for i, part in enumerate(parts) if part.startswith("lora_")), len(parts) - 1)
+        name = ".".join(parts[start:]).removesuffix(".weight")  # "lora_A.weight" -> "lora_A"; "weight" stays
+        grouped.setdefault(".".join(parts[:start]), {})[name] = shapes[key]
+    return grouped
+
+
 def summarize_adapter(path: str | Path) -> AdapterSummary:
     folder = adapter_folder(Path(path))
     if (folder / CONFIG_FILE).exists():
@@ -118,6 +130,6 @@ def summarize_adapter(path: str | Path) -> AdapterSummary:
         weights = folder / PEFT_WEIGHTS
         summary = AdapterSummary(folder, "peft", str(meta.get("peft_type")), meta)
         shapes = {k.removeprefix("base_model.model."): v for k, v in _tensor_shapes(weights).items()}
-        summary.modules = _group_by_module({k.removesuffix(".weight"): v for k, v in shapes.items()}, 1)
+        summary.modules = _group_peft_keys(shapes)
     summary.file_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     return summary

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from deltatune.core.capabilities import HasOrthogonalRegularizer, HasRegularizationShare, HasSmoothingFactors
 from deltatune.core.config import DeltaConfig
 from deltatune.core.model import adapter_state, iter_deltas
 from deltatune.errors import ConfigError, config_check
@@ -26,12 +27,11 @@ def check_common(config: Any) -> None:
     config_check(_number(config.alpha) and config.alpha > 0, "alpha", config.alpha, "a number > 0")
     config_check(_number(config.dropout) and 0 <= config.dropout < 1, "dropout", config.dropout,
                  "a probability in [0, 1)")
-    for name in ("beta1", "beta2"):
-        if hasattr(config, name):
-            value = getattr(config, name)
-            config_check(_number(value) and 0 < value < 1, name, value, "a smoothing factor in (0, 1)",
-                         "the paper uses 0.85")
-    if hasattr(config, "orthogonal_weight"):
+    for name in ("beta1", "beta2") if isinstance(config, HasSmoothingFactors) else ():
+        value = getattr(config, name)
+        config_check(_number(value) and 0 < value < 1, name, value, "a smoothing factor in (0, 1)",
+                     "the paper uses 0.85")
+    if isinstance(config, HasOrthogonalRegularizer):
         config_check(_number(config.orthogonal_weight) and config.orthogonal_weight >= 0, "orthogonal_weight",
                      config.orthogonal_weight, "a number >= 0 (0 turns the regularizer off)")
         config_check(config.orthogonal_form in ORTHOGONAL_FORMS, "orthogonal_form", config.orthogonal_form,
@@ -79,7 +79,8 @@ def set_mean_regularization(allocator: Any, form: str) -> None:
     """The code form averages over every P and Q tensor of the adapter: 1 / (2 × #modules) per module."""
     share = 1.0 if form == "paper" else 1.0 / (2 * len(allocator.deltas))
     for delta in allocator.deltas.values():
-        delta.regularization_share = share
+        if isinstance(delta, HasRegularizationShare):
+            delta.regularization_share = share
 
 
 def default_max_rank(max_rank: int | None, target_rank: int, layer: Any, factor: int = 4) -> int:

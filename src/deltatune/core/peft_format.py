@@ -22,6 +22,7 @@ from deltatune.core.adapter_files import (
 )
 from deltatune.core.attach import attach_adapter
 from deltatune.core.blueprint import delta_blueprint, planned_layers, planned_state_keys
+from deltatune.core.capabilities import PeftConvertibleConfig
 from deltatune.core.config import DeltaConfig
 from deltatune.core.files import pickle_refusal, read_json, read_safetensors, refuse_nonfinite
 from deltatune.core.formats import AdapterFormat, AdapterLocation, folder_holds, other_markers, register_format
@@ -39,10 +40,11 @@ PEFT_BASE_LAYER = "base_layer"  # peft's name for the wrapped layer inside its L
 
 
 def _peft_config_class(peft_type: str):
-    for entry in list_methods():
-        if getattr(entry.config_cls, "peft_type", None) == peft_type:
-            return entry.config_cls
-    supported = sorted(str(getattr(e.config_cls, "peft_type")) for e in list_methods() if hasattr(e.config_cls, "peft_type"))
+    convertible = [e.config_cls for e in list_methods() if isinstance(e.config_cls, PeftConvertibleConfig)]
+    for config_cls in convertible:
+        if config_cls.peft_type == peft_type:
+            return config_cls
+    supported = sorted(str(config_cls.peft_type) for config_cls in convertible)
     raise AdapterFileError(f"peft_type {peft_type!r} cannot be imported; supported: {supported}")
 
 
@@ -50,7 +52,7 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, name: str = "de
     """Write adapter `name` as a peft folder that `PeftModel.from_pretrained` loads (only its two files, each
     atomically; see `deltatune.core.adapter_files`)."""
     config = _config_of(model, name)
-    if not hasattr(config, "to_peft_config"):
+    if not isinstance(config, PeftConvertibleConfig):
         raise DeltatuneError(f"{type(config).__name__} has no peft equivalent; save with format='deltatune'")
     folder = save_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS), other_markers(FORMAT_NAME))
     tensors: dict[str, Tensor] = {}

@@ -132,7 +132,9 @@ class SNELLADelta(Delta):
 
     def kernel(self) -> Tensor:
         """K (fan_in, out) before sparsification."""
-        distances = torch.cdist(self.in_factors, self.out_factors)  # (H, fan_in, out)
+        # (H, fan_in, out); cdist has no half-precision kernels, so bfloat16/float16 factors meet in float32
+        wide = torch.promote_types(self.in_factors.dtype, torch.float32)
+        distances = torch.cdist(self.in_factors.to(wide), self.out_factors.to(wide))
         kernel = torch.einsum("h,hio->io", self.coefficients.to(distances.dtype), distances)
         if self.config.mix:
             kernel = kernel + self.mix_alpha * torch.softmax(kernel / self.mix_gamma, dim=-1) + self.mix_beta
