@@ -17,6 +17,9 @@ The shortest path::
 transformers' save_pretrained of an adapted model (and so every HF Trainer checkpoint) writes a file whose deltas a
 plain from_pretrained drops: use save_adapter or save_merged, and for Trainer checkpoints
 deltatune.integrations.transformers.SaveAdapterCallback.
+
+Every registered method's config class is reachable here by its name (`deltatune.LoRAConfig`, ...): they are
+read from the method registry (`__getattr__`, `__dir__`), so a new method needs no line in this file.
 """
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
@@ -39,19 +42,10 @@ from deltatune.core.merged import save_merged
 from deltatune.core.registry import list_methods, method_entry, register_method
 from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
-from deltatune.methods.adalora import AdaLoRAConfig
-from deltatune.methods.bitfit import BitFitConfig
-from deltatune.methods.colora import CoLoRAConfig
-from deltatune.methods.id3 import ID3Config
-from deltatune.methods.increlora import IncreLoRAConfig
-from deltatune.methods.lora import LoRAConfig
-from deltatune.methods.sara import SaRAConfig
-from deltatune.methods.snella import SNELLAConfig
-from deltatune.methods.spt import SPTConfig
-from deltatune.methods.triadaptlora import TriAdaptLoRAConfig
 from deltatune.merging.adapters import combine_adapters
+from deltatune.version import package_version
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 
 def config_for(method: str, **hyperparameters) -> DeltaConfig:
@@ -59,10 +53,26 @@ def config_for(method: str, **hyperparameters) -> DeltaConfig:
     return method_entry(method).config_cls(**hyperparameters)
 
 
-__all__ = [
-    "AdaLoRAConfig", "BitFitConfig", "CoLoRAConfig", "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError",
-    "ID3Config", "IncreLoRAConfig", "LoRAConfig", "ParameterCount", "SNELLAConfig", "SPTConfig", "SaRAConfig",
-    "TriAdaptLoRAConfig", "active_adapters", "adapt", "adapter_names", "adapter_state_dict", "combine_adapters",
+def _registered_configs() -> dict[str, type[DeltaConfig]]:
+    """Config class name -> class, for every registered method (built-in or registered later)."""
+    return {entry.config_cls.__name__: entry.config_cls for entry in list_methods()}
+
+
+def __getattr__(name: str):
+    # Only called for names this module does not define: a registered method's config class, or an error.
+    configs = _registered_configs()
+    if name in configs:
+        return configs[name]
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_registered_configs()))
+
+
+__all__ = sorted(_registered_configs()) + [
+    "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "ParameterCount", "active_adapters", "adapt",
+    "adapter_names", "adapter_state_dict", "combine_adapters",
     "config_for", "delete_adapter", "disabled", "iter_deltas", "list_methods", "load_adapter", "merge",
     "method_entry", "register_method", "regularization_loss", "save_adapter", "save_merged", "set_active",
     "set_trainable", "trainable_parameters", "unload", "unmerge",

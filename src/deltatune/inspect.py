@@ -8,9 +8,9 @@ from pathlib import Path
 from safetensors import safe_open
 
 from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
-from deltatune.core.state import (
-    CONFIG_FILE, WEIGHTS_FILE, _adapter_folder, _one_line, _readable_file, check_format_fields, read_json,
-)
+from deltatune.core.deltatune_format import CONFIG_FILE, WEIGHTS_FILE, check_format_fields
+from deltatune.core.files import one_line, read_json, readable_file
+from deltatune.core.formats import adapter_folder
 from deltatune.errors import AdapterFileError
 
 
@@ -76,12 +76,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    _readable_file(path, "weights file")
+    readable_file(path, "weights file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:
-        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({_one_line(error)}); re-save the adapter"
+        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({one_line(error)}); re-save the adapter"
                                ) from None
 
 
@@ -103,8 +103,20 @@ def _group_by_module(shapes: dict[str, tuple[int, ...]], tensor_suffixes: int) -
     return grouped
 
 
+def _group_peft_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple]]:
+    """peft keys are ``<module>.<lora tensor>[.weight]``, and ``<module>.lora_B.bias`` for LoRA's bias term
+    (lora_bias): a tensor is named from its first ``lora_`` part on; other keys (modules_to_save) by their last."""
+    grouped: dict[str, dict[str, tuple]] = {}
+    for key in sorted(shapes):
+        parts = key.split(".")
+        start = next((i for i, part in enumerate(parts) if part.startswith("lora_")), len(parts) - 1)
+        name = ".".join(parts[start:]).removesuffix(".weight")  # "lora_A.weight" -> "lora_A"; "weight" stays
+        grouped.setdefault(".".join(parts[:start]), {})[name] = shapes[key]
+    return grouped
+
+
 def summarize_adapter(path: str | Path) -> AdapterSummary:
-    folder = _adapter_folder(Path(path))
+    folder = adapter_folder(Path(path))
     if (folder / CONFIG_FILE).exists():
         meta = read_json(folder / CONFIG_FILE)
         check_format_fields(meta, folder / CONFIG_FILE)
@@ -119,6 +131,6 @@ def summarize_adapter(path: str | Path) -> AdapterSummary:
         weights = folder / PEFT_WEIGHTS
         summary = AdapterSummary(folder, "peft", str(meta.get("peft_type")), meta)
         shapes = {k.removeprefix("base_model.model."): v for k, v in _tensor_shapes(weights).items()}
-        summary.modules = _group_by_module({k.removesuffix(".weight"): v for k, v in shapes.items()}, 1)
+        summary.modules = _group_peft_keys(shapes)
     summary.file_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     return summary

@@ -25,7 +25,6 @@ PROBE, FULL = "probe", "full"
 # Learning rates chosen on the wordnet-nouns validation split (AdamW, batch 32, 2 epochs).
 DEFAULT_LR = {PROBE: 5e-3, FULL: 5e-5}
 DEFAULT_METHOD_LR = 2e-3
-DEFAULT_TEXT_TARGETS = ("query", "value")  # the LoRA paper's choice (Wq, Wv), §7.1
 
 
 @dataclass
@@ -45,11 +44,12 @@ class FinetuneResult:
 
 
 def build_config(method: str, params: dict[str, Any], task) -> dt.DeltaConfig:
-    """A method's config from user parameters, with the task's head trained and text targets defaulted."""
+    """A method's config from user parameters, with the task's head trained and its default targets (if it
+    has some) adapted."""
     params = dict(params)
     params.setdefault("extra_trainable", tuple(task.extra_trainable))
-    if task.name.startswith("wordnet"):
-        params.setdefault("targets", DEFAULT_TEXT_TARGETS)
+    if task.default_targets is not None:
+        params.setdefault("targets", tuple(task.default_targets))
     return dt.config_for(method, **params)
 
 

@@ -10,7 +10,7 @@ import deltatune as dt
 from deltatune.allocate.selection import largest_score_positions
 from deltatune.data import load_task
 from deltatune.methods.spt import plan_spt
-from deltatune.recipe import finetune, prepare_model, training_batches
+from deltatune.recipe import build_config, finetune, prepare_model, training_batches
 
 CONV_ONLY = {"targets": None, "layer_types": ("conv",), "structured_ratio": 0.5}  # sparse, no LoRA
 
@@ -48,3 +48,16 @@ def test_finetune_runs_a_planned_method_end_to_end(tmp_path):
     result = finetune("digits", "spt", {"budget": 0.05, **CONV_ONLY}, max_steps=3, batch_size=16, lr=1e-2,
                       progress=False, out_dir=tmp_path)
     assert 0.0 <= result.test_accuracy <= 1.0 and result.adapter_path.exists()
+
+
+def test_a_tasks_default_targets_decide_what_is_adapted_not_its_name(digits):
+    from dataclasses import replace
+
+    assert digits.default_targets is None
+    method_default = dt.config_for("lora").targets
+    assert build_config("lora", {}, digits).targets == method_default
+    with_targets = replace(digits, default_targets=("conv1", "conv2"))
+    assert build_config("lora", {}, with_targets).targets == ("conv1", "conv2")
+    assert build_config("lora", {"targets": ("classifier",)}, with_targets).targets == ("classifier",)
+    assert build_config("lora", {}, replace(digits, name="wordnet-like")).targets == method_default
+    assert build_config("lora", {}, with_targets).extra_trainable == ("classifier",)

@@ -56,6 +56,7 @@ def test_text_batches_follow_the_convention(name):
     assert batch["labels"].shape == (5,)
     assert set(task.train.labels.tolist()) == set(range(task.num_classes))
     assert task.extra_trainable == ("classifier",)
+    assert task.default_targets == ("query", "value")
 
 
 def test_splits_are_the_same_on_every_load_and_disjoint(nouns):

@@ -31,9 +31,9 @@ class StopAt:
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, trainer, global_step, **_):
+    def on_step_end(self, progress, global_step, **_):
         if global_step == self.step:
-            trainer.request_stop()
+            progress.request_stop()
 
 
 def with_unused_parameter() -> nn.Module:

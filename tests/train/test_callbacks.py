@@ -25,12 +25,12 @@ class Recorder(Callback):
             self.checks.append(f"missing gradient at step {global_step}")
         self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    def on_step_end(self, trainer, global_step, model, optimizer, **_):
+    def on_step_end(self, progress, global_step, model, optimizer, **_):
         self.events.append(("step_end", global_step))
         unchanged = all(torch.equal(p, self.before[n]) for n, p in model.named_parameters())
         if unchanged and global_step > 1:  # the first step runs at lr 0 (warm-up starts from 0)
             self.checks.append(f"no update before on_step_end at step {global_step}")
-        expected_lr = 0.1 * lr_multiplier("linear", trainer.total_steps, 1)(global_step)
+        expected_lr = 0.1 * lr_multiplier("linear", progress.total_steps, 1)(global_step)
         if optimizer.param_groups[0]["lr"] != pytest.approx(expected_lr):
             self.checks.append(f"scheduler not stepped before on_step_end at step {global_step}")
 
@@ -40,8 +40,8 @@ class Recorder(Callback):
     def on_evaluate(self, global_step, metrics, **_):
         self.events.append(("evaluate", global_step, sorted(metrics)))
 
-    def on_train_end(self, global_step, epoch, trainer, **_):
-        self.events.append(("train_end", global_step, epoch, trainer.last_checkpoint.name))
+    def on_train_end(self, global_step, epoch, progress, **_):
+        self.events.append(("train_end", global_step, epoch, progress.last_checkpoint.name))
 
 
 def steps(step):
@@ -76,9 +76,9 @@ def test_duck_typed_callbacks_with_only_the_arguments_they_read():
 
 def test_request_stop_ends_after_the_current_step_with_a_final_evaluation():
     class StopAfterTwo(Callback):
-        def on_step_end(self, trainer, global_step, **_):
+        def on_step_end(self, progress, global_step, **_):
             if global_step == 2:
-                trainer.request_stop()
+                progress.request_stop()
 
     result = Trainer(small_net(), TrainConfig(epochs=5, batch_size=4, progress=False), BlobDataset(n=20),
                      BlobDataset(n=6, seed=1), callbacks=[StopAfterTwo()]).train()

@@ -19,11 +19,11 @@ class StopAt:
     def __init__(self, step: int, crash: bool = False) -> None:
         self.step, self.crash = step, crash
 
-    def on_step_end(self, trainer, global_step, **_):
+    def on_step_end(self, progress, global_step, **_):
         if global_step == self.step:
             if self.crash:
                 raise RuntimeError("simulated crash")
-            trainer.request_stop()
+            progress.request_stop()
 
 
 class RandomDecisions(Callback):

@@ -200,10 +200,11 @@ class AllocatorCallback:
 
 
 def _global_step(args: tuple, kwargs: dict) -> int:
-    """The trainer passes itself (with `global_step`) or `global_step=` directly."""
+    """The deltatune trainer passes `global_step=` (and `progress`); other loops may pass an object with a
+    `global_step` (transformers' TrainerState as `state`, or a trainer)."""
     if "global_step" in kwargs:
         return int(kwargs["global_step"])
-    for candidate in (*args, kwargs.get("trainer"), kwargs.get("state")):
+    for candidate in (*args, kwargs.get("progress"), kwargs.get("trainer"), kwargs.get("state")):
         if candidate is not None and hasattr(candidate, "global_step"):
             return int(candidate.global_step)
     raise AllocationError("the trainer called on_step_end without a global_step; pass global_step= or the trainer")

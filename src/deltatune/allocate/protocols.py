@@ -13,18 +13,18 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from deltatune.core.capabilities import HasRank
+
 
 @runtime_checkable
-class HasRankComponents(Protocol):
-    """Read side: which components are live, and the tensors that hold them."""
+class HasRankComponents(HasRank, Protocol):
+    """Read side: which components are live (`rank`, from `core.capabilities.HasRank`, counts them), and the
+    tensors that hold them."""
 
     rank_mask: Tensor  # (capacity,) bool, a persistent buffer: saved with the adapter
 
     @property
     def rank_capacity(self) -> int: ...
-
-    @property
-    def rank(self) -> int: ...
 
     def component_tensors(self) -> dict[str, tuple[Tensor, int]]:
         """Trainable tensors holding the components: name -> (parameter, the dimension indexing slots)."""

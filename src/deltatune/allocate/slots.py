@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.core.capabilities import HasDropout
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.layers import ALL_KINDS, CONV, EMBEDDING, LayerInfo
@@ -45,7 +45,8 @@ class SlottedLowRankDelta(Delta):
         mask = torch.zeros(capacity, dtype=torch.bool)
         mask[:live] = True
         self.register_buffer("rank_mask", mask)
-        self.dropout = nn.Dropout(config.dropout) if getattr(config, "dropout", 0.0) > 0 else nn.Identity()
+        has_dropout = isinstance(config, HasDropout) and config.dropout > 0
+        self.dropout = nn.Dropout(config.dropout) if has_dropout else nn.Identity()
         self._observer: Observer | None = None
         self._new_slots: dict[str, set[int]] = {}
         self.regularization_share = 1.0  # allocators set 1/(number of tensors) for the official "mean" form
@@ -220,6 +221,3 @@ def kaiming_rows(shape: tuple[int, ...], generator: torch.Generator | None) -> T
 def gaussian(shape: tuple[int, ...], generator: torch.Generator | None, std: float) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64) * std
 
-
-def describe_slots(delta: Any) -> dict[str, int]:
-    return {"rank": delta.rank, "capacity": delta.rank_capacity, "parameters": delta.live_parameter_count()}

@@ -1,5 +1,5 @@
 """Config checks and wiring shared by the budget-adaptive method files (AdaLoRA, IncreLoRA, TriAdaptLoRA,
-CoLoRA), so each method file stays a thin layer over the engine."""
+CoLoRA) and the schedules of SaRA, ID³ and SNELLA, so each method file stays a thin layer over the engine."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import nn
 
+from deltatune.core.capabilities import HasOrthogonalRegularizer, HasRegularizationShare, HasSmoothingFactors
 from deltatune.core.config import DeltaConfig
-from deltatune.core.model import adapter_state
+from deltatune.core.model import adapter_state, iter_deltas
 from deltatune.errors import ConfigError, config_check
 
 ORTHOGONAL_FORMS = ("paper", "code")
@@ -26,12 +27,11 @@ def check_common(config: Any) -> None:
     config_check(_number(config.alpha) and config.alpha > 0, "alpha", config.alpha, "a number > 0")
     config_check(_number(config.dropout) and 0 <= config.dropout < 1, "dropout", config.dropout,
                  "a probability in [0, 1)")
-    for name in ("beta1", "beta2"):
-        if hasattr(config, name):
-            value = getattr(config, name)
-            config_check(_number(value) and 0 < value < 1, name, value, "a smoothing factor in (0, 1)",
-                         "the paper uses 0.85")
-    if hasattr(config, "orthogonal_weight"):
+    for name in ("beta1", "beta2") if isinstance(config, HasSmoothingFactors) else ():
+        value = getattr(config, name)
+        config_check(_number(value) and 0 < value < 1, name, value, "a smoothing factor in (0, 1)",
+                     "the paper uses 0.85")
+    if isinstance(config, HasOrthogonalRegularizer):
         config_check(_number(config.orthogonal_weight) and config.orthogonal_weight >= 0, "orthogonal_weight",
                      config.orthogonal_weight, "a number >= 0 (0 turns the regularizer off)")
         config_check(config.orthogonal_form in ORTHOGONAL_FORMS, "orthogonal_form", config.orthogonal_form,
@@ -52,14 +52,35 @@ def adapter_name_of(model: nn.Module, config: DeltaConfig) -> str:
     if equal:
         raise ConfigError(f"adapters {equal} have this same config; build the allocator from the config object "
                           "passed to deltatune.adapt")
-    raise ConfigError("this config is not adapted onto the model; call deltatune.adapt(model, config) first")
+    raise ConfigError(f"this {type(config).__name__} is not attached to the model (adapters: {_adapters(model)}); "
+                      "call deltatune.adapt(model, config) first")
+
+
+def adapter_deltas(model: nn.Module, config: DeltaConfig, delta_type: type,
+                   adapter: str | None = None) -> list[tuple[str, Any]]:
+    """(module path, delta) for every `delta_type` delta of adapter `adapter` (default: the adapter `config` was
+    adapted under, `adapter_name_of`), in module order. Schedules bind by adapter name, as the allocators do:
+    a config equal to the adapted one finds the same deltas, and a schedule that would find none is refused."""
+    name = adapter_name_of(model, config) if adapter is None else adapter
+    found = [(path, delta) for path, _, delta in iter_deltas(model, name) if isinstance(delta, delta_type)]
+    if not found:
+        raise ConfigError(f"adapter {name!r} has no {delta_type.__name__} on this model (adapters: "
+                          f"{_adapters(model)}); pass adapter= the name the {type(config).__name__} was adapted "
+                          "under")
+    return found
+
+
+def _adapters(model: nn.Module) -> str:
+    configs = adapter_state(model).configs
+    return ", ".join(f"{name} ({type(config).__name__})" for name, config in configs.items()) or "none"
 
 
 def set_mean_regularization(allocator: Any, form: str) -> None:
     """The code form averages over every P and Q tensor of the adapter: 1 / (2 × #modules) per module."""
     share = 1.0 if form == "paper" else 1.0 / (2 * len(allocator.deltas))
     for delta in allocator.deltas.values():
-        delta.regularization_share = share
+        if isinstance(delta, HasRegularizationShare):
+            delta.regularization_share = share
 
 
 def default_max_rank(max_rank: int | None, target_rank: int, layer: Any, factor: int = 4) -> int:

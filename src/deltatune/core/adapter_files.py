@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +34,21 @@ CONFIG_DIGEST = "deltatune_config_sha256"
 _CHUNK = 1 << 20
 
 
-def save_folder(path: str | os.PathLike, own_files: tuple[str, ...], foreign_config: str, foreign_format: str) -> Path:
+def save_folder(path: str | os.PathLike, own_files: tuple[str, ...], foreign: Iterable[tuple[str, str]]) -> Path:
     """The folder a save writes into: `path` itself, or the folder of `path` when it names one of the
-    adapter's own files. Refuses an existing other file, and a folder whose other-format config would be read
-    instead of (or beside) the new adapter."""
+    adapter's own files. Refuses an existing other file, and a folder holding another format's config
+    (`foreign`: (config file, format name) pairs), which would be read instead of (or beside) the new adapter."""
     target = Path(path)
     if target.is_file():
         if target.name not in own_files:
             raise AdapterFileError(f"{target} is an existing file, not an adapter folder; pass a folder path "
                                    f"(the save writes {' and '.join(own_files)} into it)")
         target = target.parent
-    if (target / foreign_config).is_file():
-        raise AdapterFileError(f"{target} already holds a {foreign_format} adapter ({foreign_config}); saving "
-                               "beside it would leave two adapters that loaders pick between; choose another folder")
+    for foreign_config, foreign_format in foreign:
+        if (target / foreign_config).is_file():
+            raise AdapterFileError(f"{target} already holds a {foreign_format} adapter ({foreign_config}); saving "
+                                   "beside it would leave two adapters that loaders pick between; choose another "
+                                   "folder")
     return target
 
 

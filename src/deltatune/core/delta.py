@@ -6,8 +6,12 @@ A delta changes what one base layer computes. It declares where it acts (`kind`)
 - ``ADDITIVE``: ``forward(x)`` is added to the base output, on the activation path (low rank: ``B(A x)``);
 - ``OUTPUT``: ``transform_output(y)`` maps the layer's output (SSF, sequential adapters).
 
-Several active deltas on one layer compose in that order: weight-space deltas first (in the order they were
-added), then additive ones, then output transforms. The host (`core.host.AdaptedLayer`) owns the composition,
+Besides ΔW, a delta may change the layer's bias: `delta_bias(b)` is Δb in the bias's shape (None when it leaves
+the bias alone), and merging, combining and the delta algebra read it wherever they read ΔW.
+
+Several active deltas on one layer compose in that order: weight-space deltas first, then additive ones, then
+output transforms; within a kind, in the order of the active set (`deltatune.set_active(model, [...])`; adapt
+order when each was activated as added). Merging folds them in the same order and unmerging undoes it in reverse. The host (`core.host.AdaptedLayer`) owns the composition,
 merging mechanics, activation and device/dtype handling; a method file only fills in this class.
 """
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 from enum import Enum
 from typing import ClassVar
 
-import torch
 from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
@@ -62,6 +65,12 @@ class Delta(nn.Module):
         (for OUTPUT deltas, the weight change of the folded form). Used by merging and the delta algebra."""
         raise NotImplementedError
 
+    def delta_bias(self, base_bias: Tensor | None) -> Tensor | None:
+        """Δb in the base bias's shape (out,), such that the adapted layer equals the base layer with
+        (W + ΔW, b + Δb) (for OUTPUT deltas, the bias change of the folded form); None (the default) when the
+        delta leaves the bias alone. BitFit's whole update is here. Read by merging and the delta algebra."""
+        return None
+
     def adapted_weight(self, base_weight: Tensor) -> Tensor:
         """The weight the layer runs with on the weight path. Multiplicative methods override this."""
         return base_weight + self.delta_weight(base_weight)
@@ -80,12 +89,24 @@ class Delta(nn.Module):
     def merge_into(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Return the (weight, bias) of a plain layer that computes what base + this delta computes."""
         self._require_mergeable()
-        return self.adapted_weight(weight), bias
+        return self.adapted_weight(weight), self._shifted_bias(bias, +1.0)
 
     def unmerge_from(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Exact inverse of `merge_into` for deltas whose ΔW does not depend on W; others override."""
+        """Exact inverse of `merge_into` for deltas whose ΔW and Δb do not depend on (W, b); others override."""
         self._require_mergeable()
-        return weight - self.delta_weight(weight), bias
+        return weight - self.delta_weight(weight), self._shifted_bias(bias, -1.0)
+
+    def _shifted_bias(self, bias: Tensor | None, sign: float) -> Tensor | None:
+        """bias ± Δb; the bias unchanged when the delta has no Δb."""
+        change = self.delta_bias(bias)
+        if change is None:
+            return bias
+        if bias is None:
+            raise NotMergeableError(
+                f"{type(self).__name__} on {self.module_name or 'this layer'} changes a bias the base layer does not "
+                "have; keep the adapter unmerged"
+            )
+        return bias + sign * change.detach().to(dtype=bias.dtype, device=bias.device)
 
     def _require_mergeable(self) -> None:
         if not self.mergeable:
@@ -94,10 +115,6 @@ class Delta(nn.Module):
                 "weights; keep the adapter unmerged (or unload with merge=False)"
             )
 
-    # --- conveniences for method files ---------------------------------------------------------------------
-    def new_parameter(self, *shape: int, reference: Tensor) -> nn.Parameter:
-        """An uninitialized parameter on the reference tensor's device and dtype."""
-        return nn.Parameter(torch.empty(*shape, device=reference.device, dtype=reference.dtype))
-
+    # --- printing ------------------------------------------------------------------------------------------
     def extra_repr(self) -> str:
         return f"kind={self.kind.value}, layer={self.layer.kind}({self.layer.in_features}->{self.layer.out_features})"

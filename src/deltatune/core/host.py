@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from deltatune.core.capabilities import FusesWithBase
 from deltatune.core.delta import COMPOSITION_ORDER, Delta, DeltaKind
 from deltatune.core.layers import LayerInfo, base_bias
 from deltatune.errors import DeltatuneError, NotMergeableError
@@ -90,12 +91,12 @@ class AdaptedLayer(nn.Module):
         live = [self.deltas[n] for n in self.active if n not in self.merged]
         self._plan = {kind: tuple(d for d in live if d.kind is kind) for kind in COMPOSITION_ORDER}
         self._live = bool(live)
-        # Capability `forward_with_base(x, base_layer)`: an additive delta that can compute the base output and its
+        # Capability `FusesWithBase` (core.capabilities): an additive delta that can compute the base output and its
         # own term together (one fused autograd node, see functional.lowrank.lowrank_linear). Only when the base
         # runs with its own weight, i.e. no weight-space delta comes first.
         additive = self._plan[DeltaKind.ADDITIVE]
         self._fuse_first_additive = (
-            not self._plan[DeltaKind.WEIGHT] and bool(additive) and hasattr(additive[0], "forward_with_base")
+            not self._plan[DeltaKind.WEIGHT] and bool(additive) and isinstance(additive[0], FusesWithBase)
         )
 
     # --- forward --------------------------------------------------------------------------------------------
@@ -129,34 +130,52 @@ class AdaptedLayer(nn.Module):
         live = [n for n in self.active if n not in self.merged]
         return sorted(live, key=lambda n: COMPOSITION_ORDER.index(self.deltas[n].kind))
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold every active, unmerged delta into the base weight and bias, in composition order."""
+    def check_mergeable(self) -> None:
+        """Raise NotMergeableError if an active, unmerged delta declares itself not mergeable."""
         for name in self._merge_order():
-            weight, bias = self.deltas[name].merge_into(self.base_layer.weight.detach(), _detached_bias(self))
-            self._write_base(weight, bias, name)
-            self.merged = self.merged + (name,)
-        self._replan()
+            self.deltas[name]._require_mergeable()
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo `merge` in reverse order."""
-        for name in reversed(self.merged):
-            weight, bias = self.deltas[name].unmerge_from(self.base_layer.weight.detach(), _detached_bias(self))
-            self._write_base(weight, bias, name)
-            self.merged = self.merged[:-1]
+    def merge(self) -> tuple[str, ...]:
+        """Fold every active, unmerged delta into the base weight and bias, in composition order; return their
+        names. All or nothing: the folded (weight, bias) is computed first and written once, so a delta that
+        refuses leaves the layer as it was."""
+        order = tuple(self._merge_order())
+        if not order:
+            return order
+        weight, bias = self.base_layer.weight.detach(), _detached_bias(self)
+        for name in order:
+            weight, bias = self.deltas[name].merge_into(weight, bias)
+            self._check_bias(bias, name)
+        self._write_base(weight, bias)
+        self.merged = self.merged + order
+        self._replan()
+        return order
+
+    @torch.no_grad()
+    def unmerge(self, count: int | None = None) -> None:
+        """Undo `merge` in reverse order (only the last `count` merged deltas when given)."""
+        names = self.merged if count is None else self.merged[len(self.merged) - count:]
+        if not names:
+            return
+        weight, bias = self.base_layer.weight.detach(), _detached_bias(self)
+        for name in reversed(names):
+            weight, bias = self.deltas[name].unmerge_from(weight, bias)
+            self._check_bias(bias, name)
+        self._write_base(weight, bias)
+        self.merged = self.merged[: len(self.merged) - len(names)]
         self._replan()
 
-    def _write_base(self, weight: Tensor, bias: Tensor | None, name: str) -> None:
-        self.base_layer.weight.copy_(weight)
-        current = base_bias(self.base_layer)
-        if bias is None:
-            return
-        if current is None:
+    def _check_bias(self, bias: Tensor | None, name: str) -> None:
+        if bias is not None and base_bias(self.base_layer) is None:
             raise NotMergeableError(
                 f"adapter {name!r} changes the bias of a {self.layer.type_name} that has none; keep it unmerged"
             )
-        current.copy_(bias)
+
+    def _write_base(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.base_layer.weight.copy_(weight)
+        if bias is not None:
+            base_bias(self.base_layer).copy_(bias)
 
 
 def _belongs_to_base(host: AdaptedLayer, name: str) -> bool:

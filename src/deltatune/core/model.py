@@ -177,11 +177,25 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Fold the active adapters into the base weights (forward is then the plain layers' cost)."""
-    _refuse_tied_merge(model)
-    for _, host in iter_hosts(model):
-        host.merge()
+    """Fold the active adapters into the base weights (forward is then the plain layers' cost). All or nothing:
+    when one layer's delta cannot be merged, no layer is (those merged before it are unmerged again)."""
+    _merge_all_or_none(model)
     return model
+
+
+def _merge_all_or_none(model: nn.Module) -> None:
+    _refuse_tied_merge(model)
+    hosts = [host for _, host in iter_hosts(model)]
+    for host in hosts:
+        host.check_mergeable()
+    done: list[tuple[AdaptedLayer, int]] = []
+    try:
+        for host in hosts:
+            done.append((host, len(host.merge())))
+    except Exception:  # a refusal (or any failure) half way: the layers merged so far go back
+        for host, count in reversed(done):
+            host.unmerge(count)
+        raise
 
 
 def _refuse_tied_merge(model: nn.Module) -> None:
@@ -199,11 +213,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every wrapper, leaving plain modules. With merge=True the active adapters are folded in first;
     with merge=False the base weights are restored. Returns the same model object, now free of deltatune."""
     if merge:
-        _refuse_tied_merge(model)
+        _merge_all_or_none(model)  # every layer or none, before any wrapper is removed
     for path, host in list(iter_hosts(model)):
-        if merge:
-            host.merge()
-        else:
+        if not merge:
             host.unmerge()
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

@@ -1,9 +1,12 @@
-"""peft interop: read and write Hugging Face peft adapter folders (adapter_config.json + adapter_model.safetensors).
+"""peft interop: read and write Hugging Face peft adapter folders (adapter_config.json + adapter_model.safetensors),
+as the "peft" entry of the format table (`deltatune.core.formats`).
 
 A method joins by giving its config class a `peft_type` ClassVar plus `to_peft_config(target_paths,
-extra_paths)` / `from_peft_config(peft_config, tensor_keys)` (which honours or refuses every peft field), and its delta a `peft_tensor_names()` map from its tensor names to peft's key suffixes. Keys in peft files are
+extra_paths)` / `from_peft_config(peft_config, tensor_keys)` (which honours or refuses every peft field), and its
+delta a `peft_tensor_names()` map from its tensor names to peft's key suffixes. Keys in peft files are
 ``base_model.model.<module path>.<peft suffix>``; extra trainable modules (peft's ``modules_to_save``) are
-``base_model.model.<module path>.<param>``.
+``base_model.model.<module path>.<param>``. A load learns the deltatune names of those keys from blueprints of
+the deltas (`deltatune.core.blueprint`), so the user's model is only read until the adapter is attached.
 """
 from __future__ import annotations
 
@@ -17,14 +20,19 @@ from torch import Tensor, nn
 from deltatune.core.adapter_files import (
     CONFIG_DIGEST, canonical_digest, check_config_record, save_folder, write_weights_then_config,
 )
+from deltatune.core.attach import attach_adapter
+from deltatune.core.blueprint import delta_blueprint, planned_layers, planned_state_keys
+from deltatune.core.capabilities import PeftConvertibleConfig
+from deltatune.core.config import DeltaConfig
+from deltatune.core.files import pickle_refusal, read_json, read_safetensors, refuse_nonfinite
+from deltatune.core.formats import AdapterFormat, AdapterLocation, folder_holds, other_markers, register_format
+from deltatune.core.layers import LayerInfo
 from deltatune.core.model import _config_of, extra_modules, iter_deltas
 from deltatune.core.registry import list_methods
 from deltatune.core.running_stats import running_statistics
-from deltatune.core.state import (
-    _pickle_refusal, adapter_state_dict, attach_adapter, read_json, read_safetensors, refuse_nonfinite,
-)
 from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError
 
+FORMAT_NAME = "peft"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -32,22 +40,21 @@ PEFT_BASE_LAYER = "base_layer"  # peft's name for the wrapped layer inside its L
 
 
 def _peft_config_class(peft_type: str):
-    for entry in list_methods():
-        if getattr(entry.config_cls, "peft_type", None) == peft_type:
-            return entry.config_cls
-    supported = sorted(str(getattr(e.config_cls, "peft_type")) for e in list_methods() if hasattr(e.config_cls, "peft_type"))
+    convertible = [e.config_cls for e in list_methods() if isinstance(e.config_cls, PeftConvertibleConfig)]
+    for config_cls in convertible:
+        if config_cls.peft_type == peft_type:
+            return config_cls
+    supported = sorted(str(config_cls.peft_type) for config_cls in convertible)
     raise AdapterFileError(f"peft_type {peft_type!r} cannot be imported; supported: {supported}")
 
 
 def save_peft_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` as a peft folder that `PeftModel.from_pretrained` loads (only its two files, each
     atomically; see `deltatune.core.adapter_files`)."""
-    from deltatune.core.state import CONFIG_FILE
-
     config = _config_of(model, name)
-    if not hasattr(config, "to_peft_config"):
+    if not isinstance(config, PeftConvertibleConfig):
         raise DeltatuneError(f"{type(config).__name__} has no peft equivalent; save with format='deltatune'")
-    folder = save_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS), CONFIG_FILE, "deltatune")
+    folder = save_folder(path, (PEFT_CONFIG, PEFT_WEIGHTS), other_markers(FORMAT_NAME))
     tensors: dict[str, Tensor] = {}
     targets = []
     for path_, _, delta in iter_deltas(model, name):
@@ -77,15 +84,17 @@ def _warn_statistics_left_out(model: nn.Module, tensors: dict[str, Tensor]) -> N
 
 
 def load_peft_adapter(
-    model: nn.Module, folder: Path, name: str = "default", *, trainable: bool = False, allow_nonfinite: bool = False
+    model: nn.Module, location: AdapterLocation | Path, name: str = "default", *, trainable: bool = False,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Load a peft folder written by peft (or by `save_peft_adapter`) as deltatune adapter `name`."""
+    folder = location.folder if isinstance(location, AdapterLocation) else Path(location)
     peft_config = read_json(folder / PEFT_CONFIG)
     if not isinstance(peft_config.get("peft_type"), str):
         raise AdapterFileError(f"{folder / PEFT_CONFIG} has no 'peft_type' string; it is not a peft adapter config")
     weights = folder / PEFT_WEIGHTS
     if not weights.exists() and (folder / "adapter_model.bin").exists():
-        raise AdapterFileError(_pickle_refusal(folder / "adapter_model.bin"))
+        raise AdapterFileError(pickle_refusal(folder / "adapter_model.bin"))
     config_cls = _peft_config_class(peft_config["peft_type"])
     raw = read_safetensors(weights)
     check_config_record(peft_config, weights, folder / PEFT_CONFIG)
@@ -96,28 +105,25 @@ def load_peft_adapter(
         config = config_cls.from_peft_config(peft_config, list(stripped))
     except ConfigError as error:
         raise ConfigError(f"{folder / PEFT_CONFIG}: {error}") from None
-    tensors = _to_deltatune_keys(model, config, stripped, name, weights)
+    tensors = _to_deltatune_keys(model, config, stripped, weights)
     return attach_adapter(model, config, tensors, name, trainable, source=folder)
 
 
-def _to_deltatune_keys(model: nn.Module, config, stripped: dict[str, Tensor], name: str, source: Path
-                       ) -> dict[str, Tensor]:
-    """Rename peft keys to ours. Needs the deltas' peft names, so it probes a throw-away adapter."""
-    from deltatune.core.model import adapt, delete_adapter
+def peft_key_renames(config: DeltaConfig, path: str, layer: LayerInfo) -> dict[str, str]:
+    """peft key -> deltatune key (both without peft's prefix) of the tensors `config`'s delta has on the layer
+    at `path`: from the method's `peft_tensor_names`, on a blueprint of the delta (nothing is adapted)."""
+    names = delta_blueprint(config, path, layer).peft_tensor_names()
+    return {f"{path}.{theirs}": f"{path}.{ours}" for ours, theirs in names.items()}
 
-    probe = f"_peft_probe_{name}"
-    adapt(model, config, probe, trainable=False)
-    try:
-        renames = {
-            f"{path}.{theirs}": f"{path}.{ours}"
-            for path, _, delta in iter_deltas(model, probe)
-            for ours, theirs in delta.peft_tensor_names().items()
-        }
-        wanted = set(adapter_state_dict(model, probe))
-    finally:
-        delete_adapter(model, probe)
+
+def _to_deltatune_keys(model: nn.Module, config: DeltaConfig, stripped: dict[str, Tensor], source: Path
+                       ) -> dict[str, Tensor]:
+    """Rename peft keys to ours, for the layers `config` targets on `model` (the model is only read)."""
+    renames: dict[str, str] = {}
+    for path, layer in planned_layers(model, config):
+        renames |= peft_key_renames(config, path, layer)
     tensors = {renames.get(key, key): tensor for key, tensor in stripped.items()}
-    return _drop_unchanged_base_copies(model, tensors, wanted, source)
+    return _drop_unchanged_base_copies(model, tensors, planned_state_keys(model, config), source)
 
 
 def _drop_unchanged_base_copies(model: nn.Module, tensors: dict[str, Tensor], wanted: set[str], source: Path
@@ -146,3 +152,9 @@ def _same_values(saved: Tensor, own: Tensor) -> bool:
     if saved.is_floating_point():
         return torch.equal(saved.double(), own.detach().double().cpu())
     return torch.equal(saved, own.detach().cpu())
+
+
+PEFT_FORMAT = register_format(AdapterFormat(
+    FORMAT_NAME, detect=folder_holds(PEFT_CONFIG), load=load_peft_adapter, save=save_peft_adapter,
+    marker=PEFT_CONFIG, files=(PEFT_CONFIG, PEFT_WEIGHTS),
+))

@@ -36,11 +36,25 @@ def register_method(name: str, config_cls: type[DeltaConfig], description: str =
     return decorate
 
 
+def unregister_method(name: str) -> None:
+    """Remove a registered method (test-only toy deltas register for one test and leave no trace)."""
+    _METHODS.pop(name, None)
+
+
+_builtins_imported = False
+
+
 def _import_builtin_methods() -> None:
+    """Import every module of deltatune.methods once (each registers its method); later calls cost nothing, which
+    matters since `deltatune.<Name>` lookups of config classes go through the registry."""
+    global _builtins_imported
+    if _builtins_imported:
+        return
     import deltatune.methods as package
 
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
+    _builtins_imported = True
 
 
 def method_entry(name: str) -> MethodEntry:

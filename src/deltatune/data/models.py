@@ -88,6 +88,9 @@ class SentenceClassifier(nn.Module):
         pooled = masked_mean(hidden, attention_mask) if self.pooling == "mean" else hidden[:, 0]
         return self.classifier(pooled)
 
+# What a method adapts in the MiniLM classifier unless told otherwise: the LoRA paper's choice (Wq, Wv), §7.1.
+MINILM_DEFAULT_TARGETS = ("query", "value")
+
 
 def build_minilm_classifier(num_classes: int, pooling: str = "mean") -> SentenceClassifier:
     """A fresh SentenceClassifier on a freshly read MiniLM; the head is initialised from torch's global RNG."""

@@ -24,7 +24,9 @@ class Task:
 
     `build_model(**kw)` returns a fresh model for the task (head initialised from torch's global RNG, so seed
     with `torch.manual_seed` first); `extra_trainable` names the modules trained and saved besides deltas;
-    `collate` stacks dataset items into a batch (see deltatune.data.datasets for the batch convention).
+    `default_targets` are the modules a method adapts on this task's model when the caller names none (None:
+    the method's own default); `collate` stacks dataset items into a batch (see deltatune.data.datasets for
+    the batch convention).
     """
 
     name: str
@@ -35,6 +37,7 @@ class Task:
     test: TensorDictDataset
     model_factory: Callable[..., nn.Module]
     extra_trainable: tuple[str, ...] = ("classifier",)
+    default_targets: tuple[str, ...] | None = None
     collate: Callable[[list[dict]], dict] = field(default=collate_dicts)
 
     @property

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from deltatune.data.datasets import LABELS, TensorDictDataset
-from deltatune.data.models import build_minilm_classifier, load_minilm_tokenizer
+from deltatune.data.models import MINILM_DEFAULT_TARGETS, build_minilm_classifier, load_minilm_tokenizer
 from deltatune.data.task import SPLITS, Task, limit_train_size
 from deltatune.errors import ConfigError, DeltatuneError
 
@@ -142,4 +142,5 @@ def load_wordnet_task(name: str, *, max_length: int = 32, train_size: int | None
         name=spec.name, description=spec.description, label_names=spec.label_names,
         train=limit_train_size(splits["train"], train_size, seed),
         validation=splits["validation"], test=splits["test"], model_factory=build_minilm_classifier,
+        default_targets=MINILM_DEFAULT_TARGETS,
     )

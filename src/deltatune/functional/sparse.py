@@ -45,18 +45,6 @@ def gather_matrix(matrix: Tensor, indices: Tensor) -> Tensor:
     return matrix.reshape(-1).index_select(0, indices)
 
 
-def check_positions(indices: Tensor, numel: int) -> None:
-    """Raise ValueError unless `indices` are sorted, unique and inside a matrix of `numel` entries."""
-    if indices.dtype != torch.int64 or indices.dim() != 1:
-        raise ValueError(f"positions must be a 1-D int64 tensor, got {indices.dtype} with shape {tuple(indices.shape)}")
-    if indices.numel() == 0:
-        return
-    if int(indices[0]) < 0 or int(indices[-1]) >= numel:
-        raise ValueError(f"positions must lie in [0, {numel}), got range [{int(indices[0])}, {int(indices[-1])}]")
-    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-        raise ValueError("positions must be sorted in increasing order without repeats")
-
-
 class SparsePattern:
     """The CSR structure of S (out, fan_in), derived once from the sorted flat positions; that of Sᵀ is built on
     first use (only the unfused path's input gradient needs it). Row pointers and columns are int32 when the

@@ -3,7 +3,8 @@
 Per adapted layer, each adapter's ΔW_i (any method: the delta contract's `delta_weight`) is a task vector with
 base 0; a registered merge method (task arithmetic, TIES, DARE, PCB, ... — the same functions that merge
 checkpoints) combines them into one ΔW, and a truncated SVD turns ΔW into the factors of a new LoRA adapter
-(`LoRADelta.assign_delta_weight`). This is peft's `add_weighted_adapter` with its `svd` / `ties_svd` /
+(`AssignsDeltaWeight`, core.capabilities). A bias term (the contract's `delta_bias`: BitFit's whole update) is
+combined the same way, as one more tensor per layer, and carried by the new adapter's bias (`LoRAConfig(bias=True)`). This is peft's `add_weighted_adapter` with its `svd` / `ties_svd` /
 `dare_*_svd` combination types, for every deltatune method and merge method. peft's `ties_svd` is
 `method="ties", params=TiesParams(trim_scope="tensor", normalize="count")` and its `magnitude_prune_svd` is
 `method="magnitude_prune"` (equal outputs in the tests, weights and density as in peft).
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltatune.core.capabilities import AssignsDeltaBias, AssignsDeltaWeight, HasRank
+from deltatune.core.layers import base_bias
 from deltatune.core.model import active_adapters, adapt, adapter_state, iter_hosts, set_active
 from deltatune.errors import AdapterNameError, ConfigError
 from deltatune.merging.memory import merge_state_dicts
@@ -45,8 +48,9 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *
         density: the share of entries each adapter's ΔW keeps, for methods that trim (TIES, DARE, magnitude
             pruning, ...; their paper default otherwise), as peft's `add_weighted_adapter(density=...)`.
             Task arithmetic accepts and ignores it (mergekit's and peft's convention).
-        rank: the new adapter's rank. Default: the sum of the adapters' `rank`s (exact for task arithmetic on
-            LoRA-family adapters); required when an adapter has no rank (sparse methods).
+        rank: the new adapter's rank. Default: the largest per-layer sum of the adapters' live ranks (`HasRank`:
+            exact for task arithmetic on LoRA-family adapters, AdaLoRA's pruned ranks included); required when an
+            adapter has no rank (sparse methods, BitFit).
         alpha: the new adapter's alpha (default: `rank`, so its scale is 1).
         params / model_params: the merge method's dataclasses, e.g. `TiesParams()`, `[TiesModelParams(...)]`.
         seed: seeds the random methods (DARE's drops), per layer.
@@ -65,19 +69,54 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], new_name: str, *
     elif density is not None:
         raise ConfigError("density is ignored when model_params is given; set the density in each model_params")
     hosts = _hosts_with(model, adapters)
-    deltas = [adapter_delta_weights(model, name) for name in adapters]
-    zeros = {path: torch.zeros_like(tensor) for path, tensor in deltas[0].items()}
+    biased = _biased_paths(hosts, adapters)
+    deltas = [_task_vectors(hosts, name, biased) for name in adapters]
+    zeros = {key: torch.zeros_like(tensor) for key, tensor in deltas[0].items()}
     combined = merge_state_dicts(method, zeros, deltas, params, model_params, seed=seed)
-    rank = rank if rank is not None else _summed_rank(model, adapters)
+    rank = rank if rank is not None else _summed_rank(hosts, adapters)
     previous = active_adapters(model)
     # one regular expression matching exactly these paths (a name list would also match longer paths by suffix)
     exact_paths = "|".join(re.escape(path) for path in hosts)
-    config = LoRAConfig(rank=rank, alpha=float(alpha if alpha is not None else rank), targets=exact_paths)
+    config = LoRAConfig(rank=rank, alpha=float(alpha if alpha is not None else rank), targets=exact_paths,
+                        bias=bool(biased))
     adapt(model, config, new_name, trainable=False)
     for path, host in hosts.items():
-        host.deltas[new_name].assign_delta_weight(combined[path])
+        _assign(host.deltas[new_name], combined, path)
     set_active(model, previous)
     return model
+
+
+BIAS_SUFFIX = ".bias"  # a layer's Δb is combined under "<module path>.bias", beside its ΔW under "<module path>"
+
+
+def _biased_paths(hosts: dict[str, Any], adapters: list[str]) -> set[str]:
+    """Layers on which some adapter changes the bias (`delta_bias` is not None)."""
+    return {path for path, host in hosts.items()
+            if any(host.deltas[n].delta_bias(base_bias(host.base_layer)) is not None for n in adapters)}
+
+
+def _task_vectors(hosts: dict[str, Any], name: str, biased: set[str]) -> dict[str, Tensor]:
+    """Adapter `name` as a task vector: ΔW per layer, plus Δb (zeros where it has none) on the biased layers."""
+    vectors = {}
+    for path, host in hosts.items():
+        delta = host.deltas[name]
+        vectors[path] = delta.delta_weight(host.base_layer.weight).detach()
+        if path in biased:
+            change = delta.delta_bias(base_bias(host.base_layer))
+            vectors[path + BIAS_SUFFIX] = (torch.zeros(host.layer.out_features, dtype=vectors[path].dtype,
+                                                       device=vectors[path].device)
+                                           if change is None else change.detach().to(vectors[path].dtype))
+    return vectors
+
+
+def _assign(delta: Any, combined: dict[str, Tensor], path: str) -> None:
+    if not isinstance(delta, AssignsDeltaWeight):
+        raise ConfigError(f"{type(delta).__name__} cannot be set from a ΔW; combine into a LoRA adapter")
+    delta.assign_delta_weight(combined[path])
+    if path + BIAS_SUFFIX in combined:
+        if not isinstance(delta, AssignsDeltaBias):
+            raise ConfigError(f"{type(delta).__name__} cannot be set from a Δb; combine into a LoRA adapter")
+        delta.assign_delta_bias(combined[path + BIAS_SUFFIX])
 
 
 def _density_field(spec: Any, density: float | None) -> dict[str, float]:
@@ -121,15 +160,19 @@ def _hosts_with(model: nn.Module, adapters: list[str]) -> dict[str, Any]:
     return hosts
 
 
-def _summed_rank(model: nn.Module, adapters: list[str]) -> int:
-    configs = adapter_state(model).configs
-    ranks = [getattr(configs[name], "rank", None) for name in adapters]
-    if any(not isinstance(value, int) for value in ranks):
-        raise ConfigError(f"adapters {adapters} do not all have a rank; pass rank= for the combined LoRA adapter")
-    return sum(ranks)
+def _summed_rank(hosts: dict[str, Any], adapters: list[str]) -> int:
+    """The largest, over layers, sum of the adapters' live ranks: Σ w_i ΔW_i has at most that rank there."""
+    totals = []
+    for host in hosts.values():
+        deltas = [host.deltas[name] for name in adapters]
+        if not all(isinstance(delta, HasRank) for delta in deltas):
+            raise ConfigError(f"adapters {adapters} do not all have a rank; pass rank= for the combined LoRA adapter")
+        totals.append(sum(delta.rank for delta in deltas))
+    return max(max(totals, default=1), 1)
 
 
 def adapter_delta_weights(model: nn.Module, name: str) -> dict[str, Tensor]:
-    """ΔW of adapter `name` on every layer it adapts ({module path: tensor in the base weight's shape})."""
+    """ΔW of adapter `name` on every layer it adapts ({module path: tensor in the base weight's shape}); its
+    bias term, if any, is `Delta.delta_bias(base_bias)`."""
     return {path: host.deltas[name].delta_weight(host.base_layer.weight).detach()
             for path, host in iter_hosts(model) if name in host.deltas}

@@ -31,7 +31,7 @@ Defaults and deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,6 @@ class AdaLoRAConfig(DeltaConfig):
     initial_warmup: int | float = 0.1
     final_warmup: int | float = 0.5
     mask_interval: int = 10
-    peft_type: ClassVar[str] = "ADALORA"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,7 +10,8 @@ Saved tensor per adapted module: ``bias_delta`` (out,).
 
 Deviations: the paper also tunes LayerNorm biases; deltatune adapts Linear / Conv1D / Conv layers only (add the
 norm modules to `extra_trainable` to train them whole). A layer without a bias is refused with a clear error
-(BitFit changes existing biases, it does not add new ones). `delta_weight` is zero: the change lives in the bias.
+(BitFit changes existing biases, it does not add new ones). `delta_weight` is zero: the change lives in the bias,
+`delta_bias` = Δb, which merging (b + Δb) and `combine_adapters` read.
 """
 from __future__ import annotations
 
@@ -67,8 +68,5 @@ class BitFitDelta(Delta):
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         return torch.zeros_like(base_weight)
 
-    def merge_into(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return weight, bias + self.bias_delta.detach().to(bias.dtype)
-
-    def unmerge_from(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        return weight, bias - self.bias_delta.detach().to(bias.dtype)
+    def delta_bias(self, base_bias: Tensor | None) -> Tensor:
+        return self.bias_delta

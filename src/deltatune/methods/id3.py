@@ -37,9 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.allocate.selection import check_budget, d3_scores, resolve_budget
+from deltatune.allocate.support import adapter_deltas
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
-from deltatune.core.host import AdaptedLayer
 from deltatune.core.layers import ALL_KINDS, LayerInfo
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, config_check
@@ -139,10 +139,9 @@ class ID3Unmasking:
     """Trainer callback: after backward, unmask the global top-u_t masked entries by D3, then zero the gradients
     of the entries still masked, before the optimizer steps."""
 
-    def __init__(self, model: nn.Module, config: ID3Config, total_steps: int) -> None:
-        self.pairs = [(host, d) for host, d in _id3_pairs(model) if d.config is config]
-        if not self.pairs:
-            raise ConfigError("this ID3Config is not attached to the model; call deltatune.adapt(model, config) first")
+    def __init__(self, model: nn.Module, config: ID3Config, total_steps: int, adapter: str | None = None) -> None:
+        # adapter `adapter`'s ID³ deltas (default: the adapter `config` was adapted under), with their hosts
+        self.pairs = [(model.get_submodule(path), d) for path, d in adapter_deltas(model, config, ID3Delta, adapter)]
         if total_steps < 1:
             raise ConfigError(f"total_steps={total_steps} is invalid: expected >= 1 training step")
         total = sum(mask.numel() for _, mask, _ in self._tensors())
@@ -203,7 +202,3 @@ def _unmask_global_top(tensors: list[tuple[nn.Parameter, Tensor, Tensor]], count
         mask.view(-1)[picked] = True
     return int(chosen.numel())
 
-
-def _id3_pairs(model: nn.Module) -> list[tuple[AdaptedLayer, ID3Delta]]:
-    return [(host, d) for host in model.modules() if isinstance(host, AdaptedLayer)
-            for d in host.deltas.values() if isinstance(d, ID3Delta)]

@@ -9,7 +9,9 @@ alpha / sqrt(r) instead. The forward pass runs on the activation path, `B(A(drop
 Saved tensors (per adapted module): ``lora_A`` (r, in) — (r, in, *kernel) for convolutions — and ``lora_B``
 (out, r) — (out, r, 1, ...) for convolutions. For an embedding, ``lora_A`` is (r, num_embeddings) and
 ``lora_B`` (dim, r), initialized A = 0, B ~ N(0, 1), as peft does. These are peft's shapes, so peft folders
-convert by renaming keys only.
+convert by renaming keys only. With ``bias=True`` also ``lora_bias`` (out,): Δb = scale · lora_bias, the bias term
+peft calls ``lora_B.bias`` with ``lora_bias=True`` (`combine_adapters` uses it to carry BitFit-like bias deltas;
+peft has none for embeddings, so such an adapter saves in deltatune format only).
 
 Defaults follow peft (rank 8, alpha 8, dropout 0); the paper tunes alpha once and fixes it.
 Deviation: grouped convolutions are not supported (clear error).
@@ -48,6 +50,7 @@ class LoRAConfig(DeltaConfig):
         rslora: use the rank-stabilized scale alpha / sqrt(r).
         init: "kaiming" (A Kaiming-uniform, B = 0; the paper/peft default), "gaussian" (A ~ N(0, 1/r), B = 0),
             or "random" (B random too: output changes at step 0; for tests and experiments).
+        bias: also learn a bias on the update's output (``lora_bias``, starts at 0; peft's ``lora_bias``).
     """
 
     rank: int = 8
@@ -55,6 +58,7 @@ class LoRAConfig(DeltaConfig):
     dropout: float = 0.0
     rslora: bool = False
     init: str = "kaiming"
+    bias: bool = False
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self) -> None:
@@ -63,6 +67,7 @@ class LoRAConfig(DeltaConfig):
         config_check(self.alpha > 0, "alpha", self.alpha, "a number > 0")
         config_check(0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
         config_check(self.init in INITS, "init", self.init, f"one of {INITS}")
+        config_check(isinstance(self.bias, bool), "bias", self.bias, "True or False")
 
     @property
     def scale(self) -> float:
@@ -76,7 +81,7 @@ class LoRAConfig(DeltaConfig):
             "modules_to_save": sorted(extra_paths) or None, "bias": "none", "fan_in_fan_out": False,
             "init_lora_weights": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
             "layers_to_transform": None, "layers_pattern": None, "task_type": None, "inference_mode": True,
-            "base_model_name_or_path": None, "revision": None, "lora_bias": False, "exclude_modules": None,
+            "base_model_name_or_path": None, "revision": None, "lora_bias": self.bias, "exclude_modules": None,
         }
 
     @classmethod
@@ -93,12 +98,13 @@ class LoRAConfig(DeltaConfig):
         saved = [name for name in _as_list(peft.get("modules_to_save")) if any(f".{name}." in f".{k}" for k in others)]
         return cls(
             rank=peft.get("r", 8), alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
-            rslora=peft.get("use_rslora", False), targets=tuple(targets), extra_trainable=tuple(saved),
+            rslora=peft.get("use_rslora", False), bias=peft.get("lora_bias") or False, targets=tuple(targets),
+            extra_trainable=tuple(saved),
         )
 
 
 # peft's key suffixes of a LoRA layer's tensors (linear and convolution; embedding)
-PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
 
 
 def _as_list(value: Any) -> list[str]:
@@ -127,7 +133,14 @@ class LoRADelta(Delta):
         # float64 so that float64 models keep the exact scale; `adapt` casts it with the other tensors
         self.register_buffer("scale", torch.tensor(config.scale, dtype=torch.float64), persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if config.bias:
+            self.lora_bias = nn.Parameter(torch.zeros(layer.out_features))
         self.reset_parameters()
+
+    @property
+    def rank(self) -> int:
+        """`HasRank`: a LoRA's rank is fixed by its config."""
+        return self.config.rank
 
     def reset_parameters(self) -> None:
         init = self.config.init
@@ -146,7 +159,15 @@ class LoRADelta(Delta):
 
     def forward(self, x: Tensor) -> Tensor:
         x_in = x if self.layer.kind == EMBEDDING else self.dropout(x.to(self.lora_A.dtype))
-        return (_LOWRANK_PATH[self.layer.kind](self, x_in) * self.scale).to(x.dtype if x.is_floating_point() else self.lora_A.dtype)
+        out = _LOWRANK_PATH[self.layer.kind](self, x_in) * self.scale
+        return self._with_bias(out).to(x.dtype if x.is_floating_point() else self.lora_A.dtype)
+
+    def _with_bias(self, out: Tensor) -> Tensor:
+        """out + Δb, broadcast over the batch (and the spatial dimensions of a convolution)."""
+        if not self.config.bias:
+            return out
+        change = self.scale * self.lora_bias
+        return out + (change.view(-1, *([1] * self.layer.conv_dims)) if self.layer.kind == CONV else change)
 
     def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
         """base_layer(x) + forward(x) in one fused autograd node (`functional.lowrank.lowrank_linear`), or None
@@ -156,10 +177,13 @@ class LoRADelta(Delta):
         if self.training and self.config.dropout > 0 or not _fusable(self, x, base_layer):
             return None
         weight = base_layer.weight if self.layer.kind == LINEAR else base_layer.weight.t()
-        return lowrank_linear(x, weight, base_layer.bias, self.lora_A, self.lora_B, self.config.scale)
+        return self._with_bias(lowrank_linear(x, weight, base_layer.bias, self.lora_A, self.lora_B, self.config.scale))
 
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         return lowrank_delta_weight(self.layer, self.lora_A, self.lora_B, self.scale).to(base_weight.dtype)
+
+    def delta_bias(self, base_bias: Tensor | None) -> Tensor | None:
+        return self.scale * self.lora_bias if self.config.bias else None
 
     @torch.no_grad()
     def assign_delta_weight(self, delta_weight: Tensor) -> None:
@@ -176,10 +200,22 @@ class LoRADelta(Delta):
         self.lora_B.copy_(up.reshape(self.lora_B.shape))
         self.lora_A.copy_(down.reshape(self.lora_A.shape))
 
+    @torch.no_grad()
+    def assign_delta_bias(self, delta_bias: Tensor) -> None:
+        """Set lora_bias so that Δb equals `delta_bias` (out,); needs a config with bias=True."""
+        if not self.config.bias:
+            raise ConfigError(f"the LoRA on {self.module_name or 'this layer'} has no bias term; adapt with "
+                              "LoRAConfig(bias=True) to assign one")
+        self.lora_bias.copy_(delta_bias.reshape(-1).double() / float(self.scale))
+
     def peft_tensor_names(self) -> dict[str, str]:
         if self.layer.kind == EMBEDDING:
+            config_check(not self.config.bias, "bias", self.config.bias,
+                         f"False for a peft export of embedding {self.module_name!r} (peft has no embedding lora_bias)",
+                         "save with format='deltatune'")
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
-        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+        return names | ({"lora_bias": "lora_B.bias"} if self.config.bias else {})
 
 
 def _fusable(delta: LoRADelta, x: Tensor, base_layer: nn.Module) -> bool:

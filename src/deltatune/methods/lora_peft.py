@@ -24,6 +24,7 @@ HONOURED = {
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
     "use_rslora": "rslora",
+    "lora_bias": "bias (Δb = scale · lora_B.bias, as peft scales it)",
     "target_modules": "the adapted modules are the ones the file has LoRA tensors for",
     "exclude_modules": "as target_modules",
     "layers_to_transform": "as target_modules",
@@ -37,7 +38,7 @@ HONOURED = {
 }
 
 REFUSED_UNLESS: dict[str, Any] = {
-    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none", "lora_bias": False,
+    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None, "loftq_config": {},
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
     "use_qalora": False, "monteclora_config": None, "layer_replication": None, "use_bdlora": None,
@@ -60,7 +61,7 @@ IRRELEVANT = {
 
 # peft's spelling of the fields deltatune reads, with the types its files must use.
 TYPES: dict[str, Any] = {
-    "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool,
+    "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool, "lora_bias": bool,
     "modules_to_save": list[str] | None, "init_lora_weights": bool | str, "eva_config": dict | None,
 }
 

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.allocate.selection import below_threshold_positions, smallest_magnitude_positions
+from deltatune.allocate.support import adapter_deltas
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, LINEAR, LayerInfo, base_bias
@@ -121,11 +122,6 @@ class SaRAConfig(DeltaConfig):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def paper_learning_rate(threshold: float) -> float:
-    """The official code's default learning rate for a threshold θ: 1e-3 · exp(−350 θ) (paper Eq. 12)."""
-    return 1e-3 * math.exp(-350.0 * threshold)
 
 
 @register_method("sara", SaRAConfig, "SaRA: re-train the smallest-|w| entries, sparse grads, nuclear norm, PPA")
@@ -245,10 +241,11 @@ class SaRADelta(Delta):
 class SaRASchedule:
     """Trainer callback: one random penalized matrix per step, and progressive adjustment at
     `progressive_at` of `total_steps` (then the Adam state of the adapted values is cleared, as the paper
-    rebuilds the optimizer)."""
+    rebuilds the optimizer). It drives the SaRA deltas of adapter `adapter` (default: the one `config` was
+    adapted under) and no others."""
 
-    def __init__(self, model: nn.Module, config: SaRAConfig, total_steps: int) -> None:
-        self.deltas = [d for d in _sara_deltas(model) if d.config is config]
+    def __init__(self, model: nn.Module, config: SaRAConfig, total_steps: int, adapter: str | None = None) -> None:
+        self.deltas: list[SaRADelta] = [d for _, d in adapter_deltas(model, config, SaRADelta, adapter)]
         self.adjust_step = None if config.progressive_at is None else int(config.progressive_at * total_steps)
         self.adjusted = False
         self._generator = torch.Generator().manual_seed(config.seed)
@@ -284,6 +281,3 @@ class SaRASchedule:
         self.adjusted = bool(state["adjusted"])
         self._generator.set_state(state["generator"])
 
-
-def _sara_deltas(model: nn.Module) -> list[SaRADelta]:
-    return [m for m in model.modules() if isinstance(m, SaRADelta)]

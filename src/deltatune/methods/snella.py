@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from deltatune.allocate.importance import proportional_ranks, sensitivity, sensitivity_score, smooth_sensitivity
 from deltatune.allocate.schedules import CubicBudgetSchedule
+from deltatune.allocate.support import adapter_deltas
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.layers import ALL_KINDS, EMBEDDING, LayerInfo
@@ -131,7 +132,9 @@ class SNELLADelta(Delta):
 
     def kernel(self) -> Tensor:
         """K (fan_in, out) before sparsification."""
-        distances = torch.cdist(self.in_factors, self.out_factors)  # (H, fan_in, out)
+        # (H, fan_in, out); cdist has no half-precision kernels, so bfloat16/float16 factors meet in float32
+        wide = torch.promote_types(self.in_factors.dtype, torch.float32)
+        distances = torch.cdist(self.in_factors.to(wide), self.out_factors.to(wide))
         kernel = torch.einsum("h,hio->io", self.coefficients.to(distances.dtype), distances)
         if self.config.mix:
             kernel = kernel + self.mix_alpha * torch.softmax(kernel / self.mix_gamma, dim=-1) + self.mix_beta
@@ -177,10 +180,9 @@ class SNELLAAllocation:
     Built from the shared allocation pieces: `allocate.importance` (I = |θ ⊙ ∇θ|, its EMA and uncertainty, the
     score ĪŪ), `allocate.schedules.CubicBudgetSchedule` (V(t)) and `proportional_ranks` (the capped split)."""
 
-    def __init__(self, model: nn.Module, config: SNELLAConfig, total_steps: int) -> None:
-        self.deltas = [m for m in model.modules() if isinstance(m, SNELLADelta) and m.config is config]
-        if not self.deltas:
-            raise ConfigError("this SNELLAConfig is not attached to the model; call deltatune.adapt first")
+    def __init__(self, model: nn.Module, config: SNELLAConfig, total_steps: int, adapter: str | None = None) -> None:
+        # adapter `adapter`'s SNELLA deltas (default: the adapter `config` was adapted under)
+        self.deltas: list[SNELLADelta] = [d for _, d in adapter_deltas(model, config, SNELLADelta, adapter)]
         if total_steps < 1:
             raise ConfigError(f"total_steps={total_steps} is invalid: expected >= 1 training step")
         self.config = config

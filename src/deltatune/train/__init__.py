@@ -9,11 +9,12 @@ from deltatune.train.callbacks import Callback
 from deltatune.train.checkpoint import latest_checkpoint, list_checkpoints
 from deltatune.train.config import TrainConfig
 from deltatune.train.losses import causal_lm_loss, cross_entropy
+from deltatune.train.progress import TrainingProgress
 from deltatune.train.schedules import build_scheduler, lr_multiplier
 from deltatune.train.seeding import set_seed
 from deltatune.train.trainer import TrainResult, Trainer
 
 __all__ = [
     "Callback", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "causal_lm_loss", "cross_entropy",
-    "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
+    "TrainingProgress", "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
 ]

@@ -133,11 +133,12 @@ def trainable_tensors(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def load_trainable_tensors(model: nn.Module, tensors: dict[str, Tensor], source: Path) -> None:
-    """Copy checkpoint tensors into `model`; every trainable parameter must be in the file."""
+def load_trainable_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str) -> None:
+    """Copy checkpoint tensors into `model`; every trainable parameter must be there. `source` names where the
+    tensors come from in errors ("checkpoint runs/a/checkpoints/step-000010")."""
     missing = [name for name, p in model.named_parameters() if p.requires_grad and name not in tensors]
     if missing:
-        raise AdapterFileError(f"checkpoint {source} has no tensor {missing[0]!r} for a trainable parameter; "
+        raise AdapterFileError(f"{source} has no tensor {missing[0]!r} for a trainable parameter; "
                                "was it written for another model or adapter configuration?")
     try:
         from deltatune.core.state import load_trainable_state_dict
@@ -148,5 +149,5 @@ def load_trainable_tensors(model: nn.Module, tensors: dict[str, Tensor], source:
         return
     unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
     if unexpected:
-        raise AdapterFileError(f"checkpoint {source} has tensor {unexpected[0]!r} the model lacks; "
+        raise AdapterFileError(f"{source} has tensor {unexpected[0]!r} the model lacks; "
                                "was it written for another model?")

@@ -1,122 +1,119 @@
-"""Saving a trainer's full state into a checkpoint, and putting it back for an exact continuation.
+"""A trainer's state (`Trainer.state_dict()`) into a checkpoint folder, and back, for an exact continuation.
 
 Exact means: the resumed run reads the same next batch, starts from the same parameters, optimizer and
 scheduler state, callback decisions and RNG states (every process's), so it ends with the same parameters as a
 run that never stopped.
+
+This module knows the file layout and the run's identity (config, world, data size); it never sees the Trainer.
+The trainer state it reads and writes is the dict of `Trainer.state_dict()`:
+
+    {"progress": TrainingProgress.state_dict(), "model": {name: tensor}, "optimizer": ..., "scheduler": ...,
+     "callbacks": {callback_key: callback.state_dict()}}
+
+In trainer_state.json the progress keys sit at the top level, beside the checks of `_check_compatible` and
+the encoded callback states, as they always have (checkpoint format version 1).
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from deltatune.errors import TrainingError
-from deltatune.train.callbacks import callback_key, callback_states, is_stateful
 from deltatune.train.checkpoint import (
-    Checkpoint, checkpoints_root, latest_checkpoint, load_trainable_tensors, read_checkpoint, trainable_tensors,
-    write_checkpoint,
+    Checkpoint, checkpoints_root, latest_checkpoint, read_checkpoint, write_checkpoint,
 )
+from deltatune.train.config import TrainConfig
 from deltatune.train.data_order import permutation_seed
-from deltatune.train.distributed import broadcast_object, gather_objects
+from deltatune.train.distributed import World, broadcast_object, gather_objects
+from deltatune.train.progress import STATE_KEYS
 from deltatune.train.seeding import capture_rng_state, restore_rng_state
 from deltatune.train.serialize import decode, encode
-
-if TYPE_CHECKING:
-    from deltatune.train.trainer import Trainer
 
 # Settings that fix which examples form each step: a resumed run must keep them.
 DATA_ORDER_FIELDS = ("batch_size", "seed")
 
+TrainerState = dict[str, Any]
 
-def save(trainer: Trainer) -> Path:
-    """Collective: every process hands in its RNG state, rank 0 writes, every process gets the path."""
-    rng_states = gather_objects(capture_rng_state(), trainer.world)
+
+def save(trainer_state: Callable[[], TrainerState], config: TrainConfig, world: World, num_examples: int) -> Path:
+    """Collective: every process hands in its RNG state, rank 0 writes (`trainer_state()` is called there
+    only), every process gets the path."""
+    rng_states = gather_objects(capture_rng_state(), world)
     outcome: tuple[str, str] = ("ok", "")
-    if trainer.world.is_main:
+    if world.is_main:
         try:
-            outcome = ("ok", str(_write(trainer, rng_states)))
+            outcome = ("ok", str(_write(trainer_state(), config, world, num_examples, rng_states)))
         except Exception as error:  # tell the other processes, then raise here
-            broadcast_object(("error", str(error)), trainer.world)
+            broadcast_object(("error", str(error)), world)
             raise
-    status, detail = broadcast_object(outcome, trainer.world)
+    status, detail = broadcast_object(outcome, world)
     if status == "error":
         raise TrainingError(f"rank 0 failed to write the checkpoint ({detail}); see its log")
     return Path(detail)
 
 
-def _write(trainer: Trainer, rng_states: list[tuple[dict[str, Any], dict[str, Any]]]) -> Path:
+def _write(trainer_state: TrainerState, config: TrainConfig, world: World, num_examples: int,
+           rng_states: list[tuple[dict[str, Any], dict[str, Any]]]) -> Path:
     tensors: dict[str, Any] = {}
     callbacks = {key: encode(state, f"callbacks.{key}", tensors)
-                 for key, state in callback_states(trainer.callbacks).items()}
+                 for key, state in trainer_state["callbacks"].items()}
     for rank, (_, rng_tensors) in enumerate(rng_states):
         tensors.update({f"rng.rank{rank}.{name}": tensor for name, tensor in rng_tensors.items()})
+    progress = trainer_state["progress"]
     state = {
-        "global_step": trainer.global_step, "epoch": trainer.epoch, "batch_in_epoch": trainer.batch_in_epoch,
-        "permutation_seed": permutation_seed(trainer.config.seed, trainer.epoch),
-        "num_examples": len(trainer.train_dataset), "world_size": trainer.world.size,
-        "last_eval_step": trainer._last_eval_step, "config": trainer.config.to_dict(), "callbacks": callbacks,
-        "interval": trainer._interval.state_dict(),
+        **progress, "permutation_seed": permutation_seed(config.seed, progress["epoch"]),
+        "num_examples": num_examples, "world_size": world.size, "config": config.to_dict(), "callbacks": callbacks,
         "rng": [plain for plain, _ in rng_states],
     }
-    checkpoint = Checkpoint(trainable_tensors(trainer.model), trainer.optimizer.state_dict(),
-                            trainer.scheduler.state_dict(), state, tensors)
-    root = checkpoints_root(trainer.config.output_dir)
-    return write_checkpoint(root, trainer.global_step, checkpoint, trainer.config.keep_last)
+    checkpoint = Checkpoint(trainer_state["model"], trainer_state["optimizer"], trainer_state["scheduler"], state,
+                            tensors)
+    return write_checkpoint(checkpoints_root(config.output_dir), progress["global_step"], checkpoint,
+                            config.keep_last)
 
 
-def restore_latest(trainer: Trainer) -> bool:
-    """Load the newest checkpoint into `trainer`; False (a fresh start) when there is none."""
-    folder = latest_checkpoint(checkpoints_root(trainer.config.output_dir))
+def restore_latest(config: TrainConfig, world: World, num_examples: int,
+                   load: Callable[[TrainerState, str], None]) -> Path | None:
+    """Read the newest checkpoint, check it fits this run, hand its trainer state to `load(state, source)`
+    (source names the folder for errors), then restore this process's RNG; the folder, or None (a fresh start)
+    when there is none."""
+    root = checkpoints_root(config.output_dir)
+    folder = latest_checkpoint(root)
     if folder is None:
-        if trainer.world.is_main:
-            warnings.warn(f"resume=True but {checkpoints_root(trainer.config.output_dir)} holds no checkpoint; "
-                          "starting from step 0", stacklevel=3)
-        return False
-    checkpoint = read_checkpoint(folder, trainer.world.device)
-    _check_compatible(trainer, checkpoint.state, folder)
-    load_trainable_tensors(trainer.model, checkpoint.model, folder)
-    trainer.optimizer.load_state_dict(checkpoint.optimizer)
-    trainer.scheduler.load_state_dict(checkpoint.scheduler)
-    _restore_callbacks(trainer, checkpoint, folder)
-    _restore_position(trainer, checkpoint.state)
-    _restore_rng(trainer, checkpoint)
-    trainer.last_checkpoint = folder
-    trainer._last_saved_step = trainer.global_step
-    return True
+        if world.is_main:
+            warnings.warn(f"resume=True but {root} holds no checkpoint; starting from step 0", stacklevel=3)
+        return None
+    checkpoint = read_checkpoint(folder, world.device)
+    _check_compatible(config, num_examples, checkpoint.state, folder)
+    load(trainer_state(checkpoint), f"checkpoint {folder}")
+    _restore_rng(world.rank, checkpoint)
+    return folder
 
 
-def _check_compatible(trainer: Trainer, state: dict[str, Any], folder: Path) -> None:
+def trainer_state(checkpoint: Checkpoint) -> TrainerState:
+    """The `Trainer.state_dict()` a checkpoint holds (callback states decoded)."""
+    state = checkpoint.state
+    return {
+        "progress": {key: state[key] for key in STATE_KEYS if key in state},
+        "model": checkpoint.model, "optimizer": checkpoint.optimizer, "scheduler": checkpoint.scheduler,
+        "callbacks": {key: decode(value, checkpoint.tensors) for key, value in state["callbacks"].items()},
+    }
+
+
+def _check_compatible(config: TrainConfig, num_examples: int, state: dict[str, Any], folder: Path) -> None:
     for name in DATA_ORDER_FIELDS:
-        saved, now = state["config"][name], getattr(trainer.config, name)
+        saved, now = state["config"][name], getattr(config, name)
         if saved != now:
             raise TrainingError(f"{name}={now} differs from the checkpoint's {name}={saved} ({folder}); keep it "
                                 "to resume exactly, or start a new output_dir")
-    if state["num_examples"] != len(trainer.train_dataset):
-        raise TrainingError(f"the training set has {len(trainer.train_dataset)} examples but the checkpoint "
+    if state["num_examples"] != num_examples:
+        raise TrainingError(f"the training set has {num_examples} examples but the checkpoint "
                             f"{folder} was trained on {state['num_examples']}; resume with the same data")
 
 
-def _restore_callbacks(trainer: Trainer, checkpoint: Checkpoint, folder: Path) -> None:
-    saved = checkpoint.state["callbacks"]
-    current = {callback_key(i, c): c for i, c in enumerate(trainer.callbacks) if is_stateful(c)}
-    if set(saved) != set(current):
-        raise TrainingError(f"checkpoint {folder} holds callback states {sorted(saved)} but the trainer has "
-                            f"{sorted(current)}; pass the same callbacks, in the same order, to resume")
-    for key, callback in current.items():
-        callback.load_state_dict(decode(saved[key], checkpoint.tensors))
-
-
-def _restore_position(trainer: Trainer, state: dict[str, Any]) -> None:
-    trainer.global_step = int(state["global_step"])
-    trainer.epoch = int(state["epoch"])
-    trainer.batch_in_epoch = int(state["batch_in_epoch"])
-    trainer._last_eval_step = state.get("last_eval_step")
-    if "interval" in state:  # checkpoints written before it was kept: the next record averages fewer steps
-        trainer._interval.load_state_dict(state["interval"])
-
-
-def _restore_rng(trainer: Trainer, checkpoint: Checkpoint) -> None:
-    rank, saved = trainer.world.rank, checkpoint.state["rng"]
+def _restore_rng(rank: int, checkpoint: Checkpoint) -> None:
+    saved = checkpoint.state["rng"]
     if rank >= len(saved):
         warnings.warn(f"the checkpoint has RNG states for {len(saved)} processes, not for rank {rank}; "
                       "this process keeps its fresh seed (dropout masks differ from an uninterrupted run)",

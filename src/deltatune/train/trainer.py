@@ -4,6 +4,9 @@
     result = trainer.train()          # TrainResult(global_step, metrics, history, checkpoint, ...)
     trainer.evaluate(test)            # {"loss": ..., "accuracy": ...}
 
+The run's position (step, epoch, batch in the epoch, last evaluation and checkpoint) is `trainer.progress`,
+a `TrainingProgress`; callbacks get it, and `trainer.state_dict()` carries it with the tensors.
+
 Every step: on_step_begin -> for each micro-batch of this process: forward, loss (task loss weighted by the
 micro-batch's share of the global batch, plus `regularization_loss(model)` once), backward (gradients sync
 across processes on the last one) -> all-reduced loss, stop on NaN/inf -> on_backward_end -> clipping ->
@@ -29,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.train import resume as resume_state
 from deltatune.train.batches import SplitBatch, split_batch
-from deltatune.train.callbacks import fire
+from deltatune.train.callbacks import callback_states, check_callback_states, fire, load_callback_states
+from deltatune.train.checkpoint import load_trainable_tensors, trainable_tensors
 from deltatune.train.config import TrainConfig
 from deltatune.train.data_order import (
     MicroBatch, epoch_permutation, global_batch, loader_seed, micro_batches, steps_per_epoch,
@@ -37,7 +41,8 @@ from deltatune.train.data_order import (
 from deltatune.train.distributed import all_reduce_sum, setup_world
 from deltatune.train.evaluation import evaluate_model
 from deltatune.train.losses import LossFn, batch_loss, is_zero_constant, regularization, takes_labels
-from deltatune.train.metrics_log import IntervalStats, MetricsLog, progress_bar
+from deltatune.train.metrics_log import MetricsLog, progress_bar
+from deltatune.train.progress import TrainingProgress
 from deltatune.train.schedules import build_scheduler
 from deltatune.train.seeding import set_seed
 
@@ -72,9 +77,14 @@ class Trainer:
             takes `labels` (transformers' causal LMs and classifiers), else classification cross-entropy of the
             logits (`deltatune.train.losses` has the rules; `causal_lm_loss` is there for LMs that do not
             compute a loss). Evaluation uses the same loss.
-        callbacks: objects with any of the hooks of `deltatune.train.Callback`, fired in this order.
+        callbacks: objects with any of the hooks of `deltatune.train.Callback`, fired in this order; they get the
+            run's `progress` (a `TrainingProgress`), not the trainer (see `deltatune.train.callbacks`).
         optimizer_factory: `factory(param_groups) -> torch.optim.Optimizer` replaces the default AdamW. It gets
             one group {"params", "param_names", "lr": config.lr}; the group's lr wins over the factory's own.
+
+    `trainer.progress` is where the run is (step, epoch, data position, last evaluation and checkpoint);
+    `state_dict()` / `load_state_dict()` carry everything but the process RNG for an exact continuation, and
+    checkpoints (`deltatune.train.resume`) are that state in files.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_dataset: Dataset,
@@ -96,18 +106,12 @@ class Trainer:
         self.callbacks = list(callbacks)
         self._check_data()
         self.optimizer = self._build_optimizer(optimizer_factory)
-        self.steps_per_epoch = steps_per_epoch(len(train_dataset), config.batch_size)
-        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        per_epoch = steps_per_epoch(len(train_dataset), config.batch_size)
+        self.progress = TrainingProgress(total_steps=config.max_steps or config.epochs * per_epoch,
+                                         steps_per_epoch=per_epoch)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, self.total_steps,
                                          config.warmup_for(self.total_steps))
-        self.global_step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.last_checkpoint: Path | None = None
         self.log = MetricsLog(config.output_dir, write=self.world.is_main)
-        self._stop_requested = False
-        self._last_eval_step: int | None = None
-        self._last_eval_metrics: dict[str, float] | None = None
-        self._last_saved_step: int | None = None
-        self._interval = IntervalStats()
         self._train_model = self._wrap_distributed()
 
     # --- set-up -------------------------------------------------------------------------------------------
@@ -143,29 +147,84 @@ class Trainer:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    # The progress fields the trainer has always exposed (read-only: the loop advances `progress`).
+    @property
+    def global_step(self) -> int:
+        return self.progress.global_step
+
+    @property
+    def epoch(self) -> int:
+        return self.progress.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.progress.batch_in_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.progress.total_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.progress.steps_per_epoch
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.progress.last_checkpoint
+
     def request_stop(self) -> None:
         """Stop after the current step (final checkpoint and evaluation still happen; resumable)."""
-        self._stop_requested = True
+        self.progress.request_stop()
 
     def hook_context(self) -> dict[str, Any]:
-        return dict(trainer=self, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+        return dict(progress=self.progress, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                     global_step=self.global_step, epoch=self.epoch)
+
+    def _fire(self, hook: str, **extra: Any) -> None:
+        fire(self.callbacks, hook, trainer=self, **extra, **self.hook_context())
+
+    # --- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this run needs to continue exactly, except the process RNG (a checkpoint adds it):
+        {"progress", "model" (trainable tensors and buffers), "optimizer", "scheduler", "callbacks"}. The
+        tensors are the live ones, not copies."""
+        return {"progress": self.progress.state_dict(), "model": trainable_tensors(self.model),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "callbacks": callback_states(self.callbacks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of `state_dict` (same model, adapters and callbacks); `train()` then continues from it."""
+        self._load_state(state, "the trainer state")
+
+    def _load_state(self, state: dict[str, Any], source: str) -> None:
+        check_callback_states(self.callbacks, state["callbacks"], source)  # before anything is overwritten
+        load_trainable_tensors(self.model, state["model"], source)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        load_callback_states(self.callbacks, state["callbacks"], source)
+        self.progress.load_state_dict(state["progress"])
 
     # --- the loop -----------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Train until `total_steps` (or a callback's `request_stop`); resume first when config.resume."""
         set_seed(self.config.seed + self.world.rank)
-        resumed = resume_state.restore_latest(self) if self.config.resume else False
+        resumed = self._resume() if self.config.resume else None
         self.log.start(self.global_step if resumed else None)
         self._train_model.train()
-        fire(self.callbacks, "on_train_begin", **self.hook_context())
+        self._fire("on_train_begin")
         bar = progress_bar(self.total_steps, self.global_step, self.config.progress and self.world.is_main)
         try:
-            while self.global_step < self.total_steps and not self._stop_requested:
+            while not self.progress.finished and not self.progress.stop_requested:
                 self._run_epoch(bar)
         finally:
             bar.close()
         return self._finish()
+
+    def _resume(self) -> Path | None:
+        folder = resume_state.restore_latest(self.config, self.world, len(self.train_dataset), self._load_state)
+        if folder is not None:
+            self.progress.saved(folder)
+        return folder
 
     def _run_epoch(self, bar: Any) -> None:
         permutation = epoch_permutation(len(self.train_dataset), self.config.seed, self.epoch)
@@ -177,14 +236,14 @@ class Trainer:
         for batch, plan in zip(batches, plans):
             started = time.perf_counter()  # throughput counts data loading too
             self._optimizer_step(plan, [next(loaded) for _ in plan], len(batch), started)
-            self.batch_in_epoch += 1
+            epoch_done = self.progress.batch_done()
             bar.update(1)
             self._log_if_due(bar)
-            if self.batch_in_epoch == self.steps_per_epoch:
+            if epoch_done:
                 self._end_epoch()
             if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0:
                 self.save_checkpoint()
-            if self.global_step >= self.total_steps or self._stop_requested:
+            if self.progress.finished or self.progress.stop_requested:
                 return
 
     def _loader(self, plans: list[list[MicroBatch]]) -> DataLoader:
@@ -197,7 +256,7 @@ class Trainer:
                           pin_memory=self.world.device.type == "cuda")
 
     def _optimizer_step(self, plan: list[MicroBatch], batches: list[dict], global_size: int, started: float) -> None:
-        fire(self.callbacks, "on_step_begin", **self.hook_context())
+        self._fire("on_step_begin")
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = 0.0
         for micro, batch in zip(plan, batches):
@@ -205,14 +264,14 @@ class Trainer:
             with contextlib.nullcontext() if sync else self._train_model.no_sync():
                 local_loss += self._forward_backward(micro, batch)
         loss = self._global_loss(local_loss)
-        fire(self.callbacks, "on_backward_end", **self.hook_context())
+        self._fire("on_backward_end")
         grad_norm = self._clip_gradients()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        self.global_step += 1
-        self._interval.add(loss, global_size, time.perf_counter() - started, lr, grad_norm)
-        fire(self.callbacks, "on_step_end", **self.hook_context())
+        self.progress.step_done()
+        self.progress.interval.add(loss, global_size, time.perf_counter() - started, lr, grad_norm)
+        self._fire("on_step_end")
         self._agree_on_stop()
 
     def _forward_backward(self, micro: MicroBatch, batch: Any) -> float:
@@ -259,39 +318,34 @@ class Trainer:
 
     def _agree_on_stop(self) -> None:
         if self.world.distributed:
-            flag = torch.tensor([float(self._stop_requested)], device=self.world.device)
-            self._stop_requested = bool(all_reduce_sum(flag, self.world).item() > 0)
+            flag = torch.tensor([float(self.progress.stop_requested)], device=self.world.device)
+            self.progress.stop_requested = bool(all_reduce_sum(flag, self.world).item() > 0)
 
     def _to_device(self, batch: Any) -> SplitBatch:
         return split_batch(batch).to(self.world.device)
 
     # --- logging, epochs, evaluation ----------------------------------------------------------------------
     def _log_if_due(self, bar: Any) -> None:
-        due = self.global_step % self.config.log_every == 0 or self.global_step >= self.total_steps
-        if not (due or self._stop_requested):
+        due = self.global_step % self.config.log_every == 0 or self.progress.finished
+        if not (due or self.progress.stop_requested):
             return
-        record = {"step": self.global_step, "epoch": self._epoch_progress(), **self._interval.summary()}
+        record = {"step": self.global_step, "epoch": self.progress.epoch_fraction, **self.progress.interval.summary()}
         self.log.write(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                         samples_s=f"{record['samples_per_second']:.1f}", refresh=False)
 
-    def _epoch_progress(self) -> float:
-        """Epochs done, with the current one's fraction (1.0 right after the first epoch's last step)."""
-        return round(self.epoch + self.batch_in_epoch / self.steps_per_epoch, 4)
-
     def _end_epoch(self) -> None:
         if self.eval_dataset is not None and self.config.eval_every_epoch:
             self._evaluate_and_log()
-        fire(self.callbacks, "on_epoch_end", **self.hook_context())
-        self.epoch += 1
-        self.batch_in_epoch = 0
+        self._fire("on_epoch_end")
+        self.progress.next_epoch()
 
     def _evaluate_and_log(self) -> dict[str, float]:
         metrics = self.evaluate(self.eval_dataset)
-        self.log.write({"step": self.global_step, "epoch": self._epoch_progress(),
+        self.log.write({"step": self.global_step, "epoch": self.progress.epoch_fraction,
                         **{f"eval_{name}": value for name, value in metrics.items()}})
-        self._last_eval_step, self._last_eval_metrics = self.global_step, metrics
-        fire(self.callbacks, "on_evaluate", metrics=metrics, **self.hook_context())
+        self.progress.evaluated(metrics)
+        self._fire("on_evaluate", metrics=metrics)
         return metrics
 
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
@@ -309,17 +363,17 @@ class Trainer:
         """Write a checkpoint of the current step into output_dir/checkpoints (rank 0; every rank must call)."""
         if self.config.output_dir is None:
             return None
-        self.last_checkpoint = resume_state.save(self)
-        self._last_saved_step = self.global_step
-        return self.last_checkpoint
+        folder = resume_state.save(self.state_dict, self.config, self.world, len(self.train_dataset))
+        self.progress.saved(folder)
+        return folder
 
     def _final_evaluation(self) -> dict[str, float]:
         """This step's evaluation: the one already run, or a new one (logged unless a resumed run logged it)."""
-        if self._last_eval_step != self.global_step:
+        if self.progress.last_eval_step != self.global_step:
             return self._evaluate_and_log()
-        if self._last_eval_metrics is None:  # resumed at the very step that was evaluated: already in the log
-            self._last_eval_metrics = self.evaluate(self.eval_dataset)
-        return self._last_eval_metrics
+        if self.progress.last_eval_metrics is None:  # resumed at the very step that was evaluated: in the log
+            self.progress.last_eval_metrics = self.evaluate(self.eval_dataset)
+        return self.progress.last_eval_metrics
 
     def _finish(self) -> TrainResult:
         metrics: dict[str, float] = {}
@@ -328,8 +382,8 @@ class Trainer:
             metrics.update({"train_loss": losses[-1]} if losses else {})
         if self.eval_dataset is not None:
             metrics.update({f"eval_{name}": value for name, value in self._final_evaluation().items()})
-        if self.config.output_dir is not None and self._last_saved_step != self.global_step:
+        if self.config.output_dir is not None and self.progress.last_saved_step != self.global_step:
             self.save_checkpoint()
-        fire(self.callbacks, "on_train_end", **self.hook_context())
+        self._fire("on_train_end")
         return TrainResult(self.global_step, self.epoch, metrics, list(self.log.history), self.last_checkpoint,
                            stopped_early=self.global_step < self.total_steps)

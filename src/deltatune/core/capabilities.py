@@ -1,0 +1,146 @@
+"""Optional capabilities of deltas and configs, declared in one place as runtime-checkable protocols.
+
+Core, merging and the allocators find an optional feature with ``isinstance(obj, Capability)``, never by a
+string ``hasattr``: a method opts in by defining the members below with these signatures, and
+tests/core/test_capabilities.py checks, for every registered method, that a delta (or config) that has one
+member of a capability has all of them, with the declared signatures (no half-declared capability).
+
+The rank-allocation capabilities (rank components, pruning, growth, new slots, ...) stay beside the allocators
+that use them, in `deltatune.allocate.protocols`; the same test walks them too.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+
+# --- the forward path ----------------------------------------------------------------------------------------
+@runtime_checkable
+class FusesWithBase(Protocol):
+    """An additive delta that can compute the base output and its own term together (one fused autograd
+    node, `functional.lowrank.lowrank_linear`); `core.host.AdaptedLayer` uses it for the first additive delta
+    when no weight-space delta runs before it."""
+
+    def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
+        """base_layer(x) + forward(x), or None when this call cannot be fused (the host then runs both)."""
+        ...
+
+
+# --- the delta algebra ---------------------------------------------------------------------------------------
+@runtime_checkable
+class AssignsDeltaWeight(Protocol):
+    """A delta whose tensors can be set from a given ΔW (best approximation within its structure); the
+    target of `deltatune.combine_adapters`."""
+
+    def assign_delta_weight(self, delta_weight: Tensor) -> None: ...
+
+
+@runtime_checkable
+class AssignsDeltaBias(Protocol):
+    """A delta whose bias term (`Delta.delta_bias`) can be set from a given Δb in the base bias's shape."""
+
+    def assign_delta_bias(self, delta_bias: Tensor) -> None: ...
+
+
+@runtime_checkable
+class HasRank(Protocol):
+    """A rank-structured delta: `rank` is its live rank now (LoRA: the configured r; the AdaLoRA family: the
+    components that count, after the allocator's last step), which sizes a combined LoRA adapter. It bounds
+    rank(ΔW) up to the terms a method holds outside its live set (IncreLoRA's 1e-5 reserves while it grows)."""
+
+    @property
+    def rank(self) -> int: ...
+
+
+# --- training ------------------------------------------------------------------------------------------------
+@runtime_checkable
+class HasRegularizationShare(Protocol):
+    """A delta whose `regularization()` is multiplied by `regularization_share`, which an allocator sets to
+    1 / (number of regularized tensors) for the official codes' averaged form (`allocate.support`)."""
+
+    regularization_share: float
+
+
+# --- peft conversion (core.peft_format) ----------------------------------------------------------------------
+@runtime_checkable
+class PeftConvertibleConfig(Protocol):
+    """A method config with a peft equivalent. Checked on the config class (import) or an instance (export)."""
+
+    peft_type: ClassVar[str]
+
+    def to_peft_config(self, target_paths: list[str], extra_paths: list[str]) -> dict[str, Any]:
+        """peft's adapter_config.json for an adapter on `target_paths` with extra trainable `extra_paths`."""
+        ...
+
+    @classmethod
+    def from_peft_config(cls, peft: dict[str, Any], tensor_keys: Iterable[str]) -> Any:
+        """The config of a peft folder (every peft field honoured or refused by name)."""
+        ...
+
+
+@runtime_checkable
+class HasPeftTensorNames(Protocol):
+    """A delta whose tensors have peft names: its tensor name -> peft's key suffix."""
+
+    def peft_tensor_names(self) -> dict[str, str]: ...
+
+
+# --- config fields shared by several methods (validated and read once, in allocate.support / allocate.slots) ----
+@runtime_checkable
+class HasDropout(Protocol):
+    """A config with dropout on the delta's input."""
+
+    dropout: float
+
+
+@runtime_checkable
+class HasSmoothingFactors(Protocol):
+    """A config with the EMA factors of importance scores (AdaLoRA's β1 for sensitivity, β2 for uncertainty)."""
+
+    beta1: float
+    beta2: float
+
+
+@runtime_checkable
+class HasOrthogonalRegularizer(Protocol):
+    """A config with an orthogonality regularizer: its weight γ and its form ("paper" or "code")."""
+
+    orthogonal_weight: float
+    orthogonal_form: str
+
+
+DELTA_CAPABILITIES = (FusesWithBase, AssignsDeltaWeight, AssignsDeltaBias, HasRank, HasRegularizationShare,
+                      HasPeftTensorNames)
+CONFIG_CAPABILITIES = (PeftConvertibleConfig, HasDropout, HasSmoothingFactors, HasOrthogonalRegularizer)
+
+_PROTOCOL_MACHINERY = frozenset({"__init__", "__subclasshook__", "__abstractmethods__", "__class_getitem__",
+                                 "__init_subclass__", "__parameters__", "__protocol_attrs__",
+                                 "__non_callable_proto_members__"})
+
+
+def protocol_members(protocol: type) -> dict[str, Any]:
+    """A protocol's declared members: name -> the function, property or annotation that declares it."""
+    members: dict[str, Any] = dict(getattr(protocol, "__annotations__", {}))
+    for name, value in vars(protocol).items():
+        if name.startswith("_abc") or name.startswith("_is_") or name in _PROTOCOL_MACHINERY:
+            continue
+        if name.startswith("__") and name.endswith("__"):
+            continue
+        if callable(value) or isinstance(value, (property, classmethod, staticmethod)):
+            members[name] = value
+    return members
+
+
+def declared_signature(protocol: type, name: str) -> inspect.Signature | None:
+    """The signature a protocol declares for method `name`, without `self`/`cls` (None for data members)."""
+    member = vars(protocol).get(name)
+    if isinstance(member, classmethod):
+        member = member.__func__
+    if not inspect.isfunction(member):
+        return None
+    signature = inspect.signature(member)
+    parameters = list(signature.parameters.values())
+    return signature.replace(parameters=parameters[1:])
