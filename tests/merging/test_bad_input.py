@@ -12,7 +12,7 @@ import yaml
 from deltatune.cli import main
 from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError, MergeError
 from deltatune.merging import config_from_dict, load_config, run_merge
-from deltatune.merging.checkpoint import ShardWriter
+from deltatune.merging.io.checkpoint import ShardWriter
 from merging.tiny_checkpoints import make_models, save_checkpoint, tiny_state
 
 

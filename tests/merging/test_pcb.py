@@ -6,7 +6,7 @@ import torch
 
 from deltatune.merging import merge_state_dicts
 from deltatune.merging.methods.pcb import PCBModelParams, PCBParams, pcb_merge
-from deltatune.merging.search import apply_coefficients, pcb_component_state_dict, search_coefficients
+from deltatune.merging.search.coefficients import apply_coefficients, pcb_component_state_dict, search_coefficients
 
 
 def _normalize(x):

@@ -10,10 +10,10 @@
 - `darex_q`, `importance`, `search`: DAREx's q selection, importance-based delta pruning, coefficient search.
 """
 from deltatune.merging.adapters import combine_adapters
-from deltatune.merging.config import MergeConfig, config_from_dict, load_config
+from deltatune.merging.config.parse import MergeConfig, config_from_dict, load_config
 from deltatune.merging.memory import merge_state_dicts
 from deltatune.merging.registry import MergeInputs, list_merge_methods, merge_method, register_merge
-from deltatune.merging.stream import plan_merge, run_merge
+from deltatune.merging.io.stream import plan_merge, run_merge
 
 __all__ = ["MergeConfig", "combine_adapters", "MergeInputs", "config_from_dict", "list_merge_methods", "load_config",
            "merge_method", "merge_state_dicts", "plan_merge", "register_merge", "run_merge"]

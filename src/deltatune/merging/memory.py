@@ -12,7 +12,7 @@ from torch import Tensor
 
 from deltatune.errors import MergeError
 from deltatune.merging.registry import MergeInputs, merge_method
-from deltatune.merging.statistics import order_statistics
+from deltatune.merging.algebra.statistics import order_statistics
 
 
 def _generator(seed: int, name: str) -> Any:

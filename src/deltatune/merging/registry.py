@@ -8,7 +8,7 @@ registers it::
                     mergekit_defaults={"density": 1.0, ...})
     def _merge(inputs: MergeInputs) -> Tensor: ...
 
-The streaming layer (`deltatune.merging.stream`) calls that function once per output tensor. `mergekit_defaults`
+The streaming layer (`deltatune.merging.io.stream`) calls that function once per output tensor. `mergekit_defaults`
 are the defaults mergekit 0.1.5 uses for the same method name; they apply when a mergekit-style YAML is read
 (the default `semantics: mergekit`), so a config ported from mergekit gives mergekit's result.
 """

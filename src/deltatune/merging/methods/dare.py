@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.family import (
+from deltatune.merging.algebra.family import (
     TaskModelParams,
     boolean_rescale,
     check_consensus_normalize,
@@ -27,7 +27,7 @@ from deltatune.merging.family import (
     random_sparsifier,
 )
 from deltatune.merging.registry import MergeInputs, register_merge
-from deltatune.merging.weights import require_nonzero_sum
+from deltatune.merging.algebra.weights import require_nonzero_sum
 
 DARE_RESCALES = ("inverse_density", "l1", "none")
 

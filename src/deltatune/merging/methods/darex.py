@@ -3,9 +3,9 @@ ICLR 2025; official code vengdeng/DAREx): DARE with the rescaling factor 1/q ins
 
 At high drop rates 1/(1 − p) inflates the variance of the pruned model's outputs; dividing by a q with
 1 − p ≤ q ≤ 1 trades a small bias for much less variance (§4). q is chosen per model (global q) or per tensor
-(per-layer q, e.g. from `deltatune.merging.darex_q.analytical_layer_q`), through YAML filters or a q map.
+(per-layer q, e.g. from `deltatune.merging.search.darex_q.analytical_layer_q`), through YAML filters or a q map.
 How to choose q — a grid search on a validation metric, or on the output change on unlabelled inputs — is in
-`deltatune.merging.darex_q`. With one model this is delta-parameter pruning (`deltatune prune --method darex`);
+`deltatune.merging.search.darex_q`. With one model this is delta-parameter pruning (`deltatune prune --method darex`);
 with several, a DARE-style task-arithmetic merge of the pruned deltas.
 
 Defaults: keep rate 0.01 (p = 0.99, the DAREx repo's default `--p 0.01`), q unset = 1 − p (plain DARE) —
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.family import merge_task_vectors, random_sparsifier
+from deltatune.merging.algebra.family import merge_task_vectors, random_sparsifier
 from deltatune.merging.registry import MergeInputs, register_merge
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from deltatune.errors import config_check
 from deltatune.merging.registry import MergeInputs, register_merge
-from deltatune.merging.weights import require_nonzero_sum, require_unit_sum
+from deltatune.merging.algebra.weights import require_nonzero_sum, require_unit_sum
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ For task vectors T (one row per model), following the official `pcb-merging.py`:
 flattens all parameters (the streaming layer does this exactly in extra passes); "tensor" (default here, and
 what a streaming per-tensor merge can do in one pass) uses each tensor's own statistics — a documented
 deviation. Rows whose values are all equal get Norm = 0 (the official code divides by zero there).
-The λ_i search (the paper's evolutionary strategy) is `deltatune.merging.search.search_coefficients`, with
-`pcb_components` making each evaluation a cheap weighted sum.
+The λ_i search (the paper's evolutionary strategy) is
+`deltatune.merging.search.coefficients.search_coefficients`, with `pcb_components` making each evaluation a
+cheap weighted sum.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging import ops
+from deltatune.merging.algebra import ops
 from deltatune.merging.registry import MergeInputs, ModelStatistic, register_merge
 
 INTER_VARIANTS = ("sum", "pairwise")

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.family import TaskModelParams, merge_task_vectors
+from deltatune.merging.algebra.family import TaskModelParams, merge_task_vectors
 from deltatune.merging.registry import MergeInputs, register_merge
-from deltatune.merging.weights import require_nonzero_sum
+from deltatune.merging.algebra.weights import require_nonzero_sum
 
 
 @dataclass(frozen=True)

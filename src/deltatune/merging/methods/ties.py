@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging import ops
-from deltatune.merging.family import (
+from deltatune.merging.algebra import ops
+from deltatune.merging.algebra.family import (
     TaskModelParams,
     boolean_rescale,
     check_consensus_normalize,

@@ -162,7 +162,7 @@ def collect_input_statistics(model: nn.Module, batches: Iterable, forward: Calla
     """Mean input x̄_j and input L2 norm ‖x_j‖₂ of every nn.Linear, over all tokens of `batches`.
 
     Returns ({weight name: x̄}, {weight name: ‖x‖₂}); x̄ feeds `analytical_q_map`, ‖x‖₂ the WANDA-style
-    importance score of `deltatune.merging.importance`. `forward(model, batch)` defaults to `model(**batch)` for
+    importance score of `deltatune.merging.algebra.importance`. `forward(model, batch)` defaults to `model(**batch)` for
     dicts, `model(batch)` otherwise.
     """
     sums, squares, counts, handles = {}, {}, {}, []

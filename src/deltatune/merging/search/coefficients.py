@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.darex_q import SearchResult
+from deltatune.merging.search.darex_q import SearchResult
 
 
 def search_coefficients(objective: Callable[[list[float]], float], count: int, *, initial: float = 1.0,

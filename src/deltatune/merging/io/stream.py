@@ -30,7 +30,7 @@ from torch import Tensor
 
 from deltatune.core.atomic import atomic_directory
 from deltatune.errors import DeltatuneError, MergeError
-from deltatune.merging.checkpoint import (
+from deltatune.merging.io.checkpoint import (
     Checkpoint,
     OutputTensor,
     ShardWriter,
@@ -38,10 +38,10 @@ from deltatune.merging.checkpoint import (
     shard_file_names,
     write_index,
 )
-from deltatune.merging.config import MergeConfig, ParameterResolver
+from deltatune.merging.config.parse import MergeConfig, ParameterResolver
 from deltatune.merging.registry import MergeInputs, MergeMethodSpec
-from deltatune.merging.statistics import order_statistics
-from deltatune.merging.validate import check_compatible, check_output_location, layer_count
+from deltatune.merging.algebra.statistics import order_statistics
+from deltatune.merging.io.validate import check_compatible, check_output_location, layer_count
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

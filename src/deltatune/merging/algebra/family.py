@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging import ops
+from deltatune.merging.algebra import ops
 
 SparsifyFn = Callable[[Tensor, int], Tensor]
 CONSENSUS_METHODS = ("sum", "count")
