@@ -160,6 +160,7 @@ def test_a_failed_overwrite_keeps_the_previous_output(models, tmp_path, monkeypa
     ({"merge_method": "ties", "models": ["a"], "dtype": "float8"}, "dtype='float8'"),
     ({"merge_method": "ties", "models": ["a"], "semantics": "faithful"}, "semantics='faithful'"),
     ({"models": ["a"]}, "merge_method is missing"),
+    ({"merge_method": "ties", "models": ["a"], "parameters": {"scaling": 1, "lambda": 2}}, "'lambda' and 'scaling'"),
 ])
 def test_config_errors_are_one_line(raw, match):
     _expect(ConfigError, match, config_from_dict, raw)

@@ -11,7 +11,7 @@ import yaml
 
 from deltatune.merging import config_from_dict, load_config, merge_state_dicts, run_merge
 from deltatune.merging.io.checkpoint import Checkpoint
-from deltatune.merging.config.parse import layer_position
+from deltatune.merging.config.resolve import layer_position
 from deltatune.merging.algebra.family import TaskModelParams
 from deltatune.merging.methods.dare import DareModelParams, DareTiesParams
 from deltatune.merging.methods.task_arithmetic import TaskArithmeticParams

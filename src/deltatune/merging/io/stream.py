@@ -38,7 +38,8 @@ from deltatune.merging.io.checkpoint import (
     shard_file_names,
     write_index,
 )
-from deltatune.merging.config.parse import MergeConfig, ParameterResolver
+from deltatune.merging.config.parse import MergeConfig
+from deltatune.merging.config.resolve import ParameterResolver
 from deltatune.merging.registry import MergeInputs, MergeMethodSpec
 from deltatune.merging.algebra.statistics import order_statistics
 from deltatune.merging.io.validate import check_compatible, check_output_location, layer_count
