@@ -23,6 +23,7 @@ from torch import Tensor
 
 from deltatune.errors import config_check
 from deltatune.merging.algebra import ops
+from deltatune.merging.params import check_field_types
 
 SparsifyFn = Callable[[Tensor, int], Tensor]
 CONSENSUS_METHODS = ("sum", "count")
@@ -42,6 +43,7 @@ class TaskModelParams:
     density: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(isinstance(self.weight, (int, float)) and self.weight == self.weight, "weight",
                      self.weight, "a finite number")
         config_check(0.0 <= self.density <= 1.0, "density", self.density, "a fraction in [0, 1]",

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from deltatune.errors import config_check
 from deltatune.merging.algebra.family import merge_task_vectors, random_sparsifier
+from deltatune.merging.params import check_field_types
 from deltatune.merging.registry import MergeInputs, register_merge
 
 
@@ -34,6 +35,7 @@ class DarexModelParams:
     q: float | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(self.weight == self.weight, "weight", self.weight, "a finite number")
         config_check(0.0 < self.density <= 1.0, "density", self.density, "a fraction in (0, 1]",
                      "density = 1 - drop rate")
@@ -51,6 +53,9 @@ class DarexParams:
 
     scaling: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
 
 def darex_merge(base: Tensor, tensors: list[Tensor], models: list[DarexModelParams], generator,
                 scaling: float = 1.0, inplace: bool = False) -> Tensor:
@@ -60,7 +65,8 @@ def darex_merge(base: Tensor, tensors: list[Tensor], models: list[DarexModelPara
                               inplace=inplace)
 
 
-@register_merge("darex", DarexParams, DarexModelParams, base="required",
+@register_merge("darex", DarexParams, DarexModelParams, base="required", stochastic=True,
+                self_merge={"density": 1.0},
                 description="DARE with rescale 1/q, q searched per model or per layer  (Deng et al. 2025)")
 def merge(inputs: MergeInputs) -> Tensor:
     return darex_merge(inputs.base, inputs.tensors, list(inputs.model_params), inputs.generator,

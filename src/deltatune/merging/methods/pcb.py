@@ -31,6 +31,7 @@ from torch import Tensor
 
 from deltatune.errors import config_check
 from deltatune.merging.algebra import ops
+from deltatune.merging.params import check_field_types
 from deltatune.merging.registry import MergeInputs, ModelStatistic, register_merge
 
 INTER_VARIANTS = ("sum", "pairwise")
@@ -45,6 +46,7 @@ class PCBModelParams:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(self.weight == self.weight, "weight", self.weight, "a finite number")
 
 
@@ -61,6 +63,7 @@ class PCBParams:
     scope: str = "tensor"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(0.0 < self.density <= 1.0, "density", self.density, "a fraction in (0, 1]",
                      "density is PCB's ratio r of kept entries")
         config_check(0.0 <= self.clamp_fraction < 0.5, "clamp_fraction", self.clamp_fraction, "0 <= ε < 0.5")
@@ -165,6 +168,7 @@ def check(params: PCBParams, models: list[PCBModelParams]) -> None:
     config_check(len(models) >= 1, "models", len(models), "at least one fine-tuned model")
 
 
+# no self_merge: even at density 1 the lowest score of each row maps to 0 (step 4) and step 1 clamps outliers
 @register_merge("pcb", PCBParams, PCBModelParams, base="required", statistics=model_statistics, check=check,
                 description="intra/inter parameter-competition balancing, drop, rescale  (Du et al. 2024)")
 def merge(inputs: MergeInputs) -> Tensor:

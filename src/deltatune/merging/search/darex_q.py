@@ -20,22 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from deltatune.errors import config_check
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Best value found, its score, and every (value, score) evaluated, in order."""
-
-    best: float
-    score: float
-    history: list[tuple[float, float]] = field(default_factory=list)
+from deltatune.merging.search.result import SearchResult
 
 
 def _grid(start: float, stop: float, step: float) -> list[float]:
