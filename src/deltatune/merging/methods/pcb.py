@@ -123,7 +123,9 @@ def pcb_components(deltas: Tensor, params: PCBParams = PCBParams(), statistics: 
     statistics = statistics or {}
     clamped, scores = balancing_scores(flat, params, _bounds(statistics.get(MAGNITUDE_BOUNDS), flat))
     scale = drop_and_rescale(scores, params.density, _bounds(statistics.get(SCORE_BOUNDS), flat))
-    components = scale * clamped / scale.sum(dim=0, keepdim=True).clamp(min=1e-12)
+    # the floor keeps 0 / 0 out where every β̂ is 0; 1e-12 itself is 0 in float16, so use the dtype's smallest
+    floor = max(1e-12, torch.finfo(scale.dtype).tiny)
+    components = scale * clamped / scale.sum(dim=0, keepdim=True).clamp(min=floor)
     return components.reshape(shape)
 
 
