@@ -202,13 +202,13 @@ def mask_and_rescale(delta: Tensor, mask: Tensor, rescale: str, density: float,
     """Zero the entries outside `mask` (in place: `delta` must be a tensor the caller owns), then rescale."""
     if rescale not in RESCALE_RULES:
         raise ValueError(f"rescale={rescale!r}: expected one of {RESCALE_RULES}")
-    original_l1 = delta.abs().sum() if rescale == "l1" else None
+    original_l1 = ops.l1_norm(delta) if rescale == "l1" else None
     masked = delta.mul_(mask)
     if rescale == "l1":
-        kept_l1 = masked.abs().sum()
+        kept_l1 = ops.l1_norm(masked)
         if original_l1 < 1e-7 or kept_l1 < 1e-7:  # mergekit's guard: leave near-empty tensors alone
             return masked
-        return masked.mul_(original_l1 / kept_l1)
+        return masked.mul_((original_l1 / kept_l1).to(masked.dtype))
     if rescale == "inverse_density" and density > 0:
         return masked.div_(density)
     if rescale == "divisor":
