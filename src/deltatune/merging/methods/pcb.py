@@ -113,20 +113,27 @@ def drop_and_rescale(scores: Tensor, density: float, score_bounds=None) -> Tenso
     return ops.rowwise_min_max(clamped, low, high)
 
 
+def _widened(deltas: Tensor) -> Tensor:
+    """Half types are scored in float32: β̂ drops every entry at or below an order statistic of β, and an entry
+    that only one model keeps gets that model's whole delta however small its β̂ (U_i = β̂_i T_i / β̂_i), so
+    bfloat16's rounding of exp and tanh would flip whole deltas at the threshold."""
+    return deltas.float() if deltas.dtype in (torch.float16, torch.bfloat16) else deltas
+
+
 def pcb_components(deltas: Tensor, params: PCBParams = PCBParams(), statistics: Mapping | None = None) -> Tensor:
     """U_i = β̂_i ⊙ T_i / Σ_j β̂_j for a [n, ...] stack of task vectors, so that τ_m = Σ_i λ_i U_i (step 5).
 
     Precompute once, then any λ vector costs one weighted sum: this is what makes the coefficient search cheap.
     """
     shape = deltas.shape
-    flat = deltas.reshape(shape[0], -1)
+    flat = _widened(deltas.reshape(shape[0], -1))
     statistics = statistics or {}
     clamped, scores = balancing_scores(flat, params, _bounds(statistics.get(MAGNITUDE_BOUNDS), flat))
     scale = drop_and_rescale(scores, params.density, _bounds(statistics.get(SCORE_BOUNDS), flat))
     # the floor keeps 0 / 0 out where every β̂ is 0; 1e-12 itself is 0 in float16, so use the dtype's smallest
     floor = max(1e-12, torch.finfo(scale.dtype).tiny)
     components = scale * clamped / scale.sum(dim=0, keepdim=True).clamp(min=floor)
-    return components.reshape(shape)
+    return components.reshape(shape).to(deltas.dtype)
 
 
 def pcb_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], params: PCBParams = PCBParams(),
@@ -157,7 +164,7 @@ def model_statistics(params: PCBParams, models: Sequence[PCBModelParams]) -> lis
         return [total - min(int(total * (1 - keep)), total - 1), 1]
 
     def scores(inputs: MergeInputs, stats: Mapping) -> list[Tensor]:
-        deltas = _stacked_deltas(inputs)
+        deltas = _widened(_stacked_deltas(inputs))
         _, beta = balancing_scores(deltas, params, _bounds(stats[MAGNITUDE_BOUNDS], deltas))
         return list(beta)
 
