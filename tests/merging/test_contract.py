@@ -127,10 +127,11 @@ def test_shape_and_dtype_hold_and_finite_inputs_give_finite_outputs(name, dtype)
     check()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_streaming_equals_the_in_memory_merge(name, tmp_path):
+def test_streaming_equals_the_in_memory_merge(name, dtype, tmp_path):
     spec = BY_NAME[name]
-    base_dir, dirs, base, tuned = make_models(tmp_path, count=_count(spec, 2))
+    base_dir, dirs, base, tuned = make_models(tmp_path, count=_count(spec, 2), dtype=dtype)
     raw = {"merge_method": name, "base_model": str(base_dir), "semantics": "paper", "seed": 3,
            "models": [{"model": str(folder)} for folder in dirs]}
     run_merge(config_from_dict(raw, None, yaml.safe_dump(raw)), tmp_path / "out", shard_bytes=400, progress=False)
