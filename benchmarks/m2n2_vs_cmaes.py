@@ -9,7 +9,7 @@ The official M2N2 from-scratch experiment (SakanaAI/natural_niches: `main.py`, `
   eigendecomposes a D x D covariance (19,210^2 doubles = 2.9 GB, twice) — out of reach here;
 - fitness = training accuracy; reported = test accuracy of the member with the best training accuracy (M2N2:
   archive member with the best raw training accuracy; CMA-ES: `result.xbest`), as the official code does;
-- M2N2: deltatune.merging.m2n2 with the official defaults (population 20, alpha 1, attraction, split point,
+- M2N2: deltatune.merging.search.m2n2 with the official defaults (population 20, alpha 1, attraction, split point,
   mutation N(0, 0.01^2)), two N(0, 0.01^2) seed models; the seeds' two evaluations count towards the budget;
 - CMA-ES: pycma, x0 ~ N(0, 0.01^2), sigma0 = 0.01, popsize 20 (official); `sep_cma_es` is the diagonal
   variant (`CMA_diagonal=True`), an extra baseline that scales to the paper's size;
@@ -40,7 +40,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 from deltatune.core.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from deltatune.merging.m2n2 import Archive, M2N2Config, evolve  # noqa: E402
+from deltatune.merging.search.m2n2 import Archive, M2N2Config, evolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

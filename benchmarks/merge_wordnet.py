@@ -49,7 +49,7 @@ from deltatune.core.atomic import atomic_write_text  # noqa: E402
 from deltatune.data import load_task  # noqa: E402
 from deltatune.data.models import load_minilm_backbone, masked_mean  # noqa: E402
 from deltatune.merging import merge_state_dicts  # noqa: E402
-from deltatune.merging.darex_q import output_change, search_rescale_q, seed_averaged  # noqa: E402
+from deltatune.merging.search.darex_q import output_change, search_rescale_q, seed_averaged  # noqa: E402
 from deltatune.merging.methods.dare import DareModelParams, DareTiesParams  # noqa: E402
 from deltatune.merging.methods.darex import DarexModelParams, DarexParams  # noqa: E402
 from deltatune.merging.methods.pcb import PCBModelParams, PCBParams  # noqa: E402

@@ -2,8 +2,8 @@
 
 Behaviour (a real binary attribute, offline): "the sentence is a verb definition" — WordNet 3.0 glosses from
 the built-in `wordnet-pos` task, verb (1) vs noun (0) definitions. Steps, as in the paper:
-1. probe: logistic regression (deltatune.merging.surgery.train_probe, l2 = 1e-2) on the frozen model's last-layer
-   hidden states mean-pooled over non-padding tokens, 2,000 training glosses (1,000 verbs, 1,000 nouns);
+1. probe: logistic regression (deltatune.merging.editing.surgery.train_probe, l2 = 1e-2) on the frozen model's
+   last-layer hidden states mean-pooled over non-padding tokens, 2,000 training glosses (1,000 verbs, 1,000 nouns);
 2. selection: the 4.65% (paper's 16,384 / (32 x 11,008)) of all `intermediate.dense` rows (6 x 1,536, each a
    vector in hidden space; BERT has no gate_proj) with the most negative cosine to the probe weight;
 3. edit: row += alpha * direction.
@@ -38,8 +38,8 @@ from sklearn.linear_model import LogisticRegression
 
 from deltatune.core.atomic import atomic_write_text
 from deltatune.data import load_minilm, load_task
-from deltatune.merging import surgery
-from deltatune.merging.surgery import RowSelection, SurgeryConfig
+from deltatune.merging.editing import surgery
+from deltatune.merging.editing.surgery import RowSelection, SurgeryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NOUN, VERB = 0, 1  # wordnet-pos label indices

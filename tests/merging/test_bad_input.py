@@ -12,7 +12,7 @@ import yaml
 from deltatune.cli import main
 from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError, MergeError
 from deltatune.merging import config_from_dict, load_config, run_merge
-from deltatune.merging.checkpoint import ShardWriter
+from deltatune.merging.io.checkpoint import ShardWriter
 from merging.tiny_checkpoints import make_models, save_checkpoint, tiny_state
 
 
@@ -160,6 +160,7 @@ def test_a_failed_overwrite_keeps_the_previous_output(models, tmp_path, monkeypa
     ({"merge_method": "ties", "models": ["a"], "dtype": "float8"}, "dtype='float8'"),
     ({"merge_method": "ties", "models": ["a"], "semantics": "faithful"}, "semantics='faithful'"),
     ({"models": ["a"]}, "merge_method is missing"),
+    ({"merge_method": "ties", "models": ["a"], "parameters": {"scaling": 1, "lambda": 2}}, "'lambda' and 'scaling'"),
 ])
 def test_config_errors_are_one_line(raw, match):
     _expect(ConfigError, match, config_from_dict, raw)

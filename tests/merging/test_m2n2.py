@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltatune.errors import ConfigError, MergeError
-from deltatune.merging import m2n2
-from deltatune.merging.m2n2 import M2N2Config
+from deltatune.merging.search import m2n2
+from deltatune.merging.search.m2n2 import M2N2Config
 
 # 3 members x 3 data points; z = [2, 1, 2]
 SCORES = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])

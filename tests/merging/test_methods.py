@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from deltatune.errors import ConfigError, MergeError
 from deltatune.merging import list_merge_methods, merge_state_dicts
-from deltatune.merging.family import TaskModelParams
+from deltatune.merging.algebra.family import TaskModelParams
 from deltatune.merging.methods.darex import DarexModelParams, DarexParams
 from deltatune.merging.methods.dare import DareModelParams, DareParams, DareTiesParams
 from deltatune.merging.methods.linear import LinearModelParams, LinearParams
@@ -237,3 +237,13 @@ def test_dare_linear_merge_is_unbiased_over_seeds():
     target = models[0]["w"] + models[1]["w"]
     spread = (models[0]["w"].square() + models[1]["w"].square()).sqrt() / 2000 ** 0.5  # std of the mean
     assert torch.all((mean - target).abs() <= 5 * spread + 1e-12)
+
+
+@pytest.mark.parametrize("method,params", [("magnitude_prune", MagnitudePruneParams(rescale="l1")),
+                                           ("dare_linear", DareParams(rescale="l1"))])
+def test_l1_rescale_of_a_float16_delta_beyond_the_float16_range_stays_finite(method, params):
+    # Σ|δ| = 2e5 > 65,504: summed in float16 it was ∞, and the rescale ∞ / ∞ made every kept entry NaN
+    base, tuned = {"w": torch.zeros(200_000, dtype=torch.float16)}, {"w": torch.ones(200_000, dtype=torch.float16)}
+    merged = merge_state_dicts(method, base, [tuned], params, [TaskModelParams(density=0.5)])["w"]
+    assert torch.isfinite(merged).all()
+    assert float(merged.float().sum()) == pytest.approx(200_000, rel=1e-3)  # L1 norm kept, as the rule says

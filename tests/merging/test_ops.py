@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deltatune.merging import ops
-from deltatune.merging.statistics import key_to_float, order_statistics, sortable_keys
+from deltatune.merging.algebra import ops
+from deltatune.merging.algebra.statistics import key_to_float, order_statistics, sortable_keys
 
 
 def test_task_vector_and_apply_round_trip():

@@ -6,7 +6,7 @@ import torch
 
 from deltatune.merging import merge_state_dicts
 from deltatune.merging.methods.pcb import PCBModelParams, PCBParams, pcb_merge
-from deltatune.merging.search import apply_coefficients, pcb_component_state_dict, search_coefficients
+from deltatune.merging.search.coefficients import apply_coefficients, pcb_component_state_dict, search_coefficients
 
 
 def _normalize(x):
@@ -95,3 +95,16 @@ def test_search_coefficients_finds_the_optimum_inside_the_bounds():
     assert result.best == pytest.approx(target, abs=0.05)
     single = search_coefficients(lambda x: -(x[0] - 1.0) ** 2, 1, budget=11)
     assert single.best == pytest.approx([1.0], abs=0.03) and len(single.history) == 11
+
+
+def test_bfloat16_scores_do_not_flip_whole_deltas_at_the_drop_threshold():
+    # found by the contract's bfloat16 check: scored in bfloat16, the entry at [2, 5] tied the drop threshold
+    # in one model and lost that model's whole delta (0.875 off); exact-in-bfloat16 inputs, so only scoring differs
+    base = torch.zeros(3, 6)
+    base[2, 4:] = torch.tensor([0.875, 0.1875])
+    tuned = [torch.zeros(3, 6), torch.zeros(3, 6), torch.zeros(3, 6)]
+    tuned[1][2, 5], tuned[2][2, 5] = 0.0625, 1.875
+    wide = merge_state_dicts("pcb", {"w": base}, [{"w": t} for t in tuned])["w"]
+    half = merge_state_dicts("pcb", {"w": base.bfloat16()}, [{"w": t.bfloat16()} for t in tuned])["w"]
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), wide, rtol=2**-7, atol=2**-7)

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from deltatune.merging import config_from_dict, load_config, merge_state_dicts, run_merge
-from deltatune.merging.checkpoint import Checkpoint
-from deltatune.merging.config import layer_position
-from deltatune.merging.family import TaskModelParams
+from deltatune.merging.io.checkpoint import Checkpoint
+from deltatune.merging.config.resolve import layer_position
+from deltatune.merging.algebra.family import TaskModelParams
 from deltatune.merging.methods.dare import DareModelParams, DareTiesParams
 from deltatune.merging.methods.task_arithmetic import TaskArithmeticParams
 from deltatune.merging.methods.ties import TiesModelParams, TiesParams

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError, MergeError
-from deltatune.merging import surgery
-from deltatune.merging.surgery import SurgeryConfig
+from deltatune.merging.editing import surgery
+from deltatune.merging.editing.surgery import SurgeryConfig
 
 
 def separable_data(n: int = 200, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,8 +78,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError("deltatune merge needs CONFIG.yaml and --out DIR (or --list-methods)")
     from dataclasses import replace
 
-    from deltatune.merging.config import load_config
-    from deltatune.merging.stream import run_merge
+    from deltatune.merging.config.parse import load_config
+    from deltatune.merging.io.stream import run_merge
 
     _set_threads(args.threads)
     config = load_config(args.config)
@@ -138,8 +138,8 @@ def prune_config_dict(args: argparse.Namespace) -> dict:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from deltatune.merging.config import config_from_dict
-    from deltatune.merging.stream import run_merge
+    from deltatune.merging.config.parse import config_from_dict
+    from deltatune.merging.io.stream import run_merge
 
     _set_threads(args.threads)
     raw = prune_config_dict(args)

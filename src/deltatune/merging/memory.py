@@ -3,29 +3,20 @@ runs on checkpoint files, for models that already fit in memory (searches over c
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from deltatune.errors import MergeError
-from deltatune.merging.registry import MergeInputs, merge_method
-from deltatune.merging.statistics import order_statistics
-
-
-def _generator(seed: int, name: str) -> Any:
-    def make(index: int) -> torch.Generator:
-        digest = hashlib.blake2b(f"{seed}\0{name}\0{index}".encode(), digest_size=8).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return make
+from deltatune.merging.registry import MergeInputs, merge_method, tensor_generators
+from deltatune.merging.algebra.statistics import order_statistics
 
 
 def _inputs(name: str, base: Mapping[str, Tensor] | None, models: Sequence[Mapping[str, Tensor]], params: Any,
             model_params: Sequence[Any], seed: int) -> MergeInputs:
     return MergeInputs(name, None if base is None else base[name], [m[name] for m in models], model_params,
-                       params, generator=_generator(seed, name), owned=False)
+                       params, generator=tensor_generators(seed, name), owned=False)
 
 
 def merge_state_dicts(method: str, base: Mapping[str, Tensor] | None, models: Sequence[Mapping[str, Tensor]],

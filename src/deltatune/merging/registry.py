@@ -5,10 +5,13 @@ both with paper defaults and validated in `__post_init__` — and one function `
 registers it::
 
     @register_merge("ties", TiesParams, TaskModelParams, base="required",
-                    mergekit_defaults={"density": 1.0, ...})
+                    mergekit_defaults={"density": 1.0, ...}, self_merge={"density": 1.0})
     def _merge(inputs: MergeInputs) -> Tensor: ...
 
-The streaming layer (`deltatune.merging.stream`) calls that function once per output tensor. `mergekit_defaults`
+Besides its parameters, a method declares what the shared contract test may expect of it: `stochastic` (the
+seed matters) and `self_merge` (the settings under which merging a model with itself is the identity).
+
+The streaming layer (`deltatune.merging.io.stream`) calls that function once per output tensor. `mergekit_defaults`
 are the defaults mergekit 0.1.5 uses for the same method name; they apply when a mergekit-style YAML is read
 (the default `semantics: mergekit`), so a config ported from mergekit gives mergekit's result.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +55,16 @@ class MergeInputs:
     statistics: Mapping[str, Sequence[Sequence[float]]] = field(default_factory=dict)
 
 
+def tensor_generators(seed: int, name: str) -> Callable[[int], torch.Generator]:
+    """`MergeInputs.generator` for one tensor: model i's generator is seeded by a hash of (seed, tensor name, i),
+    so random methods are reproducible and independent of shard layout and processing order, and the
+    streaming and in-memory merges draw the same masks."""
+    def generator(index: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"{seed}\0{name}\0{index}".encode(), digest_size=8).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
+
+
 @dataclass(frozen=True)
 class ModelStatistic:
     """Whole-model order statistics a method needs before merging (e.g. the TIES paper's global top-k cut).
@@ -79,6 +93,8 @@ class MergeMethodSpec:
     statistics: Callable[[Any, Sequence[Any]], Sequence[ModelStatistic]] | None = None
     check: Callable[[Any, list[Any]], None] | None = None
     mergekit_values: Mapping[str, Mapping[Any, Any]] = field(default_factory=dict)
+    stochastic: bool = False
+    self_merge: Mapping[str, Any] | None = None
 
     def field_names(self) -> tuple[set[str], set[str]]:
         """(shared parameter names, per-model parameter names)."""
@@ -93,13 +109,18 @@ def register_merge(name: str, params_cls: type, model_params_cls: type, *, base:
                    mergekit_defaults: Mapping[str, Any] | None = None, min_models: int = 1,
                    statistics: Callable[[Any, Sequence[Any]], Sequence[ModelStatistic]] | None = None,
                    check: Callable[[Any, list[Any]], None] | None = None,
-                   mergekit_values: Mapping[str, Mapping[Any, Any]] | None = None, description: str = ""):
+                   mergekit_values: Mapping[str, Mapping[Any, Any]] | None = None, description: str = "",
+                   stochastic: bool = False, self_merge: Mapping[str, Any] | None = None):
     """Function decorator registering a merge method under `name` (see the module docstring).
 
     check(params, model_params): raises MergeError for combinations no single field can reject (e.g. weights
     that must not sum to 0); run for every output tensor before any tensor data is read.
     mergekit_values: per-parameter value translations applied to a mergekit-style YAML (e.g. DARE's
     `rescale: true` means L1-norm matching in mergekit).
+    stochastic: the method draws from `MergeInputs.generator`, so the seed changes its output.
+    self_merge: parameter values (shared or per-model, by field name) under which merging copies of one
+    fine-tune, with weights summing to 1, gives that fine-tune back; None when no setting does (the method
+    always drops or rescales something). The contract test (tests/merging/test_contract.py) checks both.
     """
     if base not in BASE_POLICIES:
         raise ValueError(f"base={base!r}: expected one of {BASE_POLICIES}")
@@ -110,7 +131,8 @@ def register_merge(name: str, params_cls: type, model_params_cls: type, *, base:
         summary = description or (function.__doc__ or "").strip().splitlines()[0]
         _MERGES[name] = MergeMethodSpec(name, params_cls, model_params_cls, function, base, summary,
                                         dict(mergekit_defaults or {}), min_models, statistics, check,
-                                        dict(mergekit_values or {}))
+                                        dict(mergekit_values or {}), stochastic,
+                                        None if self_merge is None else dict(self_merge))
         return function
 
     return decorate

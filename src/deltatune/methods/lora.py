@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-import torch.nn.modules.module as _module_globals  # torch's registries of global module hooks
 from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
@@ -231,12 +230,11 @@ def _fusable(delta: LoRADelta, x: Tensor, base_layer: nn.Module) -> bool:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Hooks run by module.__call__, which the fused path does not go through."""
-    return bool(
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-        or _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks
-        or _module_globals._global_backward_hooks or _module_globals._global_backward_pre_hooks
-    )
+    """Hooks on the base layer itself, which module.__call__ would run and the fused path does not go through.
+    Process-wide hooks (`torch.nn.modules.module.register_module_forward_hook`) still see the adapted layer,
+    whose output is the same either way; torch offers no public way to ask for them, so they are not consulted."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def _dense_path(delta: LoRADelta, x: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.family import (
+from deltatune.merging.algebra.family import (
     TaskModelParams,
     boolean_rescale,
     check_consensus_normalize,
@@ -26,8 +26,8 @@ from deltatune.merging.family import (
     merge_task_vectors,
     random_sparsifier,
 )
+from deltatune.merging.params import check_field_types, require_nonzero_sum
 from deltatune.merging.registry import MergeInputs, register_merge
-from deltatune.merging.weights import require_nonzero_sum
 
 DARE_RESCALES = ("inverse_density", "l1", "none")
 
@@ -52,6 +52,7 @@ class DareParams:
 
     def __post_init__(self) -> None:
         boolean_rescale(self, true_means="inverse_density")
+        check_field_types(self)
         config_check(self.rescale in DARE_RESCALES, "rescale", self.rescale, f"one of {DARE_RESCALES}")
 
 
@@ -92,7 +93,8 @@ def check(params: DareParams, models: list[TaskModelParams]) -> None:
 MERGEKIT_VALUES = {"rescale": {True: "l1", False: "none"}}
 
 
-@register_merge("dare_linear", DareParams, DareModelParams, base="required", check=check,
+@register_merge("dare_linear", DareParams, DareModelParams, base="required", check=check, stochastic=True,
+                self_merge={"density": 1.0},
                 mergekit_defaults={"density": 1.0, "rescale": "l1"}, mergekit_values=MERGEKIT_VALUES,
                 description="drop p of each delta, rescale by 1/(1-p), task arithmetic  (Yu et al. 2024)")
 def merge_linear(inputs: MergeInputs) -> Tensor:
@@ -100,6 +102,7 @@ def merge_linear(inputs: MergeInputs) -> Tensor:
 
 
 @register_merge("dare_ties", DareTiesParams, DareModelParams, base="required", mergekit_values=MERGEKIT_VALUES,
+                stochastic=True, self_merge={"density": 1.0},
                 mergekit_defaults={"density": 1.0, "rescale": "l1", "sign_from": "weighted",
                                    "zero_sign": "positive"},
                 description="DARE sparsification + TIES sign election and disjoint merge  (Yu et al. 2024)")

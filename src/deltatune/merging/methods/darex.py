@@ -3,9 +3,9 @@ ICLR 2025; official code vengdeng/DAREx): DARE with the rescaling factor 1/q ins
 
 At high drop rates 1/(1 − p) inflates the variance of the pruned model's outputs; dividing by a q with
 1 − p ≤ q ≤ 1 trades a small bias for much less variance (§4). q is chosen per model (global q) or per tensor
-(per-layer q, e.g. from `deltatune.merging.darex_q.analytical_layer_q`), through YAML filters or a q map.
+(per-layer q, e.g. from `deltatune.merging.search.darex_q.analytical_layer_q`), through YAML filters or a q map.
 How to choose q — a grid search on a validation metric, or on the output change on unlabelled inputs — is in
-`deltatune.merging.darex_q`. With one model this is delta-parameter pruning (`deltatune prune --method darex`);
+`deltatune.merging.search.darex_q`. With one model this is delta-parameter pruning (`deltatune prune --method darex`);
 with several, a DARE-style task-arithmetic merge of the pruned deltas.
 
 Defaults: keep rate 0.01 (p = 0.99, the DAREx repo's default `--p 0.01`), q unset = 1 − p (plain DARE) —
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.family import merge_task_vectors, random_sparsifier
+from deltatune.merging.algebra.family import merge_task_vectors, random_sparsifier
+from deltatune.merging.params import check_field_types
 from deltatune.merging.registry import MergeInputs, register_merge
 
 
@@ -34,6 +35,7 @@ class DarexModelParams:
     q: float | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(self.weight == self.weight, "weight", self.weight, "a finite number")
         config_check(0.0 < self.density <= 1.0, "density", self.density, "a fraction in (0, 1]",
                      "density = 1 - drop rate")
@@ -51,6 +53,9 @@ class DarexParams:
 
     scaling: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
 
 def darex_merge(base: Tensor, tensors: list[Tensor], models: list[DarexModelParams], generator,
                 scaling: float = 1.0, inplace: bool = False) -> Tensor:
@@ -60,7 +65,8 @@ def darex_merge(base: Tensor, tensors: list[Tensor], models: list[DarexModelPara
                               inplace=inplace)
 
 
-@register_merge("darex", DarexParams, DarexModelParams, base="required",
+@register_merge("darex", DarexParams, DarexModelParams, base="required", stochastic=True,
+                self_merge={"density": 1.0},
                 description="DARE with rescale 1/q, q searched per model or per layer  (Deng et al. 2025)")
 def merge(inputs: MergeInputs) -> Tensor:
     return darex_merge(inputs.base, inputs.tensors, list(inputs.model_params), inputs.generator,

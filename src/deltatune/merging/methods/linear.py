@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
+from deltatune.merging.params import check_field_types, require_nonzero_sum, require_unit_sum
 from deltatune.merging.registry import MergeInputs, register_merge
-from deltatune.merging.weights import require_nonzero_sum, require_unit_sum
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class LinearModelParams:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(self.weight == self.weight, "weight", self.weight, "a finite number")
 
 
@@ -31,6 +32,9 @@ class LinearParams:
     """normalize: divide by Σ w_i (mergekit's default true)."""
 
     normalize: bool = True
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
 
 def linear_merge(tensors: list[Tensor], weights: list[float], normalize: bool = True) -> Tensor:
@@ -51,7 +55,7 @@ def check(params: LinearParams, models: list[LinearModelParams]) -> None:
     require_nonzero_sum(weights) if params.normalize else require_unit_sum(weights)
 
 
-@register_merge("linear", LinearParams, LinearModelParams, base="unused", check=check,
+@register_merge("linear", LinearParams, LinearModelParams, base="unused", check=check, self_merge={},
                 description="weighted average of the models (model soup)  (Wortsman et al. 2022)")
 def merge(inputs: MergeInputs) -> Tensor:
     return linear_merge(inputs.tensors, [m.weight for m in inputs.model_params], inputs.params.normalize)

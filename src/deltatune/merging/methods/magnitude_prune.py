@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.ops import TIE_BREAKS
-from deltatune.merging.family import TaskModelParams, boolean_rescale, magnitude_sparsifier, merge_task_vectors
+from deltatune.merging.algebra.family import TaskModelParams, boolean_rescale, magnitude_sparsifier, merge_task_vectors
+from deltatune.merging.algebra.ops import TIE_BREAKS
+from deltatune.merging.params import check_field_types, require_nonzero_sum
 from deltatune.merging.registry import MergeInputs, register_merge
-from deltatune.merging.weights import require_nonzero_sum
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class MagnitudePruneParams:
 
     def __post_init__(self) -> None:
         boolean_rescale(self, true_means="l1")
+        check_field_types(self)
         config_check(self.tie_break in TIE_BREAKS, "tie_break", self.tie_break, f"one of {TIE_BREAKS}")
         config_check(self.rescale in ("none", "l1"), "rescale", self.rescale, "'none' or 'l1'")
 
@@ -47,6 +48,7 @@ def check(params: MagnitudePruneParams, models: list[TaskModelParams]) -> None:
 
 
 @register_merge("magnitude_prune", MagnitudePruneParams, MagnitudeModelParams, base="required", check=check,
+                self_merge={"density": 1.0},
                 description="keep the largest-magnitude delta entries, then task arithmetic")
 def merge(inputs: MergeInputs) -> Tensor:
     models = inputs.model_params

@@ -17,8 +17,9 @@ For task vectors T (one row per model), following the official `pcb-merging.py`:
 flattens all parameters (the streaming layer does this exactly in extra passes); "tensor" (default here, and
 what a streaming per-tensor merge can do in one pass) uses each tensor's own statistics — a documented
 deviation. Rows whose values are all equal get Norm = 0 (the official code divides by zero there).
-The λ_i search (the paper's evolutionary strategy) is `deltatune.merging.search.search_coefficients`, with
-`pcb_components` making each evaluation a cheap weighted sum.
+The λ_i search (the paper's evolutionary strategy) is
+`deltatune.merging.search.coefficients.search_coefficients`, with `pcb_components` making each evaluation a
+cheap weighted sum.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging import ops
+from deltatune.merging.algebra import ops
+from deltatune.merging.params import check_field_types
 from deltatune.merging.registry import MergeInputs, ModelStatistic, register_merge
 
 INTER_VARIANTS = ("sum", "pairwise")
@@ -44,6 +46,7 @@ class PCBModelParams:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(self.weight == self.weight, "weight", self.weight, "a finite number")
 
 
@@ -60,6 +63,7 @@ class PCBParams:
     scope: str = "tensor"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(0.0 < self.density <= 1.0, "density", self.density, "a fraction in (0, 1]",
                      "density is PCB's ratio r of kept entries")
         config_check(0.0 <= self.clamp_fraction < 0.5, "clamp_fraction", self.clamp_fraction, "0 <= ε < 0.5")
@@ -109,18 +113,27 @@ def drop_and_rescale(scores: Tensor, density: float, score_bounds=None) -> Tenso
     return ops.rowwise_min_max(clamped, low, high)
 
 
+def _widened(deltas: Tensor) -> Tensor:
+    """Half types are scored in float32: β̂ drops every entry at or below an order statistic of β, and an entry
+    that only one model keeps gets that model's whole delta however small its β̂ (U_i = β̂_i T_i / β̂_i), so
+    bfloat16's rounding of exp and tanh would flip whole deltas at the threshold."""
+    return deltas.float() if deltas.dtype in (torch.float16, torch.bfloat16) else deltas
+
+
 def pcb_components(deltas: Tensor, params: PCBParams = PCBParams(), statistics: Mapping | None = None) -> Tensor:
     """U_i = β̂_i ⊙ T_i / Σ_j β̂_j for a [n, ...] stack of task vectors, so that τ_m = Σ_i λ_i U_i (step 5).
 
     Precompute once, then any λ vector costs one weighted sum: this is what makes the coefficient search cheap.
     """
     shape = deltas.shape
-    flat = deltas.reshape(shape[0], -1)
+    flat = _widened(deltas.reshape(shape[0], -1))
     statistics = statistics or {}
     clamped, scores = balancing_scores(flat, params, _bounds(statistics.get(MAGNITUDE_BOUNDS), flat))
     scale = drop_and_rescale(scores, params.density, _bounds(statistics.get(SCORE_BOUNDS), flat))
-    components = scale * clamped / scale.sum(dim=0, keepdim=True).clamp(min=1e-12)
-    return components.reshape(shape)
+    # the floor keeps 0 / 0 out where every β̂ is 0; 1e-12 itself is 0 in float16, so use the dtype's smallest
+    floor = max(1e-12, torch.finfo(scale.dtype).tiny)
+    components = scale * clamped / scale.sum(dim=0, keepdim=True).clamp(min=floor)
+    return components.reshape(shape).to(deltas.dtype)
 
 
 def pcb_merge(base: Tensor, tensors: Sequence[Tensor], weights: Sequence[float], params: PCBParams = PCBParams(),
@@ -151,7 +164,7 @@ def model_statistics(params: PCBParams, models: Sequence[PCBModelParams]) -> lis
         return [total - min(int(total * (1 - keep)), total - 1), 1]
 
     def scores(inputs: MergeInputs, stats: Mapping) -> list[Tensor]:
-        deltas = _stacked_deltas(inputs)
+        deltas = _widened(_stacked_deltas(inputs))
         _, beta = balancing_scores(deltas, params, _bounds(stats[MAGNITUDE_BOUNDS], deltas))
         return list(beta)
 
@@ -164,6 +177,7 @@ def check(params: PCBParams, models: list[PCBModelParams]) -> None:
     config_check(len(models) >= 1, "models", len(models), "at least one fine-tuned model")
 
 
+# no self_merge: even at density 1 the lowest score of each row maps to 0 (step 4) and step 1 clamps outliers
 @register_merge("pcb", PCBParams, PCBModelParams, base="required", statistics=model_statistics, check=check,
                 description="intra/inter parameter-competition balancing, drop, rescale  (Du et al. 2024)")
 def merge(inputs: MergeInputs) -> Tensor:

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.family import TaskModelParams, merge_task_vectors
+from deltatune.merging.algebra.family import TaskModelParams, merge_task_vectors
+from deltatune.merging.params import check_field_types, require_nonzero_sum
 from deltatune.merging.registry import MergeInputs, register_merge
-from deltatune.merging.weights import require_nonzero_sum
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class TaskArithmeticParams:
     int8_mask: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(self.scaling == self.scaling, "scaling", self.scaling, "a finite number (λ)")
 
 
@@ -38,6 +39,7 @@ def check(params: TaskArithmeticParams, models: list[TaskModelParams]) -> None:
 
 
 @register_merge("task_arithmetic", TaskArithmeticParams, TaskModelParams, base="required", check=check,
+                self_merge={},
                 description="θ0 + λ Σ w_i (θ_i − θ0)  (Ilharco et al. 2023)")
 def merge(inputs: MergeInputs) -> Tensor:
     return merge_task_vectors(inputs.base, inputs.tensors, [m.weight for m in inputs.model_params],

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging import ops
-from deltatune.merging.family import (
+from deltatune.merging.algebra import ops
+from deltatune.merging.algebra.family import (
     TaskModelParams,
     boolean_rescale,
     check_consensus_normalize,
@@ -27,6 +27,7 @@ from deltatune.merging.family import (
     magnitude_sparsifier,
     merge_task_vectors,
 )
+from deltatune.merging.params import check_field_types
 from deltatune.merging.registry import MergeInputs, ModelStatistic, register_merge
 
 SCOPES = ("tensor", "model")
@@ -63,6 +64,7 @@ class TiesParams:
 
     def __post_init__(self) -> None:
         boolean_rescale(self, true_means="l1")
+        check_field_types(self)
         config_check(self.tie_break in ops.TIE_BREAKS, "tie_break", self.tie_break, f"one of {ops.TIE_BREAKS}")
         check_consensus_options(self.sign_election, self.sign_from, self.zero_sign)
         check_consensus_normalize(self.normalize)
@@ -106,7 +108,8 @@ MERGEKIT = {"density": 1.0, "sign_from": "weighted", "zero_sign": "positive", "t
 
 
 @register_merge("ties", TiesParams, TiesModelParams, base="required", mergekit_defaults=MERGEKIT,
-                statistics=trim_statistics, mergekit_values={"rescale": {True: "l1", False: "none"}},
+                statistics=trim_statistics, self_merge={"density": 1.0},
+                mergekit_values={"rescale": {True: "l1", False: "none"}},
                 description="trim top-k by magnitude, elect sign, disjoint mean  (Yadav et al. 2023)")
 def merge(inputs: MergeInputs) -> Tensor:
     models = inputs.model_params

@@ -4,7 +4,7 @@ Instead of dropping delta entries at random (DARE), keep the most important ones
 
 - magnitude (MP): score |Δw_ij|;
 - WANDA-style: score |Δw_ij| · ‖x_j‖₂, with ‖x_j‖₂ the L2 norm of input feature j over calibration tokens
-  (`deltatune.merging.darex_q.collect_input_statistics` returns it).
+  (`deltatune.merging.search.darex_q.collect_input_statistics` returns it).
 
 The paper finds these beat random DPP when deltas are large (big learning rates, continued pre-training) and
 lose to DARE/DAREx-q when deltas are small. Entries compete within each output row for WANDA (as in WANDA,
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging import ops
+from deltatune.merging.algebra import ops
 
 GROUPS = ("row", "tensor")
 

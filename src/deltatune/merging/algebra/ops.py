@@ -24,7 +24,7 @@ from torch import Tensor
 __all__ = [
     "task_vector", "apply_task_vector", "keep_count", "kth_largest", "magnitude_keep_mask", "random_keep_mask",
     "rescale_l1", "elect_sign", "agreement_mask", "weighted_sum", "disjoint_mean", "dare", "magnitude_prune",
-    "rowwise_min_max", "quantile_clamp",
+    "rowwise_min_max", "quantile_clamp", "l1_norm",
 ]
 
 
@@ -154,16 +154,23 @@ def random_keep_mask(shape: torch.Size | Sequence[int], density: float, generato
     return mask
 
 
+def l1_norm(values: Tensor) -> Tensor:
+    """Σ |x| as a 0-dim tensor, summed in float32 for half types: a float16 sum overflows to ∞ above 65,504
+    (a 7B model's MLP delta gets there), and ∞ / ∞ in an L1 rescale is NaN."""
+    wide = torch.float32 if values.dtype in (torch.float16, torch.bfloat16) else values.dtype
+    return values.abs().sum(dtype=wide)
+
+
 def rescale_l1(masked: Tensor, original: Tensor, eps: float = 1e-7) -> Tensor:
     """Scale `masked` so its L1 norm equals `original`'s (mergekit's `rescale: true`; not the DARE paper's 1/(1−p)).
 
     Left unscaled when either norm is below `eps`, as mergekit does.
     """
-    before = original.abs().sum()
-    after = masked.abs().sum()
+    before = l1_norm(original)
+    after = l1_norm(masked)
     if before < eps or after < eps:
         return masked
-    return masked * (before / after)
+    return masked * (before / after).to(masked.dtype)
 
 
 def elect_sign(deltas: Sequence[Tensor], method: str = "sum", zero: str = "positive") -> Tensor:

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from deltatune.errors import MergeError
-from deltatune.merging.checkpoint import Checkpoint
+from deltatune.merging.io.checkpoint import Checkpoint
 
 
 def _describe(checkpoint: Checkpoint) -> str:

@@ -15,7 +15,6 @@ bad tensor, a full disk, Ctrl-C — leaves no partial output. Inputs are only ev
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from deltatune.core.atomic import atomic_directory
 from deltatune.errors import DeltatuneError, MergeError
-from deltatune.merging.checkpoint import (
+from deltatune.merging.io.checkpoint import (
     Checkpoint,
     OutputTensor,
     ShardWriter,
@@ -38,10 +37,11 @@ from deltatune.merging.checkpoint import (
     shard_file_names,
     write_index,
 )
-from deltatune.merging.config import MergeConfig, ParameterResolver
-from deltatune.merging.registry import MergeInputs, MergeMethodSpec
-from deltatune.merging.statistics import order_statistics
-from deltatune.merging.validate import check_compatible, check_output_location, layer_count, read_model_config
+from deltatune.merging.config.parse import MergeConfig
+from deltatune.merging.config.resolve import ParameterResolver
+from deltatune.merging.registry import MergeInputs, MergeMethodSpec, tensor_generators
+from deltatune.merging.algebra.statistics import order_statistics
+from deltatune.merging.io.validate import check_compatible, check_output_location, layer_count, read_model_config
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -127,19 +127,13 @@ def plan_merge(config: MergeConfig, out_dir: Path | None = None, overwrite: bool
     return plan
 
 
-def _seed(global_seed: int, name: str, index: int) -> int:
-    digest = hashlib.blake2b(f"{global_seed}\0{name}\0{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def _load_group(plan: MergePlan, name: str) -> MergeInputs:
     dtype = plan.working_dtype[name]
     base = plan.base.read(name, dtype) if plan.base is not None else None
     tensors = [model.read(name, dtype) for model in plan.models]
     params, model_params = plan.resolver.resolve(name)
-    seed = plan.config.seed
     return MergeInputs(name, base, tensors, model_params, params,
-                       generator=lambda index: torch.Generator().manual_seed(_seed(seed, name, index)), owned=True)
+                       generator=tensor_generators(plan.config.seed, name), owned=True)
 
 
 def _group_bytes(plan: MergePlan, name: str) -> int:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging.darex_q import SearchResult
+from deltatune.merging.search.result import SearchResult
 
 
 def search_coefficients(objective: Callable[[list[float]], float], count: int, *, initial: float = 1.0,
@@ -55,7 +55,7 @@ def search_coefficients(objective: Callable[[list[float]], float], count: int, *
                 break
             strategy.tell(candidates, [-evaluate([float(x) for x in c]) for c in candidates])
     best, score = max(history, key=lambda item: item[1])
-    return SearchResult(best, score, history)  # type: ignore[arg-type]
+    return SearchResult(best, score, history)
 
 
 def apply_coefficients(base: Mapping[str, Tensor], components: Mapping[str, Tensor],

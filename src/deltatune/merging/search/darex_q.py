@@ -20,22 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from deltatune.errors import config_check
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Best value found, its score, and every (value, score) evaluated, in order."""
-
-    best: float
-    score: float
-    history: list[tuple[float, float]] = field(default_factory=list)
+from deltatune.merging.search.result import SearchResult
 
 
 def _grid(start: float, stop: float, step: float) -> list[float]:
@@ -162,7 +153,7 @@ def collect_input_statistics(model: nn.Module, batches: Iterable, forward: Calla
     """Mean input x̄_j and input L2 norm ‖x_j‖₂ of every nn.Linear, over all tokens of `batches`.
 
     Returns ({weight name: x̄}, {weight name: ‖x‖₂}); x̄ feeds `analytical_q_map`, ‖x‖₂ the WANDA-style
-    importance score of `deltatune.merging.importance`. `forward(model, batch)` defaults to `model(**batch)` for
+    importance score of `deltatune.merging.algebra.importance`. `forward(model, batch)` defaults to `model(**batch)` for
     dicts, `model(batch)` otherwise.
     """
     sums, squares, counts, handles = {}, {}, {}, []

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
-from deltatune.merging import ops
+from deltatune.merging.algebra import ops
+from deltatune.merging.params import check_field_types
 
 SparsifyFn = Callable[[Tensor, int], Tensor]
 CONSENSUS_METHODS = ("sum", "count")
@@ -42,6 +43,7 @@ class TaskModelParams:
     density: float = 1.0
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         config_check(isinstance(self.weight, (int, float)) and self.weight == self.weight, "weight",
                      self.weight, "a finite number")
         config_check(0.0 <= self.density <= 1.0, "density", self.density, "a fraction in [0, 1]",
@@ -200,13 +202,13 @@ def mask_and_rescale(delta: Tensor, mask: Tensor, rescale: str, density: float,
     """Zero the entries outside `mask` (in place: `delta` must be a tensor the caller owns), then rescale."""
     if rescale not in RESCALE_RULES:
         raise ValueError(f"rescale={rescale!r}: expected one of {RESCALE_RULES}")
-    original_l1 = delta.abs().sum() if rescale == "l1" else None
+    original_l1 = ops.l1_norm(delta) if rescale == "l1" else None
     masked = delta.mul_(mask)
     if rescale == "l1":
-        kept_l1 = masked.abs().sum()
+        kept_l1 = ops.l1_norm(masked)
         if original_l1 < 1e-7 or kept_l1 < 1e-7:  # mergekit's guard: leave near-empty tensors alone
             return masked
-        return masked.mul_(original_l1 / kept_l1)
+        return masked.mul_((original_l1 / kept_l1).to(masked.dtype))
     if rescale == "inverse_density" and density > 0:
         return masked.div_(density)
     if rescale == "divisor":

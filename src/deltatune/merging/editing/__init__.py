@@ -1,0 +1,1 @@
+"""Editing one model's parameters directly (Model Surgery)."""
