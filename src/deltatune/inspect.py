@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
 from deltatune.core.deltatune_format import CONFIG_FILE, WEIGHTS_FILE, check_format_fields
-from deltatune.core.files import read_json, readable_file
+from deltatune.core.files import one_line, read_json, readable_file
 from deltatune.core.formats import adapter_folder
 from deltatune.errors import AdapterFileError
 
@@ -81,7 +81,8 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as handle:
             return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
     except Exception as error:
-        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({error}); re-save the adapter") from None
+        raise AdapterFileError(f"weights file {path} is corrupt or truncated ({one_line(error)}); re-save the adapter"
+                               ) from None
 
 
 def _allocated_ranks(path: Path) -> dict[str, int]:

@@ -172,6 +172,31 @@ def test_small_matrices_are_not_penalized():
     assert [d.penalty_eligible() for d in deltas] == [True, False]
 
 
+def test_conv_kernels_get_the_nuclear_norm_only_when_asked_as_in_the_official_code():
+    """The official code penalizes 2-D parameters only; a conv kernel joins with nuclear_conv=True, as its
+    (out, in/groups · kh · kw) matrix. A linear layer of the same matrix shape is penalized either way."""
+    def model(**options):
+        torch.manual_seed(0)
+        layers = nn.Sequential(nn.Conv2d(8, 12, 3), nn.Flatten(), nn.Linear(72, 12))
+        adapted = dt.adapt(layers, SaRAConfig(fraction=0.3, nuclear_weight=0.01, nuclear_min_dim=4, **options))
+        for delta in [d for _, _, d in dt.iter_deltas(adapted)]:
+            _fill(delta, 5)
+        return adapted
+
+    assert SaRAConfig().nuclear_conv is False
+    default = [d for _, _, d in dt.iter_deltas(model())]
+    assert [d.matrix_shape for d in default] == [(12, 72), (12, 72)]
+    assert [d.penalty_eligible() for d in default] == [False, True]
+    conv, _ = deltas = [d for _, _, d in dt.iter_deltas(model(nuclear_conv=True))]
+    assert [d.penalty_eligible() for d in deltas] == [True, True]
+    conv.penalized = True
+    expected = 0.01 * torch.linalg.svdvals(
+        scatter_matrix(conv.base_values + conv.values.detach(), conv.indices, (12, 72)).double()).sum()
+    torch.testing.assert_close(conv.regularization().double(), expected, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="nuclear_conv"):
+        SaRAConfig(nuclear_conv="yes")
+
+
 def test_schedule_penalizes_one_random_matrix_per_step_and_adjusts_at_half_training():
     config = SaRAConfig(fraction=0.3, nuclear_weight=0.01, seed=3)
     model = dt.adapt(_square_model(), config)

@@ -150,12 +150,12 @@ def test_save_and_load_keep_positions_without_the_scores(tmp_path):
             for p in delta.parameters():
                 p.normal_()
     x = _batches(3)[0][0]
-    expected = model(x).detach()
+    expected = model.eval()(x).detach()
     dt.save_adapter(model, tmp_path / "spt")
     saved = json.loads((tmp_path / "spt" / "deltatune_config.json").read_text())["config"]
     assert saved["sensitivity"] is None and saved["allocation"] == planned.allocation
     loaded = dt.load_adapter(copy.deepcopy(reference), tmp_path / "spt")
-    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.eval()(x), expected, rtol=0, atol=0)
     originals = {p: d for p, _, d in dt.iter_deltas(model)}
     for path, _, delta in dt.iter_deltas(loaded):
         assert isinstance(delta, SPTDelta) and delta.is_structured == originals[path].is_structured
@@ -193,3 +193,43 @@ def test_config_plan_is_plan_spt_once_and_then_the_identity():
     assert planned.allocation == plan_spt(_model(), config, _batches()).allocation
     assert planned.plan(_model(seed=1), _batches(seed=1)) is planned
     assert dt.LoRAConfig().plan(_model(), _batches()) == dt.LoRAConfig()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_lora_branch_output_gets_per_sample_drop_path_in_training_only(kind):
+    """The official structured module returns DropPath(0.1)(B A x): per sample, dropped with probability p or
+    kept and scaled by 1/(1 - p); eval mode runs the plain branch. Sparse deltas are never dropped."""
+    torch.manual_seed(0)
+    layer = (nn.Linear(8, 6) if kind == "linear" else nn.Conv2d(3, 5, 3)).double()
+    model = dt.adapt(nn.Sequential(layer), SPTConfig(targets=("0",), structured=("0",), allocation={},
+                                                     lora_rank=2, drop_path=0.5))
+    (delta,) = [d for _, _, d in dt.iter_deltas(model)]
+    with torch.no_grad():
+        delta.lora_B.normal_()
+    x = torch.randn(64, 3, 8, dtype=torch.float64) if kind == "linear" else torch.randn(64, 3, 6, 6).double()
+    if kind == "linear":
+        base, branch = F.linear(x, layer.weight, layer.bias), F.linear(F.linear(x, delta.lora_A), delta.lora_B)
+    else:
+        update = (delta.lora_B @ delta.lora_A).view(5, 3, 3, 3)
+        base, branch = F.conv2d(x, layer.weight, layer.bias), F.conv2d(x, update)
+    torch.testing.assert_close(model.eval()(x), base + branch, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(1)
+    dropped = model.train()(x) - base
+    kept = [bool(torch.allclose(d, 2.0 * b, rtol=1e-10, atol=1e-12)) for d, b in zip(dropped, branch)]
+    zero = [bool(torch.all(d.abs() < 1e-12)) for d in dropped]
+    assert all(k != z for k, z in zip(kept, zero)), "a sample neither dropped whole nor kept x 1/(1 - p)"
+    assert 16 < sum(kept) < 48  # p = 0.5 over 64 samples
+    assert SPTConfig().drop_path == 0.1
+    with pytest.raises(ConfigError, match="drop_path"):
+        SPTConfig(drop_path=1.0)
+
+
+def test_sparse_deltas_are_not_dropped_in_training():
+    torch.manual_seed(0)
+    model = dt.adapt(nn.Sequential(nn.Linear(8, 6).double()), SPTConfig(targets=("0",), allocation={"0": 10},
+                                                                        drop_path=0.5))
+    (delta,) = [d for _, _, d in dt.iter_deltas(model)]
+    with torch.no_grad():
+        delta.values.normal_()
+    x = torch.randn(32, 8, dtype=torch.float64)
+    torch.testing.assert_close(model.train()(x), model.eval()(x), rtol=0, atol=0)

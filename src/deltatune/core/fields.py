@@ -18,6 +18,7 @@ from typing import Any, Literal, Union
 NONE_WORDS = ("none", "null")
 TRUE_WORDS = ("true", "yes", "on", "1")
 FALSE_WORDS = ("false", "no", "off", "0")
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Mismatch(Exception):
@@ -48,7 +49,7 @@ def describe(hint: Any) -> str:
         return f"a mapping of {_plural(args[0])} to {_plural(args[1])}" if args else "a mapping"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
-    names = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+    names = {bool: "true or false", int: "an integer", float: "a finite number within float32's range", str: "a string",
              type(None): "None"}
     return names.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
@@ -86,7 +87,7 @@ def _conform_scalar(value: Any, hint: Any) -> Any:
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:  # an integer is a fine float; a bool is not a number a user meant
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _fits_float32(value)
     elif isinstance(hint, type):
         ok = isinstance(value, hint)
     else:  # a hint form this checker does not know (a TypeVar, a forward reference): the method checks it
@@ -94,6 +95,15 @@ def _conform_scalar(value: Any, hint: Any) -> Any:
     if not ok:
         raise Mismatch(describe(hint))
     return value
+
+
+def _fits_float32(value: int | float) -> bool:
+    """Finite and at most float32's largest value: a larger scale (alpha=1e39, or an integer too large for a
+    float at all) overflows to inf in float32 tensor math, or makes torch refuse it as a scalar mid-forward."""
+    try:
+        return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    except OverflowError:
+        return False
 
 
 def _conform_generic(value: Any, hint: Any, origin: Any, args: tuple[Any, ...]) -> Any:

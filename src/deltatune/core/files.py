@@ -28,6 +28,20 @@ def exists(path: Path) -> bool:
         raise AdapterFileError(f"{path} cannot be checked ({reason(error)}); check the folder's permissions") from None
 
 
+def dangling(path: Path, what: str) -> str | None:
+    """The message for a symbolic link that loops or points nowhere (Path.exists says False for both)."""
+    if not path.is_symlink():
+        return None
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13: a symlink loop
+        return f"{what} {path} is a symbolic link loop; point it at the real file or folder"
+    except OSError as error:
+        return (f"{what} {path} is a symbolic link to a missing path ({reason(error)}); point it at the real "
+                "file or folder")
+    return None
+
+
 def reason(error: OSError) -> str:
     return error.strerror or type(error).__name__
 
@@ -39,7 +53,7 @@ def one_line(error: BaseException) -> str:
 def readable_file(path: Path, what: str) -> None:
     """A missing file, a folder where the file should be: one line naming the path and the fix."""
     if not exists(path):
-        raise AdapterFileError(f"{what} {path} is missing; the adapter folder is incomplete")
+        raise AdapterFileError(dangling(path, what) or f"{what} {path} is missing; the adapter folder is incomplete")
     if path.is_dir():
         raise AdapterFileError(f"{what} {path} is a folder, not a file; remove it and re-save the adapter")
     try:  # readers written in other languages (safetensors) would report a permission problem as corruption

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from torch import nn
 
-from deltatune.core.files import PICKLE_SUFFIXES, exists, is_pickle, pickle_refusal, reason
+from deltatune.core.files import PICKLE_SUFFIXES, dangling, exists, is_pickle, pickle_refusal, reason
 from deltatune.errors import AdapterFileError, DeltatuneError
 
 
@@ -124,7 +124,8 @@ def adapter_folder(path: str | os.PathLike) -> Path:
 def locate(path: Path) -> AdapterLocation:
     """`path` as a location: a folder, or the folder of a format's own file, listed; any other file as itself."""
     if not exists(path):
-        raise AdapterFileError(f"adapter path {path} does not exist; pass the folder written by save_adapter")
+        raise AdapterFileError(dangling(path, "adapter path") or
+                               f"adapter path {path} does not exist; pass the folder written by save_adapter")
     if not path.is_dir():
         if path.suffix in PICKLE_SUFFIXES:
             raise AdapterFileError(pickle_refusal(path))

@@ -62,9 +62,11 @@ IRRELEVANT = {
 # peft's spelling of the fields deltatune reads, with the types its files must use.
 TYPES: dict[str, Any] = {
     "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool, "lora_bias": bool,
-    "modules_to_save": list[str] | None, "init_lora_weights": bool | str,
+    "modules_to_save": list[str] | None, "init_lora_weights": bool | str, "eva_config": dict | None,
 }
 
+# peft's TaskType values: an irrelevant field, but another value means the file is not peft's (peft refuses it)
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _CONVERSION = ("convert it to a plain LoRA of the original base in peft first: PeftModel.save_pretrained(out, "
                "path_initial_model_for_weight_conversion=<the initial adapter folder>)")
@@ -93,6 +95,10 @@ def check_peft_lora_config(peft: dict[str, Any]) -> None:
             except Mismatch:
                 raise ConfigError(f"peft field {name}={peft[name]!r} is invalid: expected {describe(hint)}; "
                                   "fix adapter_config.json") from None
+    task = peft.get("task_type")
+    if task is not None and not (isinstance(task, str) and task in TASK_TYPES):
+        raise ConfigError(f"peft field task_type={task!r} is invalid: expected None or one of {list(TASK_TYPES)} "
+                          "(peft's TaskType; written by a newer peft?); fix adapter_config.json")
     used = [name for name, default in REFUSED_UNLESS.items() if name in peft and not _is_default(peft[name], default)]
     if used:
         name = used[0]
@@ -101,14 +107,15 @@ def check_peft_lora_config(peft: dict[str, Any]) -> None:
                           "without it")
     unknown = sorted(k for k in peft if k not in classified_fields() and _is_on(peft[k]))
     if unknown:
-        raise ConfigError(f"this peft LoRA folder sets field {unknown[0]}={peft[unknown[0]]!r}, which deltatune "
+        raise ConfigError(f"this peft LoRA folder sets field {unknown[0]!r}={peft[unknown[0]]!r}, which deltatune "
                           "does not know (written by a newer peft?); load it with peft")
     _check_init(peft.get("init_lora_weights", True))
 
 
 def _is_default(value: Any, default: Any) -> bool:
-    """peft writes an unset field as its default, or as None / an empty container."""
-    return value == default and type(value) is type(default) or (value in (None, {}, []) and not default)
+    """peft writes an unset field as its default or as None. Another type is not the default:
+    `alpha_pattern: []`, `arrow_config: []` are refused (peft itself fails on them)."""
+    return value is None or (value == default and type(value) is type(default))
 
 
 def _is_on(value: Any) -> bool:

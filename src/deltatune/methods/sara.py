@@ -7,6 +7,10 @@ those entries. Per adapted weight W0 (seen as its (out, fan_in) matrix):
     W = W0 + S,  S = scatter(values at M)  (values start at 0: the model equals the base at step 0)
     L = L_task + λ ‖P ⊙ M‖_*,  P = W0 + S                                                 (paper Eq. 4–5)
 
+As in the official code (its rank-loss candidates are the 2-D parameters with both sides above 64), the nuclear
+norm goes to 2-D weights only: Linear, transformers Conv1D, embeddings. Convolution kernels are tuned sparsely but
+not penalized unless `nuclear_conv=True` (then as their (out, in/groups · kernel) matrix).
+
 Progressive parameter adjustment (paper §4.3): at `progressive_at` of training (the paper: half) the entries whose
 current |w| has left the selection range are frozen at their learned values; the rest keep training.
 Unstructural backpropagation (paper §4.4): only the k selected values are parameters, so gradients and optimizer
@@ -47,7 +51,7 @@ from deltatune.allocate.selection import below_threshold_positions, smallest_mag
 from deltatune.allocate.support import adapter_deltas
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
-from deltatune.core.layers import ALL_KINDS, CONV1D_HF, LINEAR, LayerInfo, base_bias
+from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, LINEAR, LayerInfo, base_bias
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, config_check
 from deltatune.functional.sparse import (
@@ -72,6 +76,9 @@ class SaRAConfig(DeltaConfig):
         nuclear_of: "weights" penalizes ‖P ⊙ M‖_*, the selected entries' current weights (paper Eq. 4);
             "update" penalizes ‖S‖_*, the learned update only.
         nuclear_min_dim: only matrices with min(out, fan_in) above this are penalized (official code: 64).
+        nuclear_conv: also penalize convolution kernels, seen as their (out, in/groups * kernel) matrix. Off by
+            default, as in the official code, which collects the rank-loss candidates from 2-D weights only
+            (Linear, transformers Conv1D, embeddings), so a 4-D conv kernel never gets the nuclear norm.
         progressive_at: share of training after which progressive adjustment re-selects (paper: 0.5);
             None disables it.
         seed: seeds the random choice of the one penalized matrix per step (the official schedule).
@@ -86,6 +93,7 @@ class SaRAConfig(DeltaConfig):
     nuclear_weight: float = 5e-4
     nuclear_of: str = "weights"
     nuclear_min_dim: int = 64
+    nuclear_conv: bool = False
     progressive_at: float | None = 0.5
     seed: int = 0
 
@@ -195,6 +203,10 @@ class SaRADelta(Delta):
 
     # --- training-time behaviour --------------------------------------------------------------------------
     def penalty_eligible(self) -> bool:
+        """The official code's rule: a 2-D weight (convolutions only with `nuclear_conv`) whose smaller side
+        exceeds `nuclear_min_dim`, with more than MIN_PENALIZED_ENTRIES entries still training."""
+        if self.layer.kind == CONV and not self.config.nuclear_conv:
+            return False
         return (self.config.nuclear_weight > 0 and min(self.matrix_shape) > self.config.nuclear_min_dim
                 and int(self.active.sum()) > MIN_PENALIZED_ENTRIES)
 

@@ -17,8 +17,11 @@ view, sorted) and ``values``; structured ``lora_A`` (r, fan_in) and ``lora_B`` (
 
 Deviations: the official code sweeps the budget τ to hit a target trainable count exactly and also tunes whole
 norm/bias vectors (`structured_vector`, β = 5); deltatune plans once for the given budget (the real trainable count,
-sparse plus LoRA, is `deltatune.trainable_parameters`) and tunes weight matrices only. The official LoRA branch uses
-input dropout 0.1; the default here is 0 (set `dropout`). Without a plan (`SPTConfig()` straight into `adapt`), no
+sparse plus LoRA, is `deltatune.trainable_parameters`) and tunes weight matrices only. The structured branch is the
+official LoRA one: its output goes through DropPath(0.1) in training (`drop_path`: each sample's branch output is
+dropped with probability p and the kept ones scaled by 1/(1 − p); eval uses the plain branch), with no input
+dropout (`dropout` adds one, default 0). The official code's other structured form, an adapter (Linear, GELU,
+Linear beside the layer: its `structured_type="adapter"`), is not offered: structured matrices get LoRA. Without a plan (`SPTConfig()` straight into `adapt`), no
 data has been seen: every matrix gets the budget share at seeded random positions and a warning says so.
 """
 from __future__ import annotations
@@ -60,7 +63,8 @@ class SPTConfig(DeltaConfig):
         lora_rank: r of the structured (LoRA) delta (official: 8).
         structured_ratio: α: a matrix whose sensitive count reaches r (d_in + d_out) / α gets LoRA (official: 10).
         sensitivity_batches: how many batches stage 1 reads (official function default 8; train script 16).
-        dropout: input dropout of the LoRA branch, in [0, 1).
+        drop_path: DropPath rate on the LoRA branch's output in training, per sample, in [0, 1) (official: 0.1).
+        dropout: input dropout of the LoRA branch, in [0, 1) (not in the official code; default 0).
         allocation: module path -> number of sparse positions (filled by `plan_spt`).
         structured: module paths that get LoRA (filled by `plan_spt`).
         sensitivity: module path -> score tensor of the weight's shape (filled by `plan_spt`; not saved).
@@ -71,6 +75,7 @@ class SPTConfig(DeltaConfig):
     lora_rank: int = 8
     structured_ratio: float = 10.0
     sensitivity_batches: int = 8
+    drop_path: float = 0.1
     dropout: float = 0.0
     allocation: dict[str, int] | None = None
     structured: tuple[str, ...] = ()
@@ -87,6 +92,8 @@ class SPTConfig(DeltaConfig):
         config_check(isinstance(self.sensitivity_batches, int) and self.sensitivity_batches >= 1,
                      "sensitivity_batches", self.sensitivity_batches, "an integer >= 1")
         config_check(0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
+        config_check(0 <= self.drop_path < 1, "drop_path", self.drop_path, "a probability in [0, 1)",
+                     "the official code uses 0.1; 0 turns it off")
         if self.allocation is not None:
             config_check(isinstance(self.allocation, Mapping) and all(
                 isinstance(v, int) and v >= 0 for v in self.allocation.values()), "allocation", self.allocation,
@@ -189,10 +196,23 @@ class SPTDelta(Delta):
     def forward(self, x: Tensor) -> Tensor:
         if self.is_structured and self.layer.kind != CONV:
             down = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
-            return F.linear(down, self.lora_B).to(x.dtype)
+            return self._drop_path(F.linear(down, self.lora_B)).to(x.dtype)
         if not self.is_structured and self.layer.kind != CONV:
             return sparse_matmul(x, self.values, self._patterns.get(self.indices, self.matrix_shape))
-        return self.layer.op(x, self._dense_update().to(x.dtype), None)  # convolutions: dense ΔW path
+        update = self.layer.op(x, self._dense_update().to(x.dtype), None)  # convolutions: dense ΔW path
+        return self._drop_path(update) if self.is_structured else update
+
+    def _drop_path(self, branch: Tensor) -> Tensor:
+        """DropPath (stochastic depth) on the LoRA branch, as the official structured module: in training, each
+        sample's (dim 0) branch output is kept with probability 1 − p and scaled by 1/(1 − p), so its
+        expectation is the branch itself; an unbatched input is one sample."""
+        rate = self.config.drop_path
+        if not self.training or rate == 0:
+            return branch
+        keep = 1.0 - rate
+        shape = (branch.shape[0],) + (1,) * (branch.dim() - 1) if branch.dim() > 1 else (1,)
+        mask = torch.empty(shape, dtype=branch.dtype, device=branch.device).bernoulli_(keep)
+        return branch * mask / keep
 
     def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
         """Sparse deltas on Linear/Conv1D: the whole layer x (W + S)ᵀ + b as one node (see functional.sparse)."""

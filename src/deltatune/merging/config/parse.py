@@ -102,7 +102,10 @@ def _resolve_path(reference: Any, config_dir: Path | None, where: str) -> Path:
     path = Path(reference).expanduser()
     if not path.is_absolute() and not path.exists() and config_dir is not None and (config_dir / path).exists():
         path = config_dir / path
-    return path.resolve()
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError for a symlink loop
+        raise ConfigError(f"{where}: {reference!r} is a symbolic link loop; point it at the model folder") from None
 
 
 def _check_names(spec: MergeMethodSpec, shared: Mapping[str, Any], models: tuple[ModelEntry, ...]) -> None:
@@ -171,6 +174,8 @@ def load_config(path: str | Path) -> MergeConfig:
         raise ConfigError(f"merge config {path} does not exist; check the path") from None
     except OSError as error:
         raise ConfigError(f"cannot read merge config {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"merge config {path} is not UTF-8 text; save it as UTF-8") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as error:

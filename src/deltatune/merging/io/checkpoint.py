@@ -113,9 +113,14 @@ def _shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except OSError as error:
+            raise MergeError(f"cannot read {index}: {error.strerror}; check its permissions") from None
+        except (ValueError, KeyError, TypeError, RecursionError):  # also UnicodeDecodeError
             raise MergeError(f"{index} is corrupt (no valid weight_map); re-save the checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) and n for n in weight_map.values()):
+            raise MergeError(f"{index} is corrupt (its weight_map must map tensor names to shard file names); "
+                             "re-save the checkpoint")
         return [folder / name for name in dict.fromkeys(weight_map.values())]
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -41,7 +41,7 @@ from deltatune.merging.config.parse import MergeConfig
 from deltatune.merging.config.resolve import ParameterResolver
 from deltatune.merging.registry import MergeInputs, MergeMethodSpec, tensor_generators
 from deltatune.merging.algebra.statistics import order_statistics
-from deltatune.merging.io.validate import check_compatible, check_output_location, layer_count
+from deltatune.merging.io.validate import check_compatible, check_output_location, layer_count, read_model_config
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -239,7 +239,7 @@ def copy_side_files(plan: MergePlan, folder: Path) -> None:
     if source is not None:
         config_file = source / "config.json"
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            config = read_model_config(config_file)
             dtype = _output_dtype_name(plan)
             for key in ("dtype", "torch_dtype"):
                 if key in config and dtype is not None:

@@ -46,13 +46,23 @@ def check_output_location(out_dir: Path, inputs: list[Checkpoint], overwrite: bo
                          "or choose another folder")
 
 
+def read_model_config(config_file: Path) -> dict:
+    """A model folder's config.json as a JSON object; unreadable, non-UTF-8 or non-object files are a MergeError."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise MergeError(f"cannot read {config_file}: {error.strerror}; check its permissions") from None
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError
+        raise MergeError(f"{config_file} is not valid UTF-8 JSON; fix or restore it") from None
+    if not isinstance(config, dict):
+        raise MergeError(f"{config_file} must hold a JSON object, not {type(config).__name__}; fix or restore it")
+    return config
+
+
 def layer_count(reference: Checkpoint) -> int | None:
     config_file = reference.folder / "config.json" if reference.folder else None
     if config_file and config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError:
-            raise MergeError(f"{config_file} is not valid JSON; fix or restore it") from None
+        config = read_model_config(config_file)
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if isinstance(config.get(key), int):
                 return config[key]
