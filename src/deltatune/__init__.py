@@ -23,6 +23,7 @@ read from the method registry (`__getattr__`, `__dir__`), so a new method needs 
 """
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
+from deltatune.core.merged import save_merged
 from deltatune.core.model import (
     ParameterCount,
     active_adapters,
@@ -38,7 +39,6 @@ from deltatune.core.model import (
     unload,
     unmerge,
 )
-from deltatune.core.merged import save_merged
 from deltatune.core.registry import list_methods, method_entry, register_method
 from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError

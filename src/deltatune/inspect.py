@@ -7,10 +7,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
 from deltatune.core.deltatune_format import CONFIG_FILE, WEIGHTS_FILE, check_format_fields
 from deltatune.core.files import one_line, read_json, readable_file
 from deltatune.core.formats import adapter_folder
+from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
 from deltatune.errors import AdapterFileError
 
 

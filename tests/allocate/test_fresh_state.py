@@ -62,7 +62,7 @@ def _run(method: str, warmup: int = 0, schedule=None):
         index = torch.randint(0, len(y), (24,), generator=generator)
         loss = F.cross_entropy(model(x[index]), y[index]) + dt.regularization_loss(model)
         loss.backward()
-        for tensor, slot_dim, slot, reference, ref_optimizer, ref_scheduler, trajectory in references:
+        for tensor, slot_dim, slot, reference, ref_optimizer, ref_scheduler, _ in references:
             reference.grad = tensor.grad.movedim(slot_dim, 0)[slot].clone()
             ref_optimizer.step()
             if ref_scheduler is not None:

@@ -9,8 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deltatune.allocate.importance import (
-    component_importance, delta_gradient_score, integrated_gradient_contribution, normalized_frobenius,
-    path_contribution, proportional_ranks, sensitivity, sensitivity_score, slot_means, smooth_sensitivity,
+    component_importance,
+    delta_gradient_score,
+    integrated_gradient_contribution,
+    normalized_frobenius,
+    path_contribution,
+    proportional_ranks,
+    sensitivity,
+    sensitivity_score,
+    slot_means,
+    smooth_sensitivity,
 )
 
 

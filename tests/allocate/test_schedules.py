@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 
 from deltatune.allocate.schedules import (
-    CubicBudgetSchedule, LinearGrowthSchedule, OneShotSchedule, ThresholdGrowthSchedule, resolve_steps,
+    CubicBudgetSchedule,
+    LinearGrowthSchedule,
+    OneShotSchedule,
+    ThresholdGrowthSchedule,
+    resolve_steps,
 )
 from deltatune.errors import ConfigError
 

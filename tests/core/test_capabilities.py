@@ -16,7 +16,12 @@ from torch import Tensor, nn
 import deltatune as dt
 from deltatune.allocate import protocols as allocator_protocols
 from deltatune.core.capabilities import (
-    CONFIG_CAPABILITIES, DELTA_CAPABILITIES, FusesWithBase, HasRank, declared_signature, protocol_members,
+    CONFIG_CAPABILITIES,
+    DELTA_CAPABILITIES,
+    FusesWithBase,
+    HasRank,
+    declared_signature,
+    protocol_members,
 )
 
 ALLOCATOR_CAPABILITIES = tuple(
@@ -151,7 +156,8 @@ SEARCHED = [SOURCE / "core", SOURCE / "merging", SOURCE / "allocate", SOURCE / "
 
 
 def test_no_capability_is_looked_up_by_a_string_in_core_merging_allocate_or_inspect():
-    lookup = re.compile(r"""(?:hasattr|getattr)\([^()]*["'](%s)["']""" % "|".join(CAPABILITY_NAMES))
+    names = "|".join(CAPABILITY_NAMES)
+    lookup = re.compile(rf"""(?:hasattr|getattr)\([^()]*["']({names})["']""")
     files = [f for path in SEARCHED for f in ([path] if path.is_file() else sorted(path.rglob("*.py")))]
     found = [f"{f.relative_to(SOURCE)}: {m.group(0)}" for f in files for m in lookup.finditer(f.read_text())]
     assert found == []

@@ -65,7 +65,8 @@ def test_seq_cls_folder_with_classifier_head_loads_exactly(tmp_path):
     base = transformers.BertForSequenceClassification(_bert()).double().eval()
     config = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"])
     peft_model = _peft_folder(base, config, tmp_path / "cls")
-    assert json.loads((tmp_path / "cls" / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+    saved = json.loads((tmp_path / "cls" / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["classifier", "score"]
     ids = torch.randint(0, 50, (3, 7))
     expected = _out(peft_model, ids)
     assert not torch.allclose(expected, _out(base, ids))

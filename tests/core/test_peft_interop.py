@@ -107,7 +107,8 @@ def test_classifier_head_travels_as_modules_to_save_both_ways(backbone, tmp_path
     model, batch = backbone
     torch.manual_seed(1)
     base = _Classifier(copy.deepcopy(model)).eval()
-    ours = dt.adapt(copy.deepcopy(base), dt.LoRAConfig(rank=4, targets=["query"], extra_trainable=("classifier",), init="random"))
+    config = dt.LoRAConfig(rank=4, targets=["query"], extra_trainable=("classifier",), init="random")
+    ours = dt.adapt(copy.deepcopy(base), config)
     with torch.no_grad():
         ours.classifier.weight.add_(0.5)
     expected = _logits(ours, batch)

@@ -86,7 +86,8 @@ def test_trainable_count_and_freezing():
 def test_extra_trainable_module_is_saved_and_restored(tmp_path):
     torch.manual_seed(0)
     base = Tower()
-    model = dt.adapt(copy.deepcopy(base), dt.LoRAConfig(rank=2, targets=["query"], extra_trainable=("head",), init="random"))
+    config = dt.LoRAConfig(rank=2, targets=["query"], extra_trainable=("head",), init="random")
+    model = dt.adapt(copy.deepcopy(base), config)
     with torch.no_grad():
         model.head.weight.add_(1.0)
     ids = torch.randint(0, 50, (3, 5))

@@ -89,7 +89,8 @@ def test_data_line_parsing_reads_offset_lexname_and_definition():
             'genus Canis; "the dog barked all night"  \n')
     synset = build_wordnet.parse_data_line(line, build_wordnet.LEXNAMES)
     assert synset == build_wordnet.Synset("02084071-n", "noun.animal", "noun", "a member of the genus Canis")
-    satellite = build_wordnet.parse_data_line("00004296 00 s 01 abridged 0 000 | (used of texts) shortened", build_wordnet.LEXNAMES)
+    line = "00004296 00 s 01 abridged 0 000 | (used of texts) shortened"
+    satellite = build_wordnet.parse_data_line(line, build_wordnet.LEXNAMES)
     assert (satellite.lexname, satellite.pos) == ("adj.all", "adjective")
 
 

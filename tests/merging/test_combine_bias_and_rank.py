@@ -49,7 +49,7 @@ def test_bitfit_and_lora_combine_by_task_arithmetic_into_one_adapter_with_both_t
     _perturb(model, "bits", seed=1)
     combine_adapters(model, ["bits", "low"], "both", weights=[0.5, 1.5], rank=3)
     hosts = {path: host for path, host in dt.core.model.iter_hosts(model)}
-    for path, host in hosts.items():
+    for host in hosts.values():
         bits, low, both = (host.deltas[n] for n in ("bits", "low", "both"))
         bias = host.base_layer.bias
         torch.testing.assert_close(both.delta_bias(bias), 0.5 * bits.delta_bias(bias), rtol=0, atol=1e-12)

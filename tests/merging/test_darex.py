@@ -9,6 +9,8 @@ from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.merging import merge_state_dicts
+from deltatune.merging.algebra.importance import importance_keep_mask, importance_prune, importance_prune_state_dict
+from deltatune.merging.methods.darex import DarexModelParams
 from deltatune.merging.search.darex_q import (
     analytical_layer_q,
     analytical_q_map,
@@ -19,8 +21,6 @@ from deltatune.merging.search.darex_q import (
     search_rescale_q,
     seed_averaged,
 )
-from deltatune.merging.algebra.importance import importance_keep_mask, importance_prune, importance_prune_state_dict
-from deltatune.merging.methods.darex import DarexModelParams
 from deltatune.optim.adamr import AdamR
 
 

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from deltatune.errors import ConfigError, MergeError
 from deltatune.merging import list_merge_methods, merge_state_dicts
 from deltatune.merging.algebra.family import TaskModelParams
-from deltatune.merging.methods.darex import DarexModelParams, DarexParams
 from deltatune.merging.methods.dare import DareModelParams, DareParams, DareTiesParams
+from deltatune.merging.methods.darex import DarexModelParams, DarexParams
 from deltatune.merging.methods.linear import LinearModelParams, LinearParams
 from deltatune.merging.methods.magnitude_prune import MagnitudeModelParams, MagnitudePruneParams
 from deltatune.merging.methods.task_arithmetic import TaskArithmeticParams

@@ -17,7 +17,8 @@ def _normalize(x):
 def _clamp(x, min_ratio, max_ratio):
     d = x.shape[1]
     ordered = torch.sort(x, dim=1).values
-    return torch.clamp(x, ordered[:, int(d * min_ratio)].unsqueeze(1), ordered[:, int(d * (1 - max_ratio) - 1)].unsqueeze(1))
+    low, high = ordered[:, int(d * min_ratio)], ordered[:, int(d * (1 - max_ratio) - 1)]
+    return torch.clamp(x, low.unsqueeze(1), high.unsqueeze(1))
 
 
 def reference_pcb(tasks, ratio, eps, lambdas, pairwise=False):

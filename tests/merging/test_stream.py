@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from deltatune.merging import config_from_dict, load_config, merge_state_dicts, run_merge
-from deltatune.merging.io.checkpoint import Checkpoint
-from deltatune.merging.config.resolve import layer_position
 from deltatune.merging.algebra.family import TaskModelParams
+from deltatune.merging.config.resolve import layer_position
+from deltatune.merging.io.checkpoint import Checkpoint
 from deltatune.merging.methods.dare import DareModelParams, DareTiesParams
 from deltatune.merging.methods.task_arithmetic import TaskArithmeticParams
 from deltatune.merging.methods.ties import TiesModelParams, TiesParams
@@ -125,7 +125,8 @@ def test_single_file_inputs_and_a_base_listed_among_models(tmp_path):
                       {"model": str(tmp_path / "tuned.safetensors"), "parameters": {"weight": 0.5}}]}
     out = run_merge(config_from_dict(raw), tmp_path / "out", progress=False).out_dir
     merged = load_folder(out)
-    torch.testing.assert_close(merged["model.norm.weight"], (base["model.norm.weight"] + tuned["model.norm.weight"]) / 2)
+    norm = "model.norm.weight"
+    torch.testing.assert_close(merged[norm], (base[norm] + tuned[norm]) / 2)
     assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
 
 

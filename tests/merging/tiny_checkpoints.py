@@ -16,7 +16,8 @@ def tiny_state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch
     for layer in range(LAYERS):
         state[f"model.layers.{layer}.mlp.up_proj.weight"] = torch.randn(8, 6, generator=generator)
         state[f"model.layers.{layer}.self_attn.q_proj.weight"] = torch.randn(6, 6, generator=generator)
-        state[f"model.layers.{layer}.input_layernorm.weight"] = torch.ones(6) + 0.1 * torch.randn(6, generator=generator)
+        norm = torch.ones(6) + 0.1 * torch.randn(6, generator=generator)
+        state[f"model.layers.{layer}.input_layernorm.weight"] = norm
     state["model.norm.weight"] = torch.ones(6)
     state = {k: v.to(dtype) for k, v in state.items()}
     state["model.rotary.step"] = torch.tensor([7], dtype=torch.int64)

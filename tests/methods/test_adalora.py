@@ -81,7 +81,8 @@ def test_paper_regularizer_by_hand():
     expected = 0.0
     for _, _, delta in dt.iter_deltas(model):
         q, p = delta.lora_A.detach(), delta.lora_B.detach()
-        expected += ((p.T @ p - torch.eye(3, dtype=p.dtype)) ** 2).sum() + ((q @ q.T - torch.eye(3, dtype=q.dtype)) ** 2).sum()
+        eye = torch.eye(3, dtype=p.dtype)
+        expected += ((p.T @ p - eye) ** 2).sum() + ((q @ q.T - eye) ** 2).sum()
     assert dt.regularization_loss(model).item() == pytest.approx(0.3 * float(expected), rel=1e-12)
 
 

@@ -49,7 +49,8 @@ def test_growth_activates_reserves_from_their_value_and_makes_new_ones():
     model = _model(init_rank=1, target_rank=2, max_rank=3)
     delta = model[0].deltas["default"]
     assert delta.grow_rank(1, step=7) == 1
-    assert delta.rank_mask.tolist()[:3] == [True, True, False] and delta.reserve_mask.tolist()[:3] == [False, False, True]
+    assert delta.rank_mask.tolist()[:3] == [True, True, False]
+    assert delta.reserve_mask.tolist()[:3] == [False, False, True]
     assert delta.lora_E[1].item() == RESERVE_VALUE and delta.live_since[1].item() == 7
     assert delta.trained_since[2].item() == 7
     assert delta.grow_rank(1, step=8) == 1 and delta.grow_rank(1, step=9) == 0  # max_rank = 3 reached

@@ -67,9 +67,13 @@ def test_checkpointing_keeps_no_dense_kernel_for_backward_and_gives_the_same_gra
     for use_checkpoint in (True, False):
         _, model, delta = _adapted(SNELLAConfig(rank=4, sparsity=0.5, allocate=False, checkpoint=use_checkpoint),
                                    fan_in=64, fan_out=48)
-        saved = []
+        saved: list[int] = []
         x = torch.randn(2, 64, dtype=torch.float64)
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        def pack(t, saved=saved):
+            saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = model(x)
         y.square().sum().backward()
         grads[use_checkpoint] = [p.grad.clone() for p in delta.parameters()]

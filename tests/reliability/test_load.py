@@ -33,8 +33,8 @@ from deltatune.errors import DeltatuneError
 from reliability.support import assert_one_line_error, assert_one_line_message, run_cli, tree_digest
 
 # A fixed, modest budget (DELTATUNE_FUZZ_EXAMPLES=2000 for a long hunt); derandomized: the same cases every run.
-FUZZ = settings(max_examples=int(os.environ.get("DELTATUNE_FUZZ_EXAMPLES", 60)), derandomize=True, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(max_examples=int(os.environ.get("DELTATUNE_FUZZ_EXAMPLES", 60)), derandomize=True, deadline=None,
+                database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 CONFIG = {"deltatune": "deltatune_config.json", "peft": "adapter_config.json"}
 WEIGHTS = {"deltatune": "deltatune_adapter.safetensors", "peft": "adapter_model.safetensors"}
 LORA = dict(rank=2, alpha=3.0, targets=("0", "3"))
@@ -134,7 +134,8 @@ def outputs(model: nn.Module) -> torch.Tensor:
 
 # --- random JSON ------------------------------------------------------------------------------------------------
 SCALARS = (st.none() | st.booleans() | st.integers(-3, 10) | st.integers() | st.floats(allow_nan=True)
-           | st.text(max_size=6) | st.sampled_from(["lora", "LORA", "deltatune", "0", "3", "kaiming", "2", "all-linear"]))
+           | st.text(max_size=6)
+           | st.sampled_from(["lora", "LORA", "deltatune", "0", "3", "kaiming", "2", "all-linear"]))
 JSON_VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 
@@ -374,7 +375,9 @@ def strict_read(data: bytes) -> dict[str, torch.Tensor] | None:
         return None
     tensors = {}
     for (begin, stop), name, dtype, shape in entries:
-        raw = torch.frombuffer(bytearray(body[begin:stop]), dtype=torch.uint8) if stop > begin else torch.empty(0, dtype=torch.uint8)
+        raw = torch.empty(0, dtype=torch.uint8)
+        if stop > begin:
+            raw = torch.frombuffer(bytearray(body[begin:stop]), dtype=torch.uint8)
         tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
 

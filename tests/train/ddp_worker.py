@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from deltatune.errors import TrainingError

@@ -27,11 +27,19 @@ from deltatune.allocate.describe import describe_allocation, ranks_from_tensors
 from deltatune.allocate.fresh_state import FreshSlotAllocator
 from deltatune.allocate.growth import FrobeniusGrowthScore, GrowthAllocator, SmoothedDeltaGradientScore
 from deltatune.allocate.protocols import (
-    CanGrowRank, CanPruneRank, CanResizeRank, HasNewSlots, HasRankComponents, HasTriangularCore,
+    CanGrowRank,
+    CanPruneRank,
+    CanResizeRank,
+    HasNewSlots,
+    HasRankComponents,
+    HasTriangularCore,
 )
 from deltatune.allocate.pruning import SensitivityPruner
 from deltatune.allocate.schedules import (
-    CubicBudgetSchedule, LinearGrowthSchedule, OneShotSchedule, ThresholdGrowthSchedule,
+    CubicBudgetSchedule,
+    LinearGrowthSchedule,
+    OneShotSchedule,
+    ThresholdGrowthSchedule,
 )
 
 __all__ = [

@@ -67,7 +67,7 @@ class ContributionAllocator(FreshSlotAllocator):
     def allocate(self, step: int) -> dict[str, int]:
         ranks = self.planned_ranks()
         for path, rank in ranks.items():
-            self.reinitialize(path, lambda: self.deltas[path].resize_rank(rank, step))
+            self.reinitialize(path, lambda path=path, rank=rank: self.deltas[path].resize_rank(rank, step))
         self.allocated = True
         self._previous = {}
         return ranks

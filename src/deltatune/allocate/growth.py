@@ -26,11 +26,18 @@ from torch import Tensor, nn
 from deltatune.allocate.allocator import AllocationError, warn_no_gradient
 from deltatune.allocate.fresh_state import FreshSlotAllocator
 from deltatune.allocate.importance import (
-    delta_gradient_score, normalized_frobenius, sensitivity_score, smooth_sensitivity,
+    delta_gradient_score,
+    normalized_frobenius,
+    sensitivity_score,
+    smooth_sensitivity,
 )
 from deltatune.allocate.probes import DeltaGradientProbe
 from deltatune.allocate.protocols import (
-    CanGrowRank, CanWarmUpComponents, HasActivationObserver, HasRankComponents, HasTriangularCore,
+    CanGrowRank,
+    CanWarmUpComponents,
+    HasActivationObserver,
+    HasRankComponents,
+    HasTriangularCore,
 )
 
 
@@ -209,7 +216,8 @@ class GrowthAllocator(FreshSlotAllocator):
             left = self.schedule.target_budget - self.total_rank
             if left <= 0 or (len(added) >= count and scores[path] < threshold):
                 break
-            grown = self.reinitialize(path, lambda: self.deltas[path].grow_rank(min(self.add_rank, left), step))
+            grown = self.reinitialize(
+                path, lambda path=path, left=left: self.deltas[path].grow_rank(min(self.add_rank, left), step))
             if grown:
                 added[path] = grown
         return added

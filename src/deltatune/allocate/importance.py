@@ -19,6 +19,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from deltatune.errors import ConfigError
+
 
 def sensitivity(parameter: Tensor, gradient: Tensor) -> Tensor:
     """|θ ⊙ ∇θ|: the first-order estimate of the loss change if the entry were zeroed (AdaLoRA Eq. 8)."""
@@ -55,7 +57,7 @@ def component_importance(scores: Iterable[tuple[Tensor, int]]) -> Tensor:
         part = slot_means(score, slot_dim)
         total = part if total is None else total + part
     if total is None:
-        raise ValueError("component_importance needs at least one (score, slot_dim) pair")
+        raise ConfigError("component_importance needs at least one (score, slot_dim) pair")
     return total
 
 
@@ -69,7 +71,7 @@ def delta_gradient_score(delta_matrix: Tensor, delta_gradient: Tensor) -> Tensor
 def normalized_frobenius(core: Tensor, blocks: int) -> Tensor:
     """TriAdaptLoRA's normalized Frobenius norm ‖C‖_F / K of the triangular core over its K blocks."""
     if blocks < 1:
-        raise ValueError(f"blocks={blocks} is invalid: a core has at least one block")
+        raise ConfigError(f"blocks={blocks} is invalid: a core has at least one block")
     return torch.linalg.matrix_norm(core.detach(), ord="fro") / blocks
 
 
@@ -77,7 +79,7 @@ def path_contribution(gradients: Sequence[Tensor], displacements: Sequence[Tenso
     """|Σ_k ⟨g_k, Δθ_k⟩| for one layer's tensors: the loss change credited to that layer along the path the
     parameters took (a line integral of the gradient, first order per step). Absolute value as in FAIG."""
     if len(gradients) != len(displacements):
-        raise ValueError("path_contribution needs one displacement per gradient")
+        raise ConfigError("path_contribution needs one displacement per gradient")
     total = torch.zeros((), dtype=torch.float64)
     for gradient, displacement in zip(gradients, displacements):
         total = total + (gradient.detach().double() * displacement.detach().double()).sum().cpu()
@@ -88,7 +90,7 @@ def integrated_gradient_contribution(start: Tensor, end: Tensor, path_gradients:
     """FAIG-style straight-line attribution |⟨θ_end − θ_start, mean_k ∇L(θ_k)⟩|, where `path_gradients` are
     gradients taken at points θ_k = θ_start + α_k (θ_end − θ_start) (a Riemann sum of the path integral)."""
     if not path_gradients:
-        raise ValueError("integrated_gradient_contribution needs at least one gradient along the path")
+        raise ConfigError("integrated_gradient_contribution needs at least one gradient along the path")
     mean_gradient = torch.stack([g.detach().double() for g in path_gradients]).mean(dim=0)
     return ((end.detach().double() - start.detach().double()) * mean_gradient).sum().abs()
 
@@ -101,7 +103,7 @@ def proportional_ranks(
     exceeds their maximum are fixed there while the rest is re-split. All-zero scores share equally."""
     names = sorted(scores)
     if total < minimum * len(names) or total > sum(maximum[n] for n in names):
-        raise ValueError(
+        raise ConfigError(
             f"total={total} rank units cannot be split over {len(names)} modules with ranks in "
             f"[{minimum}, their maximum] (at most {sum(maximum[n] for n in names)} in all)"
         )

@@ -15,7 +15,10 @@ from torch import Tensor, nn
 
 from deltatune.allocate.allocator import AllocationError, Allocator
 from deltatune.allocate.importance import (
-    component_importance, sensitivity, sensitivity_score, smooth_sensitivity,
+    component_importance,
+    sensitivity,
+    sensitivity_score,
+    smooth_sensitivity,
 )
 from deltatune.allocate.protocols import CanPruneRank, HasRankComponents
 from deltatune.allocate.schedules import CubicBudgetSchedule
@@ -75,7 +78,7 @@ class SensitivityPruner(Allocator):
         scores = {}
         for path, delta in self.deltas.items():
             parts = []
-            for name, (parameter, slot_dim) in delta.component_tensors().items():
+            for name, (_, slot_dim) in delta.component_tensors().items():
                 key = f"{path}.{name}"
                 if key not in self.average:
                     raise AllocationError(f"no importance recorded yet for {key}; step the allocator every step")

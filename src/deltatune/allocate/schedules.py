@@ -7,9 +7,9 @@ lists the steps where the allocator acts. Both feed `plots.plot_schedule`.
 
 | schedule | method | rule |
 | --- | --- | --- |
-| `CubicBudgetSchedule` | AdaLoRA | b(0) for t ≤ t_i; b(T) + (b(0) − b(T))(1 − (t − t_i)/(T − t_i − t_f))³; b(T) after T − t_f |
-| `LinearGrowthSchedule` | IncreLoRA | after t_w, every Δ steps the top-h modules gain `add_rank` (budget grows linearly) |
-| `ThresholdGrowthSchedule` | TriAdaptLoRA | after t_w, every Δ steps k = ⌊remaining·p⌋ (linear) or ⌊remaining^p⌋ modules grow |
+| `CubicBudgetSchedule` | AdaLoRA | b(0) to t_i; b(T) + (b(0) − b(T))(1 − (t − t_i)/(T − t_i − t_f))³; then b(T) |
+| `LinearGrowthSchedule` | IncreLoRA | after t_w, every Δ steps the top-h modules gain `add_rank` (linear budget) |
+| `ThresholdGrowthSchedule` | TriAdaptLoRA | after t_w, every Δ steps k = ⌊left·p⌋ (linear) or ⌊left^p⌋ modules grow |
 | `OneShotSchedule` | CoLoRA-style | a constant budget, re-allocated across layers once at step t_a |
 """
 from __future__ import annotations

@@ -92,7 +92,7 @@ def _fill_adapter(model: nn.Module, name: str, tensors: dict[str, Tensor], sourc
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
-        for key, (target, saved) in statistics.items():
+        for target, saved in statistics.values():
             target.copy_(saved)
 
 

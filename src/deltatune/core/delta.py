@@ -11,8 +11,9 @@ the bias alone), and merging, combining and the delta algebra read it wherever t
 
 Several active deltas on one layer compose in that order: weight-space deltas first, then additive ones, then
 output transforms; within a kind, in the order of the active set (`deltatune.set_active(model, [...])`; adapt
-order when each was activated as added). Merging folds them in the same order and unmerging undoes it in reverse. The host (`core.host.AdaptedLayer`) owns the composition,
-merging mechanics, activation and device/dtype handling; a method file only fills in this class.
+order when each was activated as added). Merging folds them in the same order and unmerging undoes it in
+reverse. The host (`core.host.AdaptedLayer`) owns the composition, merging mechanics, activation and
+device/dtype handling; a method file only fills in this class.
 """
 from __future__ import annotations
 

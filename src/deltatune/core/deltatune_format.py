@@ -25,7 +25,10 @@ from typing import Any
 from torch import nn
 
 from deltatune.core.adapter_files import (
-    check_weights_record, save_folder, with_weights_record, write_weights_then_config,
+    check_weights_record,
+    save_folder,
+    with_weights_record,
+    write_weights_then_config,
 )
 from deltatune.core.attach import adapter_state_dict, attach_adapter
 from deltatune.core.files import read_json, read_safetensors, refuse_nonfinite

@@ -25,7 +25,7 @@ class Mismatch(Exception):
     """A value that does not fit a field's type hint; the message describes what was expected."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_hints(cls: type) -> dict[str, Any]:
     """The resolved type hints of a dataclass (cached: resolving string annotations is slow)."""
     return typing.get_type_hints(cls)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.errors import UnsupportedLayerError
+
 LINEAR, CONV1D_HF, CONV, EMBEDDING = "linear", "conv1d_hf", "conv", "embedding"
 ALL_KINDS = frozenset({LINEAR, CONV1D_HF, CONV, EMBEDDING})
 KIND_LABELS = {
@@ -128,7 +130,10 @@ def describe_layer(module: nn.Module) -> LayerInfo:
         return LayerInfo(kind, shape[0], shape[1], shape, name)
     if kind == CONV:
         if module.padding_mode != "zeros":
-            raise ValueError(f"padding_mode={module.padding_mode!r}")
+            raise UnsupportedLayerError(
+                f"{name} with padding_mode={module.padding_mode!r} cannot be adapted (only 'zeros' padding runs as a "
+                "functional convolution); exclude it from `targets`"
+            )
         args = dict(stride=module.stride, padding=module.padding, dilation=module.dilation, groups=module.groups)
         return LayerInfo(kind, module.in_channels, module.out_channels, shape, name, len(shape) - 2, args)
     if kind == EMBEDDING:
@@ -137,7 +142,7 @@ def describe_layer(module: nn.Module) -> LayerInfo:
             scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
         )
         return LayerInfo(kind, module.num_embeddings, module.embedding_dim, shape, name, embedding_args=args)
-    raise ValueError(f"unsupported layer type {name}")
+    raise UnsupportedLayerError(f"unsupported layer type {name}: expected one of {sorted(KIND_LABELS.values())}")
 
 
 def base_bias(module: nn.Module) -> Tensor | None:

@@ -251,7 +251,8 @@ class ParameterCount:
         return self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {100 * self.share:.4f}"
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} "
+                f"|| trainable%: {100 * self.share:.4f}")
 
 
 def trainable_parameters(model: nn.Module) -> ParameterCount:

@@ -18,7 +18,11 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.core.adapter_files import (
-    CONFIG_DIGEST, canonical_digest, check_config_record, save_folder, write_weights_then_config,
+    CONFIG_DIGEST,
+    canonical_digest,
+    check_config_record,
+    save_folder,
+    write_weights_then_config,
 )
 from deltatune.core.attach import attach_adapter
 from deltatune.core.blueprint import delta_blueprint, planned_layers, planned_state_keys

@@ -27,7 +27,7 @@ def register_method(name: str, config_cls: type[DeltaConfig], description: str =
 
     def decorate(delta_cls: type[Delta]) -> type[Delta]:
         if name in _METHODS and _METHODS[name].delta_cls is not delta_cls:
-            raise ValueError(f"method {name!r} is registered twice")
+            raise ConfigError(f"method {name!r} is registered twice; give the new method another name")
         config_cls.method = name
         summary = description or (delta_cls.__doc__ or "").strip().splitlines()[0]
         _METHODS[name] = MethodEntry(name, config_cls, delta_cls, summary)

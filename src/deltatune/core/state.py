@@ -20,15 +20,26 @@ from pathlib import Path
 from torch import nn
 
 from deltatune.core.attach import (  # noqa: F401 - re-exported
-    adapter_state_dict, attach_adapter, load_trainable_state_dict, trainable_state_dict,
+    adapter_state_dict,
+    attach_adapter,
+    load_trainable_state_dict,
+    trainable_state_dict,
 )
 from deltatune.core.deltatune_format import (  # noqa: F401 - re-exported; importing it registers the format
-    CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, check_format_fields, config_from_meta,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    check_format_fields,
+    config_from_meta,
 )
 from deltatune.core.files import (  # noqa: F401 - re-exported
-    PICKLE_SUFFIXES, read_json, read_safetensors, readable_file as _readable_file, refuse_nonfinite,
+    PICKLE_SUFFIXES,
+    read_json,
+    read_safetensors,
+    refuse_nonfinite,
 )
-from deltatune.core.formats import adapter_folder as _adapter_folder, detect_format, format_named  # noqa: F401
+from deltatune.core.formats import adapter_folder as _adapter_folder  # noqa: F401
+from deltatune.core.formats import detect_format, format_named
 from deltatune.core.model import adapter_state
 from deltatune.core.peft_format import PEFT_FORMAT  # noqa: F401 - importing it registers the format
 

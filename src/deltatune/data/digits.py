@@ -29,7 +29,8 @@ def read_digits() -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits
     except ImportError:
         raise DeltatuneError(
-            "the digits task needs scikit-learn, which is not installed; install it with `pip install 'deltatune[data]'`"
+            "the digits task needs scikit-learn, which is not installed; "
+            "install it with `pip install 'deltatune[data]'`"
         ) from None
     bunch = load_digits()
     pixels = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # 4-bit counts: max 16

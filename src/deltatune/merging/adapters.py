@@ -4,7 +4,8 @@ Per adapted layer, each adapter's ΔW_i (any method: the delta contract's `delta
 base 0; a registered merge method (task arithmetic, TIES, DARE, PCB, ... — the same functions that merge
 checkpoints) combines them into one ΔW, and a truncated SVD turns ΔW into the factors of a new LoRA adapter
 (`AssignsDeltaWeight`, core.capabilities). A bias term (the contract's `delta_bias`: BitFit's whole update) is
-combined the same way, as one more tensor per layer, and carried by the new adapter's bias (`LoRAConfig(bias=True)`). This is peft's `add_weighted_adapter` with its `svd` / `ties_svd` /
+combined the same way, as one more tensor per layer, and carried by the new adapter's bias
+(`LoRAConfig(bias=True)`). This is peft's `add_weighted_adapter` with its `svd` / `ties_svd` /
 `dare_*_svd` combination types, for every deltatune method and merge method. peft's `ties_svd` is
 `method="ties", params=TiesParams(trim_scope="tensor", normalize="count")` and its `magnitude_prune_svd` is
 `method="magnitude_prune"` (equal outputs in the tests, weights and density as in peft).

@@ -9,8 +9,8 @@ from typing import Any
 from torch import Tensor
 
 from deltatune.errors import MergeError
-from deltatune.merging.registry import MergeInputs, merge_method, tensor_generators
 from deltatune.merging.algebra.statistics import order_statistics
+from deltatune.merging.registry import MergeInputs, merge_method, tensor_generators
 
 
 def _inputs(name: str, base: Mapping[str, Tensor] | None, models: Sequence[Mapping[str, Tensor]], params: Any,

@@ -123,11 +123,11 @@ def register_merge(name: str, params_cls: type, model_params_cls: type, *, base:
     always drops or rescales something). The contract test (tests/merging/test_contract.py) checks both.
     """
     if base not in BASE_POLICIES:
-        raise ValueError(f"base={base!r}: expected one of {BASE_POLICIES}")
+        raise ConfigError(f"base={base!r}: expected one of {BASE_POLICIES}")
 
     def decorate(function: Callable[[MergeInputs], Tensor]) -> Callable[[MergeInputs], Tensor]:
         if name in _MERGES and _MERGES[name].merge is not function:
-            raise ValueError(f"merge method {name!r} is registered twice")
+            raise ConfigError(f"merge method {name!r} is registered twice")
         summary = description or (function.__doc__ or "").strip().splitlines()[0]
         _MERGES[name] = MergeMethodSpec(name, params_cls, model_params_cls, function, base, summary,
                                         dict(mergekit_defaults or {}), min_models, statistics, check,

@@ -40,12 +40,16 @@ from deltatune.allocate.pruning import SensitivityPruner
 from deltatune.allocate.schedules import resolve_steps
 from deltatune.allocate.slots import SlottedLowRankDelta, orthogonality_penalty
 from deltatune.allocate.support import (
-    adapter_name_of, check_common, check_share_or_steps, set_mean_regularization,
+    adapter_name_of,
+    check_common,
+    check_share_or_steps,
+    set_mean_regularization,
 )
 from deltatune.core.config import DeltaConfig
 from deltatune.core.layers import LayerInfo
 from deltatune.core.registry import register_method
 from deltatune.errors import config_check
+
 
 @dataclass(frozen=True)
 class AdaLoRAConfig(DeltaConfig):

@@ -39,7 +39,7 @@ advance learning and restart warm-up on (the code's defaults). Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,11 @@ from deltatune.allocate.growth import GrowthAllocator, SmoothedDeltaGradientScor
 from deltatune.allocate.schedules import LinearGrowthSchedule, resolve_steps
 from deltatune.allocate.slots import SlottedLowRankDelta, gaussian, orthogonality_penalty
 from deltatune.allocate.support import (
-    adapter_name_of, check_common, check_share_or_steps, default_max_rank, set_mean_regularization,
+    adapter_name_of,
+    check_common,
+    check_share_or_steps,
+    default_max_rank,
+    set_mean_regularization,
 )
 from deltatune.core.config import DeltaConfig
 from deltatune.core.layers import LayerInfo

@@ -19,8 +19,8 @@ Deviation: grouped convolutions are not supported (clear error).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -262,6 +262,7 @@ def _check_layer(config: LoRAConfig, layer: LayerInfo, module_name: str) -> None
     limit = min(layer.fan_in, layer.out_features)
     config_check(
         config.rank < limit, "rank", config.rank,
-        f"0 < rank < min(in, out) = {limit} for {module_name or layer.type_name} ({layer.fan_in} -> {layer.out_features})",
+        f"0 < rank < min(in, out) = {limit} for {module_name or layer.type_name} "
+        f"({layer.fan_in} -> {layer.out_features})",
         "lower the rank or exclude this module",
     )

@@ -72,7 +72,8 @@ _CONVERSION = ("convert it to a plain LoRA of the original base in peft first: P
                "path_initial_model_for_weight_conversion=<the initial adapter folder>)")
 # init family -> (name, what it does to the base, the fix)
 REWRITES_BASE = {
-    "pissa": ("PiSSA", "subtracts the initial adapter (its top singular directions) from the base weights", _CONVERSION),
+    "pissa": ("PiSSA", "subtracts the initial adapter (its top singular directions) from the base weights",
+              _CONVERSION),
     "olora": ("OLoRA", "subtracts the initial adapter (a QR factor pair) from the base weights", _CONVERSION),
     "corda": ("CorDA", "subtracts the initial adapter (context-oriented SVD) from the base weights", _CONVERSION),
     "lora_ga": ("LoRA-GA", "subtracts the initial adapter (gradient SVD) from the base weights", _CONVERSION),

@@ -55,7 +55,11 @@ from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, LINEAR, LayerInfo,
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, config_check
 from deltatune.functional.sparse import (
-    PatternCache, gather_matrix, scatter_matrix, sparse_adapted_linear, sparse_matmul,
+    PatternCache,
+    gather_matrix,
+    scatter_matrix,
+    sparse_adapted_linear,
+    sparse_matmul,
 )
 
 NUCLEAR_OF = ("weights", "update")

@@ -21,8 +21,9 @@ sparse plus LoRA, is `deltatune.trainable_parameters`) and tunes weight matrices
 official LoRA one: its output goes through DropPath(0.1) in training (`drop_path`: each sample's branch output is
 dropped with probability p and the kept ones scaled by 1/(1 − p); eval uses the plain branch), with no input
 dropout (`dropout` adds one, default 0). The official code's other structured form, an adapter (Linear, GELU,
-Linear beside the layer: its `structured_type="adapter"`), is not offered: structured matrices get LoRA. Without a plan (`SPTConfig()` straight into `adapt`), no
-data has been seen: every matrix gets the budget share at seeded random positions and a warning says so.
+Linear beside the layer: its `structured_type="adapter"`), is not offered: structured matrices get LoRA.
+Without a plan (`SPTConfig()` straight into `adapt`), no data has been seen: every matrix gets the budget share
+at seeded random positions and a warning says so.
 """
 from __future__ import annotations
 
@@ -40,7 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deltatune.allocate.selection import (
-    check_budget, global_top_counts, largest_score_positions, resolve_budget, task_objective, taylor_sensitivity,
+    check_budget,
+    global_top_counts,
+    largest_score_positions,
+    resolve_budget,
+    task_objective,
+    taylor_sensitivity,
 )
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind

@@ -42,7 +42,11 @@ from deltatune.allocate.growth import FrobeniusGrowthScore, GrowthAllocator
 from deltatune.allocate.schedules import GROWTH_RULES, ThresholdGrowthSchedule, resolve_steps
 from deltatune.allocate.slots import SlottedLowRankDelta, gaussian, orthogonality_penalty
 from deltatune.allocate.support import (
-    adapter_name_of, check_common, check_share_or_steps, default_max_rank, set_mean_regularization,
+    adapter_name_of,
+    check_common,
+    check_share_or_steps,
+    default_max_rank,
+    set_mean_regularization,
 )
 from deltatune.core.config import DeltaConfig
 from deltatune.core.layers import LayerInfo

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from deltatune.errors import config_check
+from deltatune.errors import TrainingError, config_check
 
 
 class AdamR(torch.optim.Optimizer):
@@ -43,7 +43,7 @@ class AdamR(torch.optim.Optimizer):
                 self.state[param]["reference"] = start.detach().clone()
 
     @staticmethod
-    def factory(**options) -> Callable[..., "AdamR"]:
+    def factory(**options) -> Callable[..., AdamR]:
         """An `optimizer_factory` for trainers: `factory(weight_decay=1e-3)(model_or_params, lr=...)`."""
 
         def build(model_or_params, lr: float | None = None, **overrides) -> AdamR:
@@ -64,7 +64,7 @@ class AdamR(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise RuntimeError("AdamR does not support sparse gradients; use dense gradients")
+                    raise TrainingError("AdamR does not support sparse gradients; use dense gradients")
                 state = self.state[param]
                 if "step" not in state:
                     state["step"] = 0

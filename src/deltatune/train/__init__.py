@@ -12,7 +12,7 @@ from deltatune.train.losses import causal_lm_loss, cross_entropy
 from deltatune.train.progress import TrainingProgress
 from deltatune.train.schedules import build_scheduler, lr_multiplier
 from deltatune.train.seeding import set_seed
-from deltatune.train.trainer import TrainResult, Trainer
+from deltatune.train.trainer import Trainer, TrainResult
 
 __all__ = [
     "Callback", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "causal_lm_loss", "cross_entropy",

@@ -22,7 +22,11 @@ from typing import Any
 
 from deltatune.errors import TrainingError
 from deltatune.train.checkpoint import (
-    Checkpoint, checkpoints_root, latest_checkpoint, read_checkpoint, write_checkpoint,
+    Checkpoint,
+    checkpoints_root,
+    latest_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
 )
 from deltatune.train.config import TrainConfig
 from deltatune.train.data_order import permutation_seed

@@ -36,7 +36,12 @@ from deltatune.train.callbacks import callback_states, check_callback_states, fi
 from deltatune.train.checkpoint import load_trainable_tensors, trainable_tensors
 from deltatune.train.config import TrainConfig
 from deltatune.train.data_order import (
-    MicroBatch, epoch_permutation, global_batch, loader_seed, micro_batches, steps_per_epoch,
+    MicroBatch,
+    epoch_permutation,
+    global_batch,
+    loader_seed,
+    micro_batches,
+    steps_per_epoch,
 )
 from deltatune.train.distributed import all_reduce_sum, setup_world
 from deltatune.train.evaluation import evaluate_model

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deltatune.errors import config_check
+from deltatune.errors import ConfigError, config_check
 from deltatune.merging.algebra import ops
 from deltatune.merging.params import check_field_types
 
@@ -67,7 +67,7 @@ def check_consensus_normalize(value: object) -> None:
 
 def boolean_rescale(params: object, true_means: str) -> None:
     """Let a frozen params dataclass accept mergekit's boolean `rescale` (False → "none", True → `true_means`)."""
-    value = getattr(params, "rescale")
+    value = params.rescale
     if isinstance(value, bool):
         object.__setattr__(params, "rescale", true_means if value else "none")
 
@@ -201,7 +201,7 @@ def mask_and_rescale(delta: Tensor, mask: Tensor, rescale: str, density: float,
                      divisor: float | None = None) -> Tensor:
     """Zero the entries outside `mask` (in place: `delta` must be a tensor the caller owns), then rescale."""
     if rescale not in RESCALE_RULES:
-        raise ValueError(f"rescale={rescale!r}: expected one of {RESCALE_RULES}")
+        raise ConfigError(f"rescale={rescale!r}: expected one of {RESCALE_RULES}")
     original_l1 = ops.l1_norm(delta) if rescale == "l1" else None
     masked = delta.mul_(mask)
     if rescale == "l1":

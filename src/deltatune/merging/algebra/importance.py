@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from deltatune.errors import config_check
+from deltatune.errors import MergeError, config_check
 from deltatune.merging.algebra import ops
 
 GROUPS = ("row", "tensor")
@@ -31,7 +31,7 @@ def importance_scores(delta: Tensor, input_norm: Tensor | None = None) -> Tensor
     if input_norm is None:
         return scores
     if delta.ndim != 2 or input_norm.numel() != delta.shape[1]:
-        raise ValueError(f"input_norm of {input_norm.numel()} features does not fit a delta of shape "
+        raise MergeError(f"input_norm of {input_norm.numel()} features does not fit a delta of shape "
                          f"{tuple(delta.shape)}; WANDA scores need a [out, in] weight and one norm per input")
     return scores * input_norm.float().reshape(1, -1)
 

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from deltatune.errors import ConfigError, MergeError
+
 __all__ = [
     "task_vector", "apply_task_vector", "keep_count", "kth_largest", "magnitude_keep_mask", "random_keep_mask",
     "rescale_l1", "elect_sign", "agreement_mask", "weighted_sum", "disjoint_mean", "dare", "magnitude_prune",
@@ -31,7 +33,7 @@ __all__ = [
 def task_vector(finetuned: Tensor, base: Tensor) -> Tensor:
     """τ = θ_ft − θ_0 (task arithmetic, Ilharco et al. 2023, §2), in the inputs' dtype."""
     if finetuned.shape != base.shape:
-        raise ValueError(f"shape {tuple(finetuned.shape)} does not match base shape {tuple(base.shape)}")
+        raise MergeError(f"shape {tuple(finetuned.shape)} does not match base shape {tuple(base.shape)}")
     return finetuned - base
 
 
@@ -62,7 +64,7 @@ def kth_largest(values: Tensor, k: int) -> Tensor:
     flat = values.reshape(-1)
     n = flat.numel()
     if not 1 <= k <= n:
-        raise ValueError(f"k={k} outside 1..{n}")
+        raise ConfigError(f"k={k} outside 1..{n}")
     if k == 1 or k == n:
         return flat.max() if k == 1 else flat.min()
     if n < (1 << 20):
@@ -110,7 +112,7 @@ def magnitude_keep_mask(delta: Tensor, density: float, threshold: Tensor | float
     With `threshold` (a whole-model cut-off, the TIES paper's setting): every entry with |δ| ≥ threshold.
     """
     if tie_break not in TIE_BREAKS:
-        raise ValueError(f"tie_break={tie_break!r}: expected one of {TIE_BREAKS}")
+        raise ConfigError(f"tie_break={tie_break!r}: expected one of {TIE_BREAKS}")
     magnitude = delta.abs()
     if magnitude.device.type == "cpu" and magnitude.dtype in (torch.float16, torch.bfloat16):
         magnitude = magnitude.float()  # kthvalue is slow or missing for half types on CPU (mergekit upcasts too)
@@ -182,7 +184,7 @@ def elect_sign(deltas: Sequence[Tensor], method: str = "sum", zero: str = "posit
     Returns a tensor of ±1 in the deltas' dtype.
     """
     if method not in ("sum", "count"):
-        raise ValueError(f"sign election method={method!r}: expected 'sum' or 'count'")
+        raise ConfigError(f"sign election method={method!r}: expected 'sum' or 'count'")
     dtype = deltas[0].dtype
     wide = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     total = torch.zeros(deltas[0].shape, dtype=wide, device=deltas[0].device)
@@ -193,7 +195,7 @@ def elect_sign(deltas: Sequence[Tensor], method: str = "sum", zero: str = "posit
         majority = 1.0 if float(elected.sum()) >= 0 else -1.0
         return elected.masked_fill_(elected == 0, majority).to(dtype)
     if zero != "positive":
-        raise ValueError(f"zero sign rule={zero!r}: expected 'positive' or 'majority'")
+        raise ConfigError(f"zero sign rule={zero!r}: expected 'positive' or 'majority'")
     return total.copy_(total >= 0).mul_(2).sub_(1).to(dtype)  # ±1 in the deltas' dtype
 
 
@@ -233,7 +235,7 @@ def dare(delta: Tensor, drop_rate: float, generator: torch.Generator, rescale: f
     gives DropOnly. Unbiased in expectation only for the paper's 1 − p.
     """
     if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate={drop_rate}: expected 0 <= p < 1")
+        raise ConfigError(f"drop_rate={drop_rate}: expected 0 <= p < 1")
     keep = random_keep_mask(delta.shape, 1.0 - drop_rate, generator, delta.device)
     divisor = (1.0 - drop_rate) if rescale is None else rescale
     return torch.where(keep, delta / divisor, torch.zeros_like(delta))

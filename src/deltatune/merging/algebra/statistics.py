@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from deltatune.errors import ConfigError
+
 BINS = 1 << 16
 
 
@@ -53,7 +55,7 @@ def order_statistics(score_groups: Callable[[], Iterable[Sequence[Tensor]]], ran
     for m in range(models):
         for rank in ranks[m]:
             if not 1 <= rank <= totals[m]:
-                raise ValueError(f"rank {rank} outside 1..{totals[m]}")
+                raise ConfigError(f"rank {rank} outside 1..{totals[m]}")
             targets.append((m, *_locate(high[m], rank)))
     low = [torch.zeros(BINS, dtype=torch.int64) for _ in targets]
     for scores in score_groups():

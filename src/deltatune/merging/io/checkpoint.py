@@ -238,7 +238,7 @@ class ShardWriter:
     def write(self, name: str, tensor: Tensor) -> None:
         expected = self.order[self._next]
         if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
-            raise RuntimeError(f"writer expected {expected} but got {name} {tuple(tensor.shape)} {tensor.dtype}")
+            raise MergeError(f"writer expected {expected} but got {name} {tuple(tensor.shape)} {tensor.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         self._file.write(memoryview(data.numpy()))
         self._next += 1
@@ -246,7 +246,7 @@ class ShardWriter:
     def close(self) -> None:
         if self._next != len(self.order):
             self._file.close()
-            raise RuntimeError(f"{self.path}: {len(self.order) - self._next} tensors were never written")
+            raise MergeError(f"{self.path}: {len(self.order) - self._next} tensors were never written")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()

@@ -29,6 +29,9 @@ from torch import Tensor
 
 from deltatune.core.atomic import atomic_directory
 from deltatune.errors import DeltatuneError, MergeError
+from deltatune.merging.algebra.statistics import order_statistics
+from deltatune.merging.config.parse import MergeConfig
+from deltatune.merging.config.resolve import ParameterResolver
 from deltatune.merging.io.checkpoint import (
     Checkpoint,
     OutputTensor,
@@ -37,11 +40,8 @@ from deltatune.merging.io.checkpoint import (
     shard_file_names,
     write_index,
 )
-from deltatune.merging.config.parse import MergeConfig
-from deltatune.merging.config.resolve import ParameterResolver
-from deltatune.merging.registry import MergeInputs, MergeMethodSpec, tensor_generators
-from deltatune.merging.algebra.statistics import order_statistics
 from deltatune.merging.io.validate import check_compatible, check_output_location, layer_count, read_model_config
+from deltatune.merging.registry import MergeInputs, MergeMethodSpec, tensor_generators
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
