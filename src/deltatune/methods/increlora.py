@@ -75,6 +75,7 @@ class IncreLoRAConfig(DeltaConfig):
         alpha, dropout, beta1, beta2, orthogonal_weight, orthogonal_form: as in AdaLoRA.
         seed: seeds the initialization of reserves created during training.
     """
+    budget_field: ClassVar[str | None] = "target_rank"
 
     init_rank: int = 1
     target_rank: int = 2

@@ -49,6 +49,7 @@ class LoRAConfig(DeltaConfig):
         init: "kaiming" (A Kaiming-uniform, B = 0; the paper/peft default), "gaussian" (A ~ N(0, 1/r), B = 0),
             or "random" (B random too: output changes at step 0; for tests and experiments).
     """
+    budget_field: ClassVar[str | None] = "rank"
 
     rank: int = 8
     alpha: float = 8.0
