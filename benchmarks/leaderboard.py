@@ -45,6 +45,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from deltatune.bench import harness  # noqa: E402
 from deltatune.bench.harness import mean_std  # noqa: E402
+from deltatune.errors import BenchmarkError  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
 REFERENCE = "lora"
@@ -366,6 +367,7 @@ def main() -> None:
         return
     task_names, method_names = args.tasks or tasks(), args.methods or methods()
     log = harness.RunLog(args.jsonl, identity=CELL_IDENTITY)
+    failure: BenchmarkError | None = None
     if not args.render:
         matches = budget_matches(task_names, method_names, args.jsonl.with_name(args.jsonl.stem + "_budgets.json"))
         if args.match_only:
@@ -375,12 +377,17 @@ def main() -> None:
         def run(cell: dict) -> dict:
             return {**launch(cell, args.threads), "environment": env}
 
-        harness.run_jobs(cells(task_names, method_names, matches), log, run, workers=args.workers)
+        try:
+            harness.run_jobs(cells(task_names, method_names, matches), log, run, workers=args.workers)
+        except BenchmarkError as error:  # the other cells finished: report them, the failed one shows as missing
+            failure = error
     records = log.records()
     report = render(records, task_names, method_names)
     print(report)
     harness.write_report(args.output, report, {args.output.with_suffix(".png"): plot(records, task_names,
                                                                                       method_names)})
+    if failure is not None:
+        raise failure
 
 
 if __name__ == "__main__":
