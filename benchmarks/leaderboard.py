@@ -44,6 +44,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.budget import TOLERANCE  # noqa: E402
 from deltatune.bench.harness import mean_std  # noqa: E402
 from deltatune.errors import BenchmarkError  # noqa: E402
 
@@ -52,12 +53,13 @@ REFERENCE = "lora"
 REFERENCE_POINTS = ("probe", "full")
 LORA_RANKS = (1, 8)  # the budgets: what LoRA trains at these ranks
 NATURAL = "natural"
-PROTOCOL = dict(train_size=256, epochs=1, batch_size=16, max_length=16, validation_size=200, test_size=300)
+PROTOCOL = dict(train_size=256, epochs=1, batch_size=16, max_length=16, validation_size=150, test_size=250)
 LR_GRID = (3e-3, 1e-2, 3e-2)
 SEEDS = (0, 1, 2)
 TIMING_SKIP = 2  # warm-up steps of each run left out of the step time
 # digits trains in milliseconds a step: its whole training split, 2 epochs (80 steps)
-TASK_PROTOCOL = {"digits": dict(train_size=None, epochs=2)}
+TASK_PROTOCOL = {"digits": dict(train_size=None, epochs=2, validation_size=None, test_size=300)}
+REACH = 0.15  # a knob whose nearest count is further than this from the budget is not run there (unreachable)
 TASK_PARAMS = {"digits": {"targets": ("conv1", "conv2")}}  # the digits net's only layers besides its head
 CELL_IDENTITY = ("task", "method", "budget")
 
@@ -132,8 +134,14 @@ def cells(task_names: Sequence[str], method_names: Sequence[str], matches: dict[
                 match = matches[task][budget if budget != NATURAL else budget_name(max(LORA_RANKS))].get(method)
                 knob = {match["field"]: match["value"]} if match and match["field"] else {}
                 jobs.append(dict(task=task, method=method, budget=budget,
-                                 params={**TASK_PARAMS.get(task, {}), **knob}, match=match))
+                                 params={**TASK_PARAMS.get(task, {}), **knob}, match=match,
+                                 unreachable=budget != NATURAL and off_budget(match) > REACH))
     return sorted(jobs, key=lambda j: (task_names.index(j["task"]), j["method"] != REFERENCE))
+
+
+def off_budget(match: dict) -> float:
+    """How far the matched count is from the budget, relative to it (0 = exact)."""
+    return abs(match["count"] - match["target"]) / match["target"]
 
 
 # --- one cell (in its own process) --------------------------------------------------------------------------------
@@ -201,32 +209,44 @@ def ratio(value: float | None, reference: float | None, digits: int = 2) -> str:
     return f"{value / reference:.{digits}f}"
 
 
+def unreachable(cell: dict) -> bool:
+    """A knob cell whose nearest count is further than REACH from the budget (not run; an older run ignored)."""
+    match = cell.get("match")
+    return bool(cell.get("unreachable")) or (cell["budget"] != NATURAL and bool(match) and off_budget(match) > REACH)
+
+
 def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_names: Sequence[str],
                      budget: str) -> list[dict]:
     """One row per method at `budget` (NATURAL: the methods and reference points without a knob): per-task
-    accuracy, and ratios to LoRA at the same task and budget (at NATURAL: to LoRA at the largest budget)."""
+    accuracy (or why there is none), and ratios to LoRA at the same task and budget (at NATURAL: to LoRA at the
+    largest budget), geometric means over the tasks."""
     by_cell = {(r["task"], r["method"], r["budget"]): r for r in records}
     reference_budget = budget if budget != NATURAL else budget_name(max(LORA_RANKS))
     candidates = [m for m in (*method_names, *REFERENCE_POINTS)
                   if any(k[1] == m and k[2] == budget for k in by_cell) or _expected(m, budget, records)]
     rows = []
     for method in candidates:
-        cells_of = {t: by_cell.get((t, method, budget)) for t in task_names}
-        row = {"method": method, "tasks": {t: final_tests(c) if c else None for t, c in cells_of.items()}}
+        found = {t: by_cell.get((t, method, budget)) for t in task_names}
+        ran = {t: c for t, c in found.items() if c and not unreachable(c)}
+        row = {"method": method, "tasks": {t: final_tests(ran[t]) if t in ran else None for t in task_names},
+               "status": {t: _status(c) for t, c in found.items() if t not in ran}}
         for key, getter in (("trainable", lambda c: c["runs"][0]["trainable"]),
                             ("step", lambda c: c["step_seconds"]), ("memory", lambda c: c["peak_rss_mb"])):
-            ratios = []
-            for task, cell in cells_of.items():
-                lora = by_cell.get((task, REFERENCE, reference_budget))
-                if cell and lora:
-                    ratios.append(getter(cell) / getter(lora))
+            ratios = [getter(cell) / getter(by_cell[(task, REFERENCE, reference_budget)]) for task, cell in ran.items()
+                      if (task, REFERENCE, reference_budget) in by_cell]
             row[key] = statistics.geometric_mean(ratios) if ratios else None
-        row["matched"] = budget == NATURAL or all(c["match"]["matched"] for c in cells_of.values()
-                                                  if c and c.get("match"))
-        row["mean"] = statistics.mean(statistics.mean(v) for v in row["tasks"].values() if v) \
-            if any(row["tasks"].values()) else None
+        row["matched"] = budget == NATURAL or all(off_budget(c["match"]) <= TOLERANCE for c in ran.values()
+                                                  if c.get("match"))
+        row["unreachable"] = not ran and any(c and unreachable(c) for c in found.values())
+        row["mean"] = statistics.mean(statistics.mean(v) for v in row["tasks"].values() if v) if ran else None
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["mean"] is None, -(r["mean"] or 0), r["method"]))
+    return sorted(rows, key=lambda r: (r["mean"] is None, r["unreachable"], -(r["mean"] or 0), r["method"]))
+
+
+def _status(cell: dict | None) -> str:
+    if cell is None:
+        return "missing"
+    return f"unreachable ({cell['match']['count'] / cell['match']['target']:.2g}×)"
 
 
 def _expected(method: str, budget: str, records: Sequence[dict]) -> bool:
@@ -260,9 +280,11 @@ def budget_table(records: Sequence[dict], task_names: Sequence[str], method_name
     for position, row in enumerate(rows, start=1):
         label = row["method"] + ("" if row["matched"] else " ≠")
         if row["mean"] is None:
-            lines.append(f"| – | {label} | missing | – |" + " – |" * len(task_names) + " – | – | – |")
+            reason = "unreachable" if row["unreachable"] else "missing"
+            cells = " | ".join(row["status"].get(t, "–") for t in task_names)
+            lines.append(f"| – | {row['method']} | {reason} | – | {cells} | – | – | – |")
             continue
-        accuracy = " | ".join(mean_std(v) if v else "missing" for v in row["tasks"].values())
+        accuracy = " | ".join(mean_std(v) if v else row["status"][t] for t, v in row["tasks"].items())
         lines.append(f"| {position} | {label} | {ranks.get(row['method'], 0):.1f} | {100 * row['mean']:.1f} | "
                      f"{accuracy} | {ratio(row['trainable'], 1)} | {ratio(row['step'], 1)} | "
                      f"{ratio(row['memory'], 1)} |")
@@ -294,8 +316,9 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "method's value over LoRA's at the same task and budget, measured in the same run (step time: "
              "median s per optimizer step; peak memory: peak RSS of the cell's process, which includes "
              "Python, torch and the model, so differences are diluted). ≠: the method's budget knob cannot reach "
-             "the budget within 5% (its nearest count is used; see the trainable ratio). Mean rank: over the "
-             "tasks, 1 = best in this table.", ""]
+             "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Mean rank: over the "
+             "tasks, 1 = best in this table. unreachable (k×): the knob's nearest count is k× the budget, more than "
+             f"{REACH:.0%} away, so the cell was not run.", ""]
     for budget in budgets_in(records):
         title = (f"## Budget {budget}: LoRA rank {budget.removeprefix('lora-r')}'s trainable count"
                  if budget != NATURAL else
@@ -375,6 +398,9 @@ def main() -> None:
         env = harness.environment(threads=args.threads)
 
         def run(cell: dict) -> dict:
+            if cell["unreachable"]:  # recorded without running: the row says how far the knob gets
+                return {**{k: cell[k] for k in CELL_IDENTITY}, "params": cell["params"], "match": cell["match"],
+                        "unreachable": True, "runs": []}
             return {**launch(cell, args.threads), "environment": env}
 
         try:

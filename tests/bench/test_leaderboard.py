@@ -22,11 +22,11 @@ def board():
     return module
 
 
-def cell(task, method, budget, tests, *, trainable=1000, step=1.0, memory=100.0, matched=True, lr=0.01):
+def cell(task, method, budget, tests, *, trainable=1000, step=1.0, memory=100.0, count=None, lr=0.01):
     runs = [{"lr": lr, "seed": s, "validation": t, "test": t, "trainable": trainable, "seconds": 1.0}
             for s, t in enumerate(tests)]
     runs.append({"lr": 0.003, "seed": 0, "validation": 0.0, "test": 0.99, "trainable": trainable, "seconds": 1.0})
-    match = {"field": "rank", "value": 8, "count": trainable, "target": 1000, "matched": matched}
+    match = {"field": "rank", "value": 8, "count": count or trainable, "target": 1000, "matched": True}
     return {"task": task, "method": method, "budget": budget, "params": {}, "match": match, "lr": lr, "runs": runs,
             "step_seconds": step, "peak_rss_mb": memory}
 
@@ -37,8 +37,8 @@ def records():
         cell("digits", "lora", "lora-r8", [0.78, 0.80, 0.82], step=1.0, memory=100.0, trainable=1000),
         cell("wordnet-nouns", "lora", "lora-r8", [0.60, 0.60, 0.60], step=2.0, memory=200.0, trainable=1000),
         cell("digits", "sara", "lora-r8", [0.90, 0.90, 0.90], step=2.0, memory=150.0, trainable=1000),
-        cell("wordnet-nouns", "sara", "lora-r8", [0.50, 0.52, 0.54], step=8.0, memory=300.0, trainable=1040,
-             matched=False),
+        cell("wordnet-nouns", "sara", "lora-r8", [0.50, 0.52, 0.54], step=8.0, memory=300.0, trainable=1100),
+        cell("digits", "spt", "lora-r8", [0.99, 0.99, 0.99], count=5000),  # an older run beyond reach: ignored
         cell("digits", "lora", "lora-r1", [0.70, 0.70, 0.70]),
         cell("digits", "bitfit", "natural", [0.30, 0.30, 0.30], trainable=500, step=0.5, memory=50.0),
     ]
@@ -53,7 +53,7 @@ def test_ratios_are_geometric_means_of_per_task_ratios_to_lora(board, records):
     sara = row_of(rows, "sara")
     assert sara["step"] == pytest.approx(math.sqrt(2.0 * 4.0))  # 2/1 on digits, 8/2 on nouns
     assert sara["memory"] == pytest.approx(1.5)
-    assert sara["trainable"] == pytest.approx(math.sqrt(1.0 * 1.04))
+    assert sara["trainable"] == pytest.approx(math.sqrt(1.0 * 1.1))
     assert row_of(rows, "lora")["step"] == pytest.approx(1.0)
     assert not sara["matched"] and row_of(rows, "lora")["matched"]
 
@@ -66,8 +66,9 @@ def test_only_the_chosen_lr_enters_the_accuracy(board, records):
 
 def test_rows_are_ranked_by_mean_accuracy_with_missing_methods_last(board, records):
     rows = board.leaderboard_rows(records, TASKS, METHODS, "lora-r8")
-    assert [r["method"] for r in rows] == ["sara", "lora", "spt"]  # spt never ran: shown, not dropped
-    assert row_of(rows, "spt")["mean"] is None
+    assert [r["method"] for r in rows] == ["sara", "lora", "spt"]  # spt never ran in reach: shown, not dropped
+    assert row_of(rows, "spt")["mean"] is None and row_of(rows, "spt")["unreachable"]
+    assert row_of(rows, "spt")["status"] == {"digits": "unreachable (5×)", "wordnet-nouns": "missing"}
     ranks = board.mean_ranks(rows, TASKS)
     assert ranks == {"sara": 1.5, "lora": 1.5}
 
@@ -76,6 +77,7 @@ def test_the_report_names_what_is_missing(board, records):
     report = board.render(records, TASKS, METHODS)
     r1 = report.split("## Budget lora-r1")[1].split("##")[0]
     assert "| sara | missing |" in r1 and "| spt | missing |" in r1  # sara ran at r8 only: its r1 cells are due
+    assert "| spt | unreachable | – | unreachable (5×) | missing |" in r8_of(report)
     natural = report.split("## Natural budgets")[1].split("##")[0]
     assert "| probe | missing |" in natural and "| full | missing |" in natural
     assert "| bitfit |" in natural and "bitfit" not in r1  # a method without a knob belongs at its natural budget
@@ -84,6 +86,10 @@ def test_the_report_names_what_is_missing(board, records):
     assert "| 90.0 ± 0.0 | 52.0 ± 2.0 |" in sara_line and "| 2.83 | 1.50 |" in sara_line
     lora_line = next(line for line in r8.splitlines() if "| lora |" in line)
     assert "| 1.00 | 1.00 | 1.00 |" in lora_line
+
+
+def r8_of(report):
+    return report.split("## Budget lora-r8")[1].split("##")[0]
 
 
 def test_natural_budget_ratios_are_to_lora_at_the_largest_budget(board, records):
