@@ -316,7 +316,8 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "method's value over LoRA's at the same task and budget, measured in the same run (step time: "
              "median s per optimizer step; peak memory: peak RSS of the cell's process, which includes "
              "Python, torch and the model, so differences are diluted). ≠: the method's budget knob cannot reach "
-             "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Mean rank: over the "
+             "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Mean rank: "
+             "over the "
              "tasks, 1 = best in this table. unreachable (k×): the knob's nearest count is k× the budget, more than "
              f"{REACH:.0%} away, so the cell was not run.", ""]
     for budget in budgets_in(records):
@@ -325,7 +326,8 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
                  f"## Natural budgets (no budget knob) and reference points; ratios to LoRA at "
                  f"{budget_name(max(LORA_RANKS))}")
         lines += [title, "", *budget_table(records, task_names, method_names, budget), ""]
-    lines += ["## Chosen learning rates and budget knobs", "", "| task | method | budget | knob | count | target | lr |",
+    lines += ["## Chosen learning rates and budget knobs", "",
+              "| task | method | budget | knob | count | target | lr |",
               "| --- | --- | --- | --- | ---: | ---: | ---: |"]
     for r in sorted(records, key=lambda r: (task_names.index(r["task"]) if r["task"] in task_names else 99,
                                             r["budget"], r["method"])):

@@ -155,7 +155,8 @@ def evaluation_subsets(task, validation_size: int | None, test_size: int | None)
     from deltatune.data.task import limit_train_size
 
     cut = {name: limit_train_size(task.split(name), size, 0) for name, size in
-           (("validation", validation_size), ("test", test_size)) if size is not None and size < len(task.split(name))}
+           (("validation", validation_size), ("test", test_size))
+           if size is not None and size < len(task.split(name))}
     return dataclasses.replace(task, **cut) if cut else task
 
 
@@ -185,7 +186,8 @@ def finetune(
     checkpoint_every: also checkpoint every this many optimizer steps (out_dir/checkpoints; the last is always
     written). resume: continue from the newest complete checkpoint in out_dir, which must have been written
     with the same settings (task, method, config, schedule, seed). validation_size / test_size: evaluate on a
-    fixed label-stratified subset of at most that many examples (drawn with seed 0 whatever `seed` is), for quick benchmarks."""
+    fixed label-stratified subset of at most that many examples (drawn with seed 0 whatever `seed` is), for
+    quick benchmarks."""
     from deltatune.data import evaluate_accuracy, load_task
     from deltatune.train import TrainConfig, Trainer
 

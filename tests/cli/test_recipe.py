@@ -48,3 +48,17 @@ def test_finetune_runs_a_planned_method_end_to_end(tmp_path):
     result = finetune("digits", "spt", {"budget": 0.05, **CONV_ONLY}, max_steps=3, batch_size=16, lr=1e-2,
                       progress=False, out_dir=tmp_path)
     assert 0.0 <= result.test_accuracy <= 1.0 and result.adapter_path.exists()
+
+
+def test_evaluation_subsets_are_fixed_stratified_and_optional():
+    from deltatune.data import load_task
+    from deltatune.recipe import evaluation_subsets
+
+    task = load_task("digits")
+    cut = evaluation_subsets(task, 50, 100)
+    assert (len(cut.validation), len(cut.test), len(cut.train)) == (50, 100, len(task.train))
+    assert sorted(set(cut.test.labels.tolist())) == list(range(10))  # every class kept
+    again = evaluation_subsets(load_task("digits", seed=3), 50, 100)  # the run's seed does not move them
+    assert torch.equal(again.test.labels, cut.test.labels) and torch.equal(again.test.tensors["pixels"], cut.test.tensors["pixels"])
+    whole = evaluation_subsets(task, None, len(task.test) + 5)  # None and oversize keep the split
+    assert whole.validation is task.validation and whole.test is task.test

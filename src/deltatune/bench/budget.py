@@ -50,7 +50,8 @@ def adapter_count(model: nn.Module, extra_trainable: tuple[str, ...]) -> int:
     return sum(p.numel() for p in unique.values())
 
 
-def task_counter(task, method: str, seed: int = 0, common: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], int]:
+def task_counter(task, method: str, seed: int = 0,
+                 common: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], int]:
     """params -> the adapter count of `method` with `common` and those params on `task`'s model, adapted as
     recipe.finetune adapts it."""
     from deltatune.recipe import prepare_model
