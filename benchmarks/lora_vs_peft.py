@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> None:
     del contenders, base
     memory = run_memory(["deltatune", "peft"], args)
     raw = {"date": harness.environment()["date"], "machine": machine(),
-           "command": "HF_HUB_OFFLINE=1 " + harness.command_line([__file__, *(argv if argv is not None else sys.argv[1:])]),
+           "command": "HF_HUB_OFFLINE=1 " + harness.command_line([__file__, *(sys.argv[1:] if argv is None else argv)]),
            "config": vars(args) | {"output": str(args.output), "json": str(args.json)}, "check": check,
            "runs": runs, "memory": memory, "profile": profile, "load_before": load_before,
            "load_after": os.getloadavg()[0]}
