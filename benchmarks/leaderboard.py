@@ -297,7 +297,7 @@ def budgets_in(records: Sequence[dict]) -> list[str]:
 
 
 def render(records: Sequence[dict], task_names: Sequence[str], method_names: Sequence[str]) -> str:
-    env = records[0].get("environment", {}) if records else {}
+    env = next((r["environment"] for r in records if r.get("environment")), {})
     lines = ["# Leaderboard: every registered method on every built-in task at matched trainable budgets", "",
              harness.environment_line(env) if env else "", "",
              "Command: `python benchmarks/leaderboard.py --workers 2` (re-render: `--render`)", "",
@@ -329,16 +329,33 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
     lines += ["## Chosen learning rates and budget knobs", "",
               "| task | method | budget | knob | count | target | lr |",
               "| --- | --- | --- | --- | ---: | ---: | ---: |"]
-    for r in sorted(records, key=lambda r: (task_names.index(r["task"]) if r["task"] in task_names else 99,
-                                            r["budget"], r["method"])):
+    for r in sorted((r for r in records if not unreachable(r)),
+                    key=lambda r: (task_names.index(r["task"]) if r["task"] in task_names else 99, r["budget"],
+                                   r["method"])):
         match = r.get("match") or {}
         knob = f"{match['field']}={_short(match['value'])}" if match.get("field") else "–"
         edge = " (grid edge)" if r["lr"] in (min(LR_GRID), max(LR_GRID)) else ""
         lines.append(f"| {r['task']} | {r['method']} | {r['budget']} | {knob} | {match.get('count', '–')} | "
                      f"{match.get('target', '–')} | {r['lr']:g}{edge} |")
+    lines += natural_reasons(records, method_names)
     lines += ["", "Plot: leaderboard.png next to this file. Raw numbers: leaderboard.jsonl (one line per cell, every "
               "run inside), budget matches: leaderboard_budgets.json.", ""]
     return "\n".join(lines)
+
+
+def natural_reasons(records: Sequence[dict], method_names: Sequence[str]) -> list[str]:
+    """Why each method without budget cells is at its natural budget: no knob, or a knob that moves no count."""
+    from deltatune.bench.budget import budget_field
+
+    natural = sorted({r["method"] for r in records if r["budget"] == NATURAL} & set(method_names))
+    unmoved = [f"{m} (`{budget_field(m)[0]}`)" for m in natural if budget_field(m)[0] is not None]
+    knobless = [m for m in natural if budget_field(m)[0] is None]
+    lines = ["", "At their natural budget without a budget knob: " + ", ".join(knobless) + "."] if knobless else []
+    if unmoved:
+        lines.append("The knob of " + ", ".join(unmoved) + " does not change the trainable count after adapting "
+                     "(ID³ trains a dense update and unmasks its budget of entries during training, so its "
+                     "trainable ratio counts the dense tensor).")
+    return lines
 
 
 def _short(value: Any) -> str:
