@@ -385,14 +385,15 @@ def plot(records: Sequence[dict], task_names: Sequence[str], method_names: Seque
         for index, row in enumerate(rows):
             for task, values in row["tasks"].items():
                 if values:
-                    axis.plot(100 * statistics.mean(values), index, "o", color=colors[task], markersize=4,
-                              label=task if index == 0 else None)
+                    axis.plot(100 * statistics.mean(values), index, "o", color=colors[task], markersize=4)
         axis.set_yticks(list(positions), [r["method"] + ("" if r["matched"] else " ≠") for r in rows])
         axis.invert_yaxis()
         axis.set_xlabel("test accuracy (%)")
         axis.set_title(budget)
         axis.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(loc="lower right", fontsize=7)
+    for task, color in colors.items():  # one legend entry per task, whichever rows ran it
+        axes[0][0].plot([], [], "o", color=color, markersize=4, label=task)
+    axes[0][0].legend(loc="lower left", fontsize=7)
     figure.suptitle("deltatune leaderboard (bars: mean over tasks; dots: per task; small-budget protocol)")
     figure.tight_layout()
     return figure
