@@ -110,3 +110,20 @@ def test_render_and_plot_from_the_jsonl_are_written(board, records, tmp_path):
     write_report(out, board.render(done, TASKS, METHODS), {out.with_suffix(".png"): board.plot(done, TASKS, METHODS)})
     assert out.read_text() == board.render(records, TASKS, METHODS)
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_a_reference_point_skipped_for_cost_runs_once_it_is_due(board, tmp_path):
+    from deltatune.bench.harness import RunLog
+
+    skipped = {"task": "wordnet-nouns", "method": "full", "budget": "natural", "match": None, "not_run": "cost",
+               "runs": []}
+    job = {"task": "wordnet-nouns", "method": "full", "budget": "natural"}
+    for reference_tasks, due in ((["digits"], False), (["digits", "wordnet-nouns"], True)):
+        log = RunLog(tmp_path / f"{len(reference_tasks)}.jsonl", identity=board.cell_identity(reference_tasks))
+        log.append(skipped)
+        assert (log.pending([job]) == [job]) is due
+    rows = board.leaderboard_rows([skipped], TASKS, METHODS, "natural")
+    assert row_of(rows, "full")["status"]["wordnet-nouns"] == "not run (cost)"
+    done = cell("wordnet-nouns", "full", "natural", [0.7, 0.7, 0.7])
+    assert row_of(board.leaderboard_rows([skipped, done], TASKS, METHODS, "natural"), "full")["tasks"][
+        "wordnet-nouns"] == [0.7, 0.7, 0.7]  # the later, real record supersedes the skipped one
