@@ -322,7 +322,7 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
     lines = ["# Leaderboard: every registered method on every built-in task at matched trainable budgets", "",
              harness.environment_line(env) if env else "", "",
              "Command: `python benchmarks/leaderboard.py --workers 2` (re-render: `--render`)", "",
-             "**A small-budget protocol** (2 shared CPU cores, the whole grid in about an hour): "
+             "**A small-budget protocol** (sized for the whole grid to take about an hour on 2 shared CPU cores): "
              f"train on a fixed stratified subset of {PROTOCOL['train_size']} examples (drawn per seed), "
              f"{PROTOCOL['epochs']} epoch(s) of batch {PROTOCOL['batch_size']} "
              f"({-(-PROTOCOL['train_size'] // PROTOCOL['batch_size']) * PROTOCOL['epochs']} steps on the text "
