@@ -248,6 +248,7 @@ def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_
         found = {t: by_cell.get((t, method, budget)) for t in task_names}
         ran = {t: c for t, c in found.items() if ran_cell(c)}
         row = {"method": method, "tasks": {t: final_tests(ran[t]) if t in ran else None for t in task_names},
+               "edge": {t for t, c in ran.items() if c["lr"] in (min(LR_GRID), max(LR_GRID))},
                "status": {t: _status(c) for t, c in found.items() if t not in ran}}
         for key, getter in (("trainable", lambda c: c["runs"][0]["trainable"]),
                             ("step", lambda c: c["step_seconds"]), ("memory", lambda c: c["peak_rss_mb"])):
@@ -305,7 +306,8 @@ def budget_table(records: Sequence[dict], task_names: Sequence[str], method_name
             cells = " | ".join(row["status"].get(t, "–") for t in task_names)
             lines.append(f"| – | {row['method']} | {reason} | – | {cells} | – | – | – |")
             continue
-        accuracy = " | ".join(mean_std(v) if v else row["status"][t] for t, v in row["tasks"].items())
+        accuracy = " | ".join(mean_std(v) + ("*" if t in row["edge"] else "") if v else row["status"][t]
+                              for t, v in row["tasks"].items())
         lines.append(f"| {position} | {label} | {ranks.get(row['method'], 0):.1f} | {100 * row['mean']:.1f} | "
                      f"{accuracy} | {ratio(row['trainable'], 1)} | {ratio(row['step'], 1)} | "
                      f"{ratio(row['memory'], 1)} |")
@@ -341,7 +343,9 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Mean rank: "
              "over the "
              "tasks, 1 = best in this table. unreachable (k×): the knob's nearest count is k× the budget, more than "
-             f"{REACH:.0%} away, so the cell was not run.", ""]
+             f"{REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is at an edge of the "
+             "grid, so the method may do better outside it (BENCHMARKING.md asks to extend the grid there; not done "
+             "in this run for lack of time: read those cells as lower bounds).", ""]
     for budget in budgets_in(records):
         title = (f"## Budget {budget}: LoRA rank {budget.removeprefix('lora-r')}'s trainable count"
                  if budget != NATURAL else

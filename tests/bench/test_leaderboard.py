@@ -127,3 +127,10 @@ def test_a_reference_point_skipped_for_cost_runs_once_it_is_due(board, tmp_path)
     done = cell("wordnet-nouns", "full", "natural", [0.7, 0.7, 0.7])
     assert row_of(board.leaderboard_rows([skipped, done], TASKS, METHODS, "natural"), "full")["tasks"][
         "wordnet-nouns"] == [0.7, 0.7, 0.7]  # the later, real record supersedes the skipped one
+
+
+def test_a_rate_at_the_grid_edge_is_starred(board):
+    records = [cell("digits", "lora", "lora-r8", [0.5, 0.5, 0.5], lr=max(board.LR_GRID)),
+               cell("wordnet-nouns", "lora", "lora-r8", [0.6, 0.6, 0.6], lr=0.01)]
+    line = next(x for x in r8_of(board.render(records, TASKS, METHODS)).splitlines() if "| lora |" in x)
+    assert "| 50.0 ± 0.0* | 60.0 ± 0.0 |" in line
