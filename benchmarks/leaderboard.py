@@ -389,7 +389,9 @@ def reference_note(records: Sequence[dict], task_names: Sequence[str]) -> str:
     covered = [t for t in task_names if any(r["task"] == t and r["method"] in REFERENCE_POINTS and ran_cell(r)
                                             for r in records)]
     if covered == list(task_names):
-        return ""
+        return ("Full fine-tuning trains every MiniLM weight: at this grid's rates (from "
+                f"{min(LR_GRID):g}, some 60× the recipe's 5e-5 for it) it diverges on the text tasks, so its text "
+                "cells say nothing about what full fine-tuning can do; probe (the head alone) is the floor.")
     return (f"The reference points probe and full ran on {', '.join(covered) or 'no task'} only (on MiniLM they "
             "cost the most; `--reference-tasks` adds them).")
 
