@@ -63,6 +63,7 @@ TASK_PROTOCOL = {"digits": dict(train_size=None, epochs=2, validation_size=None,
 REACH = 0.15  # a knob whose nearest count is further than this from the budget is not run there (unreachable)
 TASK_PARAMS = {"digits": {"targets": ("conv1", "conv2")}}  # the digits net's only layers besides its head
 CELL_IDENTITY = ("task", "method", "budget")
+NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when it is re-written
 
 
 def cell_identity(reference_tasks: Sequence[str]):
@@ -260,7 +261,9 @@ def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_
         row["unreachable"] = not ran and any(c and unreachable(c) for c in found.values())
         row["mean"] = statistics.mean(statistics.mean(v) for v in row["tasks"].values() if v) if ran else None
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["mean"] is None, r["unreachable"], -(r["mean"] or 0), r["method"]))
+    ranks = mean_ranks(rows, task_names)  # sorted by mean rank: a mean over unequal task sets would mislead
+    return sorted(rows, key=lambda r: (r["mean"] is None, r["unreachable"], ranks.get(r["method"], 0),
+                                       -(r["mean"] or 0), r["method"]))
 
 
 def _status(cell: dict | None) -> str:
@@ -340,9 +343,9 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "method's value over LoRA's at the same task and budget, measured in the same run (step time: "
              "median s per optimizer step; peak memory: peak RSS of the cell's process, which includes "
              "Python, torch and the model, so differences are diluted). ≠: the method's budget knob cannot reach "
-             "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Mean rank: "
-             "over the "
-             "tasks, 1 = best in this table. unreachable (k×): the knob's nearest count is k× the budget, more than "
+             "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Rows are "
+             "sorted by mean rank: the method's rank on each task it ran (1 = best in this table), averaged; "
+             "mean test is over the tasks it ran. unreachable (k×): the knob's nearest count is k× the budget, more than "
              f"{REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is at an edge of the "
              "grid, so the method may do better outside it (BENCHMARKING.md asks to extend the grid there; not done "
              "in this run for lack of time: read those cells as lower bounds).", ""]
@@ -470,7 +473,8 @@ def main() -> None:
         except BenchmarkError as error:  # the other cells finished: report them, the failed one shows as missing
             failure = error
     records = log.records()
-    report = render(records, task_names, method_names)
+    old = args.output.read_text() if args.output.exists() else ""
+    report = render(records, task_names, method_names) + (old[old.index(NOTES):] if NOTES in old else "")
     print(report)
     harness.write_report(args.output, report, {args.output.with_suffix(".png"): plot(records, task_names,
                                                                                       method_names)})
