@@ -56,6 +56,7 @@ LORA_RANKS = (1, 8)  # the budgets: what LoRA trains at these ranks
 NATURAL = "natural"
 PROTOCOL = dict(train_size=192, epochs=1, batch_size=16, max_length=16, validation_size=120, test_size=200)
 LR_GRID = (3e-3, 1e-2, 3e-2)
+EXTEND, MAX_EXTENSIONS = 3.0, 2  # --extend-edges: a best rate at an edge of those tried gets a neighbour ×/÷ 3
 SEEDS = (0, 1, 2)
 TIMING_SKIP = 2  # warm-up steps of each run left out of the step time
 # digits trains in milliseconds a step: its whole training split, 2 epochs (80 steps)
@@ -66,11 +67,14 @@ CELL_IDENTITY = ("task", "method", "budget")
 NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when it is re-written
 
 
-def cell_identity(reference_tasks: Sequence[str]):
+def cell_identity(reference_tasks: Sequence[str], extend_edges: bool = False):
     """(task, method, budget); a reference point skipped for cost identifies nothing once it is due on its task,
-    so a run with more --reference-tasks computes it (and its record then supersedes the skipped one)."""
+    so a run with more --reference-tasks computes it (and its record then supersedes the skipped one); with
+    `extend_edges`, neither does a finished cell whose rate sits at an edge that can still be extended."""
     def identity(cell: dict) -> list | None:
         if cell.get("not_run") == "cost" and cell["task"] in reference_tasks:
+            return None
+        if extend_edges and cell.get("runs") and next_rate(cell["runs"]) is not None:
             return None
         return [cell[k] for k in CELL_IDENTITY] if all(k in cell for k in CELL_IDENTITY) else None
 
@@ -160,6 +164,17 @@ def off_budget(match: dict) -> float:
     return abs(match["count"] - match["target"]) / match["target"]
 
 
+def edge_jobs(records: Sequence[dict], jobs: Sequence[dict]) -> list[dict]:
+    """The grid's jobs whose last record ran at an edge that can still be extended, carrying that record."""
+    last = {tuple(r[k] for k in CELL_IDENTITY): r for r in records}
+    chosen = []
+    for job in jobs:
+        record = last.get(tuple(job[k] for k in CELL_IDENTITY))
+        if record and record.get("runs") and next_rate(record["runs"]) is not None:
+            chosen.append({**job, "prior": {k: record[k] for k in ("runs", "step_seconds", "peak_rss_mb")}})
+    return chosen
+
+
 # --- one cell (in its own process) --------------------------------------------------------------------------------
 class StepTimer:
     """A training callback timing every optimizer step, on_step_begin to on_step_end."""
@@ -189,14 +204,41 @@ def one_run(cell: dict, lr: float, seed: int) -> dict:
 
 
 def run_cell(cell: dict) -> dict:
-    """Tune the lr on seed 0, run the other seeds at the chosen lr; the record carries every run."""
-    runs = [one_run(cell, lr, SEEDS[0]) for lr in LR_GRID]
+    """Tune the lr on seed 0, run the other seeds at the chosen lr; the record carries every run. A cell with
+    `prior` (its earlier record, --extend-edges) keeps those runs and extends the rates past the edge first."""
+    prior = cell.get("prior")
+    runs = [dict(r) for r in prior["runs"]] if prior else [one_run(cell, lr, SEEDS[0]) for lr in LR_GRID]
+    while prior and (following := next_rate(runs)) is not None:
+        runs.append(one_run(cell, following, SEEDS[0]))
     chosen = chosen_lr(runs)
-    runs += [one_run(cell, chosen, seed) for seed in SEEDS[1:]]
-    steps = [s for run in runs for s in run.pop("step_seconds")]
+    done = {(r["lr"], r["seed"]) for r in runs}
+    runs += [one_run(cell, chosen, seed) for seed in SEEDS[1:] if (chosen, seed) not in done]
+    steps = [s for run in runs for s in run.pop("step_seconds", [])]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {**{k: cell[k] for k in CELL_IDENTITY}, "params": cell["params"], "match": cell["match"], "lr": chosen,
-            "runs": runs, "step_seconds": statistics.median(steps),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "runs": runs, "step_seconds": statistics.median(steps) if steps else prior["step_seconds"],
+            "peak_rss_mb": max(peak, prior["peak_rss_mb"]) if prior else peak,
+            **({"extended": True} if prior else {})}
+
+
+def tried_rates(runs: Sequence[dict]) -> list[float]:
+    return sorted({r["lr"] for r in runs if r["seed"] == SEEDS[0]})
+
+
+def at_edge(record: dict) -> bool:
+    """The rate chosen on validation is the smallest or largest one tried: the method may do better outside."""
+    tried = tried_rates(record["runs"])
+    return record["lr"] in (tried[0], tried[-1])
+
+
+def next_rate(runs: Sequence[dict]) -> float | None:
+    """The neighbour past the edge where the best seed-0 rate sits, within MAX_EXTENSIONS of the grid; or None."""
+    tried, best = tried_rates(runs), chosen_lr(runs)
+    if best == tried[-1] and best < max(LR_GRID) * EXTEND ** MAX_EXTENSIONS / 1.01:
+        return best * EXTEND
+    if best == tried[0] and best > min(LR_GRID) / EXTEND ** MAX_EXTENSIONS * 1.01:
+        return best / EXTEND
+    return None
 
 
 def chosen_lr(runs: Sequence[dict]) -> float:
@@ -249,7 +291,7 @@ def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_
         found = {t: by_cell.get((t, method, budget)) for t in task_names}
         ran = {t: c for t, c in found.items() if ran_cell(c)}
         row = {"method": method, "tasks": {t: final_tests(ran[t]) if t in ran else None for t in task_names},
-               "edge": {t for t, c in ran.items() if c["lr"] in (min(LR_GRID), max(LR_GRID))},
+               "edge": {t for t, c in ran.items() if at_edge(c)},
                "status": {t: _status(c) for t, c in found.items() if t not in ran}}
         for key, getter in (("trainable", lambda c: c["runs"][0]["trainable"]),
                             ("step", lambda c: c["step_seconds"]), ("memory", lambda c: c["peak_rss_mb"])):
@@ -346,9 +388,9 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Rows are "
              "sorted by mean rank: the method's rank on each task it ran (1 = best in this table), averaged; "
              "mean test is over the tasks it ran. unreachable (k×): the knob's nearest count is k× the budget, more than "
-             f"{REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is at an edge of the "
-             "grid, so the method may do better outside it (BENCHMARKING.md asks to extend the grid there; not done "
-             "in this run for lack of time: read those cells as lower bounds).", ""]
+             f"{REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is the smallest or largest "
+             f"tried, so the method may do better outside them (`--extend-edges` tries ×/÷ {EXTEND:g} past the edge, "
+             f"up to {MAX_EXTENSIONS} times past the grid; cells still starred: read as lower bounds).", ""]
     for budget in budgets_in(records):
         title = (f"## Budget {budget}: LoRA rank {budget.removeprefix('lora-r')}'s trainable count"
                  if budget != NATURAL else
@@ -363,7 +405,7 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
                                    r["method"])):
         match = r.get("match") or {}
         knob = f"{match['field']}={_short(match['value'])}" if match.get("field") else "–"
-        edge = " (grid edge)" if r["lr"] in (min(LR_GRID), max(LR_GRID)) else ""
+        edge = " (edge of the rates tried)" if at_edge(r) else ""
         lines.append(f"| {r['task']} | {r['method']} | {r['budget']} | {knob} | {match.get('count', '–')} | "
                      f"{match.get('target', '–')} | {r['lr']:g}{edge} |")
     lines += natural_reasons(records, method_names)
@@ -441,6 +483,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", help="a subset of the methods (default: every registered one)")
     parser.add_argument("--reference-tasks", nargs="*", default=list(REFERENCE_TASKS),
                         help="tasks where probe and full run (`all`: every task)")
+    parser.add_argument("--extend-edges", action="store_true",
+                        help="re-open finished cells whose best rate is at an edge: extend the rates past it")
     parser.add_argument("--render", action="store_true", help="only re-write the table and plot from the JSONL")
     parser.add_argument("--match-only", action="store_true", help="only compute (and cache) the budget matches")
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -453,7 +497,7 @@ def main() -> None:
         return
     task_names, method_names = args.tasks or tasks(), args.methods or methods()
     reference_tasks = task_names if args.reference_tasks == ["all"] else args.reference_tasks
-    log = harness.RunLog(args.jsonl, identity=cell_identity(reference_tasks))
+    log = harness.RunLog(args.jsonl, identity=cell_identity(reference_tasks, args.extend_edges))
     failure: BenchmarkError | None = None
     if not args.render:
         matches = budget_matches(task_names, method_names, args.jsonl.with_name(args.jsonl.stem + "_budgets.json"))
@@ -468,8 +512,10 @@ def main() -> None:
             return {**launch(cell, args.threads), "environment": env}
 
         try:
-            harness.run_jobs(cells(task_names, method_names, matches, reference_tasks), log, run,
-                             workers=args.workers)
+            jobs = cells(task_names, method_names, matches, reference_tasks)
+            if args.extend_edges:  # the finished cells at an edge, each with its runs so far
+                jobs = edge_jobs(log.records(), jobs)
+            harness.run_jobs(jobs, log, run, workers=args.workers)
         except BenchmarkError as error:  # the other cells finished: report them, the failed one shows as missing
             failure = error
     records = log.records()

@@ -25,7 +25,8 @@ def board():
 def cell(task, method, budget, tests, *, trainable=1000, step=1.0, memory=100.0, count=None, lr=0.01):
     runs = [{"lr": lr, "seed": s, "validation": t, "test": t, "trainable": trainable, "seconds": 1.0}
             for s, t in enumerate(tests)]
-    runs.append({"lr": 0.003, "seed": 0, "validation": 0.0, "test": 0.99, "trainable": trainable, "seconds": 1.0})
+    runs += [{"lr": other, "seed": 0, "validation": 0.0, "test": 0.99, "trainable": trainable, "seconds": 1.0}
+             for other in (lr / 3, lr * 3)]  # the tuning neighbours: the chosen rate lies inside them
     match = {"field": "rank", "value": 8, "count": count or trainable, "target": 1000, "matched": True}
     return {"task": task, "method": method, "budget": budget, "params": {}, "match": match, "lr": lr, "runs": runs,
             "step_seconds": step, "peak_rss_mb": memory}
@@ -130,7 +131,34 @@ def test_a_reference_point_skipped_for_cost_runs_once_it_is_due(board, tmp_path)
 
 
 def test_a_rate_at_the_grid_edge_is_starred(board):
-    records = [cell("digits", "lora", "lora-r8", [0.5, 0.5, 0.5], lr=max(board.LR_GRID)),
-               cell("wordnet-nouns", "lora", "lora-r8", [0.6, 0.6, 0.6], lr=0.01)]
+    edge = cell("digits", "lora", "lora-r8", [0.5, 0.5, 0.5], lr=0.03)
+    edge["runs"] = [r for r in edge["runs"] if r["lr"] <= 0.03]  # nothing above the chosen rate was tried
+    records = [edge, cell("wordnet-nouns", "lora", "lora-r8", [0.6, 0.6, 0.6], lr=0.01)]
     line = next(x for x in r8_of(board.render(records, TASKS, METHODS)).splitlines() if "| lora |" in x)
     assert "| 50.0 ± 0.0* | 60.0 ± 0.0 |" in line
+
+
+def test_extending_an_edge_tries_rates_past_it_until_the_best_is_inside(board, monkeypatch):
+    """A fake method whose validation peaks at lr 0.09: the top edge 0.03 is extended to 0.09, then 0.27 (worse),
+    and the other seeds run at 0.09; the earlier runs are kept, not repeated."""
+    calls = []
+
+    def fake_run(cell, lr, seed):
+        calls.append((lr, seed))
+        score = 1.0 - abs(math.log(lr / 0.09))
+        return {"lr": lr, "seed": seed, "validation": score, "test": score, "trainable": 10, "seconds": 1.0,
+                "step_seconds": [0.5]}
+
+    monkeypatch.setattr(board, "one_run", fake_run)
+    first = board.run_cell({"task": "digits", "method": "lora", "budget": "lora-r8", "params": {}, "match": None})
+    assert first["lr"] == 0.03 and board.at_edge(first) and board.next_rate(first["runs"]) == pytest.approx(0.09)
+    job = {"task": "digits", "method": "lora", "budget": "lora-r8", "params": {}, "match": None}
+    [edge] = board.edge_jobs([first], [job])
+    calls.clear()
+    second = board.run_cell(edge)
+    assert [lr for lr, _ in calls] == pytest.approx([0.09, 0.27, 0.09, 0.09]) and [s for _, s in calls] == [0, 0, 1, 2]
+    assert second["lr"] == pytest.approx(0.09) and not board.at_edge(second) and second["extended"]
+    assert len(second["runs"]) == 9 and board.next_rate(second["runs"]) is None
+    assert board.edge_jobs([first, second], [job]) == []  # the later record is inside: nothing left to extend
+    identity = board.cell_identity(["digits"], extend_edges=True)
+    assert identity(first) is None and identity(second) == ["digits", "lora", "lora-r8"]
