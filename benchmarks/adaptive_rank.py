@@ -345,8 +345,9 @@ def _one_step(state: list, batch: dict, phase: str) -> tuple[float, float]:
 def peft_mode(args) -> None:
     """Same MiniLM, same targets, same init_r/target_r/schedule/seed and the same batches through peft's AdaLoRA
     and ours (both with the official code-form regularizer, γ 0.5 as peft's default); final per-layer ranks."""
-    import deltatune as dt
     from peft import AdaLoraConfig, get_peft_model
+
+    import deltatune as dt
 
     torch.set_num_threads(args.threads)
     task, _ = task_data()

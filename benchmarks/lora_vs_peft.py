@@ -22,20 +22,23 @@ by storage through `saved_tensors_hooks`) is computed from tensor sizes.
 Before timing, the same non-zero LoRA weights are put in both models (deltatune writes a peft folder, peft
 loads it) and their logits, training loss and gradients are compared.
 
-    HF_HUB_OFFLINE=1 /work/main/.venv/bin/python benchmarks/lora_vs_peft.py --threads 2 --repeats 2 \
-        --output benchmarks/results/lora_vs_peft.md --json /tmp/lora_vs_peft.json
+The raw numbers go to `--json` (default benchmarks/results/lora_vs_peft_t<threads>.json); `--render` re-writes
+this thread count's block of `--output` from that file without measuring.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_vs_peft.py --threads 2 --repeats 2 \
+        --output benchmarks/results/lora_vs_peft.md
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_vs_peft.py --threads 2 --render \
+        --output benchmarks/results/lora_vs_peft.md
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +53,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
+
+from deltatune.bench import harness  # noqa: E402
+from deltatune.core.atomic import atomic_write_text  # noqa: E402
 
 RANK, ALPHA, DROPOUT, TARGETS = 8, 16.0, 0.0, ("query", "value")
 BATCH, MAX_TOKENS, NUM_CLASSES, LEARNING_RATE, SEED = 32, 32, 10, 1e-4, 0
@@ -151,9 +157,10 @@ def forward_only(contender: Contender, inputs: dict[str, Tensor]) -> Tensor:
 # --- numerical equality -----------------------------------------------------------------------------------------
 def copy_deltatune_into_peft(dt_model: nn.Module, peft_model: nn.Module, folder: Path) -> None:
     """deltatune writes a peft folder, peft reads it: both models then hold the same LoRA and head tensors."""
-    import deltatune
     import peft
     from safetensors.torch import load_file
+
+    import deltatune
 
     deltatune.save_adapter(dt_model, folder, format="peft")
     result = peft.set_peft_model_state_dict(peft_model, load_file(str(folder / "adapter_model.safetensors")))
@@ -321,7 +328,7 @@ def run_memory(names: list[str], args) -> list[dict]:
             # mark into ru_maxrss (Linux copies it at fork/exec); time's own small image keeps the child's clean.
             command = ["/usr/bin/time", "-v", sys.executable, __file__, "--memory-child", name,
                        "--threads", str(args.threads), "--memory-steps", str(args.memory_steps)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = harness.run_process(command, label=f"memory child {name}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result["time_v_max_rss_mib"] = _time_v_max_rss(done.stderr)
             results.append(result)
@@ -363,10 +370,9 @@ def machine() -> dict:
 
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "peft": peft.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(), "commit": commit}
+    env = harness.environment()
+    return {"cpu": model, "cores": env["cores"], "torch": env["torch"], "peft": peft.__version__,
+            "transformers": transformers.__version__, "python": env["python"], "commit": env["commit"]}
 
 
 def render(raw: dict) -> str:
@@ -471,9 +477,7 @@ def write_markdown(path: Path, body: str, threads: int) -> None:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end) + 1:]
     else:
         text = text + block
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    atomic_write_text(path, text)
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -487,15 +491,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-steps", type=int, default=5, help="training steps in each memory child")
     parser.add_argument("--profile-steps", type=int, default=0, help="also profile this many steps per contender")
     parser.add_argument("--output", type=Path, default=None, help="write/refresh the Markdown results here")
-    parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="the raw results (default: benchmarks/results/lora_vs_peft_t<threads>.json)")
+    parser.add_argument("--render", action="store_true", help="only re-write --output's block from --json")
     parser.add_argument("--memory-child", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.json is None:
+        args.json = Path(__file__).resolve().parent / "results" / f"lora_vs_peft_t{args.threads}.json"
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, args)))
+        harness.emit(memory_child(args.memory_child, args))
+        return
+    if args.render:
+        if not args.json.exists():
+            raise SystemExit(f"no raw results at {args.json}; run the benchmark (without --render) to measure them")
+        raw = json.loads(args.json.read_text())
+        print(render(raw))
+        if args.output:
+            write_markdown(args.output, render(raw), raw["config"]["threads"])
         return
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -512,14 +529,12 @@ def main(argv: list[str] | None = None) -> None:
     profile = profile_ops(contenders, inputs, labels, args.profile_steps) if args.profile_steps else None
     del contenders, base
     memory = run_memory(["deltatune", "peft"], args)
-    raw = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "machine": machine(),
-           "command": "HF_HUB_OFFLINE=1 " + " ".join([Path(sys.executable).name, "benchmarks/lora_vs_peft.py",
-                                                       *(argv if argv is not None else sys.argv[1:])]),
+    raw = {"date": harness.environment()["date"], "machine": machine(),
+           "command": "HF_HUB_OFFLINE=1 " + harness.command_line([__file__, *(sys.argv[1:] if argv is None else argv)]),
            "config": vars(args) | {"output": str(args.output), "json": str(args.json)}, "check": check,
            "runs": runs, "memory": memory, "profile": profile, "load_before": load_before,
            "load_after": os.getloadavg()[0]}
-    if args.json:
-        args.json.write_text(json.dumps(raw, indent=1))
+    harness.write_json(args.json, raw)
     print(render(raw))
     if args.output:
         write_markdown(args.output, render(raw), args.threads)

@@ -15,7 +15,11 @@ The official M2N2 from-scratch experiment (SakanaAI/natural_niches: `main.py`, `
   variant (`CMA_diagonal=True`), an extra baseline that scales to the paper's size;
 - run r uses seed 42 + r (official); methods alternate within each seed; one thread each.
 
-    OMP_NUM_THREADS=1 /work/main/.venv/bin/python benchmarks/m2n2_vs_cmaes.py --seeds 3 --evaluations 20000
+Every finished (method, seed) run is appended to `<out-dir>/<name>.jsonl` (deltatune.bench.harness's run log, keyed
+by the run's settings too), so an interrupted benchmark resumes; `--render` re-writes the table and plot from it.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/m2n2_vs_cmaes.py --seeds 3 --evaluations 20000
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/m2n2_vs_cmaes.py --render
 """
 from __future__ import annotations
 
@@ -25,8 +29,6 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -39,7 +41,8 @@ import torch  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
-from deltatune.core.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.harness import mean_std  # noqa: E402
 from deltatune.merging.search.m2n2 import Archive, M2N2Config, evolve  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,11 +150,6 @@ LABELS = {"m2n2": "M2N2", "cma_es": "CMA-ES (full)", "sep_cma_es": "sep-CMA-ES (
           "m2n2_no_attraction": "M2N2 w/o attraction", "ga": "GA (alpha=0, no attraction)"}
 
 
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
-
-
 def value_at(curve: dict, evaluations: int, key: str) -> float:
     return curve[key][curve["evaluations"].index(evaluations)]
 
@@ -178,13 +176,8 @@ def raw_table(runs: dict[str, list[dict]], seeds: list[int]) -> list[str]:
     return lines
 
 
-def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(runs: dict[str, list[dict]], title: str):
+    plt = harness.pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for method, curves in runs.items():
         x = np.asarray(curves[0]["evaluations"])
@@ -200,9 +193,7 @@ def plot(runs: dict[str, list[dict]], path: Path, title: str) -> None:
     axes[1].legend(loc="lower right")
     figure.suptitle(title)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())
+    return figure
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -215,10 +206,25 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--methods", default="m2n2,cma_es,sep_cma_es")
     parser.add_argument("--name", default="m2n2_vs_cmaes", help="base name of the .md and .png written")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--render", action="store_true", help="only re-write the table and plot from the JSONL")
     arguments = parser.parse_args()
     if arguments.evaluations % arguments.log_every or arguments.log_every % POPULATION:
         parser.error("--evaluations must be a multiple of --log-every, itself a multiple of 20 (the popsize)")
     return arguments
+
+
+# a run is (method, seed) at these settings (record key -> argument; a curve's own `evaluations` is its x axis)
+SETTINGS = {"budget": "evaluations", "hidden": "hidden", "log_every": "log_every", "split": "split"}
+
+
+def run_identity(arguments: argparse.Namespace):
+    def identity(job_or_record: dict) -> list | None:
+        keys = ("method", "seed", *SETTINGS)
+        if not all(key in job_or_record for key in keys):
+            return None
+        return [job_or_record[key] for key in keys]
+
+    return identity
 
 
 def main() -> None:
@@ -227,13 +233,25 @@ def main() -> None:
     data = load_split(arguments.split)
     methods = arguments.methods.split(",")
     seeds = [42 + run for run in range(arguments.seeds)]
-    runs: dict[str, list[dict]] = {method: [] for method in methods}
-    for seed in seeds:
-        for method in methods:  # alternate methods within a seed so machine drift hits all of them
-            curve = METHODS[method](data, arguments.hidden, arguments.evaluations, seed, arguments.log_every)
-            runs[method].append(curve.__dict__)
-            print(f"{method} seed {seed}: train {curve.train[-1]:.4f} test {curve.test[-1]:.4f} "
-                  f"({curve.seconds:.0f} s)", flush=True)
+    settings = {key: getattr(arguments, name) for key, name in SETTINGS.items()}
+    log = harness.RunLog(Path(arguments.out_dir) / f"{arguments.name}.jsonl", identity=run_identity(arguments))
+    # alternate methods within a seed so machine drift hits all of them
+    jobs = [{"method": method, "seed": seed, **settings} for seed in seeds for method in methods]
+
+    def run(job: dict) -> dict:
+        curve = METHODS[job["method"]](data, job["hidden"], job["budget"], job["seed"], job["log_every"])
+        print(f"{job['method']} seed {job['seed']}: train {curve.train[-1]:.4f} test {curve.test[-1]:.4f} "
+              f"({curve.seconds:.0f} s)", flush=True)
+        return {**job, **curve.__dict__, "environment": harness.environment(threads=1)}
+
+    if not arguments.render:
+        harness.run_jobs(jobs, log, run)
+    records = log.records()
+    runs = {method: [log.find(job, records) for job in jobs if job["method"] == method] for method in methods}
+    missing = [f"{m} seed {j['seed']}" for m in methods for j, r in zip([j for j in jobs if j["method"] == m], runs[m])
+               if r is None]
+    if missing:
+        raise SystemExit(f"{log.path} lacks the runs {', '.join(missing)}; run without --render to compute them")
     write_report(arguments, data, runs, seeds)
 
 
@@ -245,7 +263,7 @@ def write_report(arguments: argparse.Namespace, data: Digits, runs: dict[str, li
     png = Path(arguments.out_dir) / f"{arguments.name}.png"
     title = (f"digits MLP 64-{arguments.hidden}-10 ({dimension:,} params) from scratch, "
              f"{len(seeds)} seeds, mean ± std")
-    plot(runs, png, title)
+    env = runs[next(iter(runs))][0].get("environment", {})
     command = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/m2n2_vs_cmaes.py "
                f"--seeds {arguments.seeds} --evaluations {budget} --hidden {arguments.hidden} "
                f"--log-every {arguments.log_every} --split {arguments.split} --methods {arguments.methods}"
@@ -253,9 +271,8 @@ def write_report(arguments: argparse.Namespace, data: Digits, runs: dict[str, li
     lines = [
         f"# M2N2 vs CMA-ES: digits MLP from scratch ({arguments.name})", "",
         f"- command: `{command}`",
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores (shared), 1 thread per run; torch {torch.__version__}, numpy {np.__version__}, "
-        f"cma {cma.__version__}; python {platform.python_version()}",
+        f"- environment: {harness.environment_line(env)} numpy {np.__version__}, cma {cma.__version__}; "
+        "1 thread per run, runs one at a time on a shared machine",
         f"- data: sklearn digits, split `{arguments.split}` ({len(data.y_train)} train / {len(data.y_test)} test), "
         f"raw pixels 0..16; model: MLP 64-{arguments.hidden}-10, D = {dimension:,} parameters",
         f"- budget: {budget:,} fitness evaluations per run (fitness = training accuracy); seeds {seeds}",
@@ -268,7 +285,7 @@ def write_report(arguments: argparse.Namespace, data: Digits, runs: dict[str, li
         f"## Raw numbers (%; curve points every {arguments.log_every} evaluations)", "",
         *raw_table(runs, seeds), "",
     ]
-    atomic_write_text(Path(arguments.out_dir) / f"{arguments.name}.md", "\n".join(lines))
+    harness.write_report(Path(arguments.out_dir) / f"{arguments.name}.md", "\n".join(lines), {png: plot(runs, title)})
 
 
 if __name__ == "__main__":

@@ -5,27 +5,36 @@ perturbations of it (base + Gaussian deltas of different scales per model, plus 
 agree and conflict), all saved as sharded safetensors. Then, for each method (task_arithmetic, ties,
 dare_ties) and each repeat, runs `mergekit-yaml` (from its own venv) and `deltatune merge` on the same YAML,
 each in a fresh process, alternating which goes first, and records wall time and the child's peak RSS
-(`os.wait4` rusage). Finally compares the merged tensors entry by entry (max |difference|).
+(GNU time). Finally compares the merged tensors entry by entry (max |difference|).
 
-    /work/main/.venv/bin/python benchmarks/merge_vs_mergekit.py --repeats 3
+mergekit runs from its own virtual environment, never the project's: `--mergekit` (default: $MERGEKIT_YAML,
+else `venv-mergekit/bin/mergekit-yaml` below the working directory, else `mergekit-yaml` on the PATH). The
+checkpoints and merged outputs go to `--work` (default: the system's temporary folder). `--render` re-prints the
+table from a saved `--json` file without running anything.
+
+    python3 -m venv venv-mergekit && venv-mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
+    .venv/bin/python benchmarks/merge_vs_mergekit.py --repeats 3 --json benchmarks/results/merge_vs_mergekit.json
+    .venv/bin/python benchmarks/merge_vs_mergekit.py --render benchmarks/results/merge_vs_mergekit.json
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from deltatune.bench import harness
+from deltatune.errors import BenchmarkError
+
 ROOT = Path(__file__).resolve().parents[1]
+MERGEKIT_VENV = Path("venv-mergekit") / "bin" / "mergekit-yaml"
 METHODS = {
     "task_arithmetic": {"parameters": {"lambda": 0.8}, "model": [{"weight": 1.0}, {"weight": 0.6}, {"weight": 0.3}]},
     "ties": {"parameters": {"normalize": True, "lambda": 1.0},
@@ -100,13 +109,24 @@ def run_measured(command: list[str], env: dict) -> tuple[float, int]:
     direct fork would (Linux carries the high-water mark across exec).
     """
     start = time.perf_counter()
-    result = subprocess.run(["/usr/bin/time", "-f", "@@%M", *command], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    result = harness.run_process(["/usr/bin/time", "-f", "@@%M", *command], env=env)
     seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     peak_kib = int(result.stderr.rsplit("@@", 1)[1].split()[0])
     return seconds, peak_kib * 1024
+
+
+def mergekit_command(given: Path | None) -> Path:
+    """The mergekit-yaml executable: --mergekit, $MERGEKIT_YAML, ./venv-mergekit, or the PATH; else a clear error."""
+    candidates = [given] if given is not None else [
+        Path(os.environ["MERGEKIT_YAML"]) if os.environ.get("MERGEKIT_YAML") else None, MERGEKIT_VENV,
+        Path(found) if (found := shutil.which("mergekit-yaml")) else None]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    where = given or f"$MERGEKIT_YAML, {MERGEKIT_VENV} or the PATH"
+    raise BenchmarkError(f"mergekit-yaml not found at {where}; install mergekit 0.1.5 in its own venv "
+                         "(python3 -m venv venv-mergekit && venv-mergekit/bin/pip install torch==2.13.0 "
+                         "mergekit==0.1.5) and pass --mergekit venv-mergekit/bin/mergekit-yaml")
 
 
 def commands(tool: str, config: Path, out: Path, mergekit_bin: Path) -> list[str]:
@@ -200,8 +220,10 @@ def render_markdown(raw: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/deltatune-merge-bench"))
-    parser.add_argument("--mergekit", type=Path, default=Path("/work/venv-mergekit/bin/mergekit-yaml"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deltatune-merge-bench",
+                        help="checkpoints and merged outputs (default: in the system's temporary folder)")
+    parser.add_argument("--mergekit", type=Path, default=None,
+                        help="mergekit-yaml of mergekit's own venv (default: $MERGEKIT_YAML, ./venv-mergekit, PATH)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--bf16-repeats", type=int, default=1, help="runs of the bfloat16 parity cases (0: skip)")
@@ -215,15 +237,20 @@ def main() -> None:
     if args.render:
         print(render_markdown(json.loads(args.render.read_text())))
         return
+    try:
+        args.mergekit = mergekit_command(args.mergekit)
+    except BenchmarkError as error:
+        parser.error(str(error))
     args.work.mkdir(parents=True, exist_ok=True)
     folders = build_checkpoints(args.work, args.hidden, args.intermediate, args.layers, args.vocab)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    environment = harness.environment()
     raw: dict = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                             "python": platform.python_version(), "platform": platform.platform(),
+                             "python": environment["python"], "commit": environment["commit"],
                              "load_average_at_start": os.getloadavg()},
-                 "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "date": environment["date"], "environment": environment,
                  "model_bytes": sum(f.stat().st_size for f in folders[0].glob("*.safetensors")),
-                 "command": " ".join([Path(sys.executable).name, *sys.argv]), "runs": {}, "comparison": {}}
+                 "command": environment["command"], "runs": {}, "comparison": {}}
     cases = [(method, "float32", folders, args.repeats) for method in args.methods]
     if args.bf16_repeats:
         copies = bfloat16_copies(args.work, folders)
@@ -247,8 +274,7 @@ def main() -> None:
                 print(label, tool, raw["comparison"][f"{label}/{tool}"], flush=True)
         if method.startswith("dare"):  # random methods: how far apart two deltatune seeds are, for scale
             reseeded = args.work / f"out-{method}-{dtype}-seed1"
-            subprocess.run([*commands("deltatune", config, reseeded, args.mergekit), "--seed", "1"], env=env,
-                           check=True, stdout=subprocess.DEVNULL)
+            harness.run_process([*commands("deltatune", config, reseeded, args.mergekit), "--seed", "1"], env=env)
             raw["comparison"][f"{label}/deltatune seed 0 vs seed 1"] = compare(reseeded, outputs["deltatune"], inputs[0])
             print(label, "seed 0 vs 1", raw["comparison"][f"{label}/deltatune seed 0 vs seed 1"], flush=True)
     raw["summary"] = summary_rows(raw)
@@ -257,7 +283,7 @@ def main() -> None:
               f"peak RSS ratio {row['rss_ratio']:.2f}")
     raw["load_average_at_end"] = os.getloadavg()
     if args.json:
-        args.json.write_text(json.dumps(raw, indent=2))
+        harness.write_json(args.json, raw, indent=2)
     print(render_markdown(raw))
 
 

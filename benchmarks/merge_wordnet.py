@@ -23,18 +23,23 @@ task keeps its own trained head.
 
 Test subsets: the first 1,000 glosses of each fixed test split (the splits are shuffled once at build time).
 
+Each finished stage is one record of `<work>/stages.jsonl` (deltatune.bench.harness's run log: a re-run skips
+finished stages; two stages may run side by side in two processes). The report's raw numbers go to `--json`;
+`--render` re-writes the report from that JSON without running anything. `--work` defaults to the system's
+temporary folder.
+
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py                 # both stages, then the report
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage prune   # or side by side: prune | merge,
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage merge   # then --stage report
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --render        # the report from the JSON
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,16 +50,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from deltatune.core.atomic import atomic_write_text  # noqa: E402
+from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.harness import mean_std  # noqa: E402
 from deltatune.data import load_task  # noqa: E402
 from deltatune.data.models import load_minilm_backbone, masked_mean  # noqa: E402
 from deltatune.merging import merge_state_dicts  # noqa: E402
-from deltatune.merging.search.darex_q import output_change, search_rescale_q, seed_averaged  # noqa: E402
 from deltatune.merging.methods.dare import DareModelParams, DareTiesParams  # noqa: E402
 from deltatune.merging.methods.darex import DarexModelParams, DarexParams  # noqa: E402
 from deltatune.merging.methods.pcb import PCBModelParams, PCBParams  # noqa: E402
 from deltatune.merging.methods.task_arithmetic import TaskArithmeticParams  # noqa: E402
 from deltatune.merging.methods.ties import TiesModelParams, TiesParams  # noqa: E402
+from deltatune.merging.search.darex_q import output_change, search_rescale_q, seed_averaged  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("wordnet-nouns", "wordnet-verbs", "wordnet-pos", "wordnet-adj")
@@ -184,15 +190,7 @@ class EvaluationCache:
     def get(self, key: str, compute) -> dict:
         if key not in self.values:
             self.values[key] = compute()
-            atomic_write_text(self.path, json.dumps(self.values, indent=1))
-        return self.values[key]
-
-
-def per_task(self, backbone, name: str, lam: float, seed: int, which: str, merge) -> dict[str, float]:
-        key = f"{name}|{lam}|{seed}|{which}"
-        if key not in self.values:
-            self.values[key] = per_task(backbone, merge(), self.heads, self.splits, which)
-            atomic_write_text(self.path, json.dumps(self.values, indent=1))
+            harness.write_json(self.path, self.values)
         return self.values[key]
 
 
@@ -234,12 +232,6 @@ def _task_means(test: list[dict]) -> dict[str, float]:
 
 
 # --- report --------------------------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{100 * values[0]:.1f}"
-    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
-
-
 def report(payload: dict, command: str) -> str:
     lines = ["# Pruning and merging real MiniLM fine-tunes (WordNet 3.0 tasks)", "",
              f"Measured {payload['merge']['date']} on {payload['merge']['machine']}; pruning "
@@ -251,13 +243,13 @@ def report(payload: dict, command: str) -> str:
              f"backbone with the fine-tuned head: {100 * payload['prune']['base_with_head_test']:.1f}.", "",
              f"| drop rate p | method | q (divisor) | test accuracy ({len(SEEDS)} drop seeds) |", "| ---: | --- | ---: | ---: |"]
     for row in payload["prune"]["rows"]:
-        lines.append(f"| {row['p']} | {row['method']} | {row['q']:.3f} | {_mean_std(row['test'])} |")
+        lines.append(f"| {row['p']} | {row['method']} | {row['q']:.3f} | {mean_std(row['test'])} |")
     lines += ["", "## Multi-task merge of the four task vectors", "",
               "| method | λ (chosen on validation) | " + " | ".join(TASKS) + " | mean |",
               "| --- | ---: | " + " | ".join("---:" for _ in TASKS) + " | ---: |"]
     for row in payload["merge"]["rows"]:
-        cells = [_mean_std([run[task] for run in row["test"]]) for task in TASKS]
-        mean = _mean_std([statistics.mean(run.values()) for run in row["test"]])
+        cells = [mean_std([run[task] for run in row["test"]]) for task in TASKS]
+        mean = mean_std([statistics.mean(run.values()) for run in row["test"]])
         lam = "–" if row["lambda"] is None else f"{row['lambda']}"
         lines.append(f"| {row['method']} | {lam} | " + " | ".join(cells) + f" | {mean} |")
     lines += ["", "Validation mean accuracy by λ:", "", "| method | " + " | ".join(map(str, LAMBDA_GRID)) + " |",
@@ -271,14 +263,15 @@ def report(payload: dict, command: str) -> str:
 STAGES = ("prune", "merge")
 
 
-def run_stage(stage: str, work: Path, threads: int) -> None:
-    """Fine-tune what the stage needs (cached), run it, and keep its results in <work>/<stage>.json."""
+def run_stage(job: dict, work: Path, threads: int) -> dict:
+    """Fine-tune what the stage needs (cached in `work`), run it; the record of the stage."""
+    stage = job["stage"]
     started = time.perf_counter()
     backbone = load_minilm_backbone()
     base = {k: v.clone() for k, v in backbone.state_dict().items()}
-    result = {"date": datetime.date.today().isoformat(),
-              "machine": f"{os.cpu_count()} cores, torch {torch.__version__}, {threads} thread(s), "
-                         f"Python {platform.python_version()}"}
+    env = harness.environment(threads=threads)
+    result = {"stage": stage, "date": env["date"][:10], "environment": env,
+              "machine": f"{env['cores']} cores, torch {env['torch']}, {threads} thread(s), Python {env['python']}"}
     if stage == "prune":
         label = f"{PRUNE_TASK}-train-all"
         finetune(PRUNE_TASK, work, PRUNE_TRAIN_SIZE, label)
@@ -295,31 +288,51 @@ def run_stage(stage: str, work: Path, threads: int) -> None:
         result["rows"] = merge_experiment(backbone, base, finetunes, heads, {t: eval_splits(t) for t in TASKS},
                                           EvaluationCache(work / "evaluations.json"))
     result["seconds"] = time.perf_counter() - started
-    atomic_write_text(work / f"{stage}.json", json.dumps(result, indent=1))
+    return result
+
+
+NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when the report is re-written
+
+
+def write(output: Path, payload: dict) -> None:
+    """The report, atomically, keeping the hand-written notes of the previous one."""
+    old = output.read_text() if output.exists() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""
+    harness.write_report(output, report(payload, COMMAND) + notes)
+
+
+COMMAND = ("HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage prune & "
+           "(same) --stage merge; then --stage report")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=(*STAGES, "report", "all"), default="all",
                         help="run one stage (the two can run side by side), write the report, or everything")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/deltatune-merge-wordnet"))
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deltatune-merge-wordnet",
+                        help="fine-tunes, evaluation cache and the stages' run log")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/merge_wordnet.md")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/merge_wordnet.json")
+    parser.add_argument("--render", action="store_true", help="only re-write --output from the --json file")
     args = parser.parse_args()
+    if args.render:
+        write(args.output, json.loads(args.json.read_text()))
+        print(args.output.read_text())
+        return
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    for stage in {"all": STAGES, "report": ()}.get(args.stage, (args.stage,)):
-        run_stage(stage, args.work, args.threads)
-    missing = [stage for stage in STAGES if not (args.work / f"{stage}.json").exists()]
+    log = harness.RunLog(args.work / "stages.jsonl", identity=("stage",))
+    stages = {"all": STAGES, "report": ()}.get(args.stage, (args.stage,))
+    harness.run_jobs([{"stage": stage} for stage in stages], log, lambda job: run_stage(job, args.work, args.threads))
+    done = {record["stage"]: record for record in log.records()}
+    missing = [stage for stage in STAGES if stage not in done]
     if missing:
-        print(f"stage results kept in {args.work}; the report needs the {' and '.join(missing)} stage too")
+        print(f"stage results kept in {log.path}; the report needs the {' and '.join(missing)} stage too")
         return
-    payload = {stage: json.loads((args.work / f"{stage}.json").read_text()) for stage in STAGES}
-    atomic_write_text(args.json, json.dumps(payload, indent=1))
-    command = ("HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage prune & "
-               "(same) --stage merge; then --stage report")
-    atomic_write_text(args.output, report(payload, command))
+    payload = {stage: {k: v for k, v in done[stage].items() if k != "stage"} for stage in STAGES}
+    harness.write_json(args.json, payload)
+    write(args.output, payload)
     print(args.output.read_text())
 
 

@@ -20,15 +20,17 @@ aligned rows with +/-alpha, and k random rows with +alpha (a control). alpha is 
 the candidate rows along the *unit* probe direction (the paper adds the raw probe weight, whose scale depends
 on how the probe was trained); the raw equivalent is printed.
 
+Results: the raw numbers go to `--json` (default benchmarks/results/model_surgery.json), the table to `--out`;
+`--render` re-writes the table from the JSON without running anything.
+
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python benchmarks/model_surgery_demo.py
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python benchmarks/model_surgery_demo.py --render
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
+import json
 import time
 from pathlib import Path
 
@@ -36,12 +38,14 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from deltatune.core.atomic import atomic_write_text
+from deltatune.bench import harness
 from deltatune.data import load_minilm, load_task
 from deltatune.merging.editing import surgery
 from deltatune.merging.editing.surgery import RowSelection, SurgeryConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_ALPHAS = "0.25,0.5,1.0"
+NOTES = "\n## Reading"  # a hand-written section after the generated report
 NOUN, VERB = 0, 1  # wordnet-pos label indices
 RULES = {  # name -> (alignment or "random", sign of alpha)
     "paper: most negative cos, +alpha": ("negative", 1.0),
@@ -126,24 +130,19 @@ def prepare(model, scale: int = 1) -> dict:
     return bench
 
 
-def row_line(rule: str, alpha: float, raw_alpha: float, result: dict, base: dict) -> str:
-    return (f"| {rule} | {alpha:+.2f} | {raw_alpha:+.3f} | {result['judge_verbs']:.3f} | "
+def row_line(row: dict, base: dict) -> str:
+    result = row["result"]
+    return (f"| {row['rule']} | {row['alpha']:+.2f} | {row['raw_alpha']:+.3f} | {result['judge_verbs']:.3f} | "
             f"{result['judge_nouns']:.3f} | {result['probe_score']:.3f} | {100 * result['nouns_accuracy']:.1f} "
             f"({100 * (result['nouns_accuracy'] - base['nouns_accuracy']):+.1f}) | {result['embedding_cosine']:.4f} |")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--alphas", default="0.25,0.5,1.0")
-    parser.add_argument("--scale", type=int, default=1, help="divide every data set by this (smoke runs)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_surgery.md"))
-    arguments = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+def measure(alphas: list[float], scale: int) -> dict:
+    """Probe, select, edit and evaluate every rule x alpha; the raw numbers of the report."""
     start = time.perf_counter()
     model, _ = load_minilm()
     model.eval()
-    bench = prepare(model, arguments.scale)
+    bench = prepare(model, scale)
     base = evaluate(model, bench)
     weights = surgery.row_weights(model)
     candidates = sum(w.shape[0] for w in weights.values())
@@ -152,40 +151,63 @@ def main() -> None:
     probe_norm = float(bench["probe"].weight.norm())
     unit = bench["probe"].unit_direction.float()
     print(f"base {base}; {count}/{candidates} rows; mean row norm {row_norm:.3f}; |w| {probe_norm:.3f}", flush=True)
-    lines = []
+    rows = []
     for rule, (_, sign) in RULES.items():
         selection = select(model, unit, rule, count)
-        for alpha in (float(a) for a in arguments.alphas.split(",")):
+        for alpha in alphas:
             step = sign * alpha * row_norm * unit
-            result = evaluate(edited_copy(model, selection, step), bench)
-            lines.append(row_line(rule, sign * alpha, sign * alpha * row_norm / probe_norm, result, base))
-            print(lines[-1], flush=True)
-    write_report(arguments, bench, base, lines, count, candidates, row_norm, probe_norm,
-                 time.perf_counter() - start)
+            rows.append({"rule": rule, "alpha": sign * alpha, "raw_alpha": sign * alpha * row_norm / probe_norm,
+                         "result": evaluate(edited_copy(model, selection, step), bench)})
+            print(row_line(rows[-1], base), flush=True)
+    return {"base": base, "rows": rows, "count": count, "candidates": candidates, "row_norm": row_norm,
+            "probe_norm": probe_norm, "probe_test_accuracy": bench["probe_test_accuracy"],
+            "seconds": time.perf_counter() - start}
 
 
-def write_report(arguments, bench, base, lines, count, candidates, row_norm, probe_norm, seconds) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--alphas", default=DEFAULT_ALPHAS)
+    parser.add_argument("--scale", type=int, default=1, help="divide every data set by this (smoke runs)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "model_surgery.md")
+    parser.add_argument("--json", type=Path, default=RESULTS / "model_surgery.json")
+    parser.add_argument("--render", action="store_true", help="only re-write --out from the --json file")
+    arguments = parser.parse_args()
+    torch.set_num_threads(1)
+    if arguments.render:
+        raw = json.loads(arguments.json.read_text())
+    else:
+        torch.manual_seed(0)
+        raw = {"environment": harness.environment(threads=1), "alphas": arguments.alphas, "scale": arguments.scale,
+               **measure([float(a) for a in arguments.alphas.split(",")], arguments.scale)}
+        harness.write_json(arguments.json, raw)
+    old = arguments.out.read_text() if arguments.out.exists() else ""
+    notes = old[old.index(NOTES):] if NOTES in old else ""  # the hand-written reading survives a re-run
+    harness.write_report(arguments.out, report(raw) + notes)
+
+
+def report(raw: dict) -> str:
+    """The Markdown report of the raw numbers (`measure` plus the environment)."""
+    base, env = raw["base"], raw["environment"]
     header = ("| rule | alpha (row-norm units) | alpha on raw w | judge P(verb), verb glosses | judge P(verb), "
               "noun glosses | probe mean P(verb) | nouns acc % (change) | cos(edited, base) embedding |")
     text = [
         "# Model Surgery on all-MiniLM-L6-v2 (behaviour: verb-definition-ness of WordNet glosses)", "",
         "- command: `HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python benchmarks/model_surgery_demo.py"
-        + (f" --alphas {arguments.alphas}" if arguments.alphas != "0.25,0.5,1.0" else "")
-        + (f" --scale {arguments.scale}" if arguments.scale != 1 else "") + "`",
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; machine: {platform.machine()}, "
-        f"{os.cpu_count()} cores (shared), 1 thread; torch {torch.__version__}; wall {seconds:.0f} s",
+        + (f" --alphas {raw['alphas']}" if raw["alphas"] != DEFAULT_ALPHAS else "")
+        + (f" --scale {raw['scale']}" if raw["scale"] != 1 else "") + "`",
+        f"- environment: {harness.environment_line(env)} Wall {raw['seconds']:.0f} s",
         "- setup: see the docstring of benchmarks/model_surgery_demo.py. Probe: logistic regression (l2 1e-2) on "
         "last-layer mean-pooled states of 1,000 verb + 1,000 noun glosses (wordnet-pos train); its accuracy on "
-        f"the 600 test glosses: {100 * bench['probe_test_accuracy']:.1f}%. Edited rows: {count} of {candidates} "
-        f"`intermediate.dense` rows (4.65%, the paper's fraction); mean row norm {row_norm:.3f}, probe |w| "
-        f"{probe_norm:.3f}.",
+        f"the 600 test glosses: {100 * raw['probe_test_accuracy']:.1f}%. Edited rows: {raw['count']} of "
+        f"{raw['candidates']} `intermediate.dense` rows (4.65%, the paper's fraction); mean row norm "
+        f"{raw['row_norm']:.3f}, probe |w| {raw['probe_norm']:.3f}.",
         "", "## Unedited model", "",
         f"judge P(verb): verb glosses {base['judge_verbs']:.3f}, noun glosses {base['judge_nouns']:.3f}; probe mean "
         f"P(verb) {base['probe_score']:.3f}; wordnet-nouns accuracy {100 * base['nouns_accuracy']:.1f}% "
         "(1,000 test glosses, LogisticRegression head on frozen features).", "",
-        "## Edited models", "", header, "|---" * 8 + "|", *lines, "",
+        "## Edited models", "", header, "|---" * 8 + "|", *(row_line(row, base) for row in raw["rows"]), "",
     ]
-    atomic_write_text(arguments.out, "\n".join(text))
+    return "\n".join(text)
 
 
 if __name__ == "__main__":

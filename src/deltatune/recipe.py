@@ -147,6 +147,19 @@ def run_settings(task: str, method: str, config: dt.DeltaConfig | None, train_co
             "max_length": max_length, "train_size": train_size, **schedule}
 
 
+def evaluation_subsets(task, validation_size: int | None, test_size: int | None):
+    """The task with its validation and test splits cut to fixed label-stratified subsets of at most these sizes
+    (None, or a size the split does not exceed, keeps the split whole)."""
+    import dataclasses
+
+    from deltatune.data.task import limit_train_size
+
+    cut = {name: limit_train_size(task.split(name), size, 0) for name, size in
+           (("validation", validation_size), ("test", test_size))
+           if size is not None and size < len(task.split(name))}
+    return dataclasses.replace(task, **cut) if cut else task
+
+
 def finetune(
     task: str = "wordnet-nouns",
     method: str = "lora",
@@ -165,12 +178,16 @@ def finetune(
     optimizer_factory=None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    validation_size: int | None = None,
+    test_size: int | None = None,
 ) -> FinetuneResult:
     """Train `method` on `task`, report validation and test accuracy, and save the adapter in out_dir/adapter.
 
     checkpoint_every: also checkpoint every this many optimizer steps (out_dir/checkpoints; the last is always
     written). resume: continue from the newest complete checkpoint in out_dir, which must have been written
-    with the same settings (task, method, config, schedule, seed)."""
+    with the same settings (task, method, config, schedule, seed). validation_size / test_size: evaluate on a
+    fixed label-stratified subset of at most that many examples (drawn with seed 0 whatever `seed` is), for
+    quick benchmarks."""
     from deltatune.data import evaluate_accuracy, load_task
     from deltatune.train import TrainConfig, Trainer
 
@@ -181,9 +198,12 @@ def finetune(
         lr=lr or DEFAULT_LR.get(method, DEFAULT_METHOD_LR), checkpoint_every=checkpoint_every, resume=resume,
         output_dir=str(out_dir) if out_dir else None, progress=progress,
     )
-    data = load_task(task, max_length=max_length, train_size=train_size, seed=seed)
+    data = evaluation_subsets(load_task(task, max_length=max_length, train_size=train_size, seed=seed),
+                              validation_size, test_size)
     settings = run_settings(task, method, build_config(method, params or {}, data) if method not in (PROBE, FULL)
                             else None, train_config, max_length, train_size)
+    if validation_size is not None:  # only when set, so checkpoints written before these options still resume
+        settings["validation_size"] = validation_size
     if resume:
         check_resumable(Path(out_dir), settings)
     model, config = prepare_model(data, method, params or {}, seed, batch_size)

@@ -61,3 +61,18 @@ def test_a_tasks_default_targets_decide_what_is_adapted_not_its_name(digits):
     assert build_config("lora", {"targets": ("classifier",)}, with_targets).targets == ("classifier",)
     assert build_config("lora", {}, replace(digits, name="wordnet-like")).targets == method_default
     assert build_config("lora", {}, with_targets).extra_trainable == ("classifier",)
+
+
+def test_evaluation_subsets_are_fixed_stratified_and_optional():
+    from deltatune.data import load_task
+    from deltatune.recipe import evaluation_subsets
+
+    task = load_task("digits")
+    cut = evaluation_subsets(task, 50, 100)
+    assert (len(cut.validation), len(cut.test), len(cut.train)) == (50, 100, len(task.train))
+    assert sorted(set(cut.test.labels.tolist())) == list(range(10))  # every class kept
+    again = evaluation_subsets(load_task("digits", seed=3), 50, 100)  # the run's seed does not move them
+    assert torch.equal(again.test.labels, cut.test.labels)
+    assert torch.equal(again.test.tensors["pixels"], cut.test.tensors["pixels"])
+    whole = evaluation_subsets(task, None, len(task.test) + 5)  # None and oversize keep the split
+    assert whole.validation is task.validation and whole.test is task.test

@@ -39,6 +39,9 @@ class DeltaConfig:
     """
 
     method: ClassVar[str] = ""
+    # The field that sets how many numbers the method trains (rank, fraction, ...), or None when nothing does
+    # (BitFit trains every bias). Budget matching (benchmarks/leaderboard.py) varies this field alone.
+    budget_field: ClassVar[str | None] = None
     targets: str | tuple[str, ...] | None = ALL_LINEAR
     layer_types: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()

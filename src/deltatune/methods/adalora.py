@@ -31,7 +31,7 @@ Defaults and deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,7 @@ class AdaLoRAConfig(DeltaConfig):
         initial_warmup, final_warmup: t_i and t_f, in steps (int) or as a share of training (float in [0, 1)).
         mask_interval: ΔT, steps between two masking events in the cubic phase.
     """
+    budget_field: ClassVar[str | None] = "init_rank"
 
     init_rank: int = 12
     target_rank: int = 8

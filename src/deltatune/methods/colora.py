@@ -27,7 +27,7 @@ whatever its allocated rank, so re-allocation does not rescale the components th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,7 @@ class CoLoRAConfig(DeltaConfig):
         alpha: scale numerator (ΔW = alpha / rank · B A); dropout: on the adapter input.
         seed: seeds the initialization of components added by the allocation.
     """
+    budget_field: ClassVar[str | None] = "rank"
 
     rank: int = 8
     max_rank: int | None = None

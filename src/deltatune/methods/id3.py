@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,7 @@ class ID3Config(DeltaConfig):
         parametrization: "weight" (mask the weights' update) or "lora" (mask LoRA factors).
         lora_rank, lora_alpha: r and alpha of the "lora" parametrization.
     """
+    budget_field: ClassVar[str | None] = "budget"
 
     budget: float = 0.0017
     exponent: float = 0.0

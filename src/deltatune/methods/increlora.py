@@ -39,7 +39,7 @@ advance learning and restart warm-up on (the code's defaults). Deviations:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -79,6 +79,7 @@ class IncreLoRAConfig(DeltaConfig):
         alpha, dropout, beta1, beta2, orthogonal_weight, orthogonal_form: as in AdaLoRA.
         seed: seeds the initialization of reserves created during training.
     """
+    budget_field: ClassVar[str | None] = "target_rank"
 
     init_rank: int = 1
     target_rank: int = 2

@@ -51,6 +51,7 @@ class LoRAConfig(DeltaConfig):
             or "random" (B random too: output changes at step 0; for tests and experiments).
         bias: also learn a bias on the update's output (``lora_bias``, starts at 0; peft's ``lora_bias``).
     """
+    budget_field: ClassVar[str | None] = "rank"
 
     rank: int = 8
     alpha: float = 8.0

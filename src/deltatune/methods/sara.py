@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -89,6 +89,7 @@ class SaRAConfig(DeltaConfig):
         targets, layer_types: by default every Linear, transformers Conv1D and Conv layer ("any model, Linear
             and Conv") except the output head; add "embedding" to `layer_types` to tune embeddings too.
     """
+    budget_field: ClassVar[str | None] = "fraction"
 
     targets: str | tuple[str, ...] | None = None
     layer_types: tuple[str, ...] = (LINEAR, CONV1D_HF, "conv")

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +67,7 @@ class SNELLAConfig(DeltaConfig):
         magnitude_scaling: keep survivors as K·|K| (official code) instead of K (paper).
         checkpoint: recompute the kernel in backward instead of storing it.
     """
+    budget_field: ClassVar[str | None] = "rank"
 
     rank: int = 32
     heads: int = 2

@@ -34,7 +34,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ class SPTConfig(DeltaConfig):
         sensitivity: module path -> score tensor of the weight's shape (filled by `plan_spt`; not saved).
         seed: seeds the placeholder positions used when no sensitivity is given.
     """
+    budget_field: ClassVar[str | None] = "budget"
 
     budget: float = 0.01
     lora_rank: int = 8

@@ -33,7 +33,7 @@ warm-up, an event every step, γ 0.5 (plain norms averaged), alpha 8 (peft's). D
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,7 @@ class TriAdaptLoRAConfig(DeltaConfig):
         init_std: standard deviation of the Gaussian initializations.
         seed: seeds the initialization of blocks added during training.
     """
+    budget_field: ClassVar[str | None] = "target_rank"
 
     init_rank: int = 1
     target_rank: int = 8

@@ -1,0 +1,532 @@
+"""The leaderboard: every registered method (and the probe / full fine-tuning reference points) on every built-in
+task, at matched trainable budgets, ranked by test accuracy; trainable count, step time and peak memory as ratios
+to LoRA measured in the same run.
+
+Methods: `deltatune.core.registry.list_methods()` — a method appears by registering. Tasks:
+`deltatune.data.list_tasks()` (the WordNet text tasks on all-MiniLM-L6-v2, adapted on the recipe's default text
+targets query/value, and digits, on the conv net's two conv layers — the digits net has no Linear layer but its
+head). Budgets: the adapter's trainable count (head excluded: every method trains it) of LoRA at rank 1 and at
+rank 8 on those targets; each method's declared budget knob (`DeltaConfig.budget_field`) is searched for the
+nearest count (deltatune.bench.budget: no training, the adapted model is counted). A method whose knob cannot
+reach a budget within 5% is shown with its nearest count and marked ≠; one without a knob (BitFit), or whose
+count does not move with it (ID³ trains a dense update), is shown once at its natural budget, as are probe and
+full.
+
+Each run is `deltatune.recipe.finetune` (AdamW, linear decay, clipping 1.0, each method's regularizer and
+allocator callbacks), with the protocol in PROTOCOL below — a small-budget protocol chosen to fit the whole grid
+on 2 shared cores in about an hour: short training, short sequences, subsets of the validation and test splits.
+The learning rate is tuned per method, task and budget on seed 0 over one grid for everyone (best validation
+accuracy, ties to the smaller rate); seeds 1 and 2 then run at that rate; test accuracy is mean ± std over the
+three seeds. Step time: median seconds per optimizer step (forward, backward, optimizer, callbacks; the first 2
+steps of every run skipped) over the cell's runs. Peak memory: the peak RSS of the process that ran the cell.
+
+One cell = (task, method, budget): its five runs share one fresh child process (1 torch thread, `--workers` at
+a time), which makes the peak RSS the cell's own; finished cells are appended to the JSONL file, so a killed
+benchmark resumes at the first unfinished cell. Budget matches are computed once and cached next to the JSONL.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/leaderboard.py --workers 2
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/leaderboard.py --render     # the table and plot from the JSONL
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.budget import TOLERANCE  # noqa: E402
+from deltatune.bench.harness import mean_std  # noqa: E402
+from deltatune.errors import BenchmarkError  # noqa: E402
+
+RESULTS = Path("benchmarks/results")
+REFERENCE = "lora"
+REFERENCE_POINTS = ("probe", "full")
+REFERENCE_TASKS = ("digits",)  # where the reference points run by default: on MiniLM they cost the most
+LORA_RANKS = (1, 8)  # the budgets: what LoRA trains at these ranks
+NATURAL = "natural"
+PROTOCOL = dict(train_size=192, epochs=1, batch_size=16, max_length=16, validation_size=120, test_size=200)
+LR_GRID = (3e-3, 1e-2, 3e-2)
+EXTEND, MAX_EXTENSIONS = 3.0, 2  # --extend-edges: a best rate at an edge of those tried gets a neighbour ×/÷ 3
+SEEDS = (0, 1, 2)
+TIMING_SKIP = 2  # warm-up steps of each run left out of the step time
+# digits trains in milliseconds a step: its whole training split, 2 epochs (80 steps)
+TASK_PROTOCOL = {"digits": dict(train_size=None, epochs=2, validation_size=None, test_size=300)}
+REACH = 0.15  # a knob whose nearest count is further than this from the budget is not run there (unreachable)
+TASK_PARAMS = {"digits": {"targets": ("conv1", "conv2")}}  # the digits net's only layers besides its head
+CELL_IDENTITY = ("task", "method", "budget")
+NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when it is re-written
+
+
+def cell_identity(reference_tasks: Sequence[str], extend_edges: bool = False):
+    """(task, method, budget); a reference point skipped for cost identifies nothing once it is due on its task,
+    so a run with more --reference-tasks computes it (and its record then supersedes the skipped one); with
+    `extend_edges`, neither does a finished cell whose rate sits at an edge that can still be extended."""
+    def identity(cell: dict) -> list | None:
+        if cell.get("not_run") == "cost" and cell["task"] in reference_tasks:
+            return None
+        if extend_edges and cell.get("runs") and next_rate(cell["runs"]) is not None:
+            return None
+        return [cell[k] for k in CELL_IDENTITY] if all(k in cell for k in CELL_IDENTITY) else None
+
+    return identity
+
+
+def budget_name(rank: int) -> str:
+    return f"lora-r{rank}"
+
+
+# --- the grid ---------------------------------------------------------------------------------------------------
+def methods() -> list[str]:
+    from deltatune.core.registry import list_methods
+
+    return [entry.name for entry in list_methods()]
+
+
+def tasks() -> list[str]:
+    from deltatune.data import list_tasks
+
+    return sorted(list_tasks(), key=lambda name: name != "digits")  # the cheap task first
+
+
+def load(task: str):
+    from deltatune.data import load_task
+
+    return load_task(task, max_length=PROTOCOL["max_length"], train_size=PROTOCOL["train_size"], seed=0)
+
+
+def model_fingerprint(task) -> str:
+    """Tasks whose models differ only in their head share budget matches (the head is not counted)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = task.build_model()
+    head = tuple(task.extra_trainable)
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters() if not n.startswith(head)]
+    return json.dumps([type(model).__name__, shapes, TASK_PARAMS.get(task.name, {})])
+
+
+def budget_matches(task_names: Sequence[str], method_names: Sequence[str], cache: Path) -> dict[str, dict]:
+    """task -> budget -> method -> match (as a dict), for every method with a knob; computed once per model kind
+    and cached in `cache` (a JSON file), since matching SPT plans its allocation at every probe."""
+    from deltatune.bench.budget import match_budget, task_counter
+
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    table: dict[str, dict] = {}
+    for name in task_names:
+        task = load(name)
+        key = model_fingerprint(task)
+        entry = stored.setdefault(key, {})
+        common = TASK_PARAMS.get(name, {})
+        for rank in LORA_RANKS:
+            found = entry.setdefault(budget_name(rank), {})
+            target = task_counter(task, REFERENCE, common=common)({"rank": rank})
+            for method in method_names:
+                if method not in found:
+                    print(f"matching {method} to {budget_name(rank)} ({target:,}) on {name}", flush=True)
+                    match = match_budget(method, target, task_counter(task, method, common=common))
+                    found[method] = {"field": match.field, "value": match.value, "count": match.count,
+                                     "target": target, "matched": match.matched}
+                    harness.write_json(cache, stored)
+        table[name] = entry
+    return table
+
+
+def cells(task_names: Sequence[str], method_names: Sequence[str], matches: dict[str, dict],
+          reference_tasks: Sequence[str] = REFERENCE_TASKS) -> list[dict]:
+    """One job per (task, method, budget): every knob method at every budget, the others once (natural)."""
+    jobs = []
+    for task in task_names:
+        for method in (*method_names, *REFERENCE_POINTS):
+            knobbed = [budget_name(r) for r in LORA_RANKS if matches[task][budget_name(r)].get(method, {}).get("field")]
+            for budget in knobbed or [NATURAL]:
+                match = matches[task][budget if budget != NATURAL else budget_name(max(LORA_RANKS))].get(method)
+                knob = {match["field"]: match["value"]} if match and match["field"] else {}
+                skip = "cost" if method in REFERENCE_POINTS and task not in reference_tasks else None
+                if budget != NATURAL and off_budget(match) > REACH:
+                    skip = "unreachable"
+                jobs.append(dict(task=task, method=method, budget=budget,
+                                 params={**TASK_PARAMS.get(task, {}), **knob}, match=match, not_run=skip))
+    return sorted(jobs, key=lambda j: (task_names.index(j["task"]), j["method"] != REFERENCE))
+
+
+def off_budget(match: dict) -> float:
+    """How far the matched count is from the budget, relative to it (0 = exact)."""
+    return abs(match["count"] - match["target"]) / match["target"]
+
+
+def edge_jobs(records: Sequence[dict], jobs: Sequence[dict]) -> list[dict]:
+    """The grid's jobs whose last record ran at an edge that can still be extended, carrying that record."""
+    last = {tuple(r[k] for k in CELL_IDENTITY): r for r in records}
+    chosen = []
+    for job in jobs:
+        record = last.get(tuple(job[k] for k in CELL_IDENTITY))
+        if record and record.get("runs") and next_rate(record["runs"]) is not None:
+            chosen.append({**job, "prior": {k: record[k] for k in ("runs", "step_seconds", "peak_rss_mb")}})
+    return chosen
+
+
+# --- one cell (in its own process) --------------------------------------------------------------------------------
+class StepTimer:
+    """A training callback timing every optimizer step, on_step_begin to on_step_end."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, **_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, **_: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def one_run(cell: dict, lr: float, seed: int) -> dict:
+    from deltatune.recipe import FULL, PROBE, finetune
+
+    timer = StepTimer()
+    params = {} if cell["method"] in (PROBE, FULL) else cell["params"]
+    protocol = {**PROTOCOL, **TASK_PROTOCOL.get(cell["task"], {})}
+    result = finetune(cell["task"], cell["method"], params, lr=lr, seed=seed, progress=False, callbacks=(timer,),
+                      **protocol)
+    return {"lr": lr, "seed": seed, "validation": result.validation_accuracy, "test": result.test_accuracy,
+            "trainable": result.trainable.trainable, "seconds": result.seconds,
+            "step_seconds": timer.seconds[TIMING_SKIP:]}
+
+
+def run_cell(cell: dict) -> dict:
+    """Tune the lr on seed 0, run the other seeds at the chosen lr; the record carries every run. A cell with
+    `prior` (its earlier record, --extend-edges) keeps those runs and extends the rates past the edge first."""
+    prior = cell.get("prior")
+    runs = [dict(r) for r in prior["runs"]] if prior else [one_run(cell, lr, SEEDS[0]) for lr in LR_GRID]
+    while prior and (following := next_rate(runs)) is not None:
+        runs.append(one_run(cell, following, SEEDS[0]))
+    chosen = chosen_lr(runs)
+    done = {(r["lr"], r["seed"]) for r in runs}
+    runs += [one_run(cell, chosen, seed) for seed in SEEDS[1:] if (chosen, seed) not in done]
+    steps = [s for run in runs for s in run.pop("step_seconds", [])]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {**{k: cell[k] for k in CELL_IDENTITY}, "params": cell["params"], "match": cell["match"], "lr": chosen,
+            "runs": runs, "step_seconds": statistics.median(steps) if steps else prior["step_seconds"],
+            "peak_rss_mb": max(peak, prior["peak_rss_mb"]) if prior else peak,
+            **({"extended": True} if prior else {})}
+
+
+def tried_rates(runs: Sequence[dict]) -> list[float]:
+    return sorted({r["lr"] for r in runs if r["seed"] == SEEDS[0]})
+
+
+def at_edge(record: dict) -> bool:
+    """The rate chosen on validation is the smallest or largest one tried: the method may do better outside."""
+    tried = tried_rates(record["runs"])
+    return record["lr"] in (tried[0], tried[-1])
+
+
+def next_rate(runs: Sequence[dict]) -> float | None:
+    """The neighbour past the edge where the best seed-0 rate sits, within MAX_EXTENSIONS of the grid; or None."""
+    tried, best = tried_rates(runs), chosen_lr(runs)
+    if best == tried[-1] and best < max(LR_GRID) * EXTEND ** MAX_EXTENSIONS / 1.01:
+        return best * EXTEND
+    if best == tried[0] and best > min(LR_GRID) / EXTEND ** MAX_EXTENSIONS * 1.01:
+        return best / EXTEND
+    return None
+
+
+def chosen_lr(runs: Sequence[dict]) -> float:
+    tuning = [r for r in runs if r["seed"] == SEEDS[0]]
+    return min(tuning, key=lambda r: (-r["validation"], r["lr"]))["lr"]
+
+
+def launch(cell: dict, threads: int) -> dict:
+    command = harness.script_command(__file__, "--run", json.dumps(cell), "--threads", str(threads))
+    started = time.perf_counter()
+    result = harness.run_child(command, label=f"cell {cell['task']} {cell['method']} {cell['budget']}")
+    tests = [r["test"] for r in result["runs"] if r["lr"] == result["lr"]]
+    print(f"done {cell['task']} {cell['method']} {cell['budget']}: lr {result['lr']:g} test {mean_std(tests)} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    return result
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+def final_tests(record: dict) -> list[float]:
+    return [r["test"] for r in record["runs"] if r["lr"] == record["lr"]]
+
+
+def ratio(value: float | None, reference: float | None, digits: int = 2) -> str:
+    if value is None or not reference:
+        return "–"
+    return f"{value / reference:.{digits}f}"
+
+
+def unreachable(cell: dict) -> bool:
+    """A knob cell whose nearest count is further than REACH from the budget (not run; an older run ignored)."""
+    match = cell.get("match")
+    return bool(cell.get("unreachable")) or (cell["budget"] != NATURAL and bool(match) and off_budget(match) > REACH)
+
+
+def ran_cell(cell: dict | None) -> bool:
+    return cell is not None and not unreachable(cell) and cell.get("not_run") is None
+
+
+def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_names: Sequence[str],
+                     budget: str) -> list[dict]:
+    """One row per method at `budget` (NATURAL: the methods and reference points without a knob): per-task
+    accuracy (or why there is none), and ratios to LoRA at the same task and budget (at NATURAL: to LoRA at the
+    largest budget), geometric means over the tasks."""
+    by_cell = {(r["task"], r["method"], r["budget"]): r for r in records}
+    reference_budget = budget if budget != NATURAL else budget_name(max(LORA_RANKS))
+    candidates = [m for m in (*method_names, *REFERENCE_POINTS)
+                  if any(k[1] == m and k[2] == budget for k in by_cell) or _expected(m, budget, records)]
+    rows = []
+    for method in candidates:
+        found = {t: by_cell.get((t, method, budget)) for t in task_names}
+        ran = {t: c for t, c in found.items() if ran_cell(c)}
+        row = {"method": method, "tasks": {t: final_tests(ran[t]) if t in ran else None for t in task_names},
+               "edge": {t for t, c in ran.items() if at_edge(c)},
+               "status": {t: _status(c) for t, c in found.items() if t not in ran}}
+        for key, getter in (("trainable", lambda c: c["runs"][0]["trainable"]),
+                            ("step", lambda c: c["step_seconds"]), ("memory", lambda c: c["peak_rss_mb"])):
+            ratios = [getter(cell) / getter(by_cell[(task, REFERENCE, reference_budget)]) for task, cell in ran.items()
+                      if (task, REFERENCE, reference_budget) in by_cell]
+            row[key] = statistics.geometric_mean(ratios) if ratios else None
+        row["matched"] = budget == NATURAL or all(off_budget(c["match"]) <= TOLERANCE for c in ran.values()
+                                                  if c.get("match"))
+        row["unreachable"] = not ran and any(c and unreachable(c) for c in found.values())
+        row["mean"] = statistics.mean(statistics.mean(v) for v in row["tasks"].values() if v) if ran else None
+        rows.append(row)
+    ranks = mean_ranks(rows, task_names)  # sorted by mean rank: a mean over unequal task sets would mislead
+    return sorted(rows, key=lambda r: (r["mean"] is None, r["unreachable"], ranks.get(r["method"], 0),
+                                       -(r["mean"] or 0), r["method"]))
+
+
+def _status(cell: dict | None) -> str:
+    if cell is None:
+        return "missing"
+    if cell.get("not_run") == "cost":
+        return "not run (cost)"
+    return f"unreachable ({cell['match']['count'] / cell['match']['target']:.2g}×)"
+
+
+def _expected(method: str, budget: str, records: Sequence[dict]) -> bool:
+    """Whether `method` belongs at `budget` although no cell of it finished there (so it shows as missing):
+    where its other cells ran, or, with none, where its declared knob puts it."""
+    ran = {r["budget"] == NATURAL for r in records if r["method"] == method}
+    if not ran:
+        from deltatune.bench.budget import budget_field
+
+        ran = {method in REFERENCE_POINTS or budget_field(method)[0] is None}
+    return (budget == NATURAL) in ran
+
+
+def mean_ranks(rows: Sequence[dict], task_names: Sequence[str]) -> dict[str, float]:
+    """Each method's rank (1 = best mean test accuracy) averaged over the tasks where it ran."""
+    ranks: dict[str, list[int]] = {}
+    for task in task_names:
+        ran = sorted((r for r in rows if r["tasks"].get(task)), key=lambda r: -statistics.mean(r["tasks"][task]))
+        for position, row in enumerate(ran, start=1):
+            ranks.setdefault(row["method"], []).append(position)
+    return {m: statistics.mean(v) for m, v in ranks.items()}
+
+
+def budget_table(records: Sequence[dict], task_names: Sequence[str], method_names: Sequence[str],
+                 budget: str) -> list[str]:
+    rows = leaderboard_rows(records, task_names, method_names, budget)
+    ranks = mean_ranks(rows, task_names)
+    header = ("| # | method | mean rank | mean test | " + " | ".join(task_names)
+              + " | trainable ×LoRA | step time ×LoRA | peak memory ×LoRA |")
+    lines = [header, "| ---: | --- | ---: | ---: |" + " ---: |" * len(task_names) + " ---: | ---: | ---: |"]
+    for position, row in enumerate(rows, start=1):
+        label = row["method"] + ("" if row["matched"] else " ≠")
+        if row["mean"] is None:
+            reason = "unreachable" if row["unreachable"] else "missing"
+            cells = " | ".join(row["status"].get(t, "–") for t in task_names)
+            lines.append(f"| – | {row['method']} | {reason} | – | {cells} | – | – | – |")
+            continue
+        accuracy = " | ".join(mean_std(v) + ("*" if t in row["edge"] else "") if v else row["status"][t]
+                              for t, v in row["tasks"].items())
+        lines.append(f"| {position} | {label} | {ranks.get(row['method'], 0):.1f} | {100 * row['mean']:.1f} | "
+                     f"{accuracy} | {ratio(row['trainable'], 1)} | {ratio(row['step'], 1)} | "
+                     f"{ratio(row['memory'], 1)} |")
+    return lines
+
+
+def budgets_in(records: Sequence[dict]) -> list[str]:
+    present = {r["budget"] for r in records}
+    return [b for b in (*(budget_name(r) for r in LORA_RANKS), NATURAL) if b in present or b != NATURAL]
+
+
+def render(records: Sequence[dict], task_names: Sequence[str], method_names: Sequence[str]) -> str:
+    env = next((r["environment"] for r in records if r.get("environment")), {})
+    lines = ["# Leaderboard: every registered method on every built-in task at matched trainable budgets", "",
+             harness.environment_line(env) if env else "", "",
+             "Command: `python benchmarks/leaderboard.py --workers 2` (re-render: `--render`)", "",
+             "**A small-budget protocol** (sized for the whole grid to take about an hour on 2 shared CPU cores): "
+             f"train on a fixed stratified subset of {PROTOCOL['train_size']} examples (drawn per seed), "
+             f"{PROTOCOL['epochs']} epoch(s) of batch {PROTOCOL['batch_size']} "
+             f"({-(-PROTOCOL['train_size'] // PROTOCOL['batch_size']) * PROTOCOL['epochs']} steps on the text "
+             f"tasks), max length {PROTOCOL['max_length']} tokens; validation on {PROTOCOL['validation_size']} and "
+             f"test on {PROTOCOL['test_size']} fixed stratified examples. Digits (milliseconds a step): "
+             f"its whole training split, {TASK_PROTOCOL['digits']['epochs']} epochs instead; validation on its whole "
+             "179, test on 300 of its 359. lr grid "
+             f"{list(LR_GRID)} for every method, tuned per task and budget on seed 0's validation accuracy; seeds "
+             f"{list(SEEDS)} at the chosen lr. Rankings at this length say which methods learn fastest from few "
+             "steps, not which end best after a full fine-tuning. "
+             f"{reference_note(records, task_names)}", "",
+             "Test accuracy in % (mean ± std over 3 seeds). Ratios are geometric means over the tasks of the "
+             "method's value over LoRA's at the same task and budget, measured in the same run (step time: "
+             "median s per optimizer step; peak memory: peak RSS of the cell's process, which includes "
+             "Python, torch and the model, so differences are diluted). ≠: the method's budget knob cannot reach "
+             "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Rows are "
+             "sorted by mean rank: the method's rank on each task it ran (1 = best in this table), averaged; "
+             "mean test is over the tasks it ran. unreachable (k×): the knob's nearest count is k× the budget, more than "
+             f"{REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is the smallest or largest "
+             f"tried, so the method may do better outside them (`--extend-edges` tries ×/÷ {EXTEND:g} past the edge, "
+             f"up to {MAX_EXTENSIONS} times past the grid; cells still starred: read as lower bounds).", ""]
+    for budget in budgets_in(records):
+        title = (f"## Budget {budget}: LoRA rank {budget.removeprefix('lora-r')}'s trainable count"
+                 if budget != NATURAL else
+                 f"## Natural budgets (no budget knob) and reference points; ratios to LoRA at "
+                 f"{budget_name(max(LORA_RANKS))}")
+        lines += [title, "", *budget_table(records, task_names, method_names, budget), ""]
+    lines += ["## Chosen learning rates and budget knobs", "",
+              "| task | method | budget | knob | count | target | lr |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for r in sorted((r for r in records if ran_cell(r)),
+                    key=lambda r: (task_names.index(r["task"]) if r["task"] in task_names else 99, r["budget"],
+                                   r["method"])):
+        match = r.get("match") or {}
+        knob = f"{match['field']}={_short(match['value'])}" if match.get("field") else "–"
+        edge = " (edge of the rates tried)" if at_edge(r) else ""
+        lines.append(f"| {r['task']} | {r['method']} | {r['budget']} | {knob} | {match.get('count', '–')} | "
+                     f"{match.get('target', '–')} | {r['lr']:g}{edge} |")
+    lines += natural_reasons(records, method_names)
+    lines += ["", "Plot: leaderboard.png next to this file. Raw numbers: leaderboard.jsonl (one line per cell, every "
+              "run inside), budget matches: leaderboard_budgets.json.", ""]
+    return "\n".join(lines)
+
+
+def natural_reasons(records: Sequence[dict], method_names: Sequence[str]) -> list[str]:
+    """Why each method without budget cells is at its natural budget: no knob, or a knob that moves no count."""
+    from deltatune.bench.budget import budget_field
+
+    natural = sorted({r["method"] for r in records if r["budget"] == NATURAL} & set(method_names))
+    unmoved = [f"{m} (`{budget_field(m)[0]}`)" for m in natural if budget_field(m)[0] is not None]
+    knobless = [m for m in natural if budget_field(m)[0] is None]
+    lines = ["", "At their natural budget without a budget knob: " + ", ".join(knobless) + "."] if knobless else []
+    if unmoved:
+        lines.append("The knob of " + ", ".join(unmoved) + " does not change the trainable count after adapting "
+                     "(ID³ trains a dense update and unmasks its budget of entries during training, so its "
+                     "trainable ratio counts the dense tensor).")
+    return lines
+
+
+def reference_note(records: Sequence[dict], task_names: Sequence[str]) -> str:
+    """Which tasks the reference points probe and full ran on, when not all."""
+    covered = [t for t in task_names if any(r["task"] == t and r["method"] in REFERENCE_POINTS and ran_cell(r)
+                                            for r in records)]
+    if covered == list(task_names):
+        return ("Full fine-tuning trains every MiniLM weight: at this grid's rates (from "
+                f"{min(LR_GRID):g}, some 60× the recipe's 5e-5 for it) it diverges on the text tasks, so its text "
+                "cells say nothing about what full fine-tuning can do; probe (the head alone) is the floor.")
+    return (f"The reference points probe and full ran on {', '.join(covered) or 'no task'} only (on MiniLM they "
+            "cost the most; `--reference-tasks` adds them).")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot(records: Sequence[dict], task_names: Sequence[str], method_names: Sequence[str]):
+    """Per budget: each method's test accuracy on each task (dots) and its mean over tasks (bar)."""
+    plt = harness.pyplot()
+    budgets = budgets_in(records)
+    figure, axes = plt.subplots(1, len(budgets), figsize=(5.5 * len(budgets), 5), squeeze=False)
+    colors = dict(zip(task_names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for axis, budget in zip(axes[0], budgets):
+        rows = [r for r in leaderboard_rows(records, task_names, method_names, budget) if r["mean"] is not None]
+        positions = range(len(rows))
+        axis.barh(list(positions), [100 * r["mean"] for r in rows], color="0.85")
+        for index, row in enumerate(rows):
+            for task, values in row["tasks"].items():
+                if values:
+                    axis.plot(100 * statistics.mean(values), index, "o", color=colors[task], markersize=4)
+        axis.set_yticks(list(positions), [r["method"] + ("" if r["matched"] else " ≠") for r in rows])
+        axis.invert_yaxis()
+        axis.set_xlabel("test accuracy (%)")
+        axis.set_title(budget)
+        axis.grid(axis="x", alpha=0.3)
+    for task, color in colors.items():  # one legend entry per task, whichever rows ran it
+        axes[0][0].plot([], [], "o", color=color, markersize=4, label=task)
+    axes[0][0].legend(loc="lower left", fontsize=7)
+    figure.suptitle("deltatune leaderboard (bars: mean over tasks; dots: per task; small-budget protocol)")
+    figure.tight_layout()
+    return figure
+
+
+# --- driver -----------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jsonl", type=Path, default=RESULTS / "leaderboard.jsonl")
+    parser.add_argument("--output", type=Path, default=RESULTS / "leaderboard.md")
+    parser.add_argument("--tasks", nargs="*", help="a subset of the tasks (default: every built-in task)")
+    parser.add_argument("--methods", nargs="*", help="a subset of the methods (default: every registered one)")
+    parser.add_argument("--reference-tasks", nargs="*", default=list(REFERENCE_TASKS),
+                        help="tasks where probe and full run (`all`: every task)")
+    parser.add_argument("--extend-edges", action="store_true",
+                        help="re-open finished cells whose best rate is at an edge: extend the rates past it")
+    parser.add_argument("--render", action="store_true", help="only re-write the table and plot from the JSONL")
+    parser.add_argument("--match-only", action="store_true", help="only compute (and cache) the budget matches")
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.run:
+        harness.emit(run_cell(json.loads(args.run)))
+        return
+    task_names, method_names = args.tasks or tasks(), args.methods or methods()
+    reference_tasks = task_names if args.reference_tasks == ["all"] else args.reference_tasks
+    log = harness.RunLog(args.jsonl, identity=cell_identity(reference_tasks, args.extend_edges))
+    failure: BenchmarkError | None = None
+    if not args.render:
+        matches = budget_matches(task_names, method_names, args.jsonl.with_name(args.jsonl.stem + "_budgets.json"))
+        if args.match_only:
+            return
+        env = harness.environment(threads=args.threads)
+
+        def run(cell: dict) -> dict:
+            if cell["not_run"]:  # recorded without running: the row says why (how far the knob gets)
+                return {**{k: cell[k] for k in CELL_IDENTITY}, "params": cell["params"], "match": cell["match"],
+                        "not_run": cell["not_run"], "unreachable": cell["not_run"] == "unreachable", "runs": []}
+            return {**launch(cell, args.threads), "environment": env}
+
+        try:
+            jobs = cells(task_names, method_names, matches, reference_tasks)
+            if args.extend_edges:  # the finished cells at an edge, each with its runs so far
+                jobs = edge_jobs(log.records(), jobs)
+            harness.run_jobs(jobs, log, run, workers=args.workers)
+        except BenchmarkError as error:  # the other cells finished: report them, the failed one shows as missing
+            failure = error
+    records = log.records()
+    old = args.output.read_text() if args.output.exists() else ""
+    report = render(records, task_names, method_names) + (old[old.index(NOTES):] if NOTES in old else "")
+    print(report)
+    harness.write_report(args.output, report, {args.output.with_suffix(".png"): plot(records, task_names,
+                                                                                      method_names)})
+    if failure is not None:
+        raise failure
+
+
+if __name__ == "__main__":
+    main()
