@@ -400,7 +400,8 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
     lines += ["## Chosen learning rates and budget knobs", "",
               "| task | method | budget | knob | count | target | lr |",
               "| --- | --- | --- | --- | ---: | ---: | ---: |"]
-    for r in sorted((r for r in records if ran_cell(r)),
+    latest = {tuple(r[k] for k in CELL_IDENTITY): r for r in records}  # a re-opened cell's last record
+    for r in sorted((r for r in latest.values() if ran_cell(r)),
                     key=lambda r: (task_names.index(r["task"]) if r["task"] in task_names else 99, r["budget"],
                                    r["method"])):
         match = r.get("match") or {}
@@ -434,9 +435,9 @@ def reference_note(records: Sequence[dict], task_names: Sequence[str]) -> str:
     covered = [t for t in task_names if any(r["task"] == t and r["method"] in REFERENCE_POINTS and ran_cell(r)
                                             for r in records)]
     if covered == list(task_names):
-        return ("Full fine-tuning trains every MiniLM weight: at this grid's rates (from "
-                f"{min(LR_GRID):g}, some 60× the recipe's 5e-5 for it) it diverges on the text tasks, so its text "
-                "cells say nothing about what full fine-tuning can do; probe (the head alone) is the floor.")
+        return ("Full fine-tuning trains every MiniLM weight and wants a far smaller rate than this grid "
+                f"(from {min(LR_GRID):g}; the recipe's is 5e-5): on the text tasks it diverges or sits at the "
+                "grid's low edge, so its text cells are lower bounds; probe (the head alone) is the floor.")
     return (f"The reference points probe and full ran on {', '.join(covered) or 'no task'} only (on MiniLM they "
             "cost the most; `--reference-tasks` adds them).")
 
