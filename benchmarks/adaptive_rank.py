@@ -61,7 +61,8 @@ TEST_SIZE = None  # the whole test split
 if os.environ.get("ADAPTIVE_RANK_SMOKE"):  # a few-minute end-to-end check of the script itself
     TRAIN_SIZE, VALIDATION_SIZE, EPOCHS, TEST_SIZE = 800, 64, 1, 100
     STEPS = EPOCHS * -(-TRAIN_SIZE // BATCH)
-TARGETS = r"backbone\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+TARGETS = (r"backbone\.encoder\.layer\.\d+\."
+           r"(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)")
 ADAPTERS = ("lora", "adalora", "increlora", "triadaptlora", "colora")
 METHODS = (*ADAPTERS, "full")
 BUDGETS = (2, 8)
@@ -80,7 +81,8 @@ def task_data():
     task = load_task(TASK, train_size=TRAIN_SIZE, seed=0, max_length=MAX_LENGTH)
     validation = task.validation.subset(stratified_subset(task.validation.labels.tolist(), VALIDATION_SIZE, 0))
     if TEST_SIZE is not None:
-        task = dataclasses.replace(task, test=task.test.subset(stratified_subset(task.test.labels.tolist(), TEST_SIZE, 0)))
+        test = task.test.subset(stratified_subset(task.test.labels.tolist(), TEST_SIZE, 0))
+        task = dataclasses.replace(task, test=test)
     return task, validation
 
 
@@ -393,7 +395,8 @@ def _regularizer(model: nn.Module, name: str):
     if name == "deltatune":
         return dt.regularization_loss(model)
     # peft adds its regularizer only to a model output with `.loss`; ours returns logits: the same formula here
-    terms = [torch.linalg.matrix_norm(p @ p.T - torch.eye(p.shape[0]) if "lora_A" in n else p.T @ p - torch.eye(p.shape[1]))
+    terms = [torch.linalg.matrix_norm(p @ p.T - torch.eye(p.shape[0]) if "lora_A" in n
+                                      else p.T @ p - torch.eye(p.shape[1]))
              for n, p in model.named_parameters() if ("lora_A" in n or "lora_B" in n) and p.requires_grad]
     return 0.5 * torch.stack(terms).mean()
 
@@ -484,9 +487,10 @@ def _rank_profile(records: list[dict], budget: int) -> list[str]:
 
 
 def _timing_table(payload: dict) -> list[str]:
-    lines = [f"{payload['machine']}; batch {payload['batch']}; median of {len(payload['rows'][0]['raw_seconds']['lora'])} "
-             "whole steps per contender, alternated step by step. Cell: step time / LoRA's (median step ms; "
-             "allocator.step share of the step).", "",
+    lines = [f"{payload['machine']}; batch {payload['batch']}; "
+             f"median of {len(payload['rows'][0]['raw_seconds']['lora'])} whole steps per contender, "
+             "alternated step by step. Cell: step time / LoRA's (median step ms; allocator.step share of the step).",
+             "",
              "| budget | phase | " + " | ".join(ADAPTERS) + " |", "| --- | --- |" + " --- |" * len(ADAPTERS)]
     for row in payload["rows"]:
         ratios = " | ".join(f"{row['ratio_to_lora'][m]:.3f} ({1000 * row['median_seconds'][m]:.0f} ms; "

@@ -387,10 +387,11 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "Python, torch and the model, so differences are diluted). ≠: the method's budget knob cannot reach "
              "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Rows are "
              "sorted by mean rank: the method's rank on each task it ran (1 = best in this table), averaged; "
-             "mean test is over the tasks it ran. unreachable (k×): the knob's nearest count is k× the budget, more than "
-             f"{REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is the smallest or largest "
-             f"tried, so the method may do better outside them (`--extend-edges` tries ×/÷ {EXTEND:g} past the edge, "
-             f"up to {MAX_EXTENSIONS} times past the grid; cells still starred: read as lower bounds).", ""]
+             "mean test is over the tasks it ran. unreachable (k×): the knob's nearest count is k× the budget, "
+             f"more than {REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is the smallest "
+             f"or largest tried, so the method may do better outside them (`--extend-edges` tries ×/÷ {EXTEND:g} "
+             f"past the edge, up to {MAX_EXTENSIONS} times past the grid; cells still starred: read as lower "
+             "bounds).", ""]
     for budget in budgets_in(records):
         title = (f"## Budget {budget}: LoRA rank {budget.removeprefix('lora-r')}'s trainable count"
                  if budget != NATURAL else

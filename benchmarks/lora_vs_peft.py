@@ -431,9 +431,10 @@ def render_memory(memory: list[dict]) -> list[str]:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in memory:
         lines.append(
-            f"| {r['name']} | {r['peak_rss_mib']:.1f} | {r['time_v_max_rss_mib']:.1f} | {r['rss_before_model_mib']:.1f} | "
-            f"{r['rss_after_build_mib']:.1f} | {r['trainable_parameters']:,} | {r['gradient_bytes'] / MIB:.3f} | "
-            f"{r['optimizer_state_bytes'] / MIB:.3f} | {r['saved_activation_bytes'] / MIB:.2f} |")
+            f"| {r['name']} | {r['peak_rss_mib']:.1f} | {r['time_v_max_rss_mib']:.1f} | "
+            f"{r['rss_before_model_mib']:.1f} | {r['rss_after_build_mib']:.1f} | {r['trainable_parameters']:,} | "
+            f"{r['gradient_bytes'] / MIB:.3f} | {r['optimizer_state_bytes'] / MIB:.3f} | "
+            f"{r['saved_activation_bytes'] / MIB:.2f} |")
     peak = {n: statistics.median(r["peak_rss_mib"] for r in memory if r["name"] == n) for n in ("deltatune", "peft")}
     growth = {n: statistics.median(r["peak_rss_mib"] - r["rss_before_model_mib"] for r in memory if r["name"] == n)
               for n in ("deltatune", "peft")}
@@ -457,9 +458,11 @@ def render_raw(raw: dict) -> list[str]:
 
 def render_profile(tables: dict) -> list[str]:
     names = list(tables)
-    ops = sorted({op for t in tables.values() for op in t}, key=lambda op: -max(t.get(op, (0, 0))[0] for t in tables.values()))
+    ops = sorted({op for t in tables.values() for op in t},
+                 key=lambda op: -max(t.get(op, (0, 0))[0] for t in tables.values()))
     lines = ["Where a step spends its time (torch.profiler self CPU ms per step, calls per step; profiled run, so "
-             "absolute times are inflated):", "", "| op | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+             "absolute times are inflated):", "",
+             "| op | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for op in ops[:25]:
         cells = [f"{tables[n][op][0]:.1f} ({tables[n][op][1]})" if op in tables[n] else "-" for n in names]
         lines.append(f"| {op} | " + " | ".join(cells) + " |")

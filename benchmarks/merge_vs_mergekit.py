@@ -195,16 +195,18 @@ def summary_rows(raw: dict) -> list[dict]:
 def render_markdown(raw: dict) -> str:
     """The results table (median wall time, max peak RSS, ratios) and the tensor comparisons, from raw results."""
     mib = 2**20
-    lines = ["| case | deltatune variant | mergekit time (s) | deltatune time (s) | time ratio | mergekit peak RSS "
-             "(MiB) | deltatune peak RSS (MiB) | RSS ratio | bit-identical tensors | differing entries | max abs diff |",
+    lines = ["| case | deltatune variant | mergekit time (s) | deltatune time (s) | time ratio | "
+             "mergekit peak RSS (MiB) | deltatune peak RSS (MiB) | RSS ratio | bit-identical tensors | "
+             "differing entries | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in raw["summary"]:
         c = row["comparison"]
         same = f"{c.get('bit_identical_tensors', '–')}/{c.get('tensors', '–')}"
         lines.append(f"| {row['case']} | {row['tool']} | {row['mergekit_s']:.2f} | {row['deltatune_s']:.2f} | "
-                     f"**{row['time_ratio']:.2f}** | {row['mergekit_rss'] / mib:.0f} | {row['deltatune_rss'] / mib:.0f} | "
-                     f"**{row['rss_ratio']:.2f}** | {same} | {c.get('differing_entries', '–'):,} of "
-                     f"{c.get('entries', 0):,} | {c.get('max_abs_diff', 0):.3g} |")
+                     f"**{row['time_ratio']:.2f}** | {row['mergekit_rss'] / mib:.0f} | "
+                     f"{row['deltatune_rss'] / mib:.0f} | **{row['rss_ratio']:.2f}** | {same} | "
+                     f"{c.get('differing_entries', '–'):,} of {c.get('entries', 0):,} | "
+                     f"{c.get('max_abs_diff', 0):.3g} |")
     lines += ["", "Raw runs (seconds, peak RSS MiB), in the order they ran within each repeat:", ""]
     for case, runs in raw["runs"].items():
         for tool, results in runs.items():
@@ -218,7 +220,7 @@ def render_markdown(raw: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "deltatune-merge-bench",
                         help="checkpoints and merged outputs (default: in the system's temporary folder)")
@@ -234,53 +236,95 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     parser.add_argument("--render", type=Path, default=None, help="only print the Markdown of a saved --json file")
     args = parser.parse_args()
-    if args.render:
-        print(render_markdown(json.loads(args.render.read_text())))
-        return
-    try:
-        args.mergekit = mergekit_command(args.mergekit)
-    except BenchmarkError as error:
-        parser.error(str(error))
-    args.work.mkdir(parents=True, exist_ok=True)
-    folders = build_checkpoints(args.work, args.hidden, args.intermediate, args.layers, args.vocab)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    if not args.render:
+        try:
+            args.mergekit = mergekit_command(args.mergekit)
+        except BenchmarkError as error:
+            parser.error(str(error))
+    return args
+
+
+def empty_raw_record(folders: list[Path]) -> dict:
+    """The raw results before any run: machine, environment and the size of one input checkpoint."""
     environment = harness.environment()
-    raw: dict = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                             "python": environment["python"], "commit": environment["commit"],
-                             "load_average_at_start": os.getloadavg()},
-                 "date": environment["date"], "environment": environment,
-                 "model_bytes": sum(f.stat().st_size for f in folders[0].glob("*.safetensors")),
-                 "command": environment["command"], "runs": {}, "comparison": {}}
+    machine = {"cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "python": environment["python"], "commit": environment["commit"],
+               "load_average_at_start": os.getloadavg()}
+    return {"machine": machine, "date": environment["date"], "environment": environment,
+            "model_bytes": sum(f.stat().st_size for f in folders[0].glob("*.safetensors")),
+            "command": environment["command"], "runs": {}, "comparison": {}}
+
+
+def planned_cases(args: argparse.Namespace, folders: list[Path]) -> list[tuple[str, str, list[Path], int]]:
+    """(method, dtype, input checkpoints, repeats): every method in float32, then the bfloat16 parity cases."""
     cases = [(method, "float32", folders, args.repeats) for method in args.methods]
     if args.bf16_repeats:
         copies = bfloat16_copies(args.work, folders)
         cases += [(method, "bfloat16", copies, args.bf16_repeats) for method in ("task_arithmetic", "ties")
                   if method in args.methods]
-    for method, dtype, inputs, repeats in cases:
-        label = f"{method} {dtype}"
-        outputs = {tool: args.work / f"out-{method}-{dtype}-{tool}" for tool in ("mergekit", "deltatune", "index")}
-        config = write_config(args.work, method, inputs, dtype)
-        tools = {"mergekit": commands("mergekit", config, outputs["mergekit"], args.mergekit),
-                 "deltatune": commands("deltatune", config, outputs["deltatune"], args.mergekit)}
-        if method == "ties":  # deltatune's faster deterministic tie rule, against the same mergekit runs
-            index_config = write_config(args.work, method, inputs, dtype, {"tie_break": "index"}, "ties-index")
-            tools["deltatune tie_break=index"] = commands("deltatune", index_config, outputs["index"], args.mergekit)
-        for out in outputs.values():
-            shutil.rmtree(out, ignore_errors=True)
-        measure(label, raw["runs"].setdefault(label, {}), tools, repeats, env)
-        for tool, out in (("deltatune", outputs["deltatune"]), ("deltatune tie_break=index", outputs["index"])):
-            if out.exists():
-                raw["comparison"][f"{label}/{tool}"] = compare(outputs["mergekit"], out, inputs[0])
-                print(label, tool, raw["comparison"][f"{label}/{tool}"], flush=True)
-        if method.startswith("dare"):  # random methods: how far apart two deltatune seeds are, for scale
-            reseeded = args.work / f"out-{method}-{dtype}-seed1"
-            harness.run_process([*commands("deltatune", config, reseeded, args.mergekit), "--seed", "1"], env=env)
-            raw["comparison"][f"{label}/deltatune seed 0 vs seed 1"] = compare(reseeded, outputs["deltatune"], inputs[0])
-            print(label, "seed 0 vs 1", raw["comparison"][f"{label}/deltatune seed 0 vs seed 1"], flush=True)
-    raw["summary"] = summary_rows(raw)
-    for row in raw["summary"]:
+    return cases
+
+
+def case_tools(args: argparse.Namespace, method: str, dtype: str, inputs: list[Path],
+               outputs: dict[str, Path]) -> tuple[Path, dict[str, list[str]]]:
+    """The case's YAML and the command of each contender (TIES adds deltatune's index tie rule)."""
+    config = write_config(args.work, method, inputs, dtype)
+    tools = {"mergekit": commands("mergekit", config, outputs["mergekit"], args.mergekit),
+             "deltatune": commands("deltatune", config, outputs["deltatune"], args.mergekit)}
+    if method == "ties":  # deltatune's faster deterministic tie rule, against the same mergekit runs
+        index_config = write_config(args.work, method, inputs, dtype, {"tie_break": "index"}, "ties-index")
+        tools["deltatune tie_break=index"] = commands("deltatune", index_config, outputs["index"], args.mergekit)
+    return config, tools
+
+
+def compare_seeds(args: argparse.Namespace, raw: dict, env: dict, case: tuple[str, str, list[Path], int],
+                  config: Path, seed0_output: Path) -> None:
+    """For a random method: how far apart two deltatune seeds are, for scale."""
+    method, dtype, inputs, _ = case
+    label = f"{method} {dtype}"
+    reseeded = args.work / f"out-{method}-{dtype}-seed1"
+    harness.run_process([*commands("deltatune", config, reseeded, args.mergekit), "--seed", "1"], env=env)
+    key = f"{label}/deltatune seed 0 vs seed 1"
+    raw["comparison"][key] = compare(reseeded, seed0_output, inputs[0])
+    print(label, "seed 0 vs 1", raw["comparison"][key], flush=True)
+
+
+def run_case(args: argparse.Namespace, raw: dict, env: dict, case: tuple[str, str, list[Path], int]) -> None:
+    """Time every contender of one case, then compare each deltatune output with mergekit's, tensor by tensor."""
+    method, dtype, inputs, repeats = case
+    label = f"{method} {dtype}"
+    outputs = {tool: args.work / f"out-{method}-{dtype}-{tool}" for tool in ("mergekit", "deltatune", "index")}
+    config, tools = case_tools(args, method, dtype, inputs, outputs)
+    for out in outputs.values():
+        shutil.rmtree(out, ignore_errors=True)
+    measure(label, raw["runs"].setdefault(label, {}), tools, repeats, env)
+    for tool, out in (("deltatune", outputs["deltatune"]), ("deltatune tie_break=index", outputs["index"])):
+        if out.exists():
+            raw["comparison"][f"{label}/{tool}"] = compare(outputs["mergekit"], out, inputs[0])
+            print(label, tool, raw["comparison"][f"{label}/{tool}"], flush=True)
+    if method.startswith("dare"):
+        compare_seeds(args, raw, env, case, config, outputs["deltatune"])
+
+
+def print_summary(rows: list[dict]) -> None:
+    for row in rows:
         print(f"{row['case']:<22} {row['tool']:<26} time ratio {row['time_ratio']:.2f}  "
               f"peak RSS ratio {row['rss_ratio']:.2f}")
+
+
+def main() -> None:
+    args = parse_arguments()
+    if args.render:
+        print(render_markdown(json.loads(args.render.read_text())))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    folders = build_checkpoints(args.work, args.hidden, args.intermediate, args.layers, args.vocab)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
+    raw = empty_raw_record(folders)
+    for case in planned_cases(args, folders):
+        run_case(args, raw, env, case)
+    raw["summary"] = summary_rows(raw)
+    print_summary(raw["summary"])
     raw["load_average_at_end"] = os.getloadavg()
     if args.json:
         harness.write_json(args.json, raw, indent=2)

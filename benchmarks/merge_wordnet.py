@@ -1,11 +1,11 @@
 """Delta pruning and multi-task merging of real fine-tunes of all-MiniLM-L6-v2 on four WordNet 3.0 tasks.
 
-Fine-tunes (made by the stage that needs them, cached in --work): full fine-tuning of the embedded default backbone (MiniLM + mean
-pooling + a Linear head) on each of `wordnet-nouns`, `wordnet-verbs`, `wordnet-pos`, `wordnet-adj`, with the
-recipe's full-fine-tuning rate 5e-5, AdamW, linear decay, batch 32, 2 epochs over a label-stratified
-1,000-example subset of each training split (seed 0). A task vector is the fine-tuned backbone minus the base
-backbone; every floating tensor of the backbone (embeddings, attention, MLP, LayerNorm) is pruned / merged, and each
-task keeps its own trained head.
+Fine-tunes (made by the stage that needs them, cached in --work): full fine-tuning of the embedded default
+backbone (MiniLM + mean pooling + a Linear head) on each of `wordnet-nouns`, `wordnet-verbs`, `wordnet-pos`,
+`wordnet-adj`, with the recipe's full-fine-tuning rate 5e-5, AdamW, linear decay, batch 32, 2 epochs over a
+label-stratified 1,000-example subset of each training split (seed 0). A task vector is the fine-tuned backbone
+minus the base backbone; every floating tensor of the backbone (embeddings, attention, MLP, LayerNorm) is pruned /
+merged, and each task keeps its own trained head.
 
 1. **DARE vs DAREx-q** on a longer `wordnet-nouns` fine-tune (the whole 4,000-gloss training split, 2 epochs =
    250 steps, so the delta is larger than the merge fine-tunes'), drop rates p = 0.5 / 0.9 / 0.99, three drop seeds:
@@ -181,7 +181,8 @@ def merged(name: str, base: dict, finetunes: list[dict], lam: float, seed: int =
 
 
 class EvaluationCache:
-    """Evaluation results by key, kept in a JSON file, so that a rerun (e.g. on a wider grid) computes only new points."""
+    """Evaluation results by key, kept in a JSON file, so that a rerun (e.g. on a wider grid) computes only new
+    points."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -241,7 +242,8 @@ def report(payload: dict, command: str) -> str:
              f"## DARE vs DAREx-q on the {PRUNE_TASK} fine-tune (whole training split)", "",
              f"Fine-tuned accuracy before pruning: {100 * payload['prune']['finetuned_test']:.1f}; the base "
              f"backbone with the fine-tuned head: {100 * payload['prune']['base_with_head_test']:.1f}.", "",
-             f"| drop rate p | method | q (divisor) | test accuracy ({len(SEEDS)} drop seeds) |", "| ---: | --- | ---: | ---: |"]
+             f"| drop rate p | method | q (divisor) | test accuracy ({len(SEEDS)} drop seeds) |",
+             "| ---: | --- | ---: | ---: |"]
     for row in payload["prune"]["rows"]:
         lines.append(f"| {row['p']} | {row['method']} | {row['q']:.3f} | {mean_std(row['test'])} |")
     lines += ["", "## Multi-task merge of the four task vectors", "",

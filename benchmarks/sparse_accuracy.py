@@ -321,6 +321,11 @@ DRIFT_AXES = (("similarity_correlation", 1, "similarity correlation with the bas
               ("probe_change", 100, f"frozen-probe accuracy change on {PROBE_TASK} (points)"))
 
 
+def _spread(values: list[float]) -> float:
+    """The sample standard deviation (0 for a single value), for error bars."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def plot_accuracy_vs_drift(finals: dict[str, list[dict]], grid: dict[str, list[dict]]):
     """Test accuracy against the two drift measures: per method its chosen lr (mean over seeds, ±1 std bars) and,
     dashed, its seed-0 runs along the lr grid that reach PLOT_FLOOR (the trade-off a different lr would give)."""
@@ -332,8 +337,7 @@ def plot_accuracy_vs_drift(finals: dict[str, list[dict]], grid: dict[str, list[d
             if not rows:
                 continue
             x, y = [r[key] * scale for r in rows], [r["test"] * 100 for r in rows]
-            spread = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
-            axis.errorbar(statistics.mean(x), statistics.mean(y), xerr=spread(x), yerr=spread(y), fmt="o",
+            axis.errorbar(statistics.mean(x), statistics.mean(y), xerr=_spread(x), yerr=_spread(y), fmt="o",
                           capsize=3, color=colors[method], label=method)
             curve = [r for r in grid.get(method, []) if r["test"] >= PLOT_FLOOR]
             if len(curve) > 1:

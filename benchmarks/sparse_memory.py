@@ -23,12 +23,12 @@ defaults otherwise), on the same batch of real WordNet glosses padded to 32 toke
 
 Memory: each contender runs alone in a fresh child process. Reported: RSS after set-up (model, adapter, batch,
 optimizer built; then glibc's `malloc_trim(0)` hands freed set-up scratch back to the system for every contender,
-so scratch memory of the selection step is not counted as training memory), the peak RSS while training (VmHWM reset after set-up through /proc/self/clear_refs, read after
-the steps), and the peak of the whole process (ru_maxrss, includes loading). "Training state" is computed from
-tensor sizes after a step: gradients + optimizer state (Adam moments and step counters); "adapter buffers" are
-the non-trainable tensors a method adds (SaRA's positions, base and frozen values, masks, cached CSR pattern);
-"saved activations" are the tensors autograd keeps for backward, counted once per storage through
-saved_tensors_hooks, parameters excluded.
+so scratch memory of the selection step is not counted as training memory), the peak RSS while training
+(VmHWM reset after set-up through /proc/self/clear_refs, read after the steps), and the peak of the whole
+process (ru_maxrss, includes loading). "Training state" is computed from tensor sizes after a step: gradients +
+optimizer state (Adam moments and step counters); "adapter buffers" are the non-trainable tensors a method adds
+(SaRA's positions, base and frozen values, masks, cached CSR pattern); "saved activations" are the tensors
+autograd keeps for backward, counted once per storage through saved_tensors_hooks, parameters excluded.
 
 Timing: one process holds every contender; after warm-up, blocks of steps alternate between contenders in
 mirrored order (A B C, C B A, ...); each whole step (zero_grad + forward + loss + backward + AdamW step) is timed
@@ -271,7 +271,7 @@ def run_timing(contenders: tuple[str, ...], rounds: int, block: int, batch_size:
         model, callbacks = build(name)
         model.train()
         runs[name] = (model, optimizer_for(model), callbacks)
-    for name, (model, optimizer, callbacks) in runs.items():  # warm-up
+    for model, optimizer, callbacks in runs.values():  # warm-up
         for _ in range(2):
             train_step(model, optimizer, callbacks, inputs, labels)
     times: dict[str, list[float]] = {name: [] for name in contenders}
