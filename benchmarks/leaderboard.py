@@ -127,13 +127,15 @@ def budget_matches(task_names: Sequence[str], method_names: Sequence[str], cache
         key = model_fingerprint(task)
         entry = stored.setdefault(key, {})
         common = TASK_PARAMS.get(name, {})
+        batch_size = {**PROTOCOL, **TASK_PROTOCOL.get(name, {})}["batch_size"]  # SPT plans on training batches
         for rank in LORA_RANKS:
             found = entry.setdefault(budget_name(rank), {})
-            target = task_counter(task, REFERENCE, common=common)({"rank": rank})
+            target = task_counter(task, REFERENCE, common=common, batch_size=batch_size)({"rank": rank})
             for method in method_names:
                 if method not in found:
                     print(f"matching {method} to {budget_name(rank)} ({target:,}) on {name}", flush=True)
-                    match = match_budget(method, target, task_counter(task, method, common=common))
+                    counter = task_counter(task, method, common=common, batch_size=batch_size)
+                    match = match_budget(method, target, counter)
                     found[method] = {"field": match.field, "value": match.value, "count": match.count,
                                      "target": target, "matched": match.matched}
                     harness.write_json(cache, stored)

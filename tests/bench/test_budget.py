@@ -100,3 +100,21 @@ def test_a_match_is_matched_only_within_tolerance():
     assert BudgetMatch("lora", "rank", 8, 1050, 1000).matched
     assert not BudgetMatch("lora", "rank", 8, 1051, 1000).matched
     assert not BudgetMatch("bitfit", None, None, 10, None).matched
+
+
+def test_the_counter_plans_on_batches_of_the_training_runs_size(monkeypatch):
+    """SPT plans on training batches: a count made with another batch size would match another plan."""
+    import deltatune.recipe as recipe
+
+    seen = []
+
+    def fake_prepare(task, method, params, seed, batch_size=32):
+        seen.append(batch_size)
+        return nn.Linear(2, 2), None
+
+    monkeypatch.setattr(recipe, "prepare_model", fake_prepare)
+    monkeypatch.setattr("deltatune.bench.budget.adapter_count", lambda model, extra: 6)
+    task = type("FakeTask", (), {"extra_trainable": ()})()
+    assert task_counter(task, "spt", batch_size=16)({}) == 6
+    assert task_counter(task, "spt")({}) == 6
+    assert seen == [16, 32]

@@ -50,14 +50,15 @@ def adapter_count(model: nn.Module, extra_trainable: tuple[str, ...]) -> int:
     return sum(p.numel() for p in unique.values())
 
 
-def task_counter(task, method: str, seed: int = 0,
-                 common: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], int]:
+def task_counter(task, method: str, seed: int = 0, common: dict[str, Any] | None = None,
+                 batch_size: int = 32) -> Callable[[dict[str, Any]], int]:
     """params -> the adapter count of `method` with `common` and those params on `task`'s model, adapted as
-    recipe.finetune adapts it."""
+    recipe.finetune adapts it; `batch_size` must be the training run's, since a planning method (SPT) plans
+    on training batches of that size."""
     from deltatune.recipe import prepare_model
 
     def count(params: dict[str, Any]) -> int:
-        model, _ = prepare_model(task, method, {**(common or {}), **params}, seed)
+        model, _ = prepare_model(task, method, {**(common or {}), **params}, seed, batch_size)
         return adapter_count(model, tuple(task.extra_trainable))
 
     return count
