@@ -72,7 +72,9 @@ def test_sample_parents_fallbacks_when_probabilities_vanish():
 
 def official_split_slerp(mix: float, split: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """helper_fn.slerp_w_splitpoint transcribed element-wise in float64 (the reference)."""
-    val = torch.where(torch.arange(x.numel()) < split, torch.tensor(mix), torch.tensor(1.0 - mix)).double()
+    # float64 weights: torch.tensor(mix) alone is float32, which put the reference ~1e-7 away from exact
+    val = torch.where(torch.arange(x.numel()) < split, torch.tensor(mix, dtype=torch.float64),
+                      torch.tensor(1.0 - mix, dtype=torch.float64))
     x, y = x.double(), y.double()
     dot = (x / x.norm()) @ (y / y.norm())
     omega = torch.arccos(dot.clamp(-1, 1))
