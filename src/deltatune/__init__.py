@@ -21,6 +21,7 @@ deltatune.integrations.transformers.SaveAdapterCallback.
 Every registered method's config class is reachable here by its name (`deltatune.LoRAConfig`, ...): they are
 read from the method registry (`__getattr__`, `__dir__`), so a new method needs no line in this file.
 """
+from deltatune.core.attach import adapter_state_dict
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.merged import save_merged
@@ -40,7 +41,7 @@ from deltatune.core.model import (
     unmerge,
 )
 from deltatune.core.registry import list_methods, method_entry, register_method
-from deltatune.core.state import adapter_names, adapter_state_dict, load_adapter, save_adapter
+from deltatune.core.state import adapter_names, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
 from deltatune.merging.adapters import combine_adapters
 from deltatune.version import package_version

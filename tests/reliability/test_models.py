@@ -17,9 +17,10 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from contract.toy_models import tiny_gpt2, tiny_resnet
+from deltatune.core.attach import load_trainable_state_dict, trainable_state_dict
+from deltatune.core.deltatune_format import WEIGHTS_FILE
 from deltatune.core.guards import SAVE_PRETRAINED_WARNING
 from deltatune.core.host import AdaptedLayer
-from deltatune.core.state import WEIGHTS_FILE, load_trainable_state_dict, trainable_state_dict
 from deltatune.errors import AdapterFileError, ConfigError, DeltatuneError, NotMergeableError, TargetError
 from reliability.support import assert_one_line_message, tree_digest
 

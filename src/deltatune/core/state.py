@@ -8,9 +8,6 @@ The layers beneath, one concern each:
 - `core.attach`: an adapter's tensors out of a model (state dicts) and into it (attach-and-fill);
 - `core.formats`: the (detect, load, save) table; its built-in entries are `core.deltatune_format` (the format
   documented there) and `core.peft_format` (Hugging Face peft folders), imported here so that they register.
-
-The names other modules used to import from here (`CONFIG_FILE`, `read_json`, `adapter_state_dict`, ...) are
-kept as re-exports.
 """
 from __future__ import annotations
 
@@ -19,26 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from deltatune.core.attach import (  # noqa: F401 - re-exported
-    adapter_state_dict,
-    attach_adapter,
-    load_trainable_state_dict,
-    trainable_state_dict,
-)
-from deltatune.core.deltatune_format import (  # noqa: F401 - re-exported; importing it registers the format
-    CONFIG_FILE,
-    FORMAT_VERSION,
-    WEIGHTS_FILE,
-    check_format_fields,
-    config_from_meta,
-)
-from deltatune.core.files import (  # noqa: F401 - re-exported
-    PICKLE_SUFFIXES,
-    read_json,
-    read_safetensors,
-    refuse_nonfinite,
-)
-from deltatune.core.formats import adapter_folder as _adapter_folder  # noqa: F401
+import deltatune.core.deltatune_format  # noqa: F401 - importing it registers the format
 from deltatune.core.formats import detect_format, format_named
 from deltatune.core.model import adapter_state
 from deltatune.core.peft_format import PEFT_FORMAT  # noqa: F401 - importing it registers the format

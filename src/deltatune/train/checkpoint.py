@@ -119,7 +119,7 @@ def trainable_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The tensors a checkpoint keeps: trainable parameters and delta tensors (deltatune.core when installed,
     else every parameter with requires_grad), plus the model's persistent buffers (e.g. BatchNorm statistics)."""
     try:
-        from deltatune.core.state import trainable_state_dict
+        from deltatune.core.attach import trainable_state_dict
     except ImportError:
         trainable_state_dict = None
     if trainable_state_dict is not None:
@@ -141,7 +141,7 @@ def load_trainable_tensors(model: nn.Module, tensors: dict[str, Tensor], source:
         raise AdapterFileError(f"{source} has no tensor {missing[0]!r} for a trainable parameter; "
                                "was it written for another model or adapter configuration?")
     try:
-        from deltatune.core.state import load_trainable_state_dict
+        from deltatune.core.attach import load_trainable_state_dict
     except ImportError:
         load_trainable_state_dict = None
     if load_trainable_state_dict is not None:
