@@ -200,7 +200,7 @@ def one_run(cell: dict, lr: float, seed: int) -> dict:
     protocol = {**PROTOCOL, **TASK_PROTOCOL.get(cell["task"], {})}
     result = finetune(cell["task"], cell["method"], params, lr=lr, seed=seed, progress=False, callbacks=(timer,),
                       **protocol)
-    return {"lr": lr, "seed": seed, "validation": result.validation_accuracy, "test": result.test_accuracy,
+    return {"lr": lr, "seed": seed, "validation": result.validation_score, "test": result.test_score,
             "trainable": result.trainable.trainable, "seconds": result.seconds,
             "step_seconds": timer.seconds[TIMING_SKIP:]}
 
