@@ -622,9 +622,14 @@ def report_mode(args) -> None:
                   *_peft_lines(json.loads(args.peft_json.read_text())), ""]
     plots = _plots(records, args.out_dir)  # written (atomically) before the table that shows them
     lines += ["## Plots", "", *[f"![{name}]({name})" for name in plots], ""]
-    report = "\n".join(lines)
-    harness.write_report(args.out_dir / "adaptive_rank.md", report)
+    output = args.out_dir / "adaptive_rank.md"
+    old = output.read_text() if output.exists() else ""
+    report = "\n".join(lines) + (old[old.index(NOTES):] if NOTES in old else "")
+    harness.write_report(output, report)
     print(report)
+
+
+NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when it is re-written
 
 
 def _date() -> str:
