@@ -109,7 +109,7 @@ def load_wordnet_lm() -> tuple[nn.Module, Any]:
     return load_wordnet_lm_model(), load_wordnet_lm_tokenizer()
 
 
-def build_wordnet_lm_model(num_classes: int | None = None, **_: Any) -> nn.Module:
+def build_wordnet_lm_model(num_classes: int | None = None) -> nn.Module:
     """Task model factory: a fresh pretrained WordNet-LM in train mode (`num_classes` is ignored: no head)."""
     del num_classes
     return load_wordnet_lm_model().train()
