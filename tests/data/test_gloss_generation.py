@@ -85,3 +85,14 @@ def test_deltatune_train_runs_on_gloss_generation(tmp_path, monkeypatch, capsys)
     output = capsys.readouterr().out
     assert status == 0
     assert "minilm_similarity" in output and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_train_size_and_evaluation_subsets_draw_seeded_uniform_subsets(task):
+    from deltatune.recipe import evaluation_subsets
+
+    small = load_task("gloss-generation", train_size=100, seed=3)
+    assert len(small.train) == 100 and small.train.texts[0] in task.train.texts
+    assert load_task("gloss-generation", train_size=100, seed=3).train.texts == small.train.texts
+    assert load_task("gloss-generation", train_size=100, seed=4).train.texts != small.train.texts
+    cut = evaluation_subsets(task, validation_size=20, test_size=30)
+    assert (len(cut.validation), len(cut.test)) == (20, 30)

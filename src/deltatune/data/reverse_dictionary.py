@@ -23,9 +23,8 @@ from deltatune.data.gloss_generation import (
     build_split,
     generate_texts,
     prompts_of_dataset,
-    random_train_subset,
 )
-from deltatune.data.task import SPLITS, Task
+from deltatune.data.task import SPLITS, Task, limit_train_size
 from deltatune.data.wordnet_lm import (
     WORDNET_LM_DEFAULT_TARGETS,
     build_wordnet_lm_model,
@@ -88,7 +87,7 @@ def load_reverse_dictionary_task(*, max_length: int = 32, train_size: int | None
     splits = {split: reverse_split(tokenizer, [row for row in rows if row["split"] == split]) for split in SPLITS}
     return Task(
         name=NAME, description=DESCRIPTION, label_names=(),
-        train=random_train_subset(splits["train"], train_size, seed),
+        train=limit_train_size(splits["train"], train_size, seed),
         validation=splits["validation"], test=splits["test"], model_factory=build_wordnet_lm_model,
         extra_trainable=(), default_targets=WORDNET_LM_DEFAULT_TARGETS,
         metric=METRIC, higher_is_better=True, scorer=score_reverse_dictionary,
