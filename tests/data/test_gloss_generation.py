@@ -61,13 +61,13 @@ def test_similarity_ranks_true_glosses_above_shuffled_ones(task):
 
 def test_base_model_glosses_score_higher_against_their_own_references_than_shuffled(task):
     model = task.build_model()
-    items = task.test.subset(range(48))
+    items = task.test.subset(range(96))
     generated = gg.generate_glosses(model, items)
     references = list(items.texts)
     order = list(range(len(references)))
     random.Random(0).shuffle(order)
     matched = gg.gloss_similarity(generated, references)
-    assert matched > gg.gloss_similarity(generated, [references[i] for i in order]) + 0.05
+    assert matched > gg.gloss_similarity(generated, [references[i] for i in order]) + 0.02
     assert model.training  # the scorer restores the train mode
 
 

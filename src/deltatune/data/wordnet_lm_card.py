@@ -10,7 +10,7 @@ from deltatune.data.build_wordnet_lm import HELDOUT_SHARE, MIN_FREQUENCY, VOCAB_
 
 def _config_rows(config: Any) -> str:
     fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "rope_theta")
+              "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "rope_parameters")
     return "\n".join(f"| `{name}` | {getattr(config, name, None)} |" for name in fields)
 
 
