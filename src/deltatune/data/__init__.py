@@ -8,7 +8,8 @@
     evaluate_accuracy(model, task.test)
 
 Tasks (details in src/deltatune/data/README.md): wordnet-nouns (default), wordnet-verbs, wordnet-pos,
-wordnet-adj (WordNet 3.0 definitions, licence in files/WORDNET_LICENSE.txt) and digits (scikit-learn).
+wordnet-adj (WordNet 3.0 definitions, licence in files/WORDNET_LICENSE.txt), digits (scikit-learn) and
+gloss-generation (held-out WordNet lemmas -> definitions with WordNet-LM, `load_wordnet_lm()`; MiniLM-scored).
 """
 from deltatune.data.catalog import DEFAULT_TASK, describe_tasks, list_tasks, load_task
 from deltatune.data.datasets import TensorDictDataset, collate_dicts, evaluate_accuracy, model_inputs
@@ -20,9 +21,10 @@ from deltatune.data.models import (
     load_minilm,
 )
 from deltatune.data.task import Task, UnknownTaskError
+from deltatune.data.wordnet_lm import load_wordnet_lm
 
 __all__ = [
     "DEFAULT_TASK", "DigitsConvNet", "DigitsMLP", "ModelUnavailableError", "SentenceClassifier", "Task",
     "TensorDictDataset", "UnknownTaskError", "collate_dicts", "describe_tasks", "evaluate_accuracy",
-    "list_tasks", "load_minilm", "load_task", "model_inputs",
+    "list_tasks", "load_minilm", "load_task", "load_wordnet_lm", "model_inputs",
 ]

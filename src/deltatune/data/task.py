@@ -1,6 +1,7 @@
 """The `Task` bundle every built-in task loads into: splits, label names, a model factory and the collate function."""
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,8 @@ class Task:
 
 
 def limit_train_size(train: TensorDictDataset, train_size: int | None, seed: int) -> TensorDictDataset:
-    """The whole training split, or a label-stratified subset of `train_size` examples drawn with `seed`."""
+    """The whole training split, or a subset of `train_size` examples drawn with `seed`: label-stratified when
+    each example has one class label, else uniform (token labels of a generation task have no class)."""
     if train_size is None:
         return train
     if not 1 <= train_size <= len(train):
@@ -89,4 +91,6 @@ def limit_train_size(train: TensorDictDataset, train_size: int | None, seed: int
             f"train_size={train_size} is invalid: expected an integer from 1 to {len(train)} (the training split "
             "size); pass train_size=None for the whole split"
         )
+    if train.labels.dim() != 1:
+        return train.subset(sorted(random.Random(seed).sample(range(len(train)), train_size)))
     return train.subset(stratified_subset(train.labels.tolist(), train_size, seed))
