@@ -212,3 +212,28 @@ def test_describe_and_plots(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     plot_rank_heatmap({"encoder.layer.0.attention.self.query": 3, "encoder.layer.1.output.dense": 5},
                       tmp_path / "mapping.png")
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+@pytest.mark.parametrize("method", ["adalora", "increlora", "triadaptlora", "colora"])
+def test_runs_shorter_than_the_schedules_warm_ups_still_allocate(method, steps):
+    """`deltatune train --max-steps 2` with a method's default schedule: a run that starts in the final phase
+    decides its pattern from the steps it has (AdaLoRA once crashed: no importance recorded yet)."""
+    config = dt.config_for(method, targets=TARGETS)
+    model = adapted(config)
+    (callback,) = config.training_callbacks(model, steps)
+    train(model, callback.allocator, steps)
+    assert callback.allocator.last_step == steps
+
+
+@pytest.mark.parametrize("method", ["adalora", "increlora", "triadaptlora", "colora"])
+def test_a_one_step_run_allocates_or_is_refused_by_its_length(method):
+    config = dt.config_for(method, targets=TARGETS)
+    model = adapted(config)
+    try:
+        (callback,) = config.training_callbacks(model, 1)
+    except ConfigError as error:
+        assert "train longer" in str(error)
+        return
+    train(model, callback.allocator, 1)
+    assert callback.allocator.last_step == 1

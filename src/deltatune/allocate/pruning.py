@@ -55,7 +55,10 @@ class SensitivityPruner(Allocator):
             if self.schedule.should_mask(global_step):
                 self.mask_to_budget(self.schedule.budget(global_step))
         elif not self.pattern_fixed:
-            # the first step of the final phase (also when resuming past it): fix the pattern at b(T)
+            # the first step of the final phase (also when resuming past it): fix the pattern at b(T). A run so
+            # short that it starts in the final phase has recorded no importance yet: this step's decides.
+            if not self.average:
+                self._update_sensitivity()
             self.mask_to_budget(self.schedule.final_budget)
             self.pattern_fixed = True
             self.average, self.uncertainty = {}, {}
