@@ -44,6 +44,7 @@ class AdaptedLayer(nn.Module):
         self._fuse_first_additive = False
         self.register_state_dict_post_hook(_base_keys_on_save)
         self.register_load_state_dict_pre_hook(_base_keys_on_load)
+        self.train(base_layer.training)  # a layer of a model in eval mode stays in eval mode
 
     # --- the base layer's attributes -----------------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -68,7 +69,9 @@ class AdaptedLayer(nn.Module):
 
     # --- membership -----------------------------------------------------------------------------------------
     def add_delta(self, name: str, delta: Delta) -> None:
-        self.deltas[name] = delta
+        # A delta joins in the layer's mode: adapting (or loading into) a model in eval mode must not switch
+        # on the new delta's dropout or DropPath.
+        self.deltas[name] = delta.train(self.training)
         self._replan()
 
     def remove_delta(self, name: str) -> None:
