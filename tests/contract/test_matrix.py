@@ -342,15 +342,6 @@ def _without_statistics(model, fresh, x):
 LM_STEPS = 20  # the shortest run every growth schedule's defaults fit in
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared machine: extra intra-op threads only wait for each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _lm_setup(method: str, data):
     """(model, config, callbacks), or the one-line refusal of the method's set-up."""
     from deltatune.errors import DeltatuneError
@@ -442,57 +433,3 @@ def test_bfloat16_forward_merge_and_unmerge_stay_within_bfloat16_tolerance(metho
     dt.unmerge(model)
     assert _bf16_error(model(x), reference) <= BF16_TOLERANCE
 
-
-# --- the shipped WordNet-LM (issue 11): every method on a real pretrained causal LM ------------------------------
-# Kept at the end of the file, apart from the rows above, so rows added in parallel merge cleanly.
-
-
-@pytest.fixture(scope="module")
-def wordnet_lm_parts():
-    """(float64 WordNet-LM, 4 gloss-generation items) read once; each test adapts its own deep copy."""
-    pytest.importorskip("transformers")
-    from deltatune.data import load_task
-
-    task = load_task("gloss-generation")
-    items = task.train.subset(range(4))
-    return task.build_model().double().eval(), {name: tensor[:, :24] for name, tensor in items.tensors.items()}
-
-
-def _wordnet_lm_logits(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-@pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("method", METHODS)
-def test_wordnet_lm_adapts_steps_reloads_and_merges_exactly(method, wordnet_lm_parts, tmp_path):
-    from deltatune.data.wordnet_lm import WORDNET_LM_DEFAULT_TARGETS, load_wordnet_lm_model
-    from deltatune.errors import DeltatuneError
-
-    base, batch = wordnet_lm_parts
-    model = copy.deepcopy(base)
-    try:
-        config = dt.config_for(method, targets=WORDNET_LM_DEFAULT_TARGETS).plan(model, iter([batch, batch]))
-        model = dt.adapt(model, config)
-    except DeltatuneError as error:
-        return _refuses_clearly(error)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    loss = model(**batch).loss + dt.regularization_loss(model)
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss)
-    _perturb(model, "default", scale=0.05)
-    model.eval()
-    expected = _wordnet_lm_logits(model, batch)
-    dt.save_adapter(model, tmp_path / "adapter")
-    loaded = dt.load_adapter(load_wordnet_lm_model().double(), tmp_path / "adapter")
-    # .eval() again: the loaded deltas are new modules, in train mode (SPT's DropPath would then be active)
-    torch.testing.assert_close(_wordnet_lm_logits(loaded.eval(), batch), expected, rtol=0, atol=0)
-    if not dt.method_entry(method).delta_cls.mergeable:
-        return
-    try:
-        dt.merge(model)
-    except NotMergeableError as error:  # e.g. SSF's shift: Llama's projections have no bias to fold it into
-        assert str(error) and "\n" not in str(error).strip()
-        return
-    torch.testing.assert_close(_wordnet_lm_logits(model, batch), expected, rtol=0, atol=1e-8)
