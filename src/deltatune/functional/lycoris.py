@@ -8,9 +8,14 @@ import torch
 from torch import Tensor
 
 
-def tucker_rebuild(core: Tensor, out_factor: Tensor, in_factor: Tensor) -> Tensor:
+def tucker_rebuild(core: Tensor, out_factor: Tensor, in_factor: Tensor, *, in_factor_first: bool = False) -> Tensor:
     """(out, in, k1, k2) from a Tucker core (r, r, k1, k2) and mode factors out_factor (r, out), in_factor (r, in):
-    W[p, q, k, l] = Σ_ij core[i, j, k, l] out_factor[i, p] in_factor[j, q] (LyCORIS's "effective conv2d")."""
+    W[p, q, k, l] = Σ_ij core[i, j, k, l] out_factor[i, p] in_factor[j, q] (LyCORIS's "effective conv2d").
+
+    peft's LoHa contracts the in factor first, its LoKr the out factor: `in_factor_first` follows the former, so
+    each method rounds as peft does (the values agree to float precision either way)."""
+    if in_factor_first:
+        return torch.einsum("i j k l, j r, i p -> p r k l", core, in_factor, out_factor)
     return torch.einsum("i j k l, i p, j r -> p r k l", core, out_factor, in_factor)
 
 
@@ -23,7 +28,9 @@ def kronecker(left: Tensor, right: Tensor) -> Tensor:
     """left ⊗ right; a 2-D `left` with a 4-D `right` (a conv kernel block) acts on the channel dimensions only."""
     if right.dim() == 4 and left.dim() == 2:
         left = left[:, :, None, None]
-    return torch.kron(left, right.contiguous())
+    # A Tucker rebuild of a Conv1d block, (b, d, k, 1), can come out of einsum with an odd stride on its size-1
+    # dimension, which torch.kron cannot view (peft 0.21 fails there); a fresh contiguous copy always works.
+    return torch.kron(left, right.clone(memory_format=torch.contiguous_format))
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

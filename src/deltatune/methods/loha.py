@@ -126,8 +126,8 @@ class LoHaDelta(LycorisDelta):
 
     def update(self) -> Tensor:
         if self.uses_tucker:
-            first = tucker_rebuild(self.hada_t1, self.hada_w1_a, self.hada_w1_b)
-            weight = first * tucker_rebuild(self.hada_t2, self.hada_w2_a, self.hada_w2_b)
+            first = tucker_rebuild(self.hada_t1, self.hada_w1_a, self.hada_w1_b, in_factor_first=True)
+            weight = first * tucker_rebuild(self.hada_t2, self.hada_w2_a, self.hada_w2_b, in_factor_first=True)
         else:
             weight = hadamard_of_products((self.hada_w1_a, self.hada_w1_b), (self.hada_w2_a, self.hada_w2_b))
         return (weight * self.scale).reshape(self.layer.weight_shape)

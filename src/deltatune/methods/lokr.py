@@ -22,7 +22,8 @@ Kaiming-uniform, so ΔW = 0 at step 0), "lycoris" (peft's init_weights="lycoris"
 ``lokr_w2_b`` = 0 instead) or "random". Training-time regularizers as peft: `rank_dropout` zeroes output rows of
 ΔW (rescaled by the kept share only with `rank_dropout_scale`), `module_dropout` skips the update for a step.
 
-Deviations: gradients come from autograd; module dropout draws a number only when it is > 0 (peft draws one every
+Deviations: peft 0.21.2 crashes on the Tucker form of a Conv1d (torch.kron cannot view the rebuilt block);
+deltatune computes it by the same formula. Gradients come from autograd; module dropout draws a number only when it is > 0 (peft draws one every
 training step). Conv3d, transformers Conv1D and embeddings are refused, as peft does.
 """
 from __future__ import annotations
