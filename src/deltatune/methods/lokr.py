@@ -23,8 +23,9 @@ Kaiming-uniform, so ΔW = 0 at step 0), "lycoris" (peft's init_weights="lycoris"
 ΔW (rescaled by the kept share only with `rank_dropout_scale`), `module_dropout` skips the update for a step.
 
 Deviations: peft 0.21.2 crashes on the Tucker form of a Conv1d (torch.kron cannot view the rebuilt block);
-deltatune computes it by the same formula. Gradients come from autograd; module dropout draws a number only when it is > 0 (peft draws one every
-training step). Conv3d, transformers Conv1D and embeddings are refused, as peft does.
+deltatune computes it by the same formula. Gradients come from autograd; module dropout draws a number only when
+it is > 0 (peft draws one every training step). Conv3d, transformers Conv1D and embeddings are refused, as peft
+does.
 """
 from __future__ import annotations
 
