@@ -79,7 +79,9 @@ class LoLDUConfig(DeltaConfig):
         pivot_tolerance: the relative threshold: |D_k| < pivot_tolerance · max|D| is near zero.
     """
 
-    budget_field: ClassVar[str | None] = "rank"
+    # The paper's point is its natural budget (full rank: min(in, out) + 1 numbers per layer, far below LoRA rank 1's
+    # in + out), so there is no knob for budget matching to turn; sweep `rank` directly.
+    budget_field: ClassVar[str | None] = None
 
     rank: int | None = None
     alpha: float | None = None
