@@ -44,7 +44,8 @@ Defaults and deviations:
 - Linear and transformers Conv1D only: the paper adapts linear layers; the official conv constructor runs a
   batched LU on the 4-D kernel, which is not a convolution's decomposition, so convolutions and embeddings are
   refused rather than reshaped.
-- The official code's dropout mask is inert (its result is discarded); deltatune has no dropout.
+- The official code builds a dropout that its forward never applies; deltatune has no dropout.
+- At full rank the frozen L_r and U_r take about twice the weight's memory (the official code keeps them too).
 """
 from __future__ import annotations
 
