@@ -71,7 +71,9 @@ class LoKrConfig(DeltaConfig):
         init: "peft", "lycoris" or "random" (see the module doc).
     """
 
-    budget_field: ClassVar[str | None] = "rank"
+    # No budget knob: rank sizes a factor only below max(b, d)/2 (then the count saturates), so it cannot be
+    # searched monotonically; LoKr is compared at its natural budget.
+    budget_field: ClassVar[str | None] = None
     peft_type: ClassVar[str] = "LOKR"
 
     rank: int = 8
