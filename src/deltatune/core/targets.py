@@ -68,7 +68,7 @@ def find_targets(model: nn.Module, config: DeltaConfig, supported_kinds: frozens
     """Dotted paths of the modules `config` selects. Raises a TargetError listing near misses when none match,
     and an UnsupportedLayerError when an explicitly named module is of a kind the method cannot adapt."""
     heads = output_head_names(model)
-    chosen = []
+    chosen, skipped = [], []
     for path, module in candidate_layers(model):
         if _is_inside(path, config.exclude) or _is_inside(path, config.extra_trainable):
             continue
@@ -77,8 +77,11 @@ def find_targets(model: nn.Module, config: DeltaConfig, supported_kinds: frozens
         if layer_kind(module) not in supported_kinds:
             if isinstance(config.targets, (tuple, str)) and config.targets != ALL_LINEAR:
                 _raise_unsupported(path, module, supported_kinds, method)
+            skipped.append((path, module))
             continue
         chosen.append(path)
+    if not chosen and skipped:  # the selection holds layers, only none the method can adapt: say that
+        _raise_unsupported(*skipped[0], supported_kinds, method)
     if not chosen:
         raise TargetError(_no_match_message(model, config))
     return chosen
