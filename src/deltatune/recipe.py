@@ -42,6 +42,7 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     metric: str = "accuracy"
     higher_is_better: bool = True
+    model: Any = field(default=None, repr=False)  # the trained model (adapted, or the probe / full model)
 
     @property
     def test_accuracy(self) -> float:
@@ -244,5 +245,5 @@ def finetune(
         task=task, method=method, test_score=data.score(model, data.test), validation_score=validation,
         trainable=dt.trainable_parameters(model), seconds=seconds, adapter_path=adapter_path,
         history=list(getattr(result, "history", [])), metric=data.metric,
-        higher_is_better=data.higher_is_better,
+        higher_is_better=data.higher_is_better, model=model,
     )
