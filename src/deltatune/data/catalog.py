@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from deltatune.data.digits import DESCRIPTION as DIGITS_DESCRIPTION
 from deltatune.data.digits import load_digits_task
+from deltatune.data.glyph_tasks import GLYPH_TASKS, glyph_task_names, load_glyph_task
 from deltatune.data.task import Task, UnknownTaskError
 from deltatune.data.wordnet import WORDNET_TASKS, load_wordnet_task
 
@@ -16,9 +17,19 @@ def _wordnet_loader(name: str) -> Callable[..., Task]:
     return lambda **options: load_wordnet_task(name, **options)
 
 
+def _glyph_loader(name: str) -> Callable[..., Task]:
+    return lambda **options: load_glyph_task(name, **options)
+
+
+def _glyph_description(name: str) -> str:
+    base, _, backbone = name.rpartition("-")
+    return f"{GLYPH_TASKS[base].description} ({'GlyphViT' if backbone == 'vit' else 'GlyphCNN'}, pretrained here)"
+
+
 _LOADERS: dict[str, tuple[str, Callable[..., Task]]] = {
     **{name: (spec.description, _wordnet_loader(name)) for name, spec in WORDNET_TASKS.items()},
     "digits": (DIGITS_DESCRIPTION, load_digits_task),
+    **{name: (_glyph_description(name), _glyph_loader(name)) for name in glyph_task_names()},
 }
 
 
