@@ -14,7 +14,8 @@ Rules (seed 0, deterministic: two runs give byte-identical files):
 
 1. Candidates: every .ttf / .otf file under the font folders, resolved through symlinks, identical files (sha256)
    kept once. Type 1 files (.t1, .pfb) are skipped: here they are copies of urw-base35's .otf fonts.
-2. A font is skipped when it is a symbol, dingbat, math or music font (family name), lacks one of the 62
+2. A font is skipped when it is a symbol, dingbat, math, music, keycap or small-capital font (family name:
+   keycaps and small capitals would mislabel glyphs), lacks one of the 62
    source characters in its cmap, or renders one of them as nothing or as its .notdef box (compared with the
    rendering of the private-use code point U+E000); also when its family and style were already taken (e.g.
    liberation vs liberation2), or when its plain renderings of the 62 characters are within `DUPLICATE_DISTANCE`
@@ -68,7 +69,8 @@ DUPLICATE_DISTANCE = 0.02  # mean |difference| (0-1 scale) of the 62 plain rende
 SPLIT_SHARES = {"test": 0.15, "validation": 0.15}  # train takes the rest
 MAX_STYLES_PER_FAMILY = 6
 MAX_FONTS_PER_GROUP = 12  # Latin Modern alone has 45 distinct fonts; the cap keeps the file under 10 MB
-SKIPPED_FAMILY_WORDS = ("symbol", "dingbat", "math", "music", "d050000l")
+# keycaps (Linux Biolinum Keyboard) and small capitals (their lower case is drawn as capitals) mislabel a glyph
+SKIPPED_FAMILY_WORDS = ("symbol", "dingbat", "math", "music", "d050000l", "keyboard", "caps")
 NOTDEF_PROBE = "\ue000"
 STYLE_PREFERENCE = ("regular", "bold", "italic", "bold italic", "oblique", "bold oblique")
 # Fonts drawn from one design go to one split (lower-case typographic family -> group).
