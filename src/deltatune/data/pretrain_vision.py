@@ -29,7 +29,7 @@ from deltatune.data.glyphs import FILES_DIR, glyph_subset, read_glyphs
 from deltatune.data.vision import GlyphCNN, GlyphViT, write_model_files
 
 RECIPES = {
-    "vit": {"epochs": 8, "lr": 1e-3, "weight_decay": 0.05},
+    "vit": {"epochs": 8, "lr": 2e-3, "weight_decay": 0.05},
     "cnn": {"epochs": 10, "lr": 2e-3, "weight_decay": 0.01},
 }
 BATCH_SIZE = 128
