@@ -62,11 +62,12 @@ class GlyphViT(nn.Module):
 
 
 class ConvBlock(nn.Module):
-    """conv 3x3 (no bias: BatchNorm has one) -> BatchNorm -> ReLU."""
+    """conv 3x3 -> BatchNorm -> ReLU. The conv keeps its bias (redundant before BatchNorm) so that an output-affine
+    delta on it (SSF) can be merged: merging a shift needs a bias to fold into."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
         self.norm = nn.BatchNorm2d(out_channels)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
