@@ -15,7 +15,7 @@ components enter ΔW with scale ~1 at the final budget. Schedules scaled to 64 s
 
 Learning rate: per method, the best of {1e-3, 3e-3, 1e-2, 3e-2} (extended to 1e-1, then 3e-1, while a method's best
 is the highest rate it tried) on a fixed 500-example validation subset, with seed 0
-at budget 8 (reused at budget 2); full fine-tuning uses the recipe's 5e-5 (chosen on validation by the data
+at each budget; full fine-tuning uses the recipe's 5e-5 (chosen on validation by the data
 task's authors). Then seeds 0, 1, 2 (head and adapter init, data order): test accuracy (2,000 examples) mean ± std.
 
 Modes:
@@ -70,7 +70,7 @@ LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
 LR_EXTENSION = (1e-1, 3e-1)  # tried in turn for a method while its best rate is the highest one tried
 FULL_LR = 5e-5
 SEEDS = (0, 1, 2)
-TUNING_BUDGET = 8
+SCHEDULE_PLOT_BUDGET = 8  # the budget whose allocation schedules are plotted
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -196,34 +196,45 @@ def job_name(job: dict) -> str:
 
 
 # --- the accuracy plan --------------------------------------------------------------------------------------
-RUN_IDENTITY = ("method", "budget", "seed", "lr")  # a record is the job plus its results
+def run_identity(job_or_record: dict) -> list | None:
+    """A run is its method, budget, seed and rate, and whether it is scored on validation (a tuning run): a
+    validation record (a float) and a tuning job (validation=True) are the same run; final runs have neither."""
+    if any(key not in job_or_record for key in ("method", "budget", "seed", "lr")):
+        return None
+    return [job_or_record[key] for key in ("method", "budget", "seed", "lr")] + [
+        job_or_record.get("validation") not in (None, False)]
 
 
 def tuning_jobs() -> list[dict]:
-    return [dict(method=m, budget=TUNING_BUDGET, seed=0, lr=lr, validation=True, test=True)
-            for m in ADAPTERS for lr in LR_GRID]
+    """Every method's rate is tuned at every budget it is compared at (seed 0, validation)."""
+    return [dict(method=m, budget=budget, seed=0, lr=lr, validation=True, test=True)
+            for budget in BUDGETS for m in ADAPTERS for lr in LR_GRID]
+
+
+def _tuning_records(records: list[dict], method: str, budget: int) -> list[dict]:
+    return [r for r in records if r["method"] == method and r["budget"] == budget and r["seed"] == 0
+            and isinstance(r.get("validation"), float)]
 
 
 def extension_jobs(records: list[dict]) -> list[dict]:
-    """The next rate above the grid for every method whose best rate so far is the highest it tried."""
+    """The next rate above the grid for every (method, budget) whose best rate so far is the highest it tried."""
     jobs = []
-    for method in ADAPTERS:
-        tried = sorted(r["lr"] for r in records if r["method"] == method and r["budget"] == TUNING_BUDGET
-                       and r["seed"] == 0 and "validation" in r)
-        if not tried or chosen_lr(records, method) != tried[-1]:
-            continue
-        higher = [lr for lr in LR_EXTENSION if lr > tried[-1]]
-        if higher:
-            jobs.append(dict(method=method, budget=TUNING_BUDGET, seed=0, lr=higher[0], validation=True, test=True))
+    for budget in BUDGETS:
+        for method in ADAPTERS:
+            tried = sorted(r["lr"] for r in _tuning_records(records, method, budget))
+            if not tried or chosen_lr(records, method, budget) != tried[-1]:
+                continue
+            higher = [lr for lr in LR_EXTENSION if lr > tried[-1]]
+            if higher:
+                jobs.append(dict(method=method, budget=budget, seed=0, lr=higher[0], validation=True, test=True))
     return jobs
 
 
-def chosen_lr(records: list[dict], method: str) -> float:
+def chosen_lr(records: list[dict], method: str, budget: int) -> float:
+    """The best validation rate of `method` at `budget` (ties to the smaller rate); full: the recipe's rate."""
     if method == "full":
         return FULL_LR
-    tuned = [r for r in records if r["method"] == method and r["budget"] == TUNING_BUDGET and r["seed"] == 0
-             and "validation" in r]
-    return max(tuned, key=lambda r: (r["validation"], -r["lr"]))["lr"]
+    return max(_tuning_records(records, method, budget), key=lambda r: (r["validation"], -r["lr"]))["lr"]
 
 
 def final_jobs(records: list[dict]) -> list[dict]:
@@ -231,8 +242,9 @@ def final_jobs(records: list[dict]) -> list[dict]:
     for seed in SEEDS:
         for budget in BUDGETS:
             for method in ADAPTERS:
-                if not (budget == TUNING_BUDGET and seed == 0):  # that run is the tuning run at the chosen lr
-                    jobs.append(dict(method=method, budget=budget, seed=seed, lr=chosen_lr(records, method), test=True))
+                if seed != 0:  # seed 0 is the tuning run at the chosen rate
+                    jobs.append(dict(method=method, budget=budget, seed=seed, lr=chosen_lr(records, method, budget),
+                                     test=True))
         jobs.append(dict(method="full", budget=0, seed=seed, lr=FULL_LR, test=True))
     return jobs
 
@@ -251,7 +263,7 @@ def run_jobs(jobs: list[dict], log: harness.RunLog, work_dir: Path, workers: int
 def accuracy_mode(args) -> None:
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    log = harness.RunLog(args.jsonl, identity=RUN_IDENTITY)
+    log = harness.RunLog(args.jsonl, identity=run_identity)
     run_jobs(tuning_jobs(), log, work_dir, args.workers)
     while extra := log.pending(extension_jobs(log.records())):
         run_jobs(extra, log, work_dir, args.workers)
@@ -415,23 +427,28 @@ def _final_ranks(model: nn.Module, name: str) -> dict[str, int]:
 
 # --- report -------------------------------------------------------------------------------------------------
 def _final_records(records: list[dict]) -> list[dict]:
-    chosen = {m: chosen_lr(records, m) for m in METHODS if m == "full" or any(r["method"] == m for r in records)}
-    return [r for r in records if "test" in r and r["lr"] == chosen.get(r["method"])
-            and (r["method"] == "full" or r["budget"] in BUDGETS)]
+    """One test record per (method, budget, seed) at the rate chosen for that budget (a tuning run wins over an
+    older final run of the same settings: the later record is kept)."""
+    done = {(r["method"], r["budget"]) for r in records if "test" in r}
+    chosen = {(m, b): chosen_lr(records, m, b) for m, b in done if m == "full" or _tuning_records(records, m, b)}
+    final: dict[tuple, dict] = {}
+    for r in records:
+        if "test" in r and r["lr"] == chosen.get((r["method"], r["budget"])) and (
+                r["method"] == "full" or r["budget"] in BUDGETS):
+            final[r["method"], r["budget"], r["seed"]] = r
+    return list(final.values())
 
 
-def _tuning_table(records: list[dict]) -> list[str]:
+def _tuning_table(records: list[dict], budget: int) -> list[str]:
     grid = (*LR_GRID, *LR_EXTENSION)
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in grid) + " | chosen |",
              "| --- |" + " --- |" * (len(grid) + 1)]
     for method in ADAPTERS:
-        cells = []
-        for lr in grid:
-            hit = [r for r in records if r["method"] == method and r["lr"] == lr and "validation" in r]
-            cells.append(f"{100 * hit[0]['validation']:.2f}" if hit else "–")
-        done = any(r["method"] == method and "validation" in r for r in records)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen_lr(records, method):g} |" if done else
-                     f"| {method} | " + " | ".join(cells) + " | – |")
+        tuned = {r["lr"]: r["validation"] for r in _tuning_records(records, method, budget)}
+        cells = [f"{100 * tuned[lr]:.2f}" if lr in tuned else "–" for lr in grid]
+        edge = " (grid edge)" if tuned and chosen_lr(records, method, budget) == max(tuned) else ""
+        chosen = f"{chosen_lr(records, method, budget):g}{edge}" if tuned else "–"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen} |")
     return lines
 
 
@@ -551,7 +568,7 @@ def _plots(records: list[dict], out_dir: Path) -> list[str]:
                 path = out_dir / f"adaptive_rank_{method}_r{budget}.png"
                 plot_rank_heatmap(short, path, title=f"{method}, final ranks, budget {budget}/module, seed 0")
                 written.append(path.name)
-    for method, schedule in _schedules(TUNING_BUDGET).items():
+    for method, schedule in _schedules(SCHEDULE_PLOT_BUDGET).items():
         path = out_dir / f"adaptive_rank_schedule_{method}.png"
         plot_schedule(schedule, STEPS, path)
         written.append(path.name)
@@ -576,7 +593,7 @@ def _schedules(budget: int) -> dict:
 
 
 def report_mode(args) -> None:
-    records = harness.RunLog(args.jsonl, identity=RUN_IDENTITY).records()
+    records = harness.RunLog(args.jsonl, identity=run_identity).records()
     env = harness.environment(threads=1)
     lines = [
         "# Budget-adaptive low rank vs LoRA and full fine-tuning (wordnet-nouns, MiniLM)", "",
@@ -588,10 +605,12 @@ def report_mode(args) -> None:
         "    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adaptive_rank.py report", "",
         "Setup: see the docstring of `benchmarks/adaptive_rank.py` (1,000 training glosses, 2 epochs = 64 steps, 36 "
         "encoder Linear layers, budgets = average final rank 2 and 8 per module, scale-matched alpha, learning "
-        "rate tuned per method on validation at budget 8 with seed 0). Raw records: `adaptive_rank.jsonl`.", "",
+        "rate tuned per method on validation at every budget with seed 0). Raw records: `adaptive_rank.jsonl`.", "",
         "## Test accuracy", "", *_accuracy_table(records), "",
-        "## Learning-rate tuning (validation accuracy %, seed 0, budget 8)", "", *_tuning_table(records), "",
     ]
+    for budget in BUDGETS:
+        lines += [f"## Learning-rate tuning (validation accuracy %, seed 0, budget {budget})", "",
+                  *_tuning_table(records, budget), ""]
     for budget in BUDGETS:
         lines += [f"## Where the rank went (mean final rank per module kind / per layer, budget {budget})", "",
                   *_rank_profile(records, budget), ""]
@@ -603,9 +622,14 @@ def report_mode(args) -> None:
                   *_peft_lines(json.loads(args.peft_json.read_text())), ""]
     plots = _plots(records, args.out_dir)  # written (atomically) before the table that shows them
     lines += ["## Plots", "", *[f"![{name}]({name})" for name in plots], ""]
-    report = "\n".join(lines)
-    harness.write_report(args.out_dir / "adaptive_rank.md", report)
+    output = args.out_dir / "adaptive_rank.md"
+    old = output.read_text() if output.exists() else ""
+    report = "\n".join(lines) + (old[old.index(NOTES):] if NOTES in old else "")
+    harness.write_report(output, report)
     print(report)
+
+
+NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when it is re-written
 
 
 def _date() -> str:

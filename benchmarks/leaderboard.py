@@ -93,9 +93,18 @@ def methods() -> list[str]:
 
 
 def tasks() -> list[str]:
+    """Every built-in task scored by accuracy, the cheap digits first. The table ranks accuracies; tasks with
+    another metric (generation) are compared with `deltatune compare`, which ranks by the task's own metric."""
     from deltatune.data import list_tasks
 
-    return sorted(list_tasks(), key=lambda name: name != "digits")  # the cheap task first
+    classification = [name for name in list_tasks() if load(name).metric == "accuracy"]
+    return sorted(classification, key=lambda name: name != "digits")
+
+
+def recorded_tasks(records: Sequence[dict]) -> list[str]:
+    """The tasks the records hold, in the order `tasks()` gives them (what `--render` shows by default)."""
+    held = {record["task"] for record in records}
+    return [name for name in tasks() if name in held]
 
 
 def load(task: str):
@@ -200,7 +209,7 @@ def one_run(cell: dict, lr: float, seed: int) -> dict:
     protocol = {**PROTOCOL, **TASK_PROTOCOL.get(cell["task"], {})}
     result = finetune(cell["task"], cell["method"], params, lr=lr, seed=seed, progress=False, callbacks=(timer,),
                       **protocol)
-    return {"lr": lr, "seed": seed, "validation": result.validation_accuracy, "test": result.test_accuracy,
+    return {"lr": lr, "seed": seed, "validation": result.validation_score, "test": result.test_score,
             "trainable": result.trainable.trainable, "seconds": result.seconds,
             "step_seconds": timer.seconds[TIMING_SKIP:]}
 
@@ -499,7 +508,11 @@ def main() -> None:
     if args.run:
         harness.emit(run_cell(json.loads(args.run)))
         return
-    task_names, method_names = args.tasks or tasks(), args.methods or methods()
+    method_names = args.methods or methods()
+    if args.tasks:
+        task_names = args.tasks
+    else:
+        task_names = recorded_tasks(harness.RunLog(args.jsonl, CELL_IDENTITY).records()) if args.render else tasks()
     reference_tasks = task_names if args.reference_tasks == ["all"] else args.reference_tasks
     log = harness.RunLog(args.jsonl, identity=cell_identity(reference_tasks, args.extend_edges))
     failure: BenchmarkError | None = None

@@ -165,19 +165,20 @@ def prune_experiment(backbone, base: dict, finetuned: dict, head: dict, split: d
 
 
 # --- stage 3: multi-task merge -------------------------------------------------------------------------------
-MERGES = {  # name -> (registered method, params(λ), per-model params(λ)); the papers' defaults otherwise
+MERGES = {  # name -> (registered method, params(λ), one model's params(λ)); the papers' defaults otherwise
     "task arithmetic": ("task_arithmetic", lambda lam: TaskArithmeticParams(scaling=lam), lambda lam: None),
-    "TIES": ("ties", lambda lam: TiesParams(scaling=lam), lambda lam: [TiesModelParams(density=0.2)] * len(TASKS)),
-    "DARE-TIES": ("dare_ties", lambda lam: DareTiesParams(scaling=lam),
-                  lambda lam: [DareModelParams(density=0.1)] * len(TASKS)),
-    "PCB": ("pcb", lambda lam: PCBParams(density=0.1, scope="model"),
-            lambda lam: [PCBModelParams(weight=lam)] * len(TASKS)),
+    "TIES": ("ties", lambda lam: TiesParams(scaling=lam), lambda lam: TiesModelParams(density=0.2)),
+    "DARE-TIES": ("dare_ties", lambda lam: DareTiesParams(scaling=lam), lambda lam: DareModelParams(density=0.1)),
+    "PCB": ("pcb", lambda lam: PCBParams(density=0.1, scope="model"), lambda lam: PCBModelParams(weight=lam)),
 }
 
 
 def merged(name: str, base: dict, finetunes: list[dict], lam: float, seed: int = 0) -> dict:
+    """Merge method `name` of MERGES at coefficient λ over the fine-tuned state dicts (same params for each)."""
     method, params, model_params = MERGES[name]
-    return merge_state_dicts(method, base, finetunes, params(lam), model_params(lam), seed=seed)
+    each = model_params(lam)
+    per_model = None if each is None else [each] * len(finetunes)
+    return merge_state_dicts(method, base, finetunes, params(lam), per_model, seed=seed)
 
 
 class EvaluationCache:

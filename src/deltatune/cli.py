@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"deltatune: {_interrupted_training(Path(args.out))}", file=sys.stderr)
         return 130
     print(result.line())
-    print(f"validation accuracy {result.validation_accuracy:.4f}")
+    print(f"validation {result.metric} {result.validation_score:.4f}")
     if result.adapter_path:
         print(f"adapter saved to {result.adapter_path}")
     return 0
@@ -101,12 +101,12 @@ def _interrupted_training(out: Path) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import deltatune as dt
-    from deltatune.data import evaluate_accuracy, load_task
+    from deltatune.data import load_task
 
     task = load_task(args.task, max_length=args.max_length)
     model = dt.load_adapter(task.build_model(), args.adapter, allow_nonfinite=args.allow_nonfinite)
-    split = getattr(task, args.split)
-    print(f"{args.split} accuracy {evaluate_accuracy(model, split):.4f} ({len(split)} examples, task {task.name})")
+    split = task.split(args.split)
+    print(f"{args.split} {task.metric} {task.score(model, split):.4f} ({len(split)} examples, task {task.name})")
     return 0
 
 

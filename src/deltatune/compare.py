@@ -31,6 +31,8 @@ class MethodSummary:
     test: list[float]
     validation: list[float]
     seconds: list[float]
+    metric: str = "accuracy"
+    higher_is_better: bool = True
 
     @property
     def test_mean(self) -> float:
@@ -110,9 +112,10 @@ def train_one(settings: dict[str, Any], params: Mapping[str, Mapping[str, Any]],
     result = deltatune.recipe.finetune(settings["task"], method, dict(params.get(method, {})),
                                        seed=settings["seed"], lr=settings["lr"], out_dir=out / run_folder(settings),
                                        **train)
-    print(f"      test accuracy {result.test_accuracy:.4f}", flush=True)
-    return {"settings": settings, "test": result.test_accuracy, "validation": result.validation_accuracy,
-            "trainable": result.trainable.trainable, "share": result.trainable.share, "seconds": result.seconds}
+    print(f"      test {result.metric} {result.test_score:.4f}", flush=True)
+    return {"settings": settings, "test": result.test_score, "validation": result.validation_score,
+            "trainable": result.trainable.trainable, "share": result.trainable.share, "seconds": result.seconds,
+            "metric": result.metric, "higher_is_better": result.higher_is_better}
 
 
 def run_folder(settings: dict[str, Any]) -> str:
@@ -122,33 +125,52 @@ def run_folder(settings: dict[str, Any]) -> str:
 
 
 def summarize(method: str, runs: list[dict[str, Any]]) -> MethodSummary:
+    # Records written before tasks had other metrics than accuracy carry no "metric" key.
     return MethodSummary(method, runs[0]["trainable"], runs[0]["share"], [r["test"] for r in runs],
-                         [r["validation"] for r in runs], [r["seconds"] for r in runs])
+                         [r["validation"] for r in runs], [r["seconds"] for r in runs],
+                         runs[0].get("metric", "accuracy"), runs[0].get("higher_is_better", True))
+
+
+def _metric_scale(summary: MethodSummary) -> tuple[float, str]:
+    """Accuracy is shown in %, other metrics as they are."""
+    return (100.0, "accuracy in %") if summary.metric == "accuracy" else (1.0, summary.metric)
+
+
+def ranked(summaries: list[MethodSummary]) -> list[MethodSummary]:
+    """Best mean test score first, in the direction of the task's metric."""
+    return sorted(summaries, key=lambda s: -s.test_mean if s.higher_is_better else s.test_mean)
 
 
 def render_table(summaries: list[MethodSummary], task: str, seeds: Sequence[int]) -> str:
-    lines = [f"Task {task}, seeds {', '.join(map(str, seeds))}: accuracy in %, mean ± std over seeds.", "",
+    scale, unit = _metric_scale(summaries[0])
+    direction = "" if summaries[0].higher_is_better else " (lower is better)"
+    digits = 1 if scale == 100.0 else 4
+    lines = [f"Task {task}, seeds {', '.join(map(str, seeds))}: {unit}{direction}, mean ± std over seeds.", "",
              "| method | trainable | share | test | validation | seconds / run |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for s in sorted(summaries, key=lambda s: -s.test_mean):
-        lines.append(f"| {s.method} | {s.trainable:,} | {100 * s.share:.3f}% | {mean_std(s.test)} | "
-                     f"{mean_std(s.validation)} | {statistics.mean(s.seconds):.1f} |")
+    for s in ranked(summaries):
+        lines.append(f"| {s.method} | {s.trainable:,} | {100 * s.share:.3f}% | "
+                     f"{mean_std(s.test, scale=scale, digits=digits)} | "
+                     f"{mean_std(s.validation, scale=scale, digits=digits)} | {statistics.mean(s.seconds):.1f} |")
     return "\n".join(lines) + "\n"
 
 
 def plot_summaries(summaries: list[MethodSummary], task: str) -> Any:
-    """Test accuracy per method (bars: mean, whiskers: ±1 std, dots: the seeds), as a matplotlib figure."""
+    """Test score per method (bars: mean, whiskers: ±1 std, dots: the seeds), as a matplotlib figure."""
     plt = pyplot()
+    scale, unit = _metric_scale(summaries[0])
     figure, axis = plt.subplots(figsize=(1.2 * len(summaries) + 2.5, 3.8))
     positions = range(len(summaries))
-    axis.bar(positions, [100 * s.test_mean for s in summaries], yerr=[100 * s.test_std for s in summaries],
+    axis.bar(positions, [scale * s.test_mean for s in summaries], yerr=[scale * s.test_std for s in summaries],
              capsize=4, color="#8fb3d9")
     for position, s in zip(positions, summaries):
-        axis.scatter([position] * len(s.test), [100 * v for v in s.test], color="#1f3b5c", s=12, zorder=3)
+        axis.scatter([position] * len(s.test), [scale * v for v in s.test], color="#1f3b5c", s=12, zorder=3)
     axis.set_xticks(list(positions), [f"{s.method}\n{s.trainable:,}" for s in summaries])
-    low = min(min(s.test) for s in summaries) * 100
-    axis.set_ylim(max(0.0, low - 5), min(100.0, max(max(s.test) for s in summaries) * 100 + 2))
-    axis.set_ylabel("test accuracy (%)")
+    if scale == 100.0:  # accuracy: zoom on the range the methods span
+        low = min(min(s.test) for s in summaries) * 100
+        axis.set_ylim(max(0.0, low - 5), min(100.0, max(max(s.test) for s in summaries) * 100 + 2))
+    direction = "" if summaries[0].higher_is_better else ", lower is better"
+    axis.set_ylabel(f"test {unit.replace('accuracy in %', 'accuracy (%)')}{direction}")
     axis.set_title(f"{task}: method (trainable parameters)")
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()

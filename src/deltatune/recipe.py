@@ -29,17 +29,36 @@ DEFAULT_METHOD_LR = 2e-3
 
 @dataclass
 class FinetuneResult:
+    """One run's outcome. `test_score` / `validation_score` are the task's metric (`metric`: "accuracy" for the
+    classification tasks, e.g. a Fréchet distance or a similarity for generative ones)."""
+
     task: str
     method: str
-    test_accuracy: float
-    validation_accuracy: float
+    test_score: float
+    validation_score: float
     trainable: ParameterCount
     seconds: float
     adapter_path: Path | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    @property
+    def test_accuracy(self) -> float:
+        return self._accuracy(self.test_score)
+
+    @property
+    def validation_accuracy(self) -> float:
+        return self._accuracy(self.validation_score)
+
+    def _accuracy(self, score: float) -> float:
+        if self.metric != "accuracy":
+            raise ConfigError(f"task {self.task!r} is scored by {self.metric}, not accuracy: read test_score / "
+                              "validation_score")
+        return score
 
     def line(self) -> str:
-        return (f"{self.method:>8}  test accuracy {self.test_accuracy:.4f}  "
+        return (f"{self.method:>8}  test {self.metric} {self.test_score:.4f}  "
                 f"trainable {self.trainable.trainable:,} ({100 * self.trainable.share:.3f}%)  {self.seconds:.0f} s")
 
 
@@ -181,14 +200,15 @@ def finetune(
     validation_size: int | None = None,
     test_size: int | None = None,
 ) -> FinetuneResult:
-    """Train `method` on `task`, report validation and test accuracy, and save the adapter in out_dir/adapter.
+    """Train `method` on `task`, report the validation and test score (the task's metric), and save the
+    adapter in out_dir/adapter.
 
     checkpoint_every: also checkpoint every this many optimizer steps (out_dir/checkpoints; the last is always
     written). resume: continue from the newest complete checkpoint in out_dir, which must have been written
     with the same settings (task, method, config, schedule, seed). validation_size / test_size: evaluate on a
     fixed label-stratified subset of at most that many examples (drawn with seed 0 whatever `seed` is), for
     quick benchmarks."""
-    from deltatune.data import evaluate_accuracy, load_task
+    from deltatune.data import load_task
     from deltatune.train import TrainConfig, Trainer
 
     if epochs <= 0:
@@ -218,10 +238,11 @@ def finetune(
     adapter_path = None
     if out_dir is not None and config is not None:
         adapter_path = dt.save_adapter(model, Path(out_dir) / "adapter")
+    # For accuracy, the trainer's final evaluation already ran on the validation split with the final weights.
+    validation = result.metrics["eval_accuracy"] if data.scorer is None else data.score(model, data.validation)
     return FinetuneResult(
-        task=task, method=method, test_accuracy=evaluate_accuracy(model, data.test),
-        # the trainer's final evaluation already ran on the validation split with the final weights
-        validation_accuracy=result.metrics["eval_accuracy"],
+        task=task, method=method, test_score=data.score(model, data.test), validation_score=validation,
         trainable=dt.trainable_parameters(model), seconds=seconds, adapter_path=adapter_path,
-        history=list(getattr(result, "history", [])),
+        history=list(getattr(result, "history", [])), metric=data.metric,
+        higher_is_better=data.higher_is_better,
     )

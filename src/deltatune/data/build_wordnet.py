@@ -25,7 +25,7 @@ import os
 import random
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,9 @@ LEXNAMES = (
 )
 # An example sentence starts at a double quote that follows ';', ':' or ',' (e.g. `...of joy; "she wept"`).
 EXAMPLE_START = re.compile(r'[;:,]\s*"')
+QUOTED = re.compile(r'"([^"]*)"')
+# Adjective lemmas may end in a syntactic marker: (a) prenominal, (p) predicate, (ip) immediately postnominal.
+ADJECTIVE_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,37 @@ def definition_of(gloss: str) -> str:
     return " ".join(definition.split()).strip(" ;:,")
 
 
+def examples_of(gloss: str) -> tuple[str, ...]:
+    """The quoted example sentences of a gloss (those after its definition), whitespace normalized, empty ones
+    dropped: `draw air into the lungs; "I can breathe"; "he respired"` -> ("I can breathe", "he respired")."""
+    match = EXAMPLE_START.search(gloss)
+    if not match:
+        return ()
+    sentences = (" ".join(text.split()) for text in QUOTED.findall(gloss[match.start():]))
+    return tuple(sentence for sentence in sentences if sentence)
+
+
+def lemmas_of(line: str) -> tuple[str, ...]:
+    """A data.* line's words in order (`w_cnt` is hexadecimal; each word is followed by its lex_id), with
+    underscores as spaces and adjective markers such as `(p)` removed: `dog`, `domestic dog`, `Canis familiaris`."""
+    fields = line.partition(" | ")[0].split(" ")
+    count = int(fields[3], 16)
+    words = fields[4:4 + 2 * count:2]
+    return tuple(ADJECTIVE_MARKER.sub("", word).replace("_", " ") for word in words)
+
+
+def gloss_of(line: str) -> str:
+    """The raw gloss of a data.* line: the text after ' | '."""
+    return line.partition(" | ")[2]
+
+
+def data_lines(wordnet_dir: Path) -> Iterator[str]:
+    """Every synset line of the four data files, in file order (licence header lines skipped)."""
+    for name in DATA_FILES:
+        with open(wordnet_dir / name, encoding="utf-8") as handle:
+            yield from (line for line in handle if not line.startswith("  "))
+
+
 def parse_data_line(line: str, lexnames: Sequence[str]) -> Synset:
     """One data.* line: `offset lex_filenum ss_type w_cnt word lex_id ... | gloss` (wndb(5WN))."""
     fields, _, gloss = line.partition(" | ")
@@ -122,10 +156,7 @@ def parse_data_line(line: str, lexnames: Sequence[str]) -> Synset:
 
 def read_synsets(wordnet_dir: Path, lexnames: Sequence[str]) -> list[Synset]:
     """Every synset of the four data files with a non-empty definition (licence header lines skipped)."""
-    synsets = []
-    for name in DATA_FILES:
-        with open(wordnet_dir / name, encoding="utf-8") as handle:
-            synsets.extend(parse_data_line(line, lexnames) for line in handle if not line.startswith("  "))
+    synsets = (parse_data_line(line, lexnames) for line in data_lines(wordnet_dir))
     return [synset for synset in synsets if synset.definition]
 
 

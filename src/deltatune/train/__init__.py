@@ -8,6 +8,7 @@ Runs unchanged as one process or under `torchrun --nproc_per_node=N` (Distribute
 from deltatune.train.callbacks import Callback
 from deltatune.train.checkpoint import latest_checkpoint, list_checkpoints
 from deltatune.train.config import TrainConfig
+from deltatune.train.high_frequency import HighFrequencyLoss
 from deltatune.train.losses import causal_lm_loss, cross_entropy
 from deltatune.train.progress import TrainingProgress
 from deltatune.train.schedules import build_scheduler, lr_multiplier
@@ -15,6 +16,6 @@ from deltatune.train.seeding import set_seed
 from deltatune.train.trainer import Trainer, TrainResult
 
 __all__ = [
-    "Callback", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "causal_lm_loss", "cross_entropy",
-    "TrainingProgress", "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
+    "Callback", "HighFrequencyLoss", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "causal_lm_loss",
+    "cross_entropy", "TrainingProgress", "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
 ]
