@@ -227,7 +227,8 @@ def read_glyph_diffusion(weights: Path, config: Path) -> GlyphDiffusion:
 def _shipped_tensors() -> tuple[dict[str, Tensor], str]:
     from safetensors.torch import load_file
 
-    weights, config = FILES / WEIGHTS_FILE, FILES / CONFIG_FILE
+    files = globals()["FILES"]  # read at call time (tests and the report point it elsewhere)
+    weights, config = files / WEIGHTS_FILE, files / CONFIG_FILE
     if not weights.is_file():
         raise DeltatuneError(f"the pretrained glyph DDPM {weights} is missing; reinstall deltatune, or rebuild it "
                              "with `python -m deltatune.data.pretrain_glyph_ddpm`")

@@ -71,10 +71,10 @@ def load_feature_network() -> nn.Module:
 
 def sample_like(model: nn.Module, labels: Tensor, min_samples: int = MIN_SAMPLES, steps: int = SAMPLE_STEPS,
                 seed: int = SAMPLE_SEED, guidance_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """(images, labels): `labels` repeated whole until there are at least `min_samples`, one sample each, the
-    starting noise from `torch.Generator().manual_seed(seed)`: the real set's class mix, reproducibly."""
-    repeats = max(1, -(-min_samples // max(1, len(labels))))
-    wanted = labels.repeat(repeats)
+    """(images, labels): `labels` cycled to max(min_samples, len(labels)) labels, one sample each, the starting
+    noise from `torch.Generator().manual_seed(seed)`: (about) the real set's class mix, reproducibly."""
+    count = max(min_samples, len(labels))
+    wanted = labels.repeat(-(-count // max(1, len(labels))))[:count]
     generator = torch.Generator().manual_seed(seed)
     return model.sample(wanted, steps=steps, generator=generator, guidance_scale=guidance_scale), wanted
 
