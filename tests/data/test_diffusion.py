@@ -107,6 +107,7 @@ def test_shipped_ddpm_denoising_loss_matches_its_card():
     assert loss < 0.2  # far below the ~1.0 of an untrained model
 
 
+@pytest.mark.slow  # ~80 s on the shared 2-core machine (model load, 3 LoRA steps, two evaluations)
 @needs_weights
 def test_train_smoke_on_diffusion_handwritten(tmp_path, capsys, monkeypatch):
     from deltatune.cli import main

@@ -15,6 +15,7 @@ WordNet lemmas -> definitions with WordNet-LM, `load_wordnet_lm()`; MiniLM-score
 """
 from deltatune.data.catalog import DEFAULT_TASK, describe_tasks, list_tasks, load_task
 from deltatune.data.datasets import TensorDictDataset, collate_dicts, evaluate_accuracy, model_inputs
+from deltatune.data.diffusion import GlyphDiffusion, load_glyph_ddpm
 from deltatune.data.glyphs import read_glyphs
 from deltatune.data.models import (
     DigitsConvNet,
@@ -28,8 +29,8 @@ from deltatune.data.vision import GlyphCNN, GlyphViT, load_glyph_cnn, load_glyph
 from deltatune.data.wordnet_lm import load_wordnet_lm
 
 __all__ = [
-    "DEFAULT_TASK", "DigitsConvNet", "DigitsMLP", "GlyphCNN", "GlyphViT", "ModelUnavailableError",
-    "SentenceClassifier", "Task", "TensorDictDataset", "UnknownTaskError", "collate_dicts", "describe_tasks",
-    "evaluate_accuracy", "list_tasks", "load_glyph_cnn", "load_glyph_vit", "load_minilm", "load_task",
-    "load_wordnet_lm", "model_inputs", "read_glyphs",
+    "DEFAULT_TASK", "DigitsConvNet", "DigitsMLP", "GlyphCNN", "GlyphDiffusion", "GlyphViT",
+    "ModelUnavailableError", "SentenceClassifier", "Task", "TensorDictDataset", "UnknownTaskError",
+    "collate_dicts", "describe_tasks", "evaluate_accuracy", "list_tasks", "load_glyph_cnn", "load_glyph_ddpm",
+    "load_glyph_vit", "load_minilm", "load_task", "load_wordnet_lm", "model_inputs", "read_glyphs",
 ]
