@@ -15,6 +15,7 @@ from deltatune.data import (
     load_task,
     model_inputs,
 )
+from deltatune.data.glyph_tasks import glyph_task_names
 from deltatune.data.models import masked_mean
 from deltatune.data.wordnet import SPLIT_SIZES, WORDNET_TASKS
 from deltatune.errors import ConfigError, DeltatuneError
@@ -33,7 +34,8 @@ def nouns_model(nouns):
 
 def test_catalogue_lists_every_task_with_a_one_line_description():
     assert list_tasks()[0] == DEFAULT_TASK == "wordnet-nouns"
-    assert set(list_tasks()) == {*WORDNET_TASKS, "digits", "gloss-generation", "reverse-dictionary"}
+    assert set(list_tasks()) == {*WORDNET_TASKS, "digits", *glyph_task_names(), "gloss-generation",
+                                 "reverse-dictionary", "diffusion-handwritten"}
     assert all(text and "\n" not in text for text in describe_tasks().values())
 
 

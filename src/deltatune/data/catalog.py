@@ -4,11 +4,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 
+from deltatune.data.diffusion_tasks import DESCRIPTION as DIFFUSION_HANDWRITTEN_DESCRIPTION
+from deltatune.data.diffusion_tasks import NAME as DIFFUSION_HANDWRITTEN
+from deltatune.data.diffusion_tasks import load_diffusion_handwritten_task
 from deltatune.data.digits import DESCRIPTION as DIGITS_DESCRIPTION
 from deltatune.data.digits import load_digits_task
 from deltatune.data.gloss_generation import DESCRIPTION as GLOSS_GENERATION_DESCRIPTION
 from deltatune.data.gloss_generation import NAME as GLOSS_GENERATION
 from deltatune.data.gloss_generation import load_gloss_generation_task
+from deltatune.data.glyph_tasks import GLYPH_TASKS, glyph_task_names, load_glyph_task
 from deltatune.data.reverse_dictionary import DESCRIPTION as REVERSE_DICTIONARY_DESCRIPTION
 from deltatune.data.reverse_dictionary import NAME as REVERSE_DICTIONARY
 from deltatune.data.reverse_dictionary import load_reverse_dictionary_task
@@ -22,11 +26,22 @@ def _wordnet_loader(name: str) -> Callable[..., Task]:
     return lambda **options: load_wordnet_task(name, **options)
 
 
+def _glyph_loader(name: str) -> Callable[..., Task]:
+    return lambda **options: load_glyph_task(name, **options)
+
+
+def _glyph_description(name: str) -> str:
+    base, _, backbone = name.rpartition("-")
+    return f"{GLYPH_TASKS[base].description} ({'GlyphViT' if backbone == 'vit' else 'GlyphCNN'}, pretrained here)"
+
+
 _LOADERS: dict[str, tuple[str, Callable[..., Task]]] = {
     **{name: (spec.description, _wordnet_loader(name)) for name, spec in WORDNET_TASKS.items()},
     "digits": (DIGITS_DESCRIPTION, load_digits_task),
+    **{name: (_glyph_description(name), _glyph_loader(name)) for name in glyph_task_names()},
     GLOSS_GENERATION: (GLOSS_GENERATION_DESCRIPTION, load_gloss_generation_task),
     REVERSE_DICTIONARY: (REVERSE_DICTIONARY_DESCRIPTION, load_reverse_dictionary_task),
+    DIFFUSION_HANDWRITTEN: (DIFFUSION_HANDWRITTEN_DESCRIPTION, load_diffusion_handwritten_task),
 }
 
 
