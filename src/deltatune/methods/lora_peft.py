@@ -20,6 +20,7 @@ from deltatune.errors import ConfigError
 
 HONOURED = {
     "peft_type": "selects the method (LORA)",
+    "use_dora": "True selects DoRA (`methods.dora`); lora_magnitude_vector is its magnitude",
     "r": "rank",
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
@@ -38,7 +39,7 @@ HONOURED = {
 }
 
 REFUSED_UNLESS: dict[str, Any] = {
-    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+    "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None, "loftq_config": {},
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
     "use_qalora": False, "monteclora_config": None, "layer_replication": None, "use_bdlora": None,
@@ -61,7 +62,7 @@ IRRELEVANT = {
 
 # peft's spelling of the fields deltatune reads, with the types its files must use.
 TYPES: dict[str, Any] = {
-    "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool, "lora_bias": bool,
+    "r": int, "lora_alpha": float, "use_dora": bool, "lora_dropout": float, "use_rslora": bool, "lora_bias": bool,
     "modules_to_save": list[str] | None, "init_lora_weights": bool | str, "eva_config": dict | None,
 }
 
@@ -85,6 +86,18 @@ OTHER_INITS = {"mica": "MiCA keeps lora_B frozen in training, which deltatune's 
 
 def classified_fields() -> set[str]:
     return set(HONOURED) | set(REFUSED_UNLESS) | set(IRRELEVANT)
+
+
+# peft's LoRA variants that are their own deltatune method: a field's value -> the method's registered name
+VARIANT_METHODS = {("use_dora", True): "dora"}
+
+
+def peft_variant_method(peft: dict[str, Any]) -> str:
+    """The registered method a peft LoRA folder loads as ("lora" unless a variant field selects another)."""
+    for (field, value), method in VARIANT_METHODS.items():
+        if peft.get(field) is value:
+            return method
+    return "lora"
 
 
 def check_peft_lora_config(peft: dict[str, Any]) -> None:
