@@ -33,7 +33,9 @@ HONOURED = {
     "modules_to_save": "extra_trainable: the listed modules the file holds tensors for (peft's SEQ_CLS default "
                        "lists both 'classifier' and 'score'; a model has one)",
     "init_lora_weights": "initializations that leave the base weights alone only choose the starting A and B, "
-                         "which the file's trained tensors replace; the others are refused (see REWRITES_BASE)",
+                         "which the file's trained tensors replace; 'pissa' and 'olora' select those methods, whose "
+                         "residual is rebuilt from the base as peft rebuilds it; the others are refused "
+                         "(see REWRITES_BASE)",
     "eva_config": "EVA's settings act at initialization only; its rank redistribution is written to "
                   "rank_pattern and its scale adjustment to alpha_pattern, both refused unless empty",
 }
@@ -69,13 +71,13 @@ TYPES: dict[str, Any] = {
 # peft's TaskType values: an irrelevant field, but another value means the file is not peft's (peft refuses it)
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+RESIDUAL_INITS = ("pissa", "olora")  # their own methods (methods.pissa, methods.olora): the residual is rebuilt
 _CONVERSION = ("convert it to a plain LoRA of the original base in peft first: PeftModel.save_pretrained(out, "
                "path_initial_model_for_weight_conversion=<the initial adapter folder>)")
 # init family -> (name, what it does to the base, the fix)
 REWRITES_BASE = {
-    "pissa": ("PiSSA", "subtracts the initial adapter (its top singular directions) from the base weights",
-              _CONVERSION),
-    "olora": ("OLoRA", "subtracts the initial adapter (a QR factor pair) from the base weights", _CONVERSION),
+    "pissa": ("PiSSA (randomized SVD)", "subtracts a randomized, unseeded SVD of the base weights, which cannot be "
+              "rebuilt exactly,", _CONVERSION),
     "corda": ("CorDA", "subtracts the initial adapter (context-oriented SVD) from the base weights", _CONVERSION),
     "lora_ga": ("LoRA-GA", "subtracts the initial adapter (gradient SVD) from the base weights", _CONVERSION),
     "loftq": ("LoftQ", "replaces the base weights by their quantized approximation",
@@ -89,15 +91,18 @@ def classified_fields() -> set[str]:
 
 
 # peft's LoRA variants that are their own deltatune method: a field's value -> the method's registered name
-VARIANT_METHODS = {("use_dora", True): "dora"}
+VARIANT_METHODS = {("use_dora", True): "dora", ("init_lora_weights", "pissa"): "pissa",
+                   ("init_lora_weights", "olora"): "olora"}
 
 
 def peft_variant_method(peft: dict[str, Any]) -> str:
     """The registered method a peft LoRA folder loads as ("lora" unless a variant field selects another)."""
-    for (field, value), method in VARIANT_METHODS.items():
-        if peft.get(field) is value:
-            return method
-    return "lora"
+    chosen = [method for (field, value), method in VARIANT_METHODS.items()
+              if peft.get(field) == value and type(peft.get(field)) is type(value)]
+    if len(chosen) > 1:
+        raise ConfigError(f"this peft LoRA folder combines {' and '.join(chosen)}, which deltatune does not "
+                          "reproduce together; load it with peft")
+    return chosen[0] if chosen else "lora"
 
 
 def check_peft_lora_config(peft: dict[str, Any]) -> None:
@@ -138,7 +143,7 @@ def _is_on(value: Any) -> bool:
 
 
 def _check_init(init: bool | str) -> None:
-    if any(init == plain and type(init) is type(plain) for plain in PLAIN_INITS):
+    if any(init == plain and type(init) is type(plain) for plain in PLAIN_INITS + RESIDUAL_INITS):
         return
     family = init.split("_niter_")[0] if isinstance(init, str) else init
     if family in REWRITES_BASE:
