@@ -33,7 +33,6 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lora_vs_peft as shared  # noqa: E402
-
 from deltatune.bench import harness  # noqa: E402
 
 CONTENDERS = ("deltatune LoRA", "deltatune DoRA", "peft DoRA", "peft LoRA")
