@@ -39,7 +39,7 @@ def _reference_weight(delta, weight: torch.Tensor) -> torch.Tensor:
     """W' = m ⊙ (W0 + sBA) / ‖W0 + sBA‖_c in float64, from the paper's Eq. 5 on the matrix view."""
     layer = delta.layer
     matrix = layer.to_matrix(weight) + delta.config.scale * (
-        delta.lora_B.detach().reshape(layer.out_features, -1) @ delta.lora_A.detach().reshape(delta.rank, -1))
+        delta.lora_B.detach().reshape(layer.out_features, -1) @ delta.lora_A.detach().reshape(delta.config.rank, -1))
     magnitude = delta.lora_magnitude.detach().reshape(-1)
     return layer.from_matrix(magnitude[:, None] * matrix / matrix.norm(dim=1, keepdim=True))
 

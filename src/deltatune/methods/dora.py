@@ -27,7 +27,9 @@ embeddings, (1, out, 1, ...) for convolutions, broadcast against the layer outpu
 ``lora_magnitude_vector``.
 
 Defaults as our LoRA (rank 8, alpha 8, dropout 0); the paper's recipes tune rank/alpha per task.
-Deviations and limits: no ``lora_bias`` (refused); grouped convolutions refused (as LoRA).
+Deviations and limits: no ``lora_bias`` (refused); grouped convolutions refused (as LoRA). ΔW = W' − W0 is not
+low-rank (the magnitude rescales W0's rows), so DoRA does not declare `HasRank`: combining it into a LoRA
+(`combine_adapters`) needs an explicit rank and approximates.
 """
 from __future__ import annotations
 
@@ -84,11 +86,6 @@ class DoRADelta(Delta):
         self.register_buffer("merged_norm", None, persistent=False)  # ‖W0 + sBA‖_c at merge time, for unmerge
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         LoRADelta.reset_parameters(self)  # type: ignore[arg-type]  # LoRA's init of A and B, same tensor names
-
-    @property
-    def rank(self) -> int:
-        """`HasRank`: fixed by the config."""
-        return self.config.rank
 
     @torch.no_grad()
     def init_from_base(self, base_weight: Tensor, base_bias: Tensor | None) -> None:

@@ -98,6 +98,11 @@ class PiSSADelta(LoRADelta):
         self.register_buffer("lora_A_initial", torch.zeros_like(self.lora_A), persistent=False)
         self.register_buffer("lora_B_initial", torch.zeros_like(self.lora_B), persistent=False)
 
+    @property
+    def rank(self) -> int:
+        """`HasRank`: ΔW = s·(B A − B0 A0) has rank up to 2r (what a combined or converted LoRA needs)."""
+        return 2 * self.config.rank
+
     def factorize(self, matrix: Tensor) -> tuple[Tensor, Tensor]:
         return principal_factors(matrix, self.config)
 
