@@ -215,7 +215,7 @@ def test_fused_equals_unfused_forward_and_gradients_in_float64(method, case):
     model = dt.adapt(base, dt.config_for(method, targets=None, layer_types=(case,)))
     _perturb(model, "default", 3)
     hosts = [host for _, host in iter_hosts(model)]
-    assert all(host._fuse_first_additive for host in hosts)
+    assert all(host._fuse_first_additive or host._fuse_weight_delta for host in hosts)
     first = model.first.deltas["default"]
     fused_hosts = sum(host.deltas["default"].forward_with_base(
         torch.zeros(1, host.layer.in_features, dtype=torch.float64), host.base_layer) is not None for host in hosts)
@@ -223,7 +223,8 @@ def test_fused_equals_unfused_forward_and_gradients_in_float64(method, case):
         pytest.skip(f"{method} fuses on none of these layers ({type(first).__name__} returned None)")
     fused = _forward_and_gradients(model, x)
     for host in hosts:
-        host._fuse_first_additive = False  # the host's unfused path: base_layer(x) + delta(x)
+        # the host's unfused path: base_layer(x) + delta(x), or the weight path base_op(x, adapted_weight(W))
+        host._fuse_first_additive = host._fuse_weight_delta = False
     unfused = _forward_and_gradients(model, x)
     torch.testing.assert_close(fused[0], unfused[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(fused[1], unfused[1], rtol=0, atol=1e-12)

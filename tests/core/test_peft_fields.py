@@ -143,13 +143,15 @@ def test_eva_folder_without_rank_redistribution_loads_like_peft(tmp_path):
     torch.testing.assert_close(_out(ours, ids), _out(peft_model.eval(), ids), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("init,name", [("pissa", "PiSSA"), ("pissa_niter_4", "PiSSA"), ("olora", "OLoRA")])
+@pytest.mark.parametrize("init,name", [("pissa_niter_4", "PiSSA \\(randomized SVD\\)")])
 def test_inits_that_rewrite_the_base_are_refused_with_the_conversion(tmp_path, init, name):
+    """pissa and olora load as their own methods (tests/methods/test_pissa.py); a residual deltatune cannot
+    rebuild is refused with peft's conversion as the fix."""
     torch.manual_seed(0)
     base = transformers.BertModel(_bert()).eval()
     _peft_folder(base, peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=init), tmp_path / "p", False)
     model = copy.deepcopy(base)
-    with pytest.raises(dt.DeltatuneError, match=f"{name} subtracts the initial adapter.*path_initial_model_for_weight"):
+    with pytest.raises(dt.DeltatuneError, match=f"{name} subtracts .*path_initial_model_for_weight"):
         dt.load_adapter(model, tmp_path / "p")
     assert not dt.adapter_names(model)
 

@@ -81,10 +81,33 @@ def test_embedding_lora_exports_and_imports(backbone, tmp_path):
 
 def test_unsupported_peft_options_are_refused(backbone, tmp_path):
     model, _ = backbone
-    config = peft.LoraConfig(r=4, target_modules=["query"], use_dora=True)
-    peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / "dora")
-    with pytest.raises(dt.DeltatuneError, match="use_dora"):
-        dt.load_adapter(copy.deepcopy(model), tmp_path / "dora")
+    config = peft.LoraConfig(r=4, target_modules=["query"], rank_pattern={"query": 2})
+    peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / "pattern")
+    with pytest.raises(dt.DeltatuneError, match="rank_pattern"):
+        dt.load_adapter(copy.deepcopy(model), tmp_path / "pattern")
+
+
+def test_peft_dora_folder_loads_and_exports_with_peft_outputs(backbone, tmp_path):
+    model, batch = backbone
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "word_embeddings"], use_dora=True,
+                             init_lora_weights=False)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    with torch.no_grad():  # a trained magnitude: away from ‖W0 + sBA‖
+        for name, parameter in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
+    expected = _hidden(peft_model, batch)
+    assert _relative(expected, _hidden(model, batch)) > 1e-3
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
+    assert type(next(dt.iter_deltas(ours))[2]).__name__ == "DoRADelta"
+    # float32 rounding differs (the embedding's update is large); the same math in float64 agrees to ~1e-15
+    assert _relative(_hidden(ours, batch), expected) <= 1e-5
+    assert _relative(_hidden(copy.deepcopy(ours).double(), batch), _hidden(peft_model.double(), batch)) <= 1e-12
+    dt.save_adapter(ours, tmp_path / "export", format="peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export")
+    assert _relative(_hidden(theirs, batch), expected) <= 1e-5
+    assert _relative(_hidden(theirs.double(), batch), _hidden(ours.double(), batch)) <= 1e-12
 
 
 class _Classifier(torch.nn.Module):

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 class FusesWithBase(Protocol):
     """An additive delta that can compute the base output and its own term together (one fused autograd
     node, `functional.lowrank.lowrank_linear`); `core.host.AdaptedLayer` uses it for the first additive delta
-    when no weight-space delta runs before it."""
+    when no weight-space delta runs before it. A weight-space delta with it (DoRA) computes the layer's output
+    with its adapted weight on the activation path; the host uses it when that delta is the only weight-space one."""
 
     def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
         """base_layer(x) + forward(x), or None when this call cannot be fused (the host then runs both)."""

@@ -25,6 +25,7 @@ _BASE = "base_layer."
 # The host's own fields: never forwarded to the base layer, even if a base layer happened to have one.
 _OWN_FIELDS = frozenset({
     "base_layer", "layer", "deltas", "active", "merged", "disabled", "_plan", "_live", "_fuse_first_additive",
+    "_fuse_weight_delta",
 })
 
 
@@ -42,6 +43,7 @@ class AdaptedLayer(nn.Module):
         self._plan: dict[DeltaKind, tuple[Delta, ...]] = {}
         self._live = False
         self._fuse_first_additive = False
+        self._fuse_weight_delta = False
         self.register_state_dict_post_hook(_base_keys_on_save)
         self.register_load_state_dict_pre_hook(_base_keys_on_load)
         self.train(base_layer.training)  # a layer of a model in eval mode stays in eval mode
@@ -101,6 +103,10 @@ class AdaptedLayer(nn.Module):
         self._fuse_first_additive = (
             not self._plan[DeltaKind.WEIGHT] and bool(additive) and isinstance(additive[0], FusesWithBase)
         )
+        # A lone weight-space delta with `FusesWithBase` computes base_op(x, W') on its activation path (DoRA),
+        # without forming W'; several chain on the weight path.
+        weight = self._plan[DeltaKind.WEIGHT]
+        self._fuse_weight_delta = len(weight) == 1 and isinstance(weight[0], FusesWithBase)
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -123,6 +129,10 @@ class AdaptedLayer(nn.Module):
         weight_deltas = self._plan[DeltaKind.WEIGHT]
         if not weight_deltas:
             return self.base_layer(x)
+        if self._fuse_weight_delta:
+            y = weight_deltas[0].forward_with_base(x, self.base_layer)
+            if y is not None:
+                return y
         weight = self.base_layer.weight
         for delta in weight_deltas:
             weight = delta.adapted_weight(weight)

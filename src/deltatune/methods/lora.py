@@ -33,7 +33,7 @@ from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, EMBEDDING, LINEAR,
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, UnsupportedLayerError, config_check
 from deltatune.functional.lowrank import lowrank_delta_weight, lowrank_linear
-from deltatune.methods.lora_peft import check_peft_lora_config
+from deltatune.methods.lora_peft import check_peft_lora_config, peft_variant_method
 
 INITS = ("kaiming", "gaussian", "random")
 
@@ -90,13 +90,16 @@ class LoRAConfig(DeltaConfig):
         keys without peft's ``base_model.model.`` prefix. Every peft field is honoured or refused by name
         (`methods.lora_peft`); the adapted modules are the ones the file holds LoRA tensors for."""
         check_peft_lora_config(peft)
+        from deltatune.core.registry import method_entry  # the variant's class registers after this one
+
+        variant = method_entry(peft_variant_method(peft)).config_cls
         keys = list(tensor_keys)
         targets = sorted({key[: -len(suffix)] for key in keys for suffix in PEFT_SUFFIXES if key.endswith(suffix)})
         if not targets:
             raise ConfigError("this peft LoRA folder holds no LoRA tensors (lora_A / lora_B); it adapts nothing")
         others = [key for key in keys if not key.endswith(PEFT_SUFFIXES)]
         saved = [name for name in _as_list(peft.get("modules_to_save")) if any(f".{name}." in f".{k}" for k in others)]
-        return cls(
+        return variant(
             rank=peft.get("r", 8), alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
             rslora=peft.get("use_rslora", False), bias=peft.get("lora_bias") or False, targets=tuple(targets),
             extra_trainable=tuple(saved),
@@ -104,7 +107,8 @@ class LoRAConfig(DeltaConfig):
 
 
 # peft's key suffixes of a LoRA layer's tensors (linear and convolution; embedding)
-PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B")
+PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B",
+                 ".lora_magnitude_vector")
 
 
 def _as_list(value: Any) -> list[str]:

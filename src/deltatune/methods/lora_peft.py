@@ -20,6 +20,7 @@ from deltatune.errors import ConfigError
 
 HONOURED = {
     "peft_type": "selects the method (LORA)",
+    "use_dora": "True selects DoRA (`methods.dora`); lora_magnitude_vector is its magnitude",
     "r": "rank",
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
@@ -32,13 +33,15 @@ HONOURED = {
     "modules_to_save": "extra_trainable: the listed modules the file holds tensors for (peft's SEQ_CLS default "
                        "lists both 'classifier' and 'score'; a model has one)",
     "init_lora_weights": "initializations that leave the base weights alone only choose the starting A and B, "
-                         "which the file's trained tensors replace; the others are refused (see REWRITES_BASE)",
+                         "which the file's trained tensors replace; 'pissa' and 'olora' select those methods, whose "
+                         "residual is rebuilt from the base as peft rebuilds it; the others are refused "
+                         "(see REWRITES_BASE)",
     "eva_config": "EVA's settings act at initialization only; its rank redistribution is written to "
                   "rank_pattern and its scale adjustment to alpha_pattern, both refused unless empty",
 }
 
 REFUSED_UNLESS: dict[str, Any] = {
-    "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+    "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None, "loftq_config": {},
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
     "use_qalora": False, "monteclora_config": None, "layer_replication": None, "use_bdlora": None,
@@ -61,20 +64,20 @@ IRRELEVANT = {
 
 # peft's spelling of the fields deltatune reads, with the types its files must use.
 TYPES: dict[str, Any] = {
-    "r": int, "lora_alpha": float, "lora_dropout": float, "use_rslora": bool, "lora_bias": bool,
+    "r": int, "lora_alpha": float, "use_dora": bool, "lora_dropout": float, "use_rslora": bool, "lora_bias": bool,
     "modules_to_save": list[str] | None, "init_lora_weights": bool | str, "eva_config": dict | None,
 }
 
 # peft's TaskType values: an irrelevant field, but another value means the file is not peft's (peft refuses it)
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+RESIDUAL_INITS = ("pissa", "olora")  # their own methods (methods.pissa, methods.olora): the residual is rebuilt
 _CONVERSION = ("convert it to a plain LoRA of the original base in peft first: PeftModel.save_pretrained(out, "
                "path_initial_model_for_weight_conversion=<the initial adapter folder>)")
 # init family -> (name, what it does to the base, the fix)
 REWRITES_BASE = {
-    "pissa": ("PiSSA", "subtracts the initial adapter (its top singular directions) from the base weights",
-              _CONVERSION),
-    "olora": ("OLoRA", "subtracts the initial adapter (a QR factor pair) from the base weights", _CONVERSION),
+    "pissa": ("PiSSA (randomized SVD)", "subtracts a randomized, unseeded SVD of the base weights, which cannot be "
+              "rebuilt exactly,", _CONVERSION),
     "corda": ("CorDA", "subtracts the initial adapter (context-oriented SVD) from the base weights", _CONVERSION),
     "lora_ga": ("LoRA-GA", "subtracts the initial adapter (gradient SVD) from the base weights", _CONVERSION),
     "loftq": ("LoftQ", "replaces the base weights by their quantized approximation",
@@ -85,6 +88,21 @@ OTHER_INITS = {"mica": "MiCA keeps lora_B frozen in training, which deltatune's 
 
 def classified_fields() -> set[str]:
     return set(HONOURED) | set(REFUSED_UNLESS) | set(IRRELEVANT)
+
+
+# peft's LoRA variants that are their own deltatune method: a field's value -> the method's registered name
+VARIANT_METHODS = {("use_dora", True): "dora", ("init_lora_weights", "pissa"): "pissa",
+                   ("init_lora_weights", "olora"): "olora"}
+
+
+def peft_variant_method(peft: dict[str, Any]) -> str:
+    """The registered method a peft LoRA folder loads as ("lora" unless a variant field selects another)."""
+    chosen = [method for (field, value), method in VARIANT_METHODS.items()
+              if peft.get(field) == value and type(peft.get(field)) is type(value)]
+    if len(chosen) > 1:
+        raise ConfigError(f"this peft LoRA folder combines {' and '.join(chosen)}, which deltatune does not "
+                          "reproduce together; load it with peft")
+    return chosen[0] if chosen else "lora"
 
 
 def check_peft_lora_config(peft: dict[str, Any]) -> None:
@@ -125,7 +143,7 @@ def _is_on(value: Any) -> bool:
 
 
 def _check_init(init: bool | str) -> None:
-    if any(init == plain and type(init) is type(plain) for plain in PLAIN_INITS):
+    if any(init == plain and type(init) is type(plain) for plain in PLAIN_INITS + RESIDUAL_INITS):
         return
     family = init.split("_niter_")[0] if isinstance(init, str) else init
     if family in REWRITES_BASE:
