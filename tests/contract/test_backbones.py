@@ -27,7 +27,10 @@ METHODS = [entry.name for entry in dt.list_methods()]
 BATCH, STEPS = 4, 20  # 20: the shortest run every growth schedule's defaults fit in
 # What a method refuses on a backbone, by design, with the words its one-line message must contain. Any other
 # refusal is a failure: a method that cannot run where users will run it is a bug until it is listed here.
-SETUP_REFUSALS = {("bitfit", "gloss-generation"): "no bias"}  # Llama's projections have no bias
+SETUP_REFUSALS = {
+    ("bitfit", "gloss-generation"): "no bias",  # Llama's projections have no bias
+    ("loldu", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the CNN's layers are convs
+}
 MERGE_REFUSALS = {("ssf", "gloss-generation"): "bias"}  # SSF's shift has no bias to fold into
 pytestmark = pytest.mark.usefixtures("one_thread")
 
