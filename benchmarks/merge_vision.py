@@ -219,7 +219,7 @@ def _merge_table(record: dict) -> list[str]:
 def report(payload: dict) -> str:
     env = payload.get("environment", {})
     lines = ["# DARE vs DAREx-q and multi-task merging on the vision backbones", "",
-             f"Measured {env.get('date', '?')[:10]}, {harness.environment_line(env) if env else ''}; seconds per "
+             f"Measured {harness.environment_line(env) if env else '?'}; seconds per "
              "stage: " + ", ".join(f"{s} {payload[s]['seconds']:.0f}" for s in payload if s != "environment"), "",
              f"    {COMMAND}", "",
              f"Setup: see the docstring of `benchmarks/merge_vision.py` (full fine-tunes, {EPOCHS} epochs, batch "
