@@ -95,7 +95,14 @@ def test_method_trains_saves_loads_and_merges_on_a_pretrained_backbone(task_name
 
     dt.save_adapter(model, tmp_path / "adapter")
     loaded = dt.load_adapter(_fresh_base(task), tmp_path / "adapter")
-    torch.testing.assert_close(_outputs(loaded, batch), expected, rtol=0, atol=0)
+    saved, reloaded = dt.adapter_state_dict(model), dt.adapter_state_dict(loaded)
+    assert saved.keys() == reloaded.keys()
+    for key, tensor in reloaded.items():
+        torch.testing.assert_close(tensor, saved[key], rtol=0, atol=0)
+    # Equal tensors; on the UNet's convolutions the growth allocators' outputs differ in the last float32 bits
+    # (~1e-6) between the trained and the reloaded layer, whose kernels run in another order.
+    scale = float(expected.abs().max()) + 1.0
+    torch.testing.assert_close(_outputs(loaded, batch), expected, rtol=0, atol=1e-6 * scale)
 
     model64 = copy.deepcopy(model).double()
     batch64 = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
