@@ -114,8 +114,9 @@ def pretrain(kind: str, epochs: int, seed: int, log) -> tuple[nn.Module, dict]:
 ARCHITECTURES = {
     "vit": "transformers ViTModel: 16x16 input, 4x4 patches (16 tokens + CLS), hidden 128, 4 layers, 4 heads, "
            "MLP 512, GELU, no dropout, no pooler; head = Linear(128, 62) on the final-layer-norm CLS token",
-    "cnn": "4 blocks conv3x3 (with bias, so SSF can merge) - BatchNorm2d - ReLU, channels 32, 64, 64, 128, 2x2 max-pool after blocks 0 "
-           "and 2 (16 -> 8 -> 4 px), global average pool (the 128-d `features`), head = Linear(128, 62)",
+    "cnn": "4 blocks conv3x3 (with bias, so SSF can merge) - BatchNorm2d - ReLU, channels 32, 64, 64, 128, "
+           "2x2 max-pool after blocks 0 and 2 (16 -> 8 -> 4 px), global average pool (the 128-d `features`), "
+           "head = Linear(128, 62)",
 }
 
 
