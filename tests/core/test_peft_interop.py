@@ -101,12 +101,13 @@ def test_peft_dora_folder_loads_and_exports_with_peft_outputs(backbone, tmp_path
     peft_model.save_pretrained(tmp_path / "peft")
     ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
     assert type(next(dt.iter_deltas(ours))[2]).__name__ == "DoRADelta"
-    # float32 rounding differs (the embedding's update is large); the same math in float64 agrees to ~1e-15
-    assert _relative(_hidden(ours, batch), expected) <= 1e-5
+    # float32 rounding differs (the embedding's update is large; 1.0e-5 was seen with other thread counts); the
+    # same math in float64 agrees to ~1e-15, which is the exactness check
+    assert _relative(_hidden(ours, batch), expected) <= 5e-5
     assert _relative(_hidden(copy.deepcopy(ours).double(), batch), _hidden(peft_model.double(), batch)) <= 1e-12
     dt.save_adapter(ours, tmp_path / "export", format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export")
-    assert _relative(_hidden(theirs, batch), expected) <= 1e-5
+    assert _relative(_hidden(theirs, batch), expected) <= 5e-5
     assert _relative(_hidden(theirs.double(), batch), _hidden(ours.double(), batch)) <= 1e-12
 
 
