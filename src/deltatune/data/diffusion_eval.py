@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from deltatune.data.frechet import fd_cnn
+from deltatune.data.frechet import default_feature_network, fd_cnn
 from deltatune.errors import DeltatuneError
 
 FILES = Path(__file__).parent / "files"
@@ -63,10 +63,8 @@ def load_digit_judge() -> DigitJudge:
 
 
 def load_feature_network() -> nn.Module:
-    """The frozen pretrained GlyphCNN (features(pixels) -> (B, D)), shipped by the vision backbones."""
-    from deltatune.data.vision import load_glyph_cnn
-
-    return load_glyph_cnn().eval().requires_grad_(False)
+    """The frozen pretrained GlyphCNN (features(pixels) -> (B, D)) whose features define FD-CNN."""
+    return default_feature_network()
 
 
 def sample_like(model: nn.Module, labels: Tensor, min_samples: int = MIN_SAMPLES, steps: int = SAMPLE_STEPS,

@@ -88,7 +88,7 @@ def fd_cnn(generated: Tensor, real: Tensor, network: nn.Module | FeatureFn | Non
 
 
 def default_feature_network() -> nn.Module:
-    """The frozen pretrained GlyphCNN whose features define FD-CNN."""
-    from deltatune.data.diffusion_eval import load_feature_network
+    """The frozen pretrained GlyphCNN (features(pixels) -> (B, D)), shipped by the vision backbones."""
+    from deltatune.data.vision import load_glyph_cnn
 
-    return load_feature_network()
+    return load_glyph_cnn().eval().requires_grad_(False)

@@ -217,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for prompt, text, truth in samples:
         log(f"{prompt} {text}   [true: {truth}]")
     if not args.no_save:
-        atomic_write_text(out_dir / CARD_FILE, write_card(result, model.config, samples))
+        atomic_write_text(out_dir / CARD_FILE, write_card(result, model.config, samples,
+                                                             sequence_length=SEQUENCE_LENGTH,
+                                                             subset_size=SUBSET_SIZE))
     return 0
 
 

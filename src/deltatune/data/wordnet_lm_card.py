@@ -21,13 +21,13 @@ def _sample_rows(samples: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(f"| `{cell(prompt)}` | {cell(text)} | {cell(truth)} |" for prompt, text, truth in samples)
 
 
-def write_card(result: dict, config: Any, samples: Sequence[tuple[str, str, str]]) -> str:
+def write_card(result: dict, config: Any, samples: Sequence[tuple[str, str, str]], *, sequence_length: int,
+               subset_size: int) -> str:
     """The card's Markdown: data, tokenizer, config, size, recipe, measured numbers, command, samples."""
     settings = result["settings"]
     command = ("flock /work/wt/heavy.lock python -m deltatune.data.pretrain_wordnet_lm "
                f"--steps {settings['steps']} --batch-size {settings['batch_size']} --lr {settings['lr']} "
                f"--warmup {settings['warmup']} --seed {settings['seed']} --threads {settings['threads']}")
-    from deltatune.data.pretrain_wordnet_lm import SEQUENCE_LENGTH, SUBSET_SIZE
 
     loss = result["heldout_loss"]
     perplexity, count = math.exp(loss), result["heldout_synsets"]
@@ -61,7 +61,7 @@ File: wordnet-lm-tokenizer.json (read as a transformers `PreTrainedTokenizerFast
 (wordnet-lm.safetensors; the tied `lm_head.weight` is not stored), config in wordnet-lm.json.
 
 ## Recipe
-Lines shuffled each epoch (seed + epoch), each `<bos> line <eos>`, concatenated and cut into {SEQUENCE_LENGTH}-token
+Lines shuffled each epoch (seed + epoch), each `<bos> line <eos>`, concatenated and cut into {sequence_length}-token
 blocks; batch {settings['batch_size']} blocks; AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), peak
 learning rate {settings['lr']}, {settings['warmup']} warmup steps then cosine decay to 10%; gradient clipping
 1.0; bf16 autocast; `torch.set_num_threads({settings['threads']})` on a 2-core AMD EPYC CPU, torch
@@ -74,7 +74,7 @@ learning rate {settings['lr']}, {settings['warmup']} warmup steps then cosine de
 | training seconds | {result['train_seconds']:,} (whole run {result['total_seconds']:,}) |
 | final training loss (last step) | {result['final_train_loss']:.4f} |
 | held-out loss, all {count:,} held-out synset lines (nats/token) | {loss:.4f} (perplexity {perplexity:.1f}) |
-| held-out loss, first {SUBSET_SIZE} test rows (the test suite re-measures it) | {result['heldout_subset_loss']:.4f} |
+| held-out loss, first {subset_size} test rows (the test suite re-measures it) | {result['heldout_subset_loss']:.4f} |
 
 The held-out loss is measured on the shipped (bf16-rounded) weights.
 
