@@ -494,6 +494,9 @@ def test_merge_overwrite_on_a_full_disk_exits_2_and_keeps_the_old_output(tmp_pat
 # --- train --resume, kill -9 and Ctrl-C -------------------------------------------------------------------------
 SIGNAL_AT_STEP = """
 import os, signal, sys
+# A child of a background job inherits SIGINT as ignored (POSIX shells ignore it for `cmd &`); a user's Ctrl-C
+# reaches a foreground process with Python's default handler, which is what is tested here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from deltatune.train import trainer
 step = trainer.Trainer._optimizer_step
 def step_then_signal(self, *args, **kwargs):
