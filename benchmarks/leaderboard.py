@@ -187,24 +187,12 @@ def edge_jobs(records: Sequence[dict], jobs: Sequence[dict]) -> list[dict]:
 
 
 # --- one cell (in its own process) --------------------------------------------------------------------------------
-class StepTimer:
-    """A training callback timing every optimizer step, on_step_begin to on_step_end."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, **_: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_step_end(self, **_: Any) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def one_run(cell: dict, lr: float, seed: int) -> dict:
     from deltatune.recipe import FULL, PROBE, finetune
 
-    timer = StepTimer()
+    timer = harness.StepTimer()
     params = {} if cell["method"] in (PROBE, FULL) else cell["params"]
     protocol = {**PROTOCOL, **TASK_PROTOCOL.get(cell["task"], {})}
     result = finetune(cell["task"], cell["method"], params, lr=lr, seed=seed, progress=False, callbacks=(timer,),

@@ -50,21 +50,9 @@ GLYPHS_PER_CLASS = 10  # base-domain glyphs per class (620 samples)
 COMMAND = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sara_diffusion.py"
 
 
-class StepTimer:
-    """A trainer callback: wall time of each optimizer step (the first two, warm-up, are left out)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, **_: Any) -> None:
-        self._start = time.perf_counter()
-
-    def on_step_end(self, **_: Any) -> None:
-        self.seconds.append(time.perf_counter() - self._start)
-
-    def median(self) -> float:
-        return statistics.median(self.seconds[2:] or self.seconds)
+def median_step(timer: harness.StepTimer) -> float:
+    """The median step time, the first two (warm-up) steps left out."""
+    return statistics.median(timer.seconds[2:] or timer.seconds)
 
 
 def method_params(method: str) -> dict[str, Any]:
@@ -119,7 +107,7 @@ def run(job: dict) -> dict:
     task = load_task(TASK)
     model, config = prepare_model(task, job["method"], params, seed=job["seed"], batch_size=BATCH)
     steps = EPOCHS * -(-len(task.train) // BATCH)
-    timer = StepTimer()
+    timer = harness.StepTimer()
     callbacks = (*(config.training_callbacks(model, steps) if config is not None else ()), timer)
     settings = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=LR[job["method"]], seed=job["seed"], progress=False,
                            eval_every_epoch=False)
@@ -127,7 +115,7 @@ def run(job: dict) -> dict:
     Trainer(model, settings, task.train, None, collate_fn=task.collate, callbacks=callbacks).train()
     seconds = time.perf_counter() - start
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {**job, "params": params, "trainable": trainable, **measure(model), "step_seconds": timer.median(),
+    return {**job, "params": params, "trainable": trainable, **measure(model), "step_seconds": median_step(timer),
             "train_seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -18,6 +18,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -333,3 +334,17 @@ def write_report(path: str | os.PathLike, markdown: str, figures: Mapping[str | 
     for figure_path, figure in (figures or {}).items():
         write_figure(figure_path, figure, dpi=dpi)
     atomic_write_text(path, markdown)
+
+
+class StepTimer:
+    """A training callback timing every optimizer step, on_step_begin to on_step_end (wall seconds)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, **_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, **_: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
