@@ -45,7 +45,7 @@ from deltatune.core.registry import register_method
 from deltatune.errors import NotMergeableError, config_check
 from deltatune.functional.lowrank import lowrank_delta_weight
 from deltatune.functional.magnitude import lowrank_row_norms, magnitude_lowrank_linear
-from deltatune.methods.lora import _LOWRANK_PATH, LoRAConfig, LoRADelta, _check_layer, _fusable
+from deltatune.methods.lora import _LOWRANK_PATH, LoRAConfig, LoRADelta, _check_layer, _fusable, lowrank_factors
 
 
 @dataclass(frozen=True)
@@ -73,15 +73,11 @@ class DoRADelta(Delta):
     def __init__(self, config: DoRAConfig, layer: LayerInfo, module_name: str = "") -> None:
         super().__init__(config, layer, module_name)
         _check_layer(config, layer, module_name)
-        r = config.rank
-        if layer.kind == CONV:
-            self.lora_A = nn.Parameter(torch.empty(r, *layer.weight_shape[1:]))
-            self.lora_B = nn.Parameter(torch.empty(layer.out_features, r, *([1] * layer.conv_dims)))
-            self.lora_magnitude = nn.Parameter(torch.ones(1, layer.out_features, *([1] * layer.conv_dims)))
-        else:
-            self.lora_A = nn.Parameter(torch.empty(r, layer.in_features))
-            self.lora_B = nn.Parameter(torch.empty(layer.out_features, r))
-            self.lora_magnitude = nn.Parameter(torch.ones(layer.out_features))
+        self.lora_A, self.lora_B = lowrank_factors(layer, config.rank)
+        # peft's magnitude layout: (1, out, 1, ...) for a convolution, (out,) otherwise
+        conv = layer.kind == CONV
+        shape = (1, layer.out_features, *([1] * layer.conv_dims)) if conv else (layer.out_features,)
+        self.lora_magnitude = nn.Parameter(torch.ones(shape))
         self.register_buffer("scale", torch.tensor(config.scale, dtype=torch.float64), persistent=False)
         self.register_buffer("merged_norm", None, persistent=False)  # ‖W0 + sBA‖_c at merge time, for unmerge
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()

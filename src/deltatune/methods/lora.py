@@ -127,13 +127,7 @@ class LoRADelta(Delta):
     def __init__(self, config: LoRAConfig, layer: LayerInfo, module_name: str = "") -> None:
         super().__init__(config, layer, module_name)
         _check_layer(config, layer, module_name)
-        r = config.rank
-        if layer.kind == CONV:
-            self.lora_A = nn.Parameter(torch.empty(r, *layer.weight_shape[1:]))
-            self.lora_B = nn.Parameter(torch.empty(layer.out_features, r, *([1] * layer.conv_dims)))
-        else:
-            self.lora_A = nn.Parameter(torch.empty(r, layer.in_features))
-            self.lora_B = nn.Parameter(torch.empty(layer.out_features, r))
+        self.lora_A, self.lora_B = lowrank_factors(layer, config.rank)
         # float64 so that float64 models keep the exact scale; `adapt` casts it with the other tensors
         self.register_buffer("scale", torch.tensor(config.scale, dtype=torch.float64), persistent=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -256,6 +250,15 @@ def _embedding_path(delta: LoRADelta, x: Tensor) -> Tensor:
 
 
 _LOWRANK_PATH = {"linear": _dense_path, "conv1d_hf": _dense_path, CONV: _conv_path, EMBEDDING: _embedding_path}
+
+
+def lowrank_factors(layer: LayerInfo, rank: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """Uninitialized (A, B) in the layer's native layout: A (r, in) and B (out, r); for a convolution A is
+    (r, in/groups, *kernel) and B a 1x1 convolution (out, r, 1, ...), as peft stores them."""
+    if layer.kind == CONV:
+        return (nn.Parameter(torch.empty(rank, *layer.weight_shape[1:])),
+                nn.Parameter(torch.empty(layer.out_features, rank, *([1] * layer.conv_dims))))
+    return nn.Parameter(torch.empty(rank, layer.in_features)), nn.Parameter(torch.empty(layer.out_features, rank))
 
 
 def _check_layer(config: LoRAConfig, layer: LayerInfo, module_name: str) -> None:
