@@ -38,6 +38,21 @@ def check_common(config: Any) -> None:
                      f"one of {ORTHOGONAL_FORMS}")
 
 
+def check_growth_ranks(config: Any, method: str) -> None:
+    """The rank fields of the growing allocators (IncreLoRA, TriAdaptLoRA): init <= target <= max rank."""
+    config_check(isinstance(config.init_rank, int) and config.init_rank >= 1, "init_rank", config.init_rank,
+                 "an integer >= 1")
+    config_check(isinstance(config.target_rank, int) and config.target_rank >= config.init_rank, "target_rank",
+                 config.target_rank, f"an integer >= init_rank={config.init_rank}",
+                 f"{method} only grows: lower init_rank or raise target_rank")
+    if config.rank_step is not None:
+        config_check(isinstance(config.rank_step, int) and config.rank_step >= 1, "rank_step", config.rank_step,
+                     "an integer >= 1, or None")
+    if config.max_rank is not None:
+        config_check(isinstance(config.max_rank, int) and config.max_rank >= config.target_rank, "max_rank",
+                     config.max_rank, f"an integer >= target_rank={config.target_rank}, or None")
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

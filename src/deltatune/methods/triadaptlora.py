@@ -44,6 +44,7 @@ from deltatune.allocate.slots import SlottedLowRankDelta, gaussian, orthogonalit
 from deltatune.allocate.support import (
     adapter_name_of,
     check_common,
+    check_growth_ranks,
     check_share_or_steps,
     default_max_rank,
     set_mean_regularization,
@@ -88,17 +89,7 @@ class TriAdaptLoRAConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        config_check(isinstance(self.init_rank, int) and self.init_rank >= 1, "init_rank", self.init_rank,
-                     "an integer >= 1")
-        config_check(isinstance(self.target_rank, int) and self.target_rank >= self.init_rank, "target_rank",
-                     self.target_rank, f"an integer >= init_rank={self.init_rank}",
-                     "TriAdaptLoRA only grows: lower init_rank or raise target_rank")
-        if self.rank_step is not None:
-            config_check(isinstance(self.rank_step, int) and self.rank_step >= 1, "rank_step", self.rank_step,
-                         "an integer >= 1, or None")
-        if self.max_rank is not None:
-            config_check(isinstance(self.max_rank, int) and self.max_rank >= self.target_rank, "max_rank",
-                         self.max_rank, f"an integer >= target_rank={self.target_rank}, or None")
+        check_growth_ranks(self, "TriAdaptLoRA")
         config_check(self.growth in GROWTH_RULES, "growth", self.growth, f"one of {GROWTH_RULES}")
         check_share_or_steps(self.initial_warmup, "initial_warmup")
         check_share_or_steps(self.interval, "interval")
