@@ -47,9 +47,8 @@ from deltatune.methods.lycoris import (
     LycorisDelta,
     check_lycoris_fields,
     check_peft_config,
+    common_config_fields,
     common_peft_fields,
-    peft_targets,
-    saved_modules,
 )
 
 LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
@@ -91,11 +90,7 @@ class LoHaConfig(DeltaConfig):
     def from_peft_config(cls, peft: dict[str, Any], tensor_keys: Iterable[str]) -> LoHaConfig:
         """The LoHaConfig of a peft LoHa folder; every field honoured or refused by name (`methods.lycoris`)."""
         check_peft_config(peft, "LOHA")
-        targets, others = peft_targets(tensor_keys, LOHA_TENSORS, "LoHa")
-        return cls(rank=peft.get("r", 8), alpha=peft.get("alpha", 8.0), rank_dropout=peft.get("rank_dropout", 0.0),
-                   module_dropout=peft.get("module_dropout", 0.0),
-                   effective_conv2d=peft.get("use_effective_conv2d", False), targets=tuple(targets),
-                   extra_trainable=saved_modules(peft, others))
+        return cls(**common_config_fields(peft, tensor_keys, LOHA_TENSORS, "LoHa"))
 
 
 @register_method("loha", LoHaConfig, "LoHa: (alpha/r)·(B₁A₁) ⊙ (B₂A₂), LyCORIS/peft's Hadamard product update")

@@ -46,9 +46,8 @@ from deltatune.methods.lycoris import (
     LycorisDelta,
     check_lycoris_fields,
     check_peft_config,
+    common_config_fields,
     common_peft_fields,
-    peft_targets,
-    saved_modules,
 )
 
 LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -102,13 +101,9 @@ class LoKrConfig(DeltaConfig):
     def from_peft_config(cls, peft: dict[str, Any], tensor_keys: Iterable[str]) -> LoKrConfig:
         """The LoKrConfig of a peft LoKr folder; every field honoured or refused by name (`methods.lycoris`)."""
         check_peft_config(peft, "LOKR")
-        targets, others = peft_targets(tensor_keys, LOKR_TENSORS, "LoKr")
-        return cls(rank=peft.get("r", 8), alpha=peft.get("alpha", 8.0), rank_dropout=peft.get("rank_dropout", 0.0),
-                   module_dropout=peft.get("module_dropout", 0.0),
-                   effective_conv2d=peft.get("use_effective_conv2d", False),
+        return cls(**common_config_fields(peft, tensor_keys, LOKR_TENSORS, "LoKr"),
                    decompose_both=peft.get("decompose_both", False), decompose_factor=peft.get("decompose_factor", -1),
-                   rank_dropout_scale=peft.get("rank_dropout_scale", False), targets=tuple(targets),
-                   extra_trainable=saved_modules(peft, others))
+                   rank_dropout_scale=peft.get("rank_dropout_scale", False))
 
 
 @register_method("lokr", LoKrConfig, "LoKr: (alpha/r)·W₁ ⊗ W₂ with low-rank factors, LyCORIS/peft's Kronecker update")

@@ -109,6 +109,17 @@ def common_peft_fields(config: Any, target_paths: list[str], extra_paths: list[s
     }
 
 
+def common_config_fields(peft: dict[str, Any], keys: Iterable[str], names: tuple[str, ...],
+                         label: str) -> dict[str, Any]:
+    """The config fields LoHa and LoKr share, read from a peft folder's config and tensor keys (the inverse of
+    `common_peft_fields`); the adapted modules are the ones the file holds `names` tensors for."""
+    targets, others = peft_targets(keys, names, label)
+    return {"rank": peft.get("r", 8), "alpha": peft.get("alpha", 8.0), "rank_dropout": peft.get("rank_dropout", 0.0),
+            "module_dropout": peft.get("module_dropout", 0.0),
+            "effective_conv2d": peft.get("use_effective_conv2d", False), "targets": tuple(targets),
+            "extra_trainable": saved_modules(peft, others)}
+
+
 def check_lycoris_fields(config: Any) -> None:
     """The fields LoHa and LoKr share."""
     config_check(isinstance(config.rank, int) and config.rank > 0, "rank", config.rank, "an integer > 0")
