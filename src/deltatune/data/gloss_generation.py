@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -182,17 +182,25 @@ def score_gloss_generation(model: nn.Module, dataset: TensorDictDataset) -> floa
     return gloss_similarity(generate_glosses(model, dataset), dataset.texts)
 
 
+def generation_task(name: str, description: str, metric: str, split_builder: Callable[..., TensorDictDataset],
+                    scorer: Callable[[nn.Module, TensorDictDataset], float], train_size: int | None,
+                    seed: int) -> Task:
+    """A WordNet-LM generation task on the held-out synsets: `split_builder(tokenizer, rows)` makes each split;
+    `seed` only picks the `train_size` subset; the score is higher-is-better."""
+    tokenizer = load_wordnet_lm_tokenizer()
+    rows = read_heldout_rows()
+    splits = {split: split_builder(tokenizer, [row for row in rows if row["split"] == split]) for split in SPLITS}
+    return Task(
+        name=name, description=description, label_names=(),
+        train=limit_train_size(splits["train"], train_size, seed),
+        validation=splits["validation"], test=splits["test"], model_factory=build_wordnet_lm_model,
+        extra_trainable=(), default_targets=WORDNET_LM_DEFAULT_TARGETS,
+        metric=metric, higher_is_better=True, scorer=scorer,
+    )
+
+
 def load_gloss_generation_task(*, max_length: int = 32, train_size: int | None = None, seed: int = 0) -> Task:
     """The gloss-generation task. `max_length` is accepted for a uniform signature and ignored: items have a
     fixed SEQUENCE_LENGTH (prompt + definition). `seed` only picks the `train_size` subset."""
     del max_length
-    tokenizer = load_wordnet_lm_tokenizer()
-    rows = read_heldout_rows()
-    splits = {split: gloss_split(tokenizer, [row for row in rows if row["split"] == split]) for split in SPLITS}
-    return Task(
-        name=NAME, description=DESCRIPTION, label_names=(),
-        train=limit_train_size(splits["train"], train_size, seed),
-        validation=splits["validation"], test=splits["test"], model_factory=build_wordnet_lm_model,
-        extra_trainable=(), default_targets=WORDNET_LM_DEFAULT_TARGETS,
-        metric=METRIC, higher_is_better=True, scorer=score_gloss_generation,
-    )
+    return generation_task(NAME, DESCRIPTION, METRIC, gloss_split, score_gloss_generation, train_size, seed)

@@ -22,14 +22,12 @@ from deltatune.data.gloss_generation import (
     SEQUENCE_LENGTH,
     build_split,
     generate_texts,
+    generation_task,
     prompts_of_dataset,
 )
-from deltatune.data.task import SPLITS, Task, limit_train_size
+from deltatune.data.task import Task
 from deltatune.data.wordnet_lm import (
-    WORDNET_LM_DEFAULT_TARGETS,
-    build_wordnet_lm_model,
     load_wordnet_lm_tokenizer,
-    read_heldout_rows,
 )
 from deltatune.errors import DeltatuneError
 
@@ -82,13 +80,4 @@ def load_reverse_dictionary_task(*, max_length: int = 32, train_size: int | None
     """The reverse-dictionary task (`max_length` ignored: fixed SEQUENCE_LENGTH; `seed` only picks the
     `train_size` subset)."""
     del max_length
-    tokenizer = load_wordnet_lm_tokenizer()
-    rows = read_heldout_rows()
-    splits = {split: reverse_split(tokenizer, [row for row in rows if row["split"] == split]) for split in SPLITS}
-    return Task(
-        name=NAME, description=DESCRIPTION, label_names=(),
-        train=limit_train_size(splits["train"], train_size, seed),
-        validation=splits["validation"], test=splits["test"], model_factory=build_wordnet_lm_model,
-        extra_trainable=(), default_targets=WORDNET_LM_DEFAULT_TARGETS,
-        metric=METRIC, higher_is_better=True, scorer=score_reverse_dictionary,
-    )
+    return generation_task(NAME, DESCRIPTION, METRIC, reverse_split, score_reverse_dictionary, train_size, seed)
