@@ -9,8 +9,13 @@ in rotating order after warm-up; the table gives each contender's median and the
 repeat of the whole run. Before timing, the outputs of our DoRA and peft's DoRA are compared with the same
 (non-zero) adapter tensors: deltatune writes a peft folder, peft loads it.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dora_step_time.py --threads 2 --repeats 2 \
+`--backbone vit` runs the same contenders on the shipped GlyphViT (transformers ViTModel, 806k parameters) with
+the glyphs-novel-vit head (24 classes, trained too), rank 8 on its q_proj and v_proj, batch 64 glyph images.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dora_step_time.py --threads 1 --repeats 2 \
         --output benchmarks/results/dora_step_time.md
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/dora_step_time.py --threads 1 --repeats 2 --backbone vit \
+        --output benchmarks/results/dora_step_time_vit.md
 """
 from __future__ import annotations
 
@@ -36,27 +41,47 @@ import lora_vs_peft as shared  # noqa: E402
 from deltatune.bench import harness  # noqa: E402
 
 CONTENDERS = ("deltatune LoRA", "deltatune DoRA", "peft DoRA", "peft LoRA")
+VIT_TASK, VIT_BATCH = "glyphs-novel-vit", 64
 
 
-def adapt(name: str, model: nn.Module) -> nn.Module:
+def minilm_setup() -> tuple[nn.Module, dict, torch.Tensor, tuple[str, ...], str]:
+    inputs, labels = shared.real_batch()
+    return shared.base_classifier(), inputs, labels, shared.TARGETS, "all-MiniLM-L6-v2, batch 32 × 32 tokens"
+
+
+def vit_setup() -> tuple[nn.Module, dict, torch.Tensor, tuple[str, ...], str]:
+    from deltatune.data import load_task
+
+    task = load_task(VIT_TASK)
+    batch = task.collate([task.train[i] for i in range(VIT_BATCH)])
+    labels = batch.pop("labels")
+    torch.manual_seed(shared.SEED)
+    return (task.build_model(), batch, labels, tuple(task.default_targets),
+            f"GlyphViT ({VIT_TASK}), batch {VIT_BATCH} images of 16x16")
+
+
+BACKBONES = {"minilm": minilm_setup, "vit": vit_setup}
+
+
+def adapt(name: str, model: nn.Module, targets: tuple[str, ...]) -> nn.Module:
     import peft
 
     import deltatune as dt
 
     torch.manual_seed(shared.SEED + 1)
-    common = dict(rank=shared.RANK, alpha=shared.ALPHA, dropout=shared.DROPOUT, targets=list(shared.TARGETS),
+    common = dict(rank=shared.RANK, alpha=shared.ALPHA, dropout=shared.DROPOUT, targets=list(targets),
                   extra_trainable=["classifier"])
     if name.startswith("deltatune"):
         config = dt.DoRAConfig(**common) if name.endswith("DoRA") else dt.LoRAConfig(**common)
         return dt.adapt(model, config)
     config = peft.LoraConfig(r=shared.RANK, lora_alpha=shared.ALPHA, lora_dropout=shared.DROPOUT,
-                             target_modules=list(shared.TARGETS), modules_to_save=["classifier"],
+                             target_modules=list(targets), modules_to_save=["classifier"],
                              use_dora=name.endswith("DoRA"))
     return peft.get_peft_model(model, config)
 
 
-def build(name: str, base: nn.Module) -> shared.Contender:
-    model = adapt(name, copy.deepcopy(base)).train()
+def build(name: str, base: nn.Module, targets: tuple[str, ...]) -> shared.Contender:
+    model = adapt(name, copy.deepcopy(base), targets).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=shared.LEARNING_RATE)
     return shared.Contender(name, model, optimizer)
 
@@ -108,8 +133,8 @@ def measure(contenders: list[shared.Contender], inputs, labels, blocks: int, per
     return times
 
 
-def report(runs: list[dict[str, list]], difference: float, env: dict) -> str:
-    lines = ["# DoRA step time vs LoRA and peft's DoRA (all-MiniLM-L6-v2, batch 32 × 32 tokens, r = 8, query+value)",
+def report(runs: list[dict[str, list]], difference: float, env: dict, setting: str) -> str:
+    lines = [f"# DoRA step time vs LoRA and peft's DoRA ({setting}, r = 8)",
              "", harness.environment_line(env), "", f"Command: `{env['command']}`", "",
              "| repeat | " + " | ".join(f"{name} (ms)" for name in CONTENDERS)
              + " | ours DoRA / ours LoRA | ours DoRA / peft DoRA | peft DoRA / peft LoRA |",
@@ -133,15 +158,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--per-block", type=int, default=3)
+    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="minilm")
     parser.add_argument("--output", default="benchmarks/results/dora_step_time.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    inputs, labels = shared.real_batch()
-    base = shared.base_classifier()
-    contenders = [build(name, base) for name in CONTENDERS]
+    base, inputs, labels, targets, setting = BACKBONES[args.backbone]()
+    contenders = [build(name, base, targets) for name in CONTENDERS]
     difference = output_difference(contenders[1], contenders[2], inputs)
     runs = [measure(contenders, inputs, labels, args.blocks, args.per_block) for _ in range(args.repeats)]
-    text = report(runs, difference, harness.environment(threads=args.threads))
+    text = report(runs, difference, harness.environment(threads=args.threads), f"{setting}, on {', '.join(targets)}")
     harness.write_report(args.output, text)
     print(text)
 
