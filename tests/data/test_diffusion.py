@@ -41,6 +41,16 @@ def test_sampling_is_deterministic_under_a_seeded_generator():
     assert not torch.equal(guided, first)
 
 
+def test_given_starting_noise_is_the_noise_the_generator_would_draw_and_a_wrong_shape_is_refused():
+    model = small_model()
+    labels = torch.tensor([0, 5, 61])
+    noise = torch.randn((3, 1, 16, 16), generator=torch.Generator().manual_seed(3))
+    drawn = model.sample(labels, steps=3, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(model.sample(labels, steps=3, noise=noise), drawn)
+    with pytest.raises(ConfigError, match="one starting image per label"):
+        model.sample(labels, steps=3, noise=noise[:2])
+
+
 def test_forward_is_the_epsilon_mse_at_the_drawn_timesteps():
     model = small_model().eval()  # eval: no label dropout, so the draws are t then eps
     pixels, labels = batch()

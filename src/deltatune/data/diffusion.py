@@ -167,14 +167,19 @@ class GlyphDiffusion(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels: Tensor, steps: int = 10, generator: torch.Generator | None = None,
-               guidance_scale: float = 1.0, batch_size: int = 256) -> Tensor:
+               guidance_scale: float = 1.0, batch_size: int = 256, noise: Tensor | None = None) -> Tensor:
         """Images (N, 1, S, S) in [0, 1] of the classes `labels` (N,), by DPM-Solver++ in `steps` steps; the
-        starting noise comes from `generator` (on the CPU, so results do not depend on the device)."""
+        starting noise x_T is `noise` (N, 1, S, S) when given, else drawn from `generator` (on the CPU, so results
+        do not depend on the device)."""
         config_check(steps >= 1, "steps", steps, "an integer >= 1")
         labels = torch.as_tensor(labels, dtype=torch.long)
         self._check_labels(labels)
         size = self.config.sample_size
-        noise = torch.randn((len(labels), 1, size, size), generator=generator, dtype=torch.float32)
+        if noise is None:
+            noise = torch.randn((len(labels), 1, size, size), generator=generator, dtype=torch.float32)
+        elif tuple(noise.shape) != (len(labels), 1, size, size):
+            raise ConfigError(f"noise of shape {tuple(noise.shape)} is invalid: expected {(len(labels), 1, size, size)}"
+                              " (one starting image per label)")
         was_training = self.training
         self.eval()
         try:
