@@ -14,7 +14,7 @@ from torch import nn
 
 import deltatune as dt
 from contract.toy_deltas import toy_methods  # noqa: F401  (the fixture)
-from contract.toy_models import build
+from contract.toy_models import LAYER_CASES, build
 from deltatune.core.capabilities import FusesWithBase
 from deltatune.core.model import iter_hosts
 from deltatune.errors import NotMergeableError
@@ -184,7 +184,7 @@ def test_toy_deltas_of_every_kind_save_and_load_through_the_public_api(tmp_path)
 
 
 # --- fused == unfused, for every registered method that fuses with its base layer -------------------------------
-FUSABLE_CASES = ("linear", "conv1d_hf")
+FUSABLE_CASES = ("linear", "conv1d_hf", "conv")
 
 
 def _fusing_methods() -> list[tuple[str, str]]:
@@ -192,12 +192,17 @@ def _fusing_methods() -> list[tuple[str, str]]:
     for entry in dt.list_methods():
         if not issubclass(entry.delta_cls, FusesWithBase):
             continue
-        rows += [(entry.name, case) for case in FUSABLE_CASES if case in entry.delta_cls.layer_kinds]
+        rows += [(entry.name, case) for case in FUSABLE_CASES if LAYER_CASES[case] in entry.delta_cls.layer_kinds]
     return rows
 
 
 def test_the_fused_rows_are_not_vacuous():
     assert {method for method, _ in _fusing_methods()} >= {"lora"}
+
+
+def _probe_input(layer) -> torch.Tensor:
+    """A zero input the layer accepts: (1, in) for dense layers, (1, in, 5, ...) for convolutions."""
+    return torch.zeros(1, layer.in_features, *([5] * layer.conv_dims), dtype=torch.float64)
 
 
 def _forward_and_gradients(model, x):
@@ -217,8 +222,8 @@ def test_fused_equals_unfused_forward_and_gradients_in_float64(method, case):
     hosts = [host for _, host in iter_hosts(model)]
     assert all(host._fuse_first_additive or host._fuse_weight_delta for host in hosts)
     first = model.first.deltas["default"]
-    fused_hosts = sum(host.deltas["default"].forward_with_base(
-        torch.zeros(1, host.layer.in_features, dtype=torch.float64), host.base_layer) is not None for host in hosts)
+    fused_hosts = sum(host.deltas["default"].forward_with_base(_probe_input(host.layer), host.base_layer) is not None
+                      for host in hosts)
     if not fused_hosts:
         pytest.skip(f"{method} fuses on none of these layers ({type(first).__name__} returned None)")
     fused = _forward_and_gradients(model, x)

@@ -193,9 +193,15 @@ class SaRADelta(Delta):
         return self.layer.op(x, dense.to(x.dtype) if x.is_floating_point() else dense, None)
 
     def forward_with_base(self, x: Tensor, base_layer: nn.Module) -> Tensor | None:
-        """The whole adapted layer x (W0 + S)ᵀ + b as one autograd node (Linear, Conv1D; None elsewhere): the host
-        uses it when this is the layer's first additive delta. Cheaper than base + x Sᵀ: W0 + S is a transient
-        copy, so the layer costs its own two GEMMs plus the sampled value gradient."""
+        """The whole adapted layer x (W0 + S)ᵀ + b in one op (Linear, Conv1D, Conv; None elsewhere): the host uses
+        it when this is the layer's first additive delta. Cheaper than base + x Sᵀ: W0 + S is a transient copy, so
+        the layer costs its own forward and backward only. Linear: one autograd node with the sampled value
+        gradient. Conv: the conv with W0 + S (index_add's backward gathers the dense kernel gradient at the
+        positions), three conv ops instead of the unfused path's five (base, S, and S's two backward convs)."""
+        if self.layer.kind == CONV:
+            values = self.effective_values().to(base_layer.weight.dtype)
+            weight = base_layer.weight.detach().reshape(-1).index_add(0, self.indices, values)
+            return self.layer.op(x, weight.view(self.layer.weight_shape), base_bias(base_layer))
         if self.layer.kind not in (LINEAR, CONV1D_HF):
             return None
         weight = self.layer.to_matrix(base_layer.weight)
