@@ -623,13 +623,11 @@ def report_mode(args) -> None:
     plots = _plots(records, args.out_dir)  # written (atomically) before the table that shows them
     lines += ["## Plots", "", *[f"![{name}]({name})" for name in plots], ""]
     output = args.out_dir / "adaptive_rank.md"
-    old = output.read_text() if output.exists() else ""
-    report = "\n".join(lines) + (old[old.index(NOTES):] if NOTES in old else "")
+    report = "\n".join(lines) + harness.kept_notes(output)
     harness.write_report(output, report)
     print(report)
 
 
-NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when it is re-written
 
 
 def _date() -> str:

@@ -64,7 +64,6 @@ TASK_PROTOCOL = {"digits": dict(train_size=None, epochs=2, validation_size=None,
 REACH = 0.15  # a knob whose nearest count is further than this from the budget is not run there (unreachable)
 TASK_PARAMS = {"digits": {"targets": ("conv1", "conv2")}}  # the digits net's only layers besides its head
 CELL_IDENTITY = ("task", "method", "budget")
-NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when it is re-written
 
 
 def cell_identity(reference_tasks: Sequence[str], extend_edges: bool = False):
@@ -524,8 +523,7 @@ def main() -> None:
         except BenchmarkError as error:  # the other cells finished: report them, the failed one shows as missing
             failure = error
     records = log.records()
-    old = args.output.read_text() if args.output.exists() else ""
-    report = render(records, task_names, method_names) + (old[old.index(NOTES):] if NOTES in old else "")
+    report = render(records, task_names, method_names) + harness.kept_notes(args.output)
     print(report)
     harness.write_report(args.output, report, {args.output.with_suffix(".png"): plot(records, task_names,
                                                                                       method_names)})

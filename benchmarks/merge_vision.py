@@ -233,12 +233,10 @@ def report(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-NOTES = "\n## Reading"
 
 
 def write(output: Path, payload: dict) -> None:
-    old = output.read_text() if output.exists() else ""
-    harness.write_report(output, report(payload) + (old[old.index(NOTES):] if NOTES in old else ""))
+    harness.write_report(output, report(payload) + harness.kept_notes(output))
 
 
 def run_stage(job: dict, work: Path) -> dict:

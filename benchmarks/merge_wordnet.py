@@ -294,13 +294,11 @@ def run_stage(job: dict, work: Path, threads: int) -> dict:
     return result
 
 
-NOTES = "\n## Reading"  # a hand-written section after the generated report, kept when the report is re-written
 
 
 def write(output: Path, payload: dict) -> None:
     """The report, atomically, keeping the hand-written notes of the previous one."""
-    old = output.read_text() if output.exists() else ""
-    notes = old[old.index(NOTES):] if NOTES in old else ""
+    notes = harness.kept_notes(output)
     harness.write_report(output, report(payload, COMMAND) + notes)
 
 

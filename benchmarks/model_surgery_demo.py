@@ -45,7 +45,6 @@ from deltatune.merging.editing.surgery import RowSelection, SurgeryConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_ALPHAS = "0.25,0.5,1.0"
-NOTES = "\n## Reading"  # a hand-written section after the generated report
 NOUN, VERB = 0, 1  # wordnet-pos label indices
 RULES = {  # name -> (alignment or "random", sign of alpha)
     "paper: most negative cos, +alpha": ("negative", 1.0),
@@ -180,8 +179,7 @@ def main() -> None:
         raw = {"environment": harness.environment(threads=1), "alphas": arguments.alphas, "scale": arguments.scale,
                **measure([float(a) for a in arguments.alphas.split(",")], arguments.scale)}
         harness.write_json(arguments.json, raw)
-    old = arguments.out.read_text() if arguments.out.exists() else ""
-    notes = old[old.index(NOTES):] if NOTES in old else ""  # the hand-written reading survives a re-run
+    notes = harness.kept_notes(arguments.out)  # the hand-written reading survives a re-run
     harness.write_report(arguments.out, report(raw) + notes)
 
 

@@ -167,7 +167,6 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-NOTES = "\n## Reading"
 
 
 def main() -> None:
@@ -194,8 +193,7 @@ def main() -> None:
             return {**harness.run_child(command, label=f"{job['method']} seed {job['seed']}"), "environment": env}
 
         harness.run_jobs(jobs, log, launch)
-    old = args.output.read_text() if args.output.exists() else ""
-    text = report(log.records()) + (old[old.index(NOTES):] if NOTES in old else "")
+    text = report(log.records()) + harness.kept_notes(args.output)
     harness.write_report(args.output, text)
     print(text)
 

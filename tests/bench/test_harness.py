@@ -191,3 +191,12 @@ def test_the_environment_names_every_field(monkeypatch):
 
 def test_outside_a_git_checkout_the_commit_is_unknown(tmp_path):
     assert harness.git_commit(tmp_path) == "unknown"
+
+
+def test_kept_notes_returns_the_hand_written_reading_section_or_nothing(tmp_path):
+    report = tmp_path / "r.md"
+    assert harness.kept_notes(report) == ""  # no report yet
+    report.write_text("# Table\n\n| a |\n", encoding="utf-8")
+    assert harness.kept_notes(report) == ""
+    report.write_text("# Table\n\n| a |\n\n## Reading notes\n\nLoRA wins.\n", encoding="utf-8")
+    assert harness.kept_notes(report) == "\n## Reading notes\n\nLoRA wins.\n"

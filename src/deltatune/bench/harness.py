@@ -327,6 +327,17 @@ def write_json(path: str | os.PathLike, payload: Any, *, indent: int | None = 1)
     atomic_write_text(path, json.dumps(payload, indent=indent))
 
 
+READING_NOTES = "\n## Reading"  # the hand-written section after a generated report
+
+
+def kept_notes(path: str | os.PathLike) -> str:
+    """The hand-written "## Reading ..." section at the end of the report at `path` ("" when there is none), so
+    that re-generating the report keeps it."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    return old[old.index(READING_NOTES):] if READING_NOTES in old else ""
+
+
 def write_report(path: str | os.PathLike, markdown: str, figures: Mapping[str | os.PathLike, Any] | None = None,
                  *, dpi: int = 110) -> None:
     """Write the plots (PNG, path -> figure), then the Markdown, each atomically: a crash leaves every file
