@@ -30,6 +30,7 @@ BATCH, STEPS = 4, 20  # 20: the shortest run every growth schedule's defaults fi
 SETUP_REFUSALS = {
     ("bitfit", "gloss-generation"): "no bias",  # Llama's projections have no bias
     ("loldu", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the CNN's layers are convs
+    ("tlora", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the paper adapts linear layers
 }
 MERGE_REFUSALS = {("ssf", "gloss-generation"): "bias"}  # SSF's shift has no bias to fold into
 pytestmark = pytest.mark.usefixtures("one_thread")
