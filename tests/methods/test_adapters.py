@@ -177,6 +177,33 @@ def test_a_parallel_adapter_and_lora_add_side_by_side():
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_the_whole_order_on_one_layer_weight_then_additive_then_outputs_in_active_order():
+    """ID³ (weight space) → parallel adapter (additive) → SSF and the sequential adapter (outputs, in the order of
+    the active set): the composition order of core.delta, with real methods of every kind."""
+    model, reference = _block(), _block()
+    dt.adapt(model, dt.config_for("id3", targets=["2"]), name="weight")
+    dt.adapt(model, ParallelAdapterConfig(targets=["2"]), name="parallel")
+    dt.adapt(model, dt.SSFConfig(targets=["2"]), name="ssf")
+    dt.adapt(model, BottleneckAdapterConfig(targets=["2"], bottleneck_size=3), name="adapter")
+    _randomize(model)
+    host, x = model[2], _x(4, 10)
+    hidden = torch.tanh(reference[0](x))
+    weight = host.deltas["weight"].adapted_weight(reference[2].weight)
+    summed = F.linear(hidden, weight, reference[2].bias) + _by_hand(host.deltas["parallel"], hidden, F.relu)
+    ssf = host.deltas["ssf"]
+
+    def scaled(h):
+        return h * ssf.ssf_scale + ssf.ssf_shift
+
+    def adapted(h):
+        return h + _by_hand(host.deltas["adapter"], h, F.relu)
+
+    dt.set_active(model, ["adapter", "weight", "ssf", "parallel"])
+    torch.testing.assert_close(model(x), scaled(adapted(summed)), rtol=1e-12, atol=1e-12)
+    dt.set_active(model, ["ssf", "parallel", "adapter", "weight"])
+    torch.testing.assert_close(model(x), adapted(scaled(summed)), rtol=1e-12, atol=1e-12)
+
+
 # --- merging is refused, leaving every layer as it was ------------------------------------------------------
 @pytest.mark.parametrize("config", [BottleneckAdapterConfig(targets=["2"]), ParallelAdapterConfig(targets=["2"])])
 def test_merge_is_refused_clearly_and_changes_no_layer(config):
