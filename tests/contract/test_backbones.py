@@ -31,6 +31,10 @@ SETUP_REFUSALS = {
     ("bitfit", "gloss-generation"): "no bias",  # Llama's projections have no bias
     ("loldu", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the CNN's layers are convs
     ("tlora", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the paper adapts linear layers
+    ("parallel_adapter", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # x and y differ in shape
+    # the default (Pfeiffer) placement is after an FFN, and the UNet's attention blocks have none
+    ("bottleneck_adapter", "diffusion-handwritten"): "matched no adaptable module",
+    ("parallel_adapter", "diffusion-handwritten"): "matched no adaptable module",
 }
 MERGE_REFUSALS = {("ssf", "gloss-generation"): "bias"}  # SSF's shift has no bias to fold into
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -175,7 +175,8 @@ def test_two_named_adapters_coexist(method, case, tmp_path):
 def test_unsupported_layer_kind_raises_a_clear_error(method, case):
     base, _ = build(case)
     with pytest.raises(UnsupportedLayerError, match="cannot adapt 'first'"):
-        dt.adapt(base, dt.config_for(method, targets=["first"]))
+        # layer_types=(): a method's own default type filter (SaRA's) must not hide the layer it cannot adapt
+        dt.adapt(base, dt.config_for(method, targets=["first"], layer_types=()))
     assert not any(isinstance(m, AdaptedLayer) for m in base.modules())
 
 

@@ -44,6 +44,32 @@ class EmbeddingNet(nn.Module):
         return torch.tanh(self.first(x)) + self.second(x)
 
 
+class NormNet(nn.Module):
+    """Two norms of one kind with a mixing layer between them (so the second norm sees the first's output
+    through something other than itself); only `first` and `second` are norms."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        if kind == "layer_norm":
+            self.first, self.mix, self.second = nn.LayerNorm(12), nn.Linear(12, 12), nn.LayerNorm(12)
+        elif kind == "batch_norm":
+            self.first, self.mix, self.second = nn.BatchNorm2d(6), nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6)
+        else:
+            self.first, self.mix, self.second = nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.second(self.mix(torch.tanh(self.first(x))))
+
+
+def _norm_statistics(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """BatchNorm running statistics away from (0, 1), evaluated with them (eval mode): the inference fold."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.normal_(0, 0.5, generator=generator)
+            module.running_var.uniform_(0.5, 2.0, generator=generator)
+    return model.eval()
+
+
 def build(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A float64 toy model whose targetable layers are all of `kind`, and an input batch."""
     generator = torch.Generator().manual_seed(seed)
@@ -58,16 +84,26 @@ def build(kind: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
         model, x = ConvNet(1), torch.randn(2, 3, 9, generator=generator)
     elif kind == "embedding":
         model, x = EmbeddingNet(), torch.randint(0, 30, (4, 7), generator=generator)
+    elif kind == "layer_norm":
+        model, x = NormNet(kind), torch.randn(3, 5, 12, generator=generator)
+    elif kind == "batch_norm":
+        model, x = NormNet(kind), torch.randn(3, 6, 4, 4, generator=generator)
+    elif kind == "batch_norm1d":
+        model, x = NormNet(kind), torch.randn(6, 8, generator=generator)
     else:
         raise ValueError(kind)
     for parameter in model.parameters():  # transformers' Conv1D starts with zero bias: make every tensor count
         with torch.no_grad():
             parameter.normal_(0, 0.3, generator=generator)
+    if isinstance(model, NormNet):
+        with torch.no_grad():
+            _norm_statistics(model, generator)
     model = model.double()
     return model, (x.double() if x.is_floating_point() else x)
 
 
-LAYER_CASES = {"linear": "linear", "conv1d_hf": "conv1d_hf", "conv": "conv", "conv1d": "conv", "embedding": "embedding"}
+LAYER_CASES = {"linear": "linear", "conv1d_hf": "conv1d_hf", "conv": "conv", "conv1d": "conv", "embedding": "embedding",
+               "layer_norm": "layer_norm", "batch_norm": "batch_norm", "batch_norm1d": "batch_norm"}
 
 
 # --- real model shapes that once failed (issue 9): a ViT patch conv, GPT-2's tied head, a ResNet's BatchNorm ---

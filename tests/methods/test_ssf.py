@@ -96,8 +96,8 @@ def test_initialization_is_the_official_codes_normal_around_the_identity_and_see
 
 
 def test_only_the_pairs_train_two_per_output_channel():
-    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6), nn.Linear(6, 3))
-    dt.adapt(model, SSFConfig())
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 6), nn.Linear(6, 3), nn.LayerNorm(3))
+    dt.adapt(model, SSFConfig(layer_types=("linear",)))
     assert dt.trainable_parameters(model).trainable == 2 * 6 + 2 * 6 + 2 * 3
     model(torch.randn(2, 8)).sum().backward()
     named = dict(model.named_parameters())
@@ -148,3 +148,78 @@ def test_bad_hyper_parameters_and_layers_are_refused_by_name():
 
 def test_the_config_is_reachable_from_the_package_root():
     assert dt.SSFConfig is SSFConfig and dt.method_entry("ssf").config_cls is SSFConfig
+
+
+# --- after a LayerNorm / BatchNorm: the pair folds into the norm's affine parameters ----------------------------
+def _norms() -> nn.ModuleDict:
+    torch.manual_seed(4)
+    norms = nn.ModuleDict({"ln": nn.LayerNorm(5), "ln2d": nn.LayerNorm((3, 5)), "bn": nn.BatchNorm2d(4),
+                           "bn1d": nn.BatchNorm1d(4)}).double()
+    with torch.no_grad():
+        for norm in norms.values():
+            norm.weight.normal_(1, 0.5)
+            norm.bias.normal_(0, 0.5)
+        for bn in (norms["bn"], norms["bn1d"]):  # inference statistics far from (0, 1)
+            bn.running_mean.normal_(0, 1)
+            bn.running_var.uniform_(0.5, 2)
+    return norms.eval()
+
+
+def _norm_inputs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+    return {"ln": draw(2, 7, 5), "ln2d": draw(2, 3, 5), "bn": draw(2, 4, 3, 3), "bn1d": draw(6, 4)}
+
+
+def test_after_a_norm_the_pair_scales_its_channels_and_folds_into_its_affine_parameters():
+    norms, inputs = _norms(), _norm_inputs()
+    base = copy.deepcopy(norms.state_dict())
+    reference = copy.deepcopy(norms)
+    dt.adapt(norms, SSFConfig(layer_types=("layer_norm", "batch_norm")))
+    deltas = _randomized(norms, seed=6)
+    shapes = {"ln": (-1,), "ln2d": (-1,), "bn": (1, -1, 1, 1), "bn1d": (1, -1)}  # the channel dimension
+    for name, x in inputs.items():
+        gamma, beta = deltas[name].ssf_scale.view(shapes[name]), deltas[name].ssf_shift.view(shapes[name])
+        torch.testing.assert_close(norms[name](x), reference[name](x) * gamma + beta, rtol=1e-12, atol=1e-12)
+    expected = {name: norms[name](x).detach() for name, x in inputs.items()}
+    dt.merge(norms)
+    for name, x in inputs.items():
+        torch.testing.assert_close(norms[name](x), expected[name], rtol=1e-12, atol=1e-12)
+        gamma, beta = deltas[name].ssf_scale.detach(), deltas[name].ssf_shift.detach()
+        torch.testing.assert_close(norms[name].weight.detach(), gamma * base[f"{name}.weight"], rtol=1e-14, atol=0)
+        torch.testing.assert_close(norms[name].bias.detach(), gamma * base[f"{name}.bias"] + beta, rtol=1e-14,
+                                   atol=1e-15)
+    dt.unmerge(norms)
+    for key, value in base.items():
+        torch.testing.assert_close(norms.state_dict()[key], value, rtol=1e-13, atol=1e-14)
+
+
+def test_the_default_targets_follow_every_op_norms_included():
+    block = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 6), nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6), nn.Tanh())
+    dt.adapt(block, SSFConfig())
+    assert sorted(path for path, _, _ in dt.iter_deltas(block)) == ["0", "1", "2", "3"]
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(4, elementwise_affine=False), nn.BatchNorm1d(4, affine=False)])
+def test_a_norm_without_affine_parameters_merges_only_the_identity_pair(norm):
+    model = nn.Sequential(nn.Linear(4, 4), norm).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    dt.adapt(model, SSFConfig(targets=["1"], init_std=0.0))
+    dt.merge(model)  # the identity has nowhere to go and needs nowhere: a no-op
+    dt.unmerge(model)
+    _randomized(model)
+    expected = model(x).detach()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(NotMergeableError, match="without affine parameters"):
+        dt.merge(model)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_a_shift_after_a_layernorm_without_bias_refuses_to_merge():
+    model = nn.Sequential(nn.LayerNorm(4, bias=False)).double()
+    dt.adapt(model, SSFConfig(targets=["0"]))
+    _randomized(model)
+    with pytest.raises(NotMergeableError, match="bias"):
+        dt.merge(model)

@@ -65,7 +65,8 @@ def task_counter(task, method: str, seed: int = 0, common: dict[str, Any] | None
 
 
 def budget_field(method: str) -> tuple[str | None, Any]:
-    """The method's declared knob and its default value (None, None for a method without one)."""
+    """The method's declared knob and its default value (None, None for a method without one); 1 for a knob whose
+    default is None."""
     from deltatune.core.registry import method_entry
 
     config_cls = method_entry(method).config_cls
@@ -76,7 +77,10 @@ def budget_field(method: str) -> tuple[str | None, Any]:
     if name not in fields:
         raise ConfigError(f"{config_cls.__name__}.budget_field={name!r} names no field of the config; name the field "
                           "that sizes what the method trains, or None")
-    return name, fields[name].default
+    default = fields[name].default
+    # A knob whose default is None is derived from another field unless set (an adapter's bottleneck size from its
+    # reduction factor): it is searched as an integer from 1 upwards.
+    return name, 1 if default is None else default
 
 
 def match_budget(method: str, target: int, count: Callable[[dict[str, Any]], int]) -> BudgetMatch:

@@ -156,7 +156,7 @@ class AdaptedLayer(nn.Module):
         order = tuple(self._merge_order())
         if not order:
             return order
-        weight, bias = self.base_layer.weight.detach(), _detached_bias(self)
+        weight, bias = _detached_weight(self), _detached_bias(self)
         for name in order:
             weight, bias = self.deltas[name].merge_into(weight, bias)
             self._check_bias(bias, name)
@@ -171,7 +171,7 @@ class AdaptedLayer(nn.Module):
         names = self.merged if count is None else self.merged[len(self.merged) - count:]
         if not names:
             return
-        weight, bias = self.base_layer.weight.detach(), _detached_bias(self)
+        weight, bias = _detached_weight(self), _detached_bias(self)
         for name in reversed(names):
             weight, bias = self.deltas[name].unmerge_from(weight, bias)
             self._check_bias(bias, name)
@@ -185,8 +185,9 @@ class AdaptedLayer(nn.Module):
                 f"adapter {name!r} changes the bias of a {self.layer.type_name} that has none; keep it unmerged"
             )
 
-    def _write_base(self, weight: Tensor, bias: Tensor | None) -> None:
-        self.base_layer.weight.copy_(weight)
+    def _write_base(self, weight: Tensor | None, bias: Tensor | None) -> None:
+        if weight is not None:  # None: a norm without affine parameters, left as it is
+            self.base_layer.weight.copy_(weight)
         if bias is not None:
             base_bias(self.base_layer).copy_(bias)
 
@@ -200,6 +201,12 @@ def _belongs_to_base(host: AdaptedLayer, name: str) -> bool:
     if any(name in table for table in own_tables):
         return False
     return name in base.__dict__ or name in base._parameters or name in base._buffers or name in base._modules
+
+
+def _detached_weight(host: AdaptedLayer) -> Tensor | None:
+    """The base weight, or None for a layer without one (a LayerNorm/BatchNorm without affine parameters)."""
+    weight = getattr(host.base_layer, "weight", None)
+    return None if weight is None else weight.detach()
 
 
 def _detached_bias(host: AdaptedLayer) -> Tensor | None:

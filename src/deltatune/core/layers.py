@@ -9,8 +9,16 @@ Every supported base layer is seen as a 2-D matrix `(out_features, in_features)`
 | `conv1d_hf` | transformers' GPT-2 `Conv1D`   | (in, out) (fan-in first)   | the transposed weight  |
 | `conv`      | nn.Conv1d / Conv2d / Conv3d    | (out, in/groups, *kernel)  | (out, in/groups * k)   |
 | `embedding` | nn.Embedding                   | (num_embeddings, dim)      | (dim, num_embeddings)  |
+| `layer_norm`| nn.LayerNorm                   | normalized_shape           | (C, numel / C)         |
+| `batch_norm`| nn.BatchNorm1d / 2d / 3d       | (C,)                       | (C, 1)                 |
 
 For an embedding, "in" is the vocabulary (a one-hot input) and "out" the embedding dimension, as in peft.
+
+The normalization kinds (`NORM_KINDS`) exist for output deltas that follow a norm (SSF folds into its affine
+parameters): C is the channel count (the last entry of LayerNorm's normalized_shape, BatchNorm's num_features),
+the weight is the affine scale (None when the norm has no affine parameters), and there is no weight path (a
+norm's output is not a function of its weight alone: BatchNorm also reads its running statistics). `ALL_KINDS`
+stays the weight-matrix kinds, so methods that declare it do not start wrapping norms.
 """
 from __future__ import annotations
 
@@ -25,12 +33,16 @@ from torch import Tensor, nn
 from deltatune.errors import UnsupportedLayerError
 
 LINEAR, CONV1D_HF, CONV, EMBEDDING = "linear", "conv1d_hf", "conv", "embedding"
-ALL_KINDS = frozenset({LINEAR, CONV1D_HF, CONV, EMBEDDING})
+LAYER_NORM, BATCH_NORM = "layer_norm", "batch_norm"
+ALL_KINDS = frozenset({LINEAR, CONV1D_HF, CONV, EMBEDDING})  # the weight-matrix kinds
+NORM_KINDS = frozenset({LAYER_NORM, BATCH_NORM})
 KIND_LABELS = {
     LINEAR: "nn.Linear",
     CONV1D_HF: "transformers Conv1D",
     CONV: "nn.Conv1d/2d/3d",
     EMBEDDING: "nn.Embedding",
+    LAYER_NORM: "nn.LayerNorm",
+    BATCH_NORM: "nn.BatchNorm1d/2d/3d",
 }
 
 
@@ -49,6 +61,10 @@ def layer_kind(module: nn.Module) -> str | None:
         return CONV
     if isinstance(module, nn.Embedding):
         return EMBEDDING
+    if isinstance(module, nn.LayerNorm):
+        return LAYER_NORM
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):  # BatchNorm1d/2d/3d and SyncBatchNorm
+        return BATCH_NORM
     return None
 
 
@@ -82,12 +98,16 @@ class LayerInfo:
             return weight.T
         if self.kind == EMBEDDING:
             return weight.T
+        if self.kind in NORM_KINDS:  # channels last in LayerNorm's normalized_shape
+            return weight.reshape(-1, self.out_features).T
         return weight.reshape(weight.shape[0], -1)
 
     def from_matrix(self, matrix: Tensor) -> Tensor:
         """(out, fan_in) matrix -> native weight shape (inverse of `to_matrix`)."""
         if self.kind in (CONV1D_HF, EMBEDDING):
             return matrix.T
+        if self.kind in NORM_KINDS:
+            return matrix.T.reshape(self.weight_shape)
         return matrix.reshape(self.weight_shape)
 
     def op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -115,15 +135,25 @@ def _embedding_op(info: LayerInfo, x: Tensor, weight: Tensor, bias: Tensor | Non
     return F.embedding(x, weight, **info.embedding_args)
 
 
-_OPS = {LINEAR: _linear_op, CONV1D_HF: _conv1d_hf_op, CONV: _conv_op, EMBEDDING: _embedding_op}
+def _norm_op(info: LayerInfo, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    raise UnsupportedLayerError(
+        f"{info.type_name} has no weight path: a weight-space delta cannot run a normalization layer with a "
+        "substitute weight; exclude it from `targets`"
+    )
+
+
+_OPS = {LINEAR: _linear_op, CONV1D_HF: _conv1d_hf_op, CONV: _conv_op, EMBEDDING: _embedding_op,
+        LAYER_NORM: _norm_op, BATCH_NORM: _norm_op}
 
 
 def describe_layer(module: nn.Module) -> LayerInfo:
     """Build the LayerInfo of a supported layer (call `layer_kind` first to know it is supported)."""
     kind = layer_kind(module)
+    name = type(module).__name__
+    if kind in NORM_KINDS:
+        return _describe_norm(module, kind, name)
     weight = module.weight
     shape = tuple(weight.shape)
-    name = type(module).__name__
     if kind == LINEAR:
         return LayerInfo(kind, module.in_features, module.out_features, shape, name)
     if kind == CONV1D_HF:
@@ -143,6 +173,12 @@ def describe_layer(module: nn.Module) -> LayerInfo:
         )
         return LayerInfo(kind, module.num_embeddings, module.embedding_dim, shape, name, embedding_args=args)
     raise UnsupportedLayerError(f"unsupported layer type {name}: expected one of {sorted(KIND_LABELS.values())}")
+
+
+def _describe_norm(module: nn.Module, kind: str, name: str) -> LayerInfo:
+    """A norm's channel count C and the shape its affine weight has (or would have, without affine)."""
+    shape = tuple(module.normalized_shape) if kind == LAYER_NORM else (module.num_features,)
+    return LayerInfo(kind, shape[-1], shape[-1], shape, name)
 
 
 def base_bias(module: nn.Module) -> Tensor | None:

@@ -93,8 +93,9 @@ def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, train
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         delta = entry.delta_cls(config, describe_layer(base), path)
-        delta.to(device=base.weight.device, dtype=_float_dtype(base.weight))
-        delta.init_from_base(base.weight.detach(), base_bias(base))
+        reference = _reference_tensor(model, base)
+        delta.to(device=reference.device, dtype=_float_dtype(reference))
+        delta.init_from_base(None if base.weight is None else base.weight.detach(), base_bias(base))
         deltas.append((path, delta))
     untie_parameters(model, ties)
     for path, delta in deltas:
@@ -106,6 +107,18 @@ def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, train
     if trainable:
         set_trainable(model, name)
     return model
+
+
+def _reference_tensor(model: nn.Module, base: nn.Module) -> Tensor:
+    """The tensor whose device and dtype a new delta takes: the base layer's weight, or, for a norm without
+    affine parameters (weight None), the model's first floating parameter."""
+    if base.weight is not None:
+        return base.weight
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    if not floating:
+        raise TargetError(f"cannot adapt a {type(base).__name__} without affine parameters in a model without any "
+                          "floating parameter: there is no device or dtype to give the delta")
+    return floating[0]
 
 
 def _float_dtype(weight: Tensor) -> torch.dtype | None:

@@ -13,12 +13,22 @@ other method's init: seed it, or let `deltatune train --seed` do so).
 
 Saved tensors per adapted module: ``ssf_scale`` (out,), ``ssf_shift`` (out,).
 
-Deviations and limits:
-- The paper places SSF after every op of a ViT block, LayerNorms included. deltatune adapts Linear,
-  transformers Conv1D and Conv layers; a pair after a LayerNorm/BatchNorm is not offered yet (their own affine
-  parameters can be trained with `extra_trainable`).
-- A layer without a bias can be adapted, but merging it is refused while its shift β is non-zero (there is no
-  bias to fold β into); unmerge is refused where a scale is exactly 0 (the fold cannot be inverted).
+After a normalization layer (the paper inserts SSF after every op of a ViT block, LayerNorms included) the pair
+folds into the norm's affine parameters: LayerNorm (elementwise_affine) computes n(x) ⊙ w + b, so γ ⊙ (n ⊙ w + b)
++ β is the same norm with w' = γ ⊙ w, b' = γ ⊙ b + β; BatchNorm (affine) likewise per channel, its running
+statistics untouched. γ acts on the last dimension of a LayerNorm's output (the last entry of normalized_shape)
+and on dimension 1 of a BatchNorm's.
+
+Targets: by default (None) every Linear, transformers Conv1D, Conv, LayerNorm and BatchNorm except the output
+head — the paper's "after every op"; `layer_types=("linear", "conv1d_hf", "conv")` restricts it to the weight
+layers (the default before norms were offered), `layer_types=("layer_norm", "batch_norm")` to the norms.
+
+Limits:
+- A layer without a bias (or a LayerNorm with bias=False) can be adapted, but merging it is refused while its
+  shift β is non-zero (there is no bias to fold β into); a norm without affine parameters (LayerNorm
+  elementwise_affine=False, BatchNorm affine=False) can be adapted, but merging is refused unless its pair is
+  exactly the identity (γ = 1, β = 0). Unmerge is refused where a scale is exactly 0 (the fold cannot be
+  inverted).
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
-from deltatune.core.layers import CONV, CONV1D_HF, LINEAR, LayerInfo
+from deltatune.core.layers import BATCH_NORM, CONV, CONV1D_HF, LAYER_NORM, LINEAR, LayerInfo
 from deltatune.core.registry import register_method
 from deltatune.errors import NotMergeableError, config_check
 
@@ -39,7 +49,8 @@ class SSFConfig(DeltaConfig):
     """SSF's one hyper-parameter besides targeting.
 
     Args:
-        targets: by default (None) every Linear, transformers Conv1D and Conv layer except the output head.
+        targets: by default (None) every Linear, transformers Conv1D, Conv, LayerNorm and BatchNorm except the
+            output head (narrow it with `layer_types`).
         init_std: σ of the initialization γ ~ N(1, σ²), β ~ N(0, σ²); the official code's 0.02. 0 starts at
             the identity (the base model exactly).
     """
@@ -57,7 +68,7 @@ class SSFDelta(Delta):
     """SSF: a per-channel scale and shift after each adapted layer, folded on merge."""
 
     kind = DeltaKind.OUTPUT
-    layer_kinds = frozenset({LINEAR, CONV1D_HF, CONV})
+    layer_kinds = frozenset({LINEAR, CONV1D_HF, CONV, LAYER_NORM, BATCH_NORM})
     preserves_output_at_init = False  # γ ~ N(1, σ²), β ~ N(0, σ²): near, not at, the identity
 
     def __init__(self, config: SSFConfig, layer: LayerInfo, module_name: str = "") -> None:
@@ -73,12 +84,30 @@ class SSFDelta(Delta):
     def _per_channel(self, vector: Tensor, like: Tensor) -> Tensor:
         """(out,) shaped to broadcast over `like`'s channel dimension: dim 1 of conv maps, the last otherwise."""
         vector = vector.to(like.dtype)
-        return vector.view(-1, *([1] * self.layer.conv_dims)) if self.layer.kind == CONV else vector
+        if self.layer.kind == CONV:
+            return vector.view(-1, *([1] * self.layer.conv_dims))
+        if self.layer.kind == BATCH_NORM:  # (N, C) or (N, C, *spatial): channels on dimension 1
+            return vector.view(-1, *([1] * (like.dim() - 2)))
+        return vector
 
     def transform_output(self, y: Tensor) -> Tensor:
         return y * self._per_channel(self.ssf_scale, y) + self._per_channel(self.ssf_shift, y)
 
     # --- the folded form (§3.3): W' = diag(γ) W, b' = γ ⊙ b + β ---------------------------------------------
+    def merge_into(self, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        if weight is None:  # a norm without affine parameters: only the identity pair has somewhere to go
+            self._refuse_unless_identity()
+            return weight, bias
+        return super().merge_into(weight, bias)
+
+    def _refuse_unless_identity(self) -> None:
+        if self.ssf_scale.detach().ne(1).any() or self.ssf_shift.detach().ne(0).any():
+            raise NotMergeableError(
+                f"ssf on {self.module_name or 'this layer'} follows a {self.layer.type_name} without affine "
+                "parameters, so its scale and shift have no weight or bias to fold into; keep the adapter unmerged "
+                "(or build the norm with elementwise_affine=True / affine=True)"
+            )
+
     def delta_weight(self, base_weight: Tensor) -> Tensor:
         gain = self.ssf_scale.to(base_weight.dtype) - 1
         return self.layer.from_matrix(gain[:, None] * self.layer.to_matrix(base_weight))
@@ -88,10 +117,12 @@ class SSFDelta(Delta):
             return self.ssf_shift if self.ssf_shift.detach().any() else None
         return (self.ssf_scale.to(base_bias.dtype) - 1) * base_bias + self.ssf_shift.to(base_bias.dtype)
 
-    def unmerge_from(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def unmerge_from(self, weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """W = diag(1/γ) W', b = (b' − β) / γ: the exact inverse of the fold (ΔW depends on W, so the default
         subtraction would not be)."""
         self._require_mergeable()
+        if weight is None:  # merged only as the identity pair (see merge_into): nothing to undo
+            return weight, bias
         gain = self.ssf_scale.detach().to(weight.dtype)
         if not gain.all():
             raise NotMergeableError(
