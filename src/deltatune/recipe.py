@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import deltatune as dt
+from deltatune.core.layers import MODULE
 from deltatune.core.model import ParameterCount
 from deltatune.errors import AdapterFileError, ConfigError, TrainingError
 
@@ -65,10 +66,11 @@ class FinetuneResult:
 
 def build_config(method: str, params: dict[str, Any], task) -> dt.DeltaConfig:
     """A method's config from user parameters, with the task's head trained and its default targets (if it
-    has some) adapted."""
+    has some) adapted. The task's targets name layers: a method that acts on whole modules (layer kind
+    MODULE: prompts, VPT) keeps its own targets."""
     params = dict(params)
     params.setdefault("extra_trainable", tuple(task.extra_trainable))
-    if task.default_targets is not None:
+    if task.default_targets is not None and MODULE not in dt.method_entry(method).delta_cls.layer_kinds:
         params.setdefault("targets", tuple(task.default_targets))
     return dt.config_for(method, **params)
 

@@ -30,6 +30,16 @@ class FusesWithBase(Protocol):
         ...
 
 
+@runtime_checkable
+class KeepsBaseInEval(Protocol):
+    """A delta whose paper trains with the frozen model in eval mode (VPT: no dropout, fixed statistics in the
+    backbone; only the prompts and the head train). `deltatune.set_training_mode` reads it."""
+
+    def keeps_base_in_eval(self) -> bool:
+        """True when the frozen modules around this (active) delta must stay in eval mode during training."""
+        ...
+
+
 # --- the delta algebra ---------------------------------------------------------------------------------------
 @runtime_checkable
 class AssignsDeltaWeight(Protocol):
