@@ -124,7 +124,7 @@ class HasOrthogonalRegularizer(Protocol):
 
 
 DELTA_CAPABILITIES = (FusesWithBase, AssignsDeltaWeight, AssignsDeltaBias, HasRank, HasRegularizationShare,
-                      HasPeftTensorNames)
+                      HasPeftTensorNames, KeepsBaseInEval)
 CONFIG_CAPABILITIES = (PeftConvertibleConfig, HasDropout, HasSmoothingFactors, HasOrthogonalRegularizer)
 
 _PROTOCOL_MACHINERY = frozenset({"__init__", "__subclasshook__", "__abstractmethods__", "__class_getitem__",
