@@ -36,6 +36,7 @@ from deltatune.core.model import (
     regularization_loss,
     set_active,
     set_trainable,
+    set_training_mode,
     trainable_parameters,
     unload,
     unmerge,
@@ -76,5 +77,5 @@ __all__ = sorted(_registered_configs()) + [
     "adapter_names", "adapter_state_dict", "combine_adapters",
     "config_for", "delete_adapter", "disabled", "iter_deltas", "list_methods", "load_adapter", "merge",
     "method_entry", "register_method", "regularization_loss", "save_adapter", "save_merged", "set_active",
-    "set_trainable", "trainable_parameters", "unload", "unmerge",
+    "set_trainable", "set_training_mode", "trainable_parameters", "unload", "unmerge",
 ]

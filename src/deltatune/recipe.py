@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import deltatune as dt
+from deltatune.core.layers import MODULE
 from deltatune.core.model import ParameterCount
 from deltatune.errors import AdapterFileError, ConfigError, TrainingError
 
@@ -65,10 +66,11 @@ class FinetuneResult:
 
 def build_config(method: str, params: dict[str, Any], task) -> dt.DeltaConfig:
     """A method's config from user parameters, with the task's head trained and its default targets (if it
-    has some) adapted."""
+    has some) adapted. The task's targets name layers: a method that acts on whole modules (layer kind
+    MODULE: prompts, VPT) keeps its own targets."""
     params = dict(params)
     params.setdefault("extra_trainable", tuple(task.extra_trainable))
-    if task.default_targets is not None:
+    if task.default_targets is not None and MODULE not in dt.method_entry(method).delta_cls.layer_kinds:
         params.setdefault("targets", tuple(task.default_targets))
     return dt.config_for(method, **params)
 
@@ -80,9 +82,11 @@ def training_batches(task, batch_size: int, seed: int) -> Iterator[dict[str, Any
         yield task.collate([task.train[i] for i in order[start:start + batch_size]])
 
 
-def prepare_model(task, method: str, params: dict[str, Any], seed: int, batch_size: int = 32):
+def prepare_model(task, method: str, params: dict[str, Any], seed: int, batch_size: int = 32,
+                  init_from: str | Path | None = None):
     """A fresh task model, adapted (or frozen / fully trainable for the reference points); a method with a
-    planning stage (SPT) plans on training batches first."""
+    planning stage (SPT) plans on training batches first. `init_from`: a saved adapter whose tensors start the
+    new one (`deltatune.adapt`; PVP)."""
     torch.manual_seed(seed)
     model = task.build_model()
     if method == FULL:
@@ -94,7 +98,7 @@ def prepare_model(task, method: str, params: dict[str, Any], seed: int, batch_si
             model.get_submodule(name).requires_grad_(True)
         return model, None
     config = build_config(method, params, task).plan(model, training_batches(task, batch_size, seed))
-    return dt.adapt(model, config), config
+    return dt.adapt(model, config, init_from=init_from), config
 
 
 class RunSettings:
@@ -200,6 +204,7 @@ def finetune(
     resume: bool = False,
     validation_size: int | None = None,
     test_size: int | None = None,
+    init_from: str | Path | None = None,
 ) -> FinetuneResult:
     """Train `method` on `task`, report the validation and test score (the task's metric), and save the
     adapter in out_dir/adapter.
@@ -208,7 +213,8 @@ def finetune(
     written). resume: continue from the newest complete checkpoint in out_dir, which must have been written
     with the same settings (task, method, config, schedule, seed). validation_size / test_size: evaluate on a
     fixed label-stratified subset of at most that many examples (drawn with seed 0 whatever `seed` is), for
-    quick benchmarks."""
+    quick benchmarks. init_from: start the adapter from a saved one's tensors (PVP: prompts pre-trained on a
+    source task)."""
     from deltatune.data import load_task
     from deltatune.train import TrainConfig, Trainer
 
@@ -227,7 +233,7 @@ def finetune(
         settings["validation_size"] = validation_size
     if resume:
         check_resumable(Path(out_dir), settings)
-    model, config = prepare_model(data, method, params or {}, seed, batch_size)
+    model, config = prepare_model(data, method, params or {}, seed, batch_size, init_from=init_from)
     steps = max_steps or epochs * -(-len(data.train) // batch_size)
     method_callbacks = config.training_callbacks(model, steps) if config is not None else []
     trainer = Trainer(model, train_config, data.train, data.validation, collate_fn=data.collate,

@@ -8,12 +8,15 @@ import torch
 from torch import nn
 
 from deltatune.bench.budget import TOLERANCE, BudgetMatch, adapter_count, budget_field, match_budget, task_counter
+from deltatune.core.layers import MODULE
 from deltatune.core.registry import list_methods
 from deltatune.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOY_TARGETS = {"targets": ("hidden", "inner")}
-KNOBBED = [e.name for e in list_methods() if e.config_cls.budget_field is not None]
+# The toy is an MLP: input-side methods (layer kind MODULE: prompt tokens) have no token sequence to act on here.
+KNOBBED = [e.name for e in list_methods()
+           if e.config_cls.budget_field is not None and MODULE not in e.delta_cls.layer_kinds]
 
 
 class Toy(nn.Module):

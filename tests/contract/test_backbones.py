@@ -35,6 +35,13 @@ SETUP_REFUSALS = {
     # the default (Pfeiffer) placement is after an FFN, and the UNet's attention blocks have none
     ("bottleneck_adapter", "diffusion-handwritten"): "matched no adaptable module",
     ("parallel_adapter", "diffusion-handwritten"): "matched no adaptable module",
+    # Input-side deltas need tokens: VPT a ViT's blocks, prompt tuning a module that embeds input_ids.
+    ("prompt_tuning", "glyphs-novel-vit"): "no input embedding",
+    ("prompt_tuning", "glyphs-novel-cnn"): "matched no adaptable module",
+    ("prompt_tuning", "diffusion-handwritten"): "matched no adaptable module",
+    ("vpt", "glyphs-novel-cnn"): "matched no adaptable module",
+    ("vpt", "gloss-generation"): "use prompt_tuning for text models",
+    ("vpt", "diffusion-handwritten"): "matched no adaptable module",
 }
 MERGE_REFUSALS = {("ssf", "gloss-generation"): "bias"}  # SSF's shift has no bias to fold into
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,6 +75,7 @@ def _setup(task, method: str):
     """(model, callbacks) as `deltatune train` builds them, or (None, the one-line refusal)."""
     try:
         model, config = prepare_model(task, method, {}, seed=0, batch_size=BATCH)
+        _outputs(copy.deepcopy(model), _batch(task))  # an input-side delta may refuse the model on its first call
         return model, config.training_callbacks(model, STEPS)
     except DeltatuneError as error:
         assert str(error) and "\n" not in str(error).strip(), str(error)

@@ -35,13 +35,18 @@ SOURCE = Path(dt.__file__).parent
 class Small(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.first = nn.Linear(12, 10)
+        self.first = nn.Linear(12, 18)  # sizes every method can take (TLoRA splits each into 3 modes, rank 8 < both)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.first(x)
 
 
 def _delta(method: str):
+    from deltatune.core.layers import MODULE, LayerInfo
+
+    entry = dt.method_entry(method)
+    if MODULE in entry.delta_cls.layer_kinds:  # an input-side delta: built for a block of width 8, not adapted
+        return entry.delta_cls(dt.config_for(method), LayerInfo(MODULE, 8, 8, (), "Block"), "layers.0")
     model = dt.adapt(Small().double(), dt.config_for(method, targets=["first"]))
     return next(delta for _, _, delta in dt.iter_deltas(model))
 

@@ -30,6 +30,16 @@ class FusesWithBase(Protocol):
         ...
 
 
+@runtime_checkable
+class KeepsBaseInEval(Protocol):
+    """A delta whose paper trains with the frozen model in eval mode (VPT: no dropout, fixed statistics in the
+    backbone; only the prompts and the head train). `deltatune.set_training_mode` reads it."""
+
+    def keeps_base_in_eval(self) -> bool:
+        """True when the frozen modules around this (active) delta must stay in eval mode during training."""
+        ...
+
+
 # --- the delta algebra ---------------------------------------------------------------------------------------
 @runtime_checkable
 class AssignsDeltaWeight(Protocol):
@@ -114,7 +124,7 @@ class HasOrthogonalRegularizer(Protocol):
 
 
 DELTA_CAPABILITIES = (FusesWithBase, AssignsDeltaWeight, AssignsDeltaBias, HasRank, HasRegularizationShare,
-                      HasPeftTensorNames)
+                      HasPeftTensorNames, KeepsBaseInEval)
 CONFIG_CAPABILITIES = (PeftConvertibleConfig, HasDropout, HasSmoothingFactors, HasOrthogonalRegularizer)
 
 _PROTOCOL_MACHINERY = frozenset({"__init__", "__subclasshook__", "__abstractmethods__", "__class_getitem__",

@@ -4,7 +4,12 @@ A delta changes what one base layer computes. It declares where it acts (`kind`)
 
 - ``WEIGHT``: in weight space, the layer runs with ``W' = adapted_weight(W)`` (sparse, multiplicative, ...);
 - ``ADDITIVE``: ``forward(x)`` is added to the base output, on the activation path (low rank: ``B(A x)``);
-- ``OUTPUT``: ``transform_output(y)`` maps the layer's output (SSF, sequential adapters).
+- ``OUTPUT``: ``transform_output(y)`` maps the layer's output (SSF, sequential adapters);
+- ``INPUT``: ``forward_around(run, args, kwargs)`` wraps the whole call of the module it is hosted on, so it can
+  change the call's inputs and undo that on its output: prompt tokens inserted into (or replacing slots of) a
+  block's input, an extended attention mask, an input transform. The host of an INPUT delta may be any module
+  (layer kind ``MODULE``: an embedding block, a transformer block, a backbone; a plain ``nn.Module`` works the
+  same as a transformers one). INPUT deltas are never mergeable.
 
 Besides ΔW, a delta may change the layer's bias: `delta_bias(b)` is Δb in the bias's shape (None when it leaves
 the bias alone), and merging, combining and the delta algebra read it wherever they read ΔW.
@@ -17,8 +22,9 @@ device/dtype handling; a method file only fills in this class.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -28,12 +34,14 @@ from deltatune.errors import NotMergeableError
 
 
 class DeltaKind(str, Enum):
+    INPUT = "input"
     WEIGHT = "weight"
     ADDITIVE = "additive"
     OUTPUT = "output"
 
 
-COMPOSITION_ORDER = (DeltaKind.WEIGHT, DeltaKind.ADDITIVE, DeltaKind.OUTPUT)
+# INPUT deltas wrap the whole call (outermost), so the layer deltas inside see the prompted inputs.
+COMPOSITION_ORDER = (DeltaKind.INPUT, DeltaKind.WEIGHT, DeltaKind.ADDITIVE, DeltaKind.OUTPUT)
 
 
 class Delta(nn.Module):
@@ -55,6 +63,15 @@ class Delta(nn.Module):
         self.config = config
         self.layer = layer
         self.module_name = module_name
+
+    def init_from_module(self, module: nn.Module) -> None:
+        """Called once after construction with the module this delta will be hosted on (on its device and
+        dtype). The default hands a layer's weight and bias to `init_from_base`; input-side deltas that need
+        more (prompts initialized from the vocabulary embeddings) override this."""
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor):
+            bias = getattr(module, "bias", None)
+            self.init_from_base(weight.detach(), bias.detach() if isinstance(bias, Tensor) else None)
 
     def init_from_base(self, base_weight: Tensor, base_bias: Tensor | None) -> None:
         """Called once after construction (on the base's device and dtype) for data-dependent initialization
@@ -81,6 +98,12 @@ class Delta(nn.Module):
 
     def transform_output(self, y: Tensor) -> Tensor:  # OUTPUT deltas
         raise NotImplementedError(f"{type(self).__name__} does not transform outputs")
+
+    def forward_around(self, module: nn.Module, run: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """INPUT deltas: call ``run(*args, **kwargs)`` (the hosted `module` with its other deltas) with changed
+        inputs and return its output, changed back where needed (prompt positions dropped). `module` is the
+        hosted module, for reading (its input embedding, say); call `run`, never `module`, to compute."""
+        raise NotImplementedError(f"{type(self).__name__} does not act on inputs")
 
     def regularization(self) -> Tensor | None:
         """A penalty the trainer adds to the loss (orthogonality, nuclear norm, ...), or None."""

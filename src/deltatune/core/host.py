@@ -25,7 +25,7 @@ _BASE = "base_layer."
 # The host's own fields: never forwarded to the base layer, even if a base layer happened to have one.
 _OWN_FIELDS = frozenset({
     "base_layer", "layer", "deltas", "active", "merged", "disabled", "_plan", "_live", "_fuse_first_additive",
-    "_fuse_weight_delta",
+    "_fuse_weight_delta", "_layer_live",
 })
 
 
@@ -44,6 +44,7 @@ class AdaptedLayer(nn.Module):
         self._live = False
         self._fuse_first_additive = False
         self._fuse_weight_delta = False
+        self._layer_live = False
         self.register_state_dict_post_hook(_base_keys_on_save)
         self.register_load_state_dict_pre_hook(_base_keys_on_load)
         self.train(base_layer.training)  # a layer of a model in eval mode stays in eval mode
@@ -96,6 +97,7 @@ class AdaptedLayer(nn.Module):
         live = [self.deltas[n] for n in self.active if n not in self.merged]
         self._plan = {kind: tuple(d for d in live if d.kind is kind) for kind in COMPOSITION_ORDER}
         self._live = bool(live)
+        self._layer_live = any(self._plan[kind] for kind in COMPOSITION_ORDER if kind is not DeltaKind.INPUT)
         # Capability `FusesWithBase` (core.capabilities): an additive delta that can compute the base output and its
         # own term together (one fused autograd node, see functional.lowrank.lowrank_linear). Only when the base
         # runs with its own weight, i.e. no weight-space delta comes first.
@@ -109,9 +111,30 @@ class AdaptedLayer(nn.Module):
         self._fuse_weight_delta = len(weight) == 1 and isinstance(weight[0], FusesWithBase)
 
     # --- forward --------------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *args, **kwargs):
         if self.disabled or not self._live:
-            return self.base_layer(x)
+            return self.base_layer(*args, **kwargs)
+        if self._plan[DeltaKind.INPUT]:
+            return self._forward_with_inputs_changed(self._plan[DeltaKind.INPUT], args, kwargs)
+        return self._forward_layer_deltas(*args, **kwargs)
+
+    def _forward_with_inputs_changed(self, input_deltas: tuple[Delta, ...], args: tuple, kwargs: dict):
+        """The first INPUT delta is outermost: each wraps the call of the next, the last wraps the layer."""
+        head, rest = input_deltas[0], input_deltas[1:]
+        if rest:
+            return head.forward_around(
+                self.base_layer, lambda *a, **k: self._forward_with_inputs_changed(rest, a, k), args, kwargs
+            )
+        return head.forward_around(self.base_layer, self._layer_forward, args, kwargs)
+
+    def _layer_forward(self, *args, **kwargs):
+        """The base module with the layer deltas (weight, additive, output); any call signature when there are
+        none (a MODULE host), else the layer's one tensor input."""
+        if not self._layer_live:
+            return self.base_layer(*args, **kwargs)
+        return self._forward_layer_deltas(*args, **kwargs)
+
+    def _forward_layer_deltas(self, x: Tensor) -> Tensor:
         additive = self._plan[DeltaKind.ADDITIVE]
         y = additive[0].forward_with_base(x, self.base_layer) if self._fuse_first_additive else None
         if y is None:

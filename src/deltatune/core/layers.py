@@ -19,6 +19,10 @@ parameters): C is the channel count (the last entry of LayerNorm's normalized_sh
 the weight is the affine scale (None when the norm has no affine parameters), and there is no weight path (a
 norm's output is not a function of its weight alone: BatchNorm also reads its running statistics). `ALL_KINDS`
 stays the weight-matrix kinds, so methods that declare it do not start wrapping norms.
+
+A last kind, `module`, is any other module (an embedding block, a transformer block, a whole backbone): the
+input-side deltas (prompts, VPT) are hosted on it. It has no weight, no functional op and cannot merge; only
+a delta that lists `MODULE` in its `layer_kinds` is offered it.
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ LINEAR, CONV1D_HF, CONV, EMBEDDING = "linear", "conv1d_hf", "conv", "embedding"
 LAYER_NORM, BATCH_NORM = "layer_norm", "batch_norm"
 ALL_KINDS = frozenset({LINEAR, CONV1D_HF, CONV, EMBEDDING})  # the weight-matrix kinds
 NORM_KINDS = frozenset({LAYER_NORM, BATCH_NORM})
+MODULE = "module"  # any other module: hosts input-side deltas only (see the module docstring)
 KIND_LABELS = {
+    MODULE: "any nn.Module (input-side deltas)",
     LINEAR: "nn.Linear",
     CONV1D_HF: "transformers Conv1D",
     CONV: "nn.Conv1d/2d/3d",
@@ -144,6 +150,34 @@ def _norm_op(info: LayerInfo, x: Tensor, weight: Tensor, bias: Tensor | None) ->
 
 _OPS = {LINEAR: _linear_op, CONV1D_HF: _conv1d_hf_op, CONV: _conv_op, EMBEDDING: _embedding_op,
         LAYER_NORM: _norm_op, BATCH_NORM: _norm_op}
+
+
+def target_kind(module: nn.Module, supported: frozenset[str]) -> str | None:
+    """The kind a delta supporting `supported` would see `module` as: its layer kind, else MODULE when the
+    delta takes any module, else None."""
+    kind = layer_kind(module)
+    if kind is None and MODULE in supported:
+        return MODULE
+    return kind
+
+
+def describe_target(module: nn.Module) -> LayerInfo:
+    """`describe_layer` for a supported layer; a weightless MODULE description for any other module."""
+    if layer_kind(module) is not None:
+        return describe_layer(module)
+    width = module_width(module)
+    return LayerInfo(MODULE, width, width, (), type(module).__name__)
+
+
+def module_width(module: nn.Module) -> int:
+    """The token width of a block or backbone, for prompts: its transformers config's `hidden_size`, else the
+    last dimension of its last parameter (a block ends in a LayerNorm or a Linear to the width), else 0. Input-
+    side configs take an explicit `hidden_size` where this guess does not fit."""
+    hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+    if isinstance(hidden, int):
+        return hidden
+    parameters = list(module.parameters())
+    return int(parameters[-1].shape[-1]) if parameters and parameters[-1].dim() else 0
 
 
 def describe_layer(module: nn.Module) -> LayerInfo:

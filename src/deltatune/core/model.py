@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from deltatune.core.capabilities import KeepsBaseInEval
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
 from deltatune.core.guards import install_guards, remove_guards
 from deltatune.core.host import AdaptedLayer
-from deltatune.core.layers import base_bias, describe_layer
+from deltatune.core.init_from import fill_from_adapter
+from deltatune.core.layers import describe_target
 from deltatune.core.registry import entry_for_config
 from deltatune.core.targets import _is_inside, find_targets
 from deltatune.core.ties import refuse_or_untie, refuse_tied_merge, untie_parameters
@@ -66,7 +70,7 @@ def _host_for(model: nn.Module, path: str) -> AdaptedLayer:
     if isinstance(module, AdaptedLayer):
         return module
     try:
-        layer = describe_layer(module)
+        layer = describe_target(module)
     except ValueError as error:
         raise TargetError(f"cannot adapt {path!r}: {error}; exclude it from `targets`") from None
     host = AdaptedLayer(module, layer)
@@ -76,11 +80,17 @@ def _host_for(model: nn.Module, path: str) -> AdaptedLayer:
     return host
 
 
-def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, trainable: bool = True) -> nn.Module:
+def adapt(
+    model: nn.Module, config: DeltaConfig, name: str = "default", *, trainable: bool = True,
+    init_from: str | os.PathLike | dict[str, Tensor] | None = None,
+) -> nn.Module:
     """Add adapter `name` of `config`'s method to `model` in place and make it the only active adapter.
 
     With `trainable=True` every parameter is frozen except the new deltas and `config.extra_trainable`
-    modules. Returns the same model object.
+    modules. `init_from` (a saved adapter folder, or its tensors as `adapter_state_dict` gives them) sets the
+    new deltas' tensors from an adapter trained elsewhere, e.g. prompts pre-trained on a source task (PVP);
+    every delta tensor must be there with the same shape (extra_trainable modules such as a head are not
+    read: a new task usually has a new head). Returns the same model object.
     """
     if not isinstance(config, DeltaConfig):
         raise ConfigError(f"config must be a method config such as LoRAConfig(), got {type(config).__name__}")
@@ -92,11 +102,13 @@ def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, train
     for path in paths:  # build every delta before touching the model, so a bad config changes nothing
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
-        delta = entry.delta_cls(config, describe_layer(base), path)
-        reference = _reference_tensor(model, base)
+        delta = entry.delta_cls(config, describe_target(base), path)
+        reference = _reference_tensor(base, model)
         delta.to(device=reference.device, dtype=_float_dtype(reference))
-        delta.init_from_base(None if base.weight is None else base.weight.detach(), base_bias(base))
+        delta.init_from_module(base)
         deltas.append((path, delta))
+    if init_from is not None:  # PVP: start from a trained adapter's tensors (before anything is attached)
+        fill_from_adapter(deltas, init_from)
     untie_parameters(model, ties)
     for path, delta in deltas:
         _host_for(model, path).add_delta(name, delta)
@@ -109,16 +121,15 @@ def adapt(model: nn.Module, config: DeltaConfig, name: str = "default", *, train
     return model
 
 
-def _reference_tensor(model: nn.Module, base: nn.Module) -> Tensor:
-    """The tensor whose device and dtype a new delta takes: the base layer's weight, or, for a norm without
-    affine parameters (weight None), the model's first floating parameter."""
-    if base.weight is not None:
-        return base.weight
-    floating = [p for p in model.parameters() if p.is_floating_point()]
-    if not floating:
-        raise TargetError(f"cannot adapt a {type(base).__name__} without affine parameters in a model without any "
-                          "floating parameter: there is no device or dtype to give the delta")
-    return floating[0]
+def _reference_tensor(base: nn.Module, model: nn.Module) -> Tensor:
+    """The tensor whose device and dtype a new delta follows: the base layer's weight, else the hosted
+    module's first parameter, else the model's (a weightless MODULE host such as a parameter-free block)."""
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, Tensor):
+        return weight
+    for parameter in itertools.chain(base.parameters(), model.parameters()):
+        return parameter
+    raise TargetError("the model has no parameters to take a device and dtype from; adapt a model with weights")
 
 
 def _float_dtype(weight: Tensor) -> torch.dtype | None:
@@ -167,6 +178,24 @@ def set_active(model: nn.Module, names: str | Iterable[str]) -> None:
     for _, host in iter_hosts(model):
         host.set_active(names)
     adapter_state(model).active = names
+
+
+def set_training_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except where an active delta has `KeepsBaseInEval`: then the frozen modules stay in eval
+    mode and only the deltas and the modules with trainable parameters (a head) train. The trainer calls this
+    instead of `model.train()`."""
+    model.train()
+    if not any(_keeps_base_in_eval(host.deltas[name]) for _, host in iter_hosts(model) for name in host.active):
+        return model
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, Delta) or any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.train()
+    return model
+
+
+def _keeps_base_in_eval(delta: Delta) -> bool:
+    return isinstance(delta, KeepsBaseInEval) and delta.keeps_base_in_eval()
 
 
 def active_adapters(model: nn.Module) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from deltatune.core.config import ALL_LINEAR, DeltaConfig
 from deltatune.core.host import AdaptedLayer
-from deltatune.core.layers import CONV1D_HF, KIND_LABELS, LINEAR, layer_kind
+from deltatune.core.layers import CONV1D_HF, KIND_LABELS, LINEAR, layer_kind, target_kind
 from deltatune.errors import TargetError, UnsupportedLayerError
 
 
@@ -74,7 +74,7 @@ def find_targets(model: nn.Module, config: DeltaConfig, supported_kinds: frozens
             continue
         if not _wanted_by_targets(path, module, config, heads) or not _passes_type_filter(module, config.layer_types):
             continue
-        if layer_kind(module) not in supported_kinds:
+        if target_kind(module, supported_kinds) not in supported_kinds:
             if isinstance(config.targets, (tuple, str)) and config.targets != ALL_LINEAR:
                 _raise_unsupported(path, module, supported_kinds, method)
             skipped.append((path, module))

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from deltatune.core.model import set_training_mode
 from deltatune.train.batches import SplitBatch
 from deltatune.train.data_order import balanced_split
 from deltatune.train.distributed import World, all_reduce_sum
@@ -36,7 +37,8 @@ def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[lis
             sums += torch.tensor([float(loss) * count, correct, classified, count], dtype=torch.float64,
                                  device=sums.device)
     finally:
-        model.train(was_training)
+        if was_training:
+            set_training_mode(model)
     loss, correct, classified, count = all_reduce_sum(sums, world).tolist()
     metrics = {"loss": loss / count}
     if classified == count:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from deltatune.core.model import set_training_mode
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.train import resume as resume_state
 from deltatune.train.batches import SplitBatch, split_batch
@@ -215,7 +216,7 @@ class Trainer:
         set_seed(self.config.seed + self.world.rank)
         resumed = self._resume() if self.config.resume else None
         self.log.start(self.global_step if resumed else None)
-        self._train_model.train()
+        set_training_mode(self._train_model)  # model.train(), or frozen modules kept in eval (KeepsBaseInEval)
         self._fire("on_train_begin")
         bar = progress_bar(self.total_steps, self.global_step, self.config.progress and self.world.is_main)
         try:
