@@ -14,7 +14,6 @@ training loss (mean of the last 10 logged steps: the fit) and test accuracy, mea
 """
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from deltatune.bench import harness  # noqa: E402
 from deltatune.recipe import finetune  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -71,12 +71,13 @@ def main() -> None:
     chosen = {v: max((r for r in records if r["variant"] == v), key=lambda r: r["validation"])["lr"]
               for v in VARIANTS}
     records += [run(v, chosen[v], seed) for v in VARIANTS for seed in SEEDS[1:]]
-    (RESULTS / "tlora_ablation.json").write_text(json.dumps(records, indent=1))
+    harness.write_json(RESULTS / "tlora_ablation.json", records)
     minutes = (time.time() - start) / 60
     text = ["# TLoRA ablation: T + Δ vs T alone vs Δ alone (glyph ViT)", "", __doc__.strip(), "",
             f"Date {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, 2 threads, "
             f"{minutes:.1f} min in all. Raw runs: tlora_ablation.json.", "", *table(records, chosen), ""]
-    (RESULTS / "tlora_ablation.md").write_text("\n".join(text))
+    report = RESULTS / "tlora_ablation.md"  # atomic; the hand-written reading survives a re-run
+    harness.write_report(report, "\n".join(text) + harness.kept_notes(report))
     print("\n".join(text))
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune.bench import harness
 from deltatune.recipe import finetune
 
 TASKS = {"glyphs-novel-vit": 24 * 10, "handwritten-vit": 10 * 10}  # task -> train images (10 per class)
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.__version__}, {args.threads} threads, {time.strftime('%Y-%m-%d')}). {EPOCHS} epochs, 10 "
               f"images per class, AdamW batch 32; lr chosen on validation ({VALIDATION} images) at seed 0 from "
               f"each method's grid; test on {TEST} images. Raw runs: vpt.jsonl.\n\n")
-    out.with_suffix(".md").write_text(header + table + "\n" + verdicts(means), encoding="utf-8")
+    report = out.with_suffix(".md")  # atomic; the hand-written reading survives a re-run
+    harness.write_report(report, header + table + "\n" + verdicts(means) + harness.kept_notes(report))
     return 0
 
 
