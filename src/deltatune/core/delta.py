@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from deltatune.core.config import DeltaConfig
-from deltatune.core.layers import LINEAR, LayerInfo
+from deltatune.core.layers import LINEAR, LayerInfo, base_bias
 from deltatune.errors import NotMergeableError
 
 
@@ -70,8 +70,8 @@ class Delta(nn.Module):
         more (prompts initialized from the vocabulary embeddings) override this."""
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor):
-            bias = getattr(module, "bias", None)
-            self.init_from_base(weight.detach(), bias.detach() if isinstance(bias, Tensor) else None)
+            bias = base_bias(module)
+            self.init_from_base(weight.detach(), None if bias is None else bias.detach())
 
     def init_from_base(self, base_weight: Tensor, base_bias: Tensor | None) -> None:
         """Called once after construction (on the base's device and dtype) for data-dependent initialization
