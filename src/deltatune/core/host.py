@@ -243,8 +243,23 @@ def _base_keys_on_save(module: nn.Module, state_dict: dict, prefix: str, local_m
 
 
 def _base_keys_on_load(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    own = {name for name, _ in module.base_layer.named_parameters(recurse=False)}
-    own |= {name for name, _ in module.base_layer.named_buffers(recurse=False)}
-    for name in own:
+    # Every key of the base module, its children's too: a host on a block (VPT, IAA) saves the block's whole
+    # state under the plain keys (and a host nested inside it has already made its own keys plain).
+    for name in module.base_layer.state_dict(keep_vars=True):
         if prefix + name in state_dict:
             state_dict[prefix + _BASE + name] = state_dict.pop(prefix + name)
+
+
+def plain_path(model: nn.Module, path: str) -> str:
+    """`path` (as `model.named_modules()` gives it) without the `base_layer` steps that go through a host into
+    its base module: the path the module has in the plain model."""
+    if _BASE not in path + ".":
+        return path
+    module, kept = model, []
+    for part in path.split("."):
+        if isinstance(module, AdaptedLayer) and part == "base_layer":
+            module = module.base_layer
+            continue
+        module = module._modules[part]
+        kept.append(part)
+    return ".".join(kept)

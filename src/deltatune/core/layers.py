@@ -176,7 +176,9 @@ def module_width(module: nn.Module) -> int:
     hidden = getattr(getattr(module, "config", None), "hidden_size", None)
     if isinstance(hidden, int):
         return hidden
-    parameters = list(module.parameters())
+    # The block's own parameters: a delta already hosted inside it (`<layer>.deltas.<name>.…`) says nothing of
+    # the block's width.
+    parameters = [p for name, p in module.named_parameters() if ".deltas." not in f".{name}"]
     return int(parameters[-1].shape[-1]) if parameters and parameters[-1].dim() else 0
 
 

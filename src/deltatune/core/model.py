@@ -14,7 +14,7 @@ from deltatune.core.capabilities import KeepsBaseInEval
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
 from deltatune.core.guards import install_guards, remove_guards
-from deltatune.core.host import AdaptedLayer
+from deltatune.core.host import AdaptedLayer, plain_path
 from deltatune.core.init_from import fill_from_adapter
 from deltatune.core.layers import describe_target
 from deltatune.core.registry import entry_for_config
@@ -42,9 +42,12 @@ def adapter_state(model: nn.Module) -> AdapterState:
 
 
 def iter_hosts(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """(path, host) for every adapted layer. A host inside another host's base module (LoRA on a projection of
+    a block that hosts VPT or IAA) gets the path it has in the plain model, without the outer host's
+    `base_layer` step, so adapter keys and paths do not depend on what else is adapted."""
     for path, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
-            yield path, module
+            yield plain_path(model, path), module
 
 
 def iter_deltas(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, str, Delta]]:

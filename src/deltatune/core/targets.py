@@ -53,15 +53,20 @@ def _passes_type_filter(module: nn.Module, layer_types: tuple[str, ...]) -> bool
 
 def candidate_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, base layer) for every module of the model, seeing through hosts: an adapted layer counts as its
-    base layer, and the host's own children (base_layer, deltas) are not candidates."""
-    hosts: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(h + ".") for h in hosts):
-            continue
-        if isinstance(module, AdaptedLayer):
-            hosts.append(path)
-            module = module.base_layer
-        yield path, module
+    base layer, the modules inside a hosted block (VPT, IAA) keep their plain paths, and the host's deltas are
+    not candidates."""
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            base = child.base_layer if isinstance(child, AdaptedLayer) else child
+            yield prefix + name, base
+            yield from walk(base, f"{prefix}{name}.")
+
+    yield from walk(model, "")
 
 
 def find_targets(model: nn.Module, config: DeltaConfig, supported_kinds: frozenset[str], method: str) -> list[str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from deltatune.core.host import AdaptedLayer
+from deltatune.core.host import AdaptedLayer, plain_path
 from deltatune.errors import NotMergeableError, TargetError
 
 
@@ -39,17 +39,13 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 def _owner_paths(model: nn.Module) -> tuple[dict[int, list[tuple[str, str]]], dict[int, list[str]]]:
     """id(parameter) -> [(owning module path, parameter name)] and id(module) -> [paths], every registration
-    counted. A host's base layer is reported under the host's path (its parameters keep their base keys)."""
+    counted. A host's base layer is reported under the host's path, modules inside it under their plain paths."""
     parameters: dict[int, list[tuple[str, str]]] = defaultdict(list)
     modules: dict[int, list[str]] = defaultdict(list)
-    hosts: set[str] = set()
     for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, AdaptedLayer):
-            hosts.add(path)
-        parent, _, child = path.rpartition(".")
-        owner = parent if child == "base_layer" and parent in hosts else path
-        if owner != path:
+        if path == "base_layer" or path.endswith(".base_layer"):
             continue  # the host's own entry already lists the base layer (below)
+        owner = plain_path(model, path)
         modules[id(_base_of(module))].append(owner)
         for name, parameter in _base_of(module).named_parameters(recurse=False):
             parameters[id(parameter)].append((owner, name))

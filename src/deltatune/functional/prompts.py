@@ -3,6 +3,7 @@ extend what describes the sequence (attention mask, token types). Tensors are (b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -52,3 +53,16 @@ def xavier_uniform_bound(fan_in: int, width: int) -> float:
     """VPT's prompt init bound v = sqrt(6 / (fan_in + width)) (fan_in: channels × patch area of the patch
     embedding, 3·16·16 for ViT-B/16)."""
     return math.sqrt(6.0 / (fan_in + width))
+
+
+def block_token_input(args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple]] | None:
+    """A block call's token input (its first positional argument, or `hidden_states=`) and a function that puts
+    a replacement back into the call's positional arguments (kwargs are updated in place); None if it has none."""
+    if args and isinstance(args[0], Tensor):
+        return args[0], lambda new: (new, *args[1:])
+    if isinstance(kwargs.get("hidden_states"), Tensor):
+        def put_back(new: Tensor) -> tuple:
+            kwargs["hidden_states"] = new
+            return args
+        return kwargs["hidden_states"], put_back
+    return None

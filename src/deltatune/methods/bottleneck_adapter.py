@@ -139,14 +139,16 @@ class ParallelAdapterConfig(BottleneckAdapterConfig):
     scaling: float = 4.0
 
 
-class _Bottleneck(Delta):
-    """down → f → up → · s → dropout, over the last dimension; shared by both kinds."""
+class BottleneckModule(Delta):
+    """down → f → up → · s → dropout, over the last dimension (r = `size`, else from the config); shared by
+    both kinds and by IAA (methods/iaa.py)."""
 
     mergeable = False
 
-    def __init__(self, config: BottleneckAdapterConfig, layer: LayerInfo, module_name: str, in_features: int) -> None:
+    def __init__(self, config: BottleneckAdapterConfig, layer: LayerInfo, module_name: str, in_features: int,
+                 size: int | None = None) -> None:
         super().__init__(config, layer, module_name)
-        size = config.bottleneck(layer.out_features)
+        size = size or config.bottleneck(layer.out_features)
         self.adapter_down = nn.Linear(in_features, size)
         self.adapter_up = nn.Linear(size, layer.out_features)
         self.dropout = nn.Dropout(config.dropout)
@@ -187,7 +189,7 @@ class _Bottleneck(Delta):
 
 @register_method("bottleneck_adapter", BottleneckAdapterConfig,
                  "sequential bottleneck adapters (Houlsby: two per block, Pfeiffer: one after the FFN)")
-class BottleneckAdapterDelta(_Bottleneck):
+class BottleneckAdapterDelta(BottleneckModule):
     """y + s · up(f(down(y))) after the layer (features on the last dimension; channels of conv maps)."""
 
     kind = DeltaKind.OUTPUT
@@ -206,7 +208,7 @@ class BottleneckAdapterDelta(_Bottleneck):
 
 @register_method("parallel_adapter", ParallelAdapterConfig,
                  "parallel bottleneck adapters (He et al.): base(x) + s · up(f(down(x)))")
-class ParallelAdapterDelta(_Bottleneck):
+class ParallelAdapterDelta(BottleneckModule):
     """s · up(f(down(x))) added to the layer's output."""
 
     kind = DeltaKind.ADDITIVE

@@ -38,7 +38,7 @@ from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.layers import MODULE, LayerInfo
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, config_check
-from deltatune.functional.prompts import insert_tokens, replace_tokens, xavier_uniform_bound
+from deltatune.functional.prompts import block_token_input, insert_tokens, replace_tokens, xavier_uniform_bound
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,8 @@ def _refuse_sequence_bound_inputs(kwargs: dict, where: str) -> None:
 
 
 def _hidden_states(args: tuple, kwargs: dict, where: str) -> tuple[Tensor, Callable[[Tensor], tuple]]:
-    """The block's token input (first positional argument, or `hidden_states=`) and a function that puts a
-    replacement back into the call's positional arguments (kwargs are updated in place)."""
-    if args and isinstance(args[0], Tensor):
-        return args[0], lambda new: (new, *args[1:])
-    if isinstance(kwargs.get("hidden_states"), Tensor):
-        def put_back(new: Tensor) -> tuple:
-            kwargs["hidden_states"] = new
-            return args
-        return kwargs["hidden_states"], put_back
-    raise ConfigError(f"VPT on {where!r} found no token tensor (first argument or hidden_states=); "
-                      "target the transformer blocks with VPTConfig(blocks=...)")
+    found = block_token_input(args, kwargs)
+    if found is None:
+        raise ConfigError(f"VPT on {where!r} found no token tensor (first argument or hidden_states=); "
+                          "target the transformer blocks with VPTConfig(blocks=...)")
+    return found
