@@ -35,6 +35,8 @@ SETUP_REFUSALS = {
     # the default (Pfeiffer) placement is after an FFN, and the UNet's attention blocks have none
     ("bottleneck_adapter", "diffusion-handwritten"): "matched no adaptable module",
     ("parallel_adapter", "diffusion-handwritten"): "matched no adaptable module",
+    ("iaa", "glyphs-novel-cnn"): "matched no adaptable module",  # no transformer blocks, no FFN
+    ("iaa", "diffusion-handwritten"): "matched no adaptable module",
     # Input-side deltas need tokens: VPT a ViT's blocks, prompt tuning a module that embeds input_ids.
     ("prompt_tuning", "glyphs-novel-vit"): "no input embedding",
     ("prompt_tuning", "glyphs-novel-cnn"): "matched no adaptable module",

@@ -12,6 +12,9 @@ from deltatune.data.digits import load_digits_task
 from deltatune.data.gloss_generation import DESCRIPTION as GLOSS_GENERATION_DESCRIPTION
 from deltatune.data.gloss_generation import NAME as GLOSS_GENERATION
 from deltatune.data.gloss_generation import load_gloss_generation_task
+from deltatune.data.gloss_retrieval import DESCRIPTION as GLOSS_RETRIEVAL_DESCRIPTION
+from deltatune.data.gloss_retrieval import NAME as GLOSS_RETRIEVAL
+from deltatune.data.gloss_retrieval import load_gloss_retrieval_task
 from deltatune.data.glyph_tasks import GLYPH_TASKS, glyph_task_names, load_glyph_task
 from deltatune.data.reverse_dictionary import DESCRIPTION as REVERSE_DICTIONARY_DESCRIPTION
 from deltatune.data.reverse_dictionary import NAME as REVERSE_DICTIONARY
@@ -41,6 +44,7 @@ _LOADERS: dict[str, tuple[str, Callable[..., Task]]] = {
     **{name: (_glyph_description(name), _glyph_loader(name)) for name in glyph_task_names()},
     GLOSS_GENERATION: (GLOSS_GENERATION_DESCRIPTION, load_gloss_generation_task),
     REVERSE_DICTIONARY: (REVERSE_DICTIONARY_DESCRIPTION, load_reverse_dictionary_task),
+    GLOSS_RETRIEVAL: (GLOSS_RETRIEVAL_DESCRIPTION, load_gloss_retrieval_task),
     DIFFUSION_HANDWRITTEN: (DIFFUSION_HANDWRITTEN_DESCRIPTION, load_diffusion_handwritten_task),
 }
 
