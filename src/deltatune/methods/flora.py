@@ -173,12 +173,12 @@ class FLoRADelta(Delta):
     def forward(self, x: Tensor) -> Tensor:
         x_in = self.dropout(x.to(self.flora_core.dtype))
         if self.layer.kind != CONV:
-            out = self._dense_path(x_in)
+            out = self._dense_path(x_in) * self.scale
         elif self.layer.conv_args.get("groups", 1) == 1:
-            out = self._conv_path(x_in)
-        else:
+            out = self._conv_path(x_in) * self.scale
+        else:  # no factorization across groups: the layer's own grouped op with ΔW (already scaled)
             out = self.layer.op(x_in, self.delta_weight(self.flora_core), None)
-        return (out * self.scale).to(x.dtype)
+        return out.to(x.dtype)
 
     def _dense_path(self, x: Tensor) -> Tensor:
         """x U_in G U_outᵀ (unscaled)."""
