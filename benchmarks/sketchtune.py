@@ -200,12 +200,16 @@ def main() -> None:
         return f"{job['part']} {job['label']} {job['weighting']} lr={job['lr']} seed={job['seed']}"
 
     harness.run_jobs(sketch_jobs(), log, execute, describe=describe)
-    tuning = [finetune_job(label, lr, 0) for label in CONFIGS for lr in LR_GRID]
-    harness.run_jobs(tuning, log, execute, describe=describe)
-    chosen = chosen_lrs(log.records())
-    seeds = [finetune_job(label, lr, seed) for label, lr in chosen.items() for seed in SEEDS[1:]]
-    harness.run_jobs(seeds, log, execute, describe=describe)
     write(log.records())
+    # the equal-count pairs first (part c), then the rest of the sweep: a run cut short still answers (c)
+    paired = [label for pair in PAIRS for label in pair]
+    for labels in (paired, [label for label in CONFIGS if label not in paired]):
+        tuning = [finetune_job(label, lr, 0) for label in labels for lr in LR_GRID]
+        harness.run_jobs(tuning, log, execute, describe=describe)
+        chosen = chosen_lrs(log.records())
+        seeds = [finetune_job(label, chosen[label], seed) for label in labels for seed in SEEDS[1:]]
+        harness.run_jobs(seeds, log, execute, describe=describe)
+        write(log.records())
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -273,7 +277,8 @@ def versus_table(records: list[dict], chosen: dict[str, float]) -> list[str]:
 
 
 def grid_table(records: list[dict]) -> list[str]:
-    lines = ["| configuration | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |", "|---" * (len(LR_GRID) + 1) + "|"]
+    header = "| configuration | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |"
+    lines = [header, "|---" * (len(LR_GRID) + 1) + "|"]
     for label in CONFIGS:
         cells = []
         for lr in LR_GRID:
