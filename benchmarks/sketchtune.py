@@ -290,6 +290,19 @@ def grid_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def rebuild_line(records: list[dict]) -> list[str]:
+    """The per-step cost of the gather: rebuilding every sketched weight, against a SketchTune training step."""
+    rebuilds = [r["rebuild_seconds"] for r in records if r["part"] == "sketch" and "rebuild_seconds" in r]
+    steps = [r["median_step_seconds"] for r in records if r["part"] == "finetune" and "SketchTune" in r["label"]]
+    if not rebuilds or not steps:
+        return []
+    rebuild, step = statistics.median(rebuilds), statistics.median(steps)
+    return [f"Rebuilding all 35 sketched weights from codes + tables (one gather each, every training step): "
+            f"{1000 * rebuild:.0f} ms (median over GPRs), {100 * rebuild / step:.0f}% of the median SketchTune "
+            f"training step ({step:.2f} s), so training rebuilds them every step and no cache is needed "
+            "(`cache_weight=True` keeps them between no-grad calls).", ""]
+
+
 def complete(records: list[dict], chosen: dict[str, float]) -> bool:
     done = sum(1 for r in records if r["part"] == "finetune")
     return len(chosen) == len(CONFIGS) and done >= len(CONFIGS) * (len(LR_GRID) + len(SEEDS) - 1)
@@ -303,7 +316,7 @@ def write(records: list[dict]) -> None:
     text = ["# SketchTune on WordNet-LM: sketch memory, GPR sweep, vs LoRA at equal trainable counts", "",
             harness.environment_line(env), "", __doc__.strip(), "", status,
             "## (a) Memory of the sketched base (from tensor sizes)", "", *memory_table(records), "",
-            "## (b) GPR sweep (4 bits)", "", *sweep_table(records, chosen), "",
+            *rebuild_line(records), "## (b) GPR sweep (4 bits)", "", *sweep_table(records, chosen), "",
             "## (c) SketchTune vs LoRA on gloss-generation (all block linears)", "", *versus_table(records, chosen),
             "", "## Validation loss of every rate (seed 0)", "", *grid_table(records), "",
             f"Raw runs: {LOG.name} ({len(records)} records).", ""]
