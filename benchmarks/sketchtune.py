@@ -180,11 +180,13 @@ def finetune_job(label: str, lr: float, seed: int) -> dict:
 
 
 def chosen_lrs(records: list[dict]) -> dict[str, float]:
-    """Per configuration, the grid rate with the lowest seed-0 validation loss."""
+    """Per configuration, the grid rate with the lowest seed-0 validation loss (among the rates run so far: a
+    partial grid is flagged by `complete`)."""
     chosen = {}
     for label in CONFIGS:
-        rows = [r for r in records if r["part"] == "finetune" and r["label"] == label and r["seed"] == 0]
-        if len(rows) == len(LR_GRID):
+        rows = [r for r in records if r["part"] == "finetune" and r["label"] == label and r["seed"] == 0
+                and r["lr"] in LR_GRID]
+        if rows:
             chosen[label] = min(rows, key=lambda r: r["validation_loss"])["lr"]
     return chosen
 
@@ -304,8 +306,10 @@ def rebuild_line(records: list[dict]) -> list[str]:
 
 
 def complete(records: list[dict], chosen: dict[str, float]) -> bool:
-    done = sum(1 for r in records if r["part"] == "finetune")
-    return len(chosen) == len(CONFIGS) and done >= len(CONFIGS) * (len(LR_GRID) + len(SEEDS) - 1)
+    runs = {(r["label"], r["lr"], r["seed"]) for r in records if r["part"] == "finetune"}
+    grid = all((label, lr, 0) in runs for label in CONFIGS for lr in LR_GRID)
+    seeds = all((label, lr, seed) in runs for label, lr in chosen.items() for seed in SEEDS)
+    return grid and seeds and len(chosen) == len(CONFIGS)
 
 
 def write(records: list[dict]) -> None:
