@@ -31,6 +31,7 @@ SETUP_REFUSALS = {
     ("bitfit", "gloss-generation"): "no bias",  # Llama's projections have no bias
     ("loldu", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the CNN's layers are convs
     ("tlora", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the paper adapts linear layers
+    ("sketchtune", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # the paper sketches linears
     ("parallel_adapter", "glyphs-novel-cnn"): "supports transformers Conv1D, nn.Linear",  # x and y differ in shape
     # the default (Pfeiffer) placement is after an FFN, and the UNet's attention blocks have none
     ("bottleneck_adapter", "diffusion-handwritten"): "matched no adaptable module",

@@ -57,6 +57,9 @@ class Delta(nn.Module):
     mergeable: ClassVar[bool] = True
     # True when the paper initializes the delta so that the adapted model equals the base model at step 0.
     preserves_output_at_init: ClassVar[bool] = True
+    # True for a weight-space delta whose adapted weight does not read the weight it is given (SketchTune: the
+    # sketch replaces W). Stacked after other weight-space deltas, such a delta alone decides the layer's weight.
+    replaces_base_weight: ClassVar[bool] = False
 
     def __init__(self, config: DeltaConfig, layer: LayerInfo, module_name: str = "") -> None:
         super().__init__()
