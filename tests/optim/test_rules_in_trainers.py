@@ -74,7 +74,7 @@ def test_trainers_sam_is_a_plain_loops_sam() -> None:
     for start in range(0, len(order), 16):
         x, y = data[order[start:start + 16]]
 
-        def closure() -> Tensor:
+        def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
             loss = torch.nn.functional.cross_entropy(manual(x), y)
             loss.backward()
             return loss
