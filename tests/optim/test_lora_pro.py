@@ -180,3 +180,35 @@ def test_adjusted_step_is_closer_to_the_full_gradient_on_minilm() -> None:
             weight.grad = None  # the base stays frozen: LoRA-Pro must not see it
         optimizer.step()
     assert any(bool(h.deltas["default"].lora_B.abs().sum() > 0) for _, h in hosts)
+
+
+class Mixed(nn.Module):
+    """An embedding, a convolution and a linear layer: the factors' matrix views differ in each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = self.conv(self.embed(tokens).transpose(1, 2)).transpose(1, 2)
+        return self.proj(torch.tanh(hidden)).mean(1)
+
+
+@pytest.mark.parametrize("moments", ["full", "low_rank"])
+@pytest.mark.parametrize("method", ["lora", "pissa", "dora"])
+def test_steps_on_embedding_conv_and_linear_factors(method: str, moments: str) -> None:
+    torch.manual_seed(0)
+    targets = ["conv", "proj"] if method == "pissa" else ["embed", "conv", "proj"]  # PiSSA: no embeddings
+    model = dt.adapt(Mixed(), dt.config_for(method, rank=2, targets=targets))
+    optimizer = LoRAPro(model, lr=1e-2, moments=moments)
+    tokens, target = torch.randint(0, 12, (8, 5)), torch.randint(0, 4, (8,))
+    losses = []
+    for _ in range(12):
+        loss = torch.nn.functional.cross_entropy(model(tokens), target)
+        losses.append(float(loss.detach()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] and all(torch.isfinite(p).all() for p in model.parameters())
