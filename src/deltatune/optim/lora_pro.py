@@ -27,6 +27,11 @@ Adam moments on G̃ (two out × in matrices per adapted layer, as full fine-tuni
 B −= η·H_B. While B = 0 (LoRA's first step) the formulas reduce to the code's first-step branch
 (H_A = g_A = 0, H_B = (1/s²)·g_B·(AAᵀ)⁻¹).
 
+Sources: the formulas are the official code's, re-derived and checked numerically in our notes
+(shared/methods/lowrank.md §9) and against float64 brute-force least squares in tests/optim/test_lora_pro.py.
+The theorem numbers (2.1 closed form, 2.3 optimal X) are those of arXiv 2407.18242 §2 as we cite them from
+memory: the stored copies of the paper showed us only its abstract, so check them against the paper.
+
 Deviations from the official code, on purpose: s is each delta's real scale (`HasLowRankPair`; the code
 hard-codes s = 16/8 whatever the LoRA config, rsLoRA included); pairs come from the capability, not from the
 parameter order; parameters that are not factors (heads, biases, DoRA's magnitude) get plain AdamW with the
