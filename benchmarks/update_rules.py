@@ -53,6 +53,7 @@ CONTENDERS = {
     "full FT + AdamW": ("full", "adamw", {}),
 }
 BASELINE = "LoRA + AdamW"
+VERSION = 2  # of the cost records: 2 adds the CPU clock and the training state (version-1 records are not read)
 MIB = 1024 * 1024
 
 TASK, SEEDS = "wordnet-nouns", (0, 1, 2)
@@ -96,13 +97,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict,
     optimizer.zero_grad(set_to_none=True)
 
 
-def timed(model, optimizer, inputs, labels) -> float:
-    start = time.perf_counter()
+def timed(model, optimizer, inputs, labels) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one whole step; the CPU clock ignores time spent waiting for a core."""
+    wall, cpu = time.perf_counter(), time.process_time()
     train_step(model, optimizer, inputs, labels)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def time_contenders(blocks: int, per_block: int) -> dict[str, list[float]]:
+def time_contenders(blocks: int, per_block: int) -> dict[str, list[tuple[float, float]]]:
     inputs, labels = shared.real_batch()
     base = shared.base_classifier()
     built = {name: build(name, base) for name in CONTENDERS}
@@ -110,7 +112,7 @@ def time_contenders(blocks: int, per_block: int) -> dict[str, list[float]]:
         for _ in range(2):
             train_step(model, optimizer, inputs, labels)
     names = list(CONTENDERS)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for block in range(blocks):
         for name in names[block % len(names):] + names[: block % len(names)]:
             times[name] += [timed(*built[name], inputs, labels) for _ in range(per_block)]
@@ -121,6 +123,7 @@ def memory_child(name: str, steps: int) -> dict:
     """In a fresh process: `steps` training steps of one contender; peak RSS and optimizer-state size."""
     inputs, labels = shared.real_batch()
     model, optimizer = build(name, shared.base_classifier())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(steps):
         train_step(model, optimizer, inputs, labels)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
@@ -128,20 +131,24 @@ def memory_child(name: str, steps: int) -> dict:
     if hasattr(optimizer, "base"):
         state += sum(t.numel() * t.element_size() for s in optimizer.base.state.values() for t in s.values()
                      if isinstance(t, torch.Tensor))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"part": "memory", "contender": name, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            / 1024, "optimizer_state_mib": state / MIB, "trainable": trainable}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    return {"part": "memory", "version": VERSION, "contender": name, "peak_rss_before_steps_mib": before,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "optimizer_state_mib": state / MIB, "training_state_mib": (state + grads) / MIB,
+            "trainable": sum(p.numel() for p in trainable)}
 
 
 def run_cost(log: harness.RunLog, args: argparse.Namespace) -> None:
-    jobs = [{"part": "time", "repeat": r} for r in range(args.repeats)]
-    jobs += [{"part": "memory", "contender": name} for name in CONTENDERS]
+    jobs = [{"part": "time", "version": VERSION, "repeat": r} for r in range(args.repeats)]
+    jobs += [{"part": "memory", "version": VERSION, "contender": name} for name in CONTENDERS]
 
     def run(job: dict) -> dict:
         if job["part"] == "time":
-            return {**job, "medians_ms": {name: 1e3 * statistics.median(values) for name, values in
-                                          time_contenders(args.blocks, args.per_block).items()},
-                    "steps_per_contender": args.blocks * args.per_block}
+            times = time_contenders(args.blocks, args.per_block)
+            return {**job, "steps_per_contender": args.blocks * args.per_block,
+                    "medians_ms": {name: 1e3 * statistics.median(w for w, _ in v) for name, v in times.items()},
+                    "cpu_medians_ms": {name: 1e3 * statistics.median(c for _, c in v) for name, v in times.items()}}
         command = harness.script_command(__file__, "--child-memory", job["contender"], "--threads", str(args.threads))
         return harness.run_child(command, label=job["contender"])
 
@@ -181,28 +188,38 @@ def run_accuracy(log: harness.RunLog) -> None:
 
 # --- the report ---------------------------------------------------------------------------------------------
 def cost_tables(records: list[dict]) -> list[str]:
-    timing = [r for r in records if r.get("part") == "time"]
-    memory = {r["contender"]: r for r in records if r.get("part") == "memory"}
+    timing = [r for r in records if r.get("part") == "time" and r.get("version") == VERSION]
+    memory = {r["contender"]: r for r in records if r.get("part") == "memory" and r.get("version") == VERSION}
     lines = ["## Step time and memory (MiniLM, LoRA r = 8 on query and value, batch 32 × 32 tokens)", "",
-             "| contender | " + " | ".join(f"repeat {r['repeat'] + 1} ms (× AdamW)" for r in timing)
-             + " | optimizer state MiB (× AdamW) | peak RSS MiB (× AdamW) | trainable |",
-             "|---" * (len(timing) + 4) + "|"]
+             "| contender | " + " | ".join(f"repeat {r['repeat'] + 1}: wall ms (× AdamW), CPU ms (× AdamW)"
+                                          for r in timing)
+             + " | optimizer state MiB (× AdamW) | grads + optimizer state MiB (× AdamW) | peak RSS MiB (× AdamW)"
+               " | trainable |", "|---" * (len(timing) + 5) + "|"]
     for name in CONTENDERS:
-        cells = [f"{r['medians_ms'][name]:.1f} ({r['medians_ms'][name] / r['medians_ms'][BASELINE]:.2f})"
-                 for r in timing]
+        cells = [_time_cell(r, name) for r in timing]
         mem, base = memory.get(name), memory.get(BASELINE)
         if mem and base:
-            state, rss = mem["optimizer_state_mib"], mem["peak_rss_mib"]
-            cells += [f"{state:.2f} ({state / base['optimizer_state_mib']:.2f})",
-                      f"{rss:.0f} ({rss / base['peak_rss_mib']:.2f})", f"{mem['trainable']:,}"]
+            cells += [f"{mem[key]:.2f} ({mem[key] / base[key]:.2f})" for key in ("optimizer_state_mib",
+                                                                               "training_state_mib")]
+            cells += [f"{mem['peak_rss_mib']:.0f} ({mem['peak_rss_mib'] / base['peak_rss_mib']:.2f})",
+                      f"{mem['trainable']:,}"]
         else:
-            cells += ["–", "–", "–"]
+            cells += ["–"] * 4
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     steps = timing[0]["steps_per_contender"] if timing else 0
-    lines += ["", f"Medians of {steps} timed whole steps per contender per repeat, blocks in rotating order. "
-              "Memory: each contender alone in a fresh process (5 steps); optimizer state counted from tensor "
-              "sizes (SAM: its AdamW's).", ""]
+    before = {name: round(m["peak_rss_before_steps_mib"]) for name, m in memory.items()}
+    lines += ["", f"Medians of {steps} timed whole steps per contender per repeat, blocks in rotating order; "
+              "wall = time.perf_counter, CPU = time.process_time (ignores waiting for a core on the shared "
+              "machine). Memory: each contender alone in a fresh process (5 steps); optimizer state and gradients "
+              "counted from tensor sizes (SAM: its AdamW's state). Peak RSS before the first step, MiB: "
+              f"{before} (the high-water mark is set while loading, so RSS does not separate the rules).", ""]
     return lines
+
+
+def _time_cell(record: dict, name: str) -> str:
+    wall, cpu = record["medians_ms"], record["cpu_medians_ms"]
+    return (f"{wall[name]:.0f} ({wall[name] / wall[BASELINE]:.2f}), "
+            f"{cpu[name]:.0f} ({cpu[name] / cpu[BASELINE]:.2f})")
 
 
 def accuracy_tables(records: list[dict]) -> list[str]:
@@ -219,6 +236,7 @@ def accuracy_tables(records: list[dict]) -> list[str]:
         lines.append(f"| {arm} | {chosen[0]['trainable']:,} | {best:g} | {len(chosen)} | "
                      f"{harness.mean_std([r['validation'] for r in chosen])} | "
                      f"{harness.mean_std([r['test'] for r in chosen])} |")
+    lines += ["", "Gap to full fine-tuning (mean test points, full FT − arm): " + _gaps(records) + "."]
     rates = sorted({r["lr"] for r in rows})
     lines += ["", "Seed 0 at every rate (test %, validation % in parentheses):", "",
               "| arm | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---" * (len(rates) + 1) + "|"]
@@ -227,6 +245,18 @@ def accuracy_tables(records: list[dict]) -> list[str]:
                 if r["arm"] == arm and r["seed"] == 0}
         lines.append(f"| {arm} | " + " | ".join(cell.get(lr, "–") for lr in rates) + " |")
     return lines + [""]
+
+
+def _gaps(records: list[dict]) -> str:
+    means = {}
+    for arm in ARMS:
+        best = best_rate(records, arm)
+        tests = [r["test"] for r in records if r.get("part") == "accuracy" and r["arm"] == arm and r["lr"] == best]
+        if tests:
+            means[arm] = 100 * statistics.mean(tests)
+    if "full FT" not in means:
+        return "full FT not run yet"
+    return ", ".join(f"{arm} {means['full FT'] - value:+.1f}" for arm, value in means.items() if arm != "full FT")
 
 
 def report(records: list[dict], env: dict, path: str) -> str:
@@ -265,9 +295,9 @@ def main() -> None:
 def _identity(mapping: dict):
     part = mapping.get("part")
     if part == "time":
-        return [part, mapping.get("repeat")]
+        return [part, mapping.get("version"), mapping.get("repeat")]
     if part == "memory":
-        return [part, mapping.get("contender")]
+        return [part, mapping.get("version"), mapping.get("contender")]
     if part == "accuracy":
         return [part, mapping.get("arm"), mapping.get("lr"), mapping.get("seed")]
     return None
