@@ -188,8 +188,9 @@ def run_accuracy(log: harness.RunLog) -> None:
 
 # --- the report ---------------------------------------------------------------------------------------------
 def cost_tables(records: list[dict]) -> list[str]:
-    timing = [r for r in records if r.get("part") == "time" and r.get("version") == VERSION]
-    memory = {r["contender"]: r for r in records if r.get("part") == "memory" and r.get("version") == VERSION}
+    version = _cost_version(records)
+    timing = [r for r in records if r.get("part") == "time" and r.get("version", 1) == version]
+    memory = {r["contender"]: r for r in records if r.get("part") == "memory" and r.get("version", 1) == version}
     lines = ["## Step time and memory (MiniLM, LoRA r = 8 on query and value, batch 32 × 32 tokens)", "",
              "| contender | " + " | ".join(f"repeat {r['repeat'] + 1}: wall ms (× AdamW), CPU ms (× AdamW)"
                                           for r in timing)
@@ -199,27 +200,38 @@ def cost_tables(records: list[dict]) -> list[str]:
         cells = [_time_cell(r, name) for r in timing]
         mem, base = memory.get(name), memory.get(BASELINE)
         if mem and base:
-            cells += [f"{mem[key]:.2f} ({mem[key] / base[key]:.2f})" for key in ("optimizer_state_mib",
-                                                                               "training_state_mib")]
+            cells += [f"{mem[key]:.2f} ({mem[key] / base[key]:.2f})" if key in mem else "–"
+                      for key in ("optimizer_state_mib", "training_state_mib")]
             cells += [f"{mem['peak_rss_mib']:.0f} ({mem['peak_rss_mib'] / base['peak_rss_mib']:.2f})",
                       f"{mem['trainable']:,}"]
         else:
             cells += ["–"] * 4
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     steps = timing[0]["steps_per_contender"] if timing else 0
-    before = {name: round(m["peak_rss_before_steps_mib"]) for name, m in memory.items()}
+    before = {name: round(m["peak_rss_before_steps_mib"]) for name, m in memory.items()
+              if "peak_rss_before_steps_mib" in m}
     lines += ["", f"Medians of {steps} timed whole steps per contender per repeat, blocks in rotating order; "
               "wall = time.perf_counter, CPU = time.process_time (ignores waiting for a core on the shared "
               "machine). Memory: each contender alone in a fresh process (5 steps); optimizer state and gradients "
               "counted from tensor sizes (SAM: its AdamW's state). Peak RSS before the first step, MiB: "
-              f"{before} (the high-water mark is set while loading, so RSS does not separate the rules).", ""]
+              f"{before or 'not recorded'} (the high-water mark is set while loading, so RSS does not separate the "
+              f"rules). Cost protocol version {version} (1: wall clock only).", ""]
     return lines
 
 
+def _cost_version(records: list[dict]) -> int | None:
+    """The newest cost protocol with a complete set of timing and memory records (records without one are 1)."""
+    for version in range(VERSION, 0, -1):
+        parts = {r["part"] for r in records if r.get("part") in ("time", "memory") and r.get("version", 1) == version}
+        if parts == {"time", "memory"}:
+            return version
+    return None
+
+
 def _time_cell(record: dict, name: str) -> str:
-    wall, cpu = record["medians_ms"], record["cpu_medians_ms"]
-    return (f"{wall[name]:.0f} ({wall[name] / wall[BASELINE]:.2f}), "
-            f"{cpu[name]:.0f} ({cpu[name] / cpu[BASELINE]:.2f})")
+    wall, cpu = record["medians_ms"], record.get("cpu_medians_ms")
+    text = f"{wall[name]:.0f} ({wall[name] / wall[BASELINE]:.2f})"
+    return text + (f", {cpu[name]:.0f} ({cpu[name] / cpu[BASELINE]:.2f})" if cpu else ", –")
 
 
 def accuracy_tables(records: list[dict]) -> list[str]:
