@@ -1,6 +1,8 @@
 """SAM: ε̂ = ρ·g/‖g‖₂ and the step from w with the gradient at w + ε̂; refused settings."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -73,3 +75,23 @@ def test_refuses_bad_radius_and_a_step_without_the_second_pass() -> None:
     weight.sum().backward()
     with pytest.raises(TrainingError, match="closure"):
         optimizer.step()
+
+
+def test_batch_norm_statistics_follow_the_first_pass_only() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    optimizer = SAM(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5, model=model)
+
+    def closure() -> Tensor:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    closure()
+    optimizer.step(closure)
+    reference(x)  # one training-mode pass at w: the statistics SAM must keep
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    assert int(model[1].num_batches_tracked) == 1 and model[1].momentum == reference[1].momentum

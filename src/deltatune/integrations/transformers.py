@@ -110,6 +110,7 @@ class SharpnessAwareStep:
         loss = super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         sam.perturb()
         sam.zero_grad(set_to_none=True)
-        super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        with sam.second_pass():
+            super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         sam.restore()
         return loss

@@ -67,7 +67,8 @@ def _sam(model: nn.Module, lr: float, weight_decay: float, rho: float = DEFAULT_
     """SAM (radius rho) around the update rule `base` built with `base_options`."""
     if base == "sam":
         raise ConfigError("update rule 'sam' cannot wrap itself (base='sam'); give base='adamw', 'loraplus', ...")
-    return SAM(build_update_rule(base, model, lr=lr, weight_decay=weight_decay, **dict(base_options or {})), rho=rho)
+    inner = build_update_rule(base, model, lr=lr, weight_decay=weight_decay, **dict(base_options or {}))
+    return SAM(inner, rho=rho, model=model)
 
 
 UPDATE_RULES: dict[str, RuleBuilder] = {"adamw": _adamw, "loraplus": _loraplus, "lora_pro": _lora_pro,

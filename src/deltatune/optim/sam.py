@@ -12,6 +12,10 @@ so each step runs two forward/backward passes on the same batch: the first at w 
 direction of ε̂), the second at w + ε̂; the base optimizer (AdamW by default) then steps from w with the second
 gradient. ρ = 0.05 by default (the paper's typical value; the three-regime pruning study sweeps 0.1 to 0.8).
 
+Batch-norm running statistics are updated by the first pass only, when SAM knows the model
+(`SAM(base, rho, model=model)`; the registry passes it): the second pass runs with the norms' momentum at 0,
+as the three-regime pruning study's code does.
+
 Use: `SAM(base_optimizer, rho)`. `step(closure)` needs a closure that zeroes nothing itself and recomputes the
 loss and its gradients at the current parameters (`loss.backward()`), as torch's LBFGS closure does; deltatune's
 Trainer passes one (`TrainConfig(update_rule="sam")`), a plain loop writes it (see `SAM`), and a transformers
@@ -20,10 +24,12 @@ Trainer uses `deltatune.integrations.transformers.SharpnessAwareStep`, which run
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from deltatune.errors import TrainingError, config_check
 
@@ -48,7 +54,7 @@ class SAM(torch.optim.Optimizer):
 
     needs_closure = True  # `deltatune.optim.NeedsClosure`: the Trainer passes a closure that recomputes gradients
 
-    def __init__(self, base: torch.optim.Optimizer, rho: float = DEFAULT_RHO) -> None:
+    def __init__(self, base: torch.optim.Optimizer, rho: float = DEFAULT_RHO, model: nn.Module | None = None) -> None:
         config_check(isinstance(rho, (int, float)) and not isinstance(rho, bool) and rho > 0, "rho", rho,
                      "a perturbation radius ρ > 0 (the paper's typical value is 0.05)")
         if not isinstance(base, torch.optim.Optimizer):
@@ -56,6 +62,7 @@ class SAM(torch.optim.Optimizer):
                                 "(e.g. torch.optim.AdamW(params, lr=...))")
         self.base = base
         self.rho = float(rho)
+        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if model else []
         self._perturbation: dict[torch.Tensor, torch.Tensor] = {}
         self._ready = False  # the gradients are the ones at the perturbed point (set by `restore`)
         super().__init__(base.param_groups, {})
@@ -105,12 +112,32 @@ class SAM(torch.optim.Optimizer):
         else:
             self.perturb()
             self.zero_grad(set_to_none=True)
-            with torch.enable_grad():
+            with torch.enable_grad(), self.second_pass():
                 loss = closure()
             self.restore()
         self._ready = False
         self.base.step()
         return loss
+
+    @contextlib.contextmanager
+    def second_pass(self) -> Iterator[None]:
+        """Within: the model's batch norms keep their running statistics (momentum 0; a cumulative-average norm,
+        momentum None, keeps them too: its counter is restored)."""
+        kept = [(norm, norm.momentum, None if norm.num_batches_tracked is None else norm.num_batches_tracked.clone(),
+                 None if norm.running_mean is None else (norm.running_mean.clone(), norm.running_var.clone()))
+                for norm in self._norms]
+        for norm in self._norms:
+            norm.momentum = 0.0
+        try:
+            yield
+        finally:
+            for norm, momentum, count, stats in kept:
+                norm.momentum = momentum
+                if count is not None:
+                    norm.num_batches_tracked.copy_(count)
+                if stats is not None:
+                    norm.running_mean.copy_(stats[0])
+                    norm.running_var.copy_(stats[1])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
