@@ -156,3 +156,15 @@ def test_sam_in_a_transformers_trainer_runs_two_passes(tmp_path) -> None:
 
     _, output = _hf_run(tmp_path, "sam", Counting, rho=0.05)
     assert output.global_step == 4 and len(calls) == 8
+
+
+def test_command_line_update_rule(tmp_path, capsys) -> None:
+    from deltatune.cli import main
+
+    argv = ["train", "--task", "digits", "--method", "lora", "-p", "targets=conv2", "--max-steps", "2", "--out",
+            str(tmp_path / "run"),
+            "--update-rule", "sam", "--rule-option", "rho=0.1", "--rule-option", "base=loraplus"]
+    assert main(argv) == 0
+    assert main(["train", "--task", "digits", "-p", "targets=conv2", "--update-rule", "sam", "--rule-option",
+                 "radius=0.1", "--max-steps", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "radius" in capsys.readouterr().err
