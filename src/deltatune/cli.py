@@ -77,6 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             args.task, args.method, _method_params(args), epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, max_length=args.max_length, train_size=args.train_size, seed=args.seed, out_dir=args.out,
             max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, resume=args.resume,
+            update_rule=args.update_rule, update_rule_options=_rule_options(args.rule_option),
         )
     except KeyboardInterrupt:
         print(f"deltatune: {_interrupted_training(Path(args.out))}", file=sys.stderr)
@@ -86,6 +87,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.adapter_path:
         print(f"adapter saved to {result.adapter_path}")
     return 0
+
+
+def _rule_options(pairs: list[str]) -> dict[str, object]:
+    """`--rule-option KEY=VALUE` pairs as a dict, numbers as numbers (rho=0.1, ratio=16, base=loraplus)."""
+    from deltatune.errors import ConfigError
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--rule-option {pair!r} is not KEY=VALUE; write e.g. --rule-option rho=0.1")
+        options[key] = _number_or_text(value)
+    return options
+
+
+def _number_or_text(value: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    return value
 
 
 def _interrupted_training(out: Path) -> str:
@@ -201,6 +224,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also checkpoint every N optimizer steps into OUT/checkpoints (the last is always kept)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in OUT (same settings required)")
+    parser.add_argument("--update-rule", default="adamw",
+                        help="how gradients become updates: adamw (default), loraplus, lora_pro, lora_pro_light, sam")
+    parser.add_argument("--rule-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="update-rule option, repeatable: --rule-option rho=0.1 --rule-option base=loraplus")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -205,6 +205,8 @@ def finetune(
     validation_size: int | None = None,
     test_size: int | None = None,
     init_from: str | Path | None = None,
+    update_rule: str = "adamw",
+    update_rule_options: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Train `method` on `task`, report the validation and test score (the task's metric), and save the
     adapter in out_dir/adapter.
@@ -214,7 +216,8 @@ def finetune(
     with the same settings (task, method, config, schedule, seed). validation_size / test_size: evaluate on a
     fixed label-stratified subset of at most that many examples (drawn with seed 0 whatever `seed` is), for
     quick benchmarks. init_from: start the adapter from a saved one's tensors (PVP: prompts pre-trained on a
-    source task)."""
+    source task). update_rule / update_rule_options: how gradients become updates (`deltatune.optim`;
+    `TrainConfig.update_rule`)."""
     from deltatune.data import load_task
     from deltatune.train import TrainConfig, Trainer
 
@@ -223,7 +226,8 @@ def finetune(
     train_config = TrainConfig(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
         lr=lr or DEFAULT_LR.get(method, DEFAULT_METHOD_LR), checkpoint_every=checkpoint_every, resume=resume,
-        output_dir=str(out_dir) if out_dir else None, progress=progress,
+        output_dir=str(out_dir) if out_dir else None, progress=progress, update_rule=update_rule,
+        update_rule_options=update_rule_options,
     )
     data = evaluation_subsets(load_task(task, max_length=max_length, train_size=train_size, seed=seed),
                               validation_size, test_size)

@@ -68,6 +68,19 @@ class HasRank(Protocol):
 
 # --- training ------------------------------------------------------------------------------------------------
 @runtime_checkable
+class HasLowRankPair(Protocol):
+    """A delta whose trainable change reaches the layer only through the product s·B·A of two factors (LoRA,
+    PiSSA, OLoRA, DoRA's direction). Update rules (`deltatune.optim`: LoRA+, LoRA-Pro) read it, so they work on
+    every method that declares it, never by naming a method."""
+
+    def lowrank_pair(self) -> tuple[nn.Parameter, nn.Parameter, float]:
+        """(A, B, s): A with r rows (its matrix view (r, fan_in) is ``A.reshape(r, -1)``), B with r columns (its
+        matrix view (out, r) is ``B.reshape(B.shape[0], r)``), and the scale s, such that ∂L/∂A = s·Bᵀ·G and
+        ∂L/∂B = s·G·Aᵀ in those views, G being the loss gradient with respect to the matrix s·B·A is added to."""
+        ...
+
+
+@runtime_checkable
 class HasRegularizationShare(Protocol):
     """A delta whose `regularization()` is multiplied by `regularization_share`, which an allocator sets to
     1 / (number of regularized tensors) for the official codes' averaged form (`allocate.support`)."""
@@ -124,7 +137,7 @@ class HasOrthogonalRegularizer(Protocol):
 
 
 DELTA_CAPABILITIES = (FusesWithBase, AssignsDeltaWeight, AssignsDeltaBias, HasRank, HasRegularizationShare,
-                      HasPeftTensorNames, KeepsBaseInEval)
+                      HasPeftTensorNames, KeepsBaseInEval, HasLowRankPair)
 CONFIG_CAPABILITIES = (PeftConvertibleConfig, HasDropout, HasSmoothingFactors, HasOrthogonalRegularizer)
 
 _PROTOCOL_MACHINERY = frozenset({"__init__", "__subclasshook__", "__abstractmethods__", "__class_getitem__",

@@ -83,6 +83,11 @@ class DoRADelta(Delta):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         LoRADelta.reset_parameters(self)  # type: ignore[arg-type]  # LoRA's init of A and B, same tensor names
 
+    def lowrank_pair(self) -> tuple[nn.Parameter, nn.Parameter, float]:
+        """`HasLowRankPair`: A and B reach the layer through the direction W0 + s·B·A (the norm is detached, so
+        G is the gradient with respect to that direction)."""
+        return self.lora_A, self.lora_B, float(self.scale)
+
     @torch.no_grad()
     def init_from_base(self, base_weight: Tensor, base_bias: Tensor | None) -> None:
         """m = ‖W0 + s·BA‖_c (= ‖W0‖_c with B = 0; peft computes it with the initial A, B the same way)."""

@@ -140,6 +140,10 @@ class LoRADelta(Delta):
         """`HasRank`: a LoRA's rank is fixed by its config."""
         return self.config.rank
 
+    def lowrank_pair(self) -> tuple[nn.Parameter, nn.Parameter, float]:
+        """`HasLowRankPair`: ΔW = s·B·A (for an embedding, the transposed table: Eᵀ + s·B·A)."""
+        return self.lora_A, self.lora_B, float(self.scale)
+
     def reset_parameters(self) -> None:
         init = self.config.init
         if self.layer.kind == EMBEDDING:  # peft: the lookup side starts at zero, the projection random

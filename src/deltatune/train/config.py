@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,11 @@ class TrainConfig:
         device: "cpu", "cuda", "cuda:1"...; None picks cuda:LOCAL_RANK when CUDA is available, else cpu.
         find_unused_parameters: passed to DistributedDataParallel; set it when some trainable parameters get
             no gradient in a step (the default False is faster and fits every adapter that is used in forward).
+        update_rule: how gradients become updates (`deltatune.optim.UPDATE_RULES`): "adamw" (default), "loraplus",
+            "lora_pro", "lora_pro_light" or "sam"; built with `lr` and `weight_decay` above.
+        update_rule_options: the rule's own options, e.g. {"ratio": 16} (loraplus), {"moments": "full"}
+            (lora_pro), {"rho": 0.05, "base": "loraplus"} (sam); unknown names are refused when the Trainer
+            builds the optimizer.
     """
 
     epochs: int = 1
@@ -69,6 +75,8 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     find_unused_parameters: bool = False
+    update_rule: str = "adamw"
+    update_rule_options: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._check_lengths()
@@ -102,6 +110,15 @@ class TrainConfig:
         config_check(self.schedule in SCHEDULES, "schedule", self.schedule, f"one of {SCHEDULES}")
         config_check(self.max_grad_norm is None or (_is_number(self.max_grad_norm) and self.max_grad_norm > 0),
                      "max_grad_norm", self.max_grad_norm, "None (no clipping) or a number > 0")
+        self._check_update_rule()
+
+    def _check_update_rule(self) -> None:
+        from deltatune.optim.rules import available_update_rules  # optim imports core only; config stays light
+
+        config_check(self.update_rule in available_update_rules(), "update_rule", self.update_rule,
+                     f"one of {available_update_rules()}")
+        config_check(self.update_rule_options is None or isinstance(self.update_rule_options, Mapping),
+                     "update_rule_options", self.update_rule_options, "None or a dict of the rule's options")
 
     def _check_outputs(self) -> None:
         config_check(_is_int(self.log_every) and self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")

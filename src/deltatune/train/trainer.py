@@ -10,7 +10,8 @@ a `TrainingProgress`; callbacks get it, and `trainer.state_dict()` carries it wi
 Every step: on_step_begin -> for each micro-batch of this process: forward, loss (task loss weighted by the
 micro-batch's share of the global batch, plus `regularization_loss(model)` once), backward (gradients sync
 across processes on the last one) -> all-reduced loss, stop on NaN/inf -> on_backward_end -> clipping ->
-optimizer.step -> scheduler.step -> on_step_end -> log, epoch end (evaluation), checkpoint.
+optimizer.step (with a closure that recomputes the gradients, for rules that need one: SAM) -> scheduler.step ->
+on_step_end -> log, epoch end (evaluation), checkpoint.
 
 Under `torchrun --nproc_per_node=N` the same script trains with DistributedDataParallel: `batch_size` stays the
 global batch, each process reads its share (see `data_order`), only rank 0 writes files and shows progress.
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from deltatune.core.model import set_training_mode
 from deltatune.errors import ConfigError, TrainingError
+from deltatune.optim.rules import NeedsClosure, build_update_rule
 from deltatune.train import resume as resume_state
 from deltatune.train.batches import SplitBatch, split_batch
 from deltatune.train.callbacks import callback_states, check_callback_states, fire, load_callback_states
@@ -85,8 +87,11 @@ class Trainer:
             compute a loss). Evaluation uses the same loss.
         callbacks: objects with any of the hooks of `deltatune.train.Callback`, fired in this order; they get the
             run's `progress` (a `TrainingProgress`), not the trainer (see `deltatune.train.callbacks`).
-        optimizer_factory: `factory(param_groups) -> torch.optim.Optimizer` replaces the default AdamW. It gets
-            one group {"params", "param_names", "lr": config.lr}; the group's lr wins over the factory's own.
+        optimizer_factory: `factory(param_groups) -> torch.optim.Optimizer` replaces the optimizer of
+            `config.update_rule` (AdamW by default; `deltatune.optim.UPDATE_RULES`). It gets one group
+            {"params", "param_names", "lr": config.lr}; the group's lr wins over the factory's own. An optimizer
+            that declares `needs_closure = True` (SAM) gets `step(closure)`, the closure recomputing the batch's
+            loss and clipped gradients at the current parameters.
 
     `trainer.progress` is where the run is (step, epoch, data position, last evaluation and checkpoint);
     `state_dict()` / `load_state_dict()` carry everything but the process RNG for an exact continuation, and
@@ -133,9 +138,14 @@ class Trainer:
         if not named:
             raise TrainingError("the model has no trainable parameter; adapt it (deltatune.adapt) or set "
                                 "requires_grad=True on the parameters to train")
-        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "lr": self.config.lr}]
         if factory is None:
-            return torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
+            options = dict(self.config.update_rule_options or {})
+            return build_update_rule(self.config.update_rule, self.model, lr=self.config.lr,
+                                     weight_decay=self.config.weight_decay, **options)
+        if self.config.update_rule != "adamw" or self.config.update_rule_options:
+            raise ConfigError(f"both optimizer_factory and TrainConfig(update_rule={self.config.update_rule!r}) were "
+                              "given; pass one of them")
+        groups = [{"params": [p for _, p in named], "param_names": [n for n, _ in named], "lr": self.config.lr}]
         optimizer = factory(groups)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TrainingError(f"optimizer_factory returned a {type(optimizer).__name__}; expected a "
@@ -263,22 +273,36 @@ class Trainer:
 
     def _optimizer_step(self, plan: list[MicroBatch], batches: list[dict], global_size: int, started: float) -> None:
         self._fire("on_step_begin")
+        loss = self._global_loss(self._accumulate_gradients(plan, batches))
+        self._fire("on_backward_end")
+        grad_norm = self._clip_gradients()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if isinstance(self.optimizer, NeedsClosure) and self.optimizer.needs_closure:
+            self.optimizer.step(lambda: self._recompute_gradients(plan, batches))
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.progress.step_done()
+        self.progress.interval.add(loss, global_size, time.perf_counter() - started, lr, grad_norm)
+        self._fire("on_step_end")
+        self._agree_on_stop()
+
+    def _accumulate_gradients(self, plan: list[MicroBatch], batches: list[dict]) -> float:
+        """Zero the gradients, then backward every micro-batch of this process; returns this process's loss."""
         self.optimizer.zero_grad(set_to_none=True)
         local_loss = 0.0
         for micro, batch in zip(plan, batches):
             sync = micro.last or not self.world.distributed
             with contextlib.nullcontext() if sync else self._train_model.no_sync():
                 local_loss += self._forward_backward(micro, batch)
-        loss = self._global_loss(local_loss)
-        self._fire("on_backward_end")
-        grad_norm = self._clip_gradients()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.progress.step_done()
-        self.progress.interval.add(loss, global_size, time.perf_counter() - started, lr, grad_norm)
-        self._fire("on_step_end")
-        self._agree_on_stop()
+        return local_loss
+
+    def _recompute_gradients(self, plan: list[MicroBatch], batches: list[dict]) -> float:
+        """The closure given to a `NeedsClosure` optimizer (SAM's second pass): the same global batch's loss and
+        gradients at the current parameters, clipped like the first pass's."""
+        loss = self._global_loss(self._accumulate_gradients(plan, batches))
+        self._clip_gradients()
+        return loss
 
     def _forward_backward(self, micro: MicroBatch, batch: Any) -> float:
         """Backward of this micro-batch's part of the global objective; returns that part's value."""
