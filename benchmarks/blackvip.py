@@ -113,7 +113,7 @@ def run_vpt(job: dict) -> dict:
             optimizer.step()
             queries += pixels.shape[0]
         done = steps
-        curve.append({"queries": queries, "train_loss": float(loss),
+        curve.append({"queries": queries, "train_loss": float(loss.detach()),
                       "validation": _accuracy(model, *data["validation"]), "test": _accuracy(model, *data["test"])})
     return {**job, "curve": curve, "trainable": sum(p.numel() for p in trainable),
             "seconds": round(time.perf_counter() - started, 1)}
@@ -221,21 +221,47 @@ def render(records: list[dict], seeds: int, env: dict) -> str:
     return header + body + "\n" + verdicts(means)
 
 
+def _done(records: list[dict], jobs: list[dict]) -> bool:
+    return all(any(all(r[k] == job[k] for k in KEYS) for r in records) for job in jobs)
+
+
+def complete(records: list[dict], seeds: int) -> bool:
+    """Every grid run and every chosen setting's seeds are in the log."""
+    final = chosen(records, "spsa-gc", checkpoints("spsa-gc") - 1)
+    if final is None or not _done(records, [dict(arm="zero-shot", a=0, c=0, lr=0, seed=0)]):
+        return False
+    grids = grid("spsa-gc") + grid("vpt") + grid("spsa", final[1])
+    return _done(records, grids) and all(_done(records, seeded_jobs(records, arm, seeds)) for arm in ARMS)
+
+
+def run_all(log: harness.RunLog, seeds: int) -> None:
+    """The most important comparisons first, so that a stopped run leaves them: BlackVIP and VPT, then SPSA."""
+    harness.run_jobs([dict(arm="zero-shot", a=0, c=0, lr=0, seed=0)], log, run, describe=str)
+    harness.run_jobs(grid("spsa-gc") + grid("vpt"), log, run, describe=str)
+    for arm in ("spsa-gc", "vpt"):
+        harness.run_jobs(seeded_jobs(log.records(), arm, seeds), log, run, describe=str)
+    best_c = chosen(log.records(), "spsa-gc", checkpoints("spsa-gc") - 1)[1]
+    harness.run_jobs(grid("spsa", best_c), log, run, describe=str)
+    harness.run_jobs(seeded_jobs(log.records(), "spsa", seeds), log, run, describe=str)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output", default="benchmarks/results/blackvip", help="writes <output>.md and .jsonl")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="1: the models are tiny, and the CPU is shared")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the runs logged so far")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = harness.RunLog(f"{args.output}.jsonl", identity=KEYS)
-    harness.run_jobs([dict(arm="zero-shot", a=0, c=0, lr=0, seed=0)], log, run, describe=str)
-    harness.run_jobs(grid("spsa-gc") + grid("vpt"), log, run, describe=str)
-    best_c = chosen(log.records(), "spsa-gc", checkpoints("spsa-gc") - 1)[1]
-    harness.run_jobs(grid("spsa", best_c), log, run, describe=str)
-    for arm in ("spsa-gc", "vpt", "spsa"):
-        harness.run_jobs(seeded_jobs(log.records(), arm, args.seeds), log, run, describe=str)
-    text = render(log.records(), args.seeds, harness.environment(threads=args.threads))
+    if not args.report_only:
+        run_all(log, args.seeds)
+    records = log.records()
+    text = render(records, args.seeds, harness.environment(threads=args.threads))
+    if not complete(records, args.seeds):
+        text = text.replace("\n\n", f"\n\n**PARTIAL** (stopped before every run finished; resume with "
+                            f"`flock /work/wt/heavy.lock python benchmarks/blackvip.py --seeds {args.seeds}`: "
+                            "finished runs are kept)\n\n", 1)
     harness.write_report(f"{args.output}.md", text + harness.kept_notes(f"{args.output}.md"))
     print(text)
     return 0
