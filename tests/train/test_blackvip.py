@@ -180,3 +180,19 @@ def test_bad_shapes_and_optimizers_are_refused():
     with pytest.raises(TrainingError, match="zeroth-order"):
         train_blackvip(_coordinator(), BlackBox(Target()), shuffled_batches(*_data(), 8),
                        torch.optim.SGD(_coordinator().decoder.parameters(), lr=0.1), 1)
+
+
+def test_a_transformers_classifier_works_as_the_black_box():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                       image_size=8, patch_size=4, num_channels=1, num_labels=3)
+    target = ViTForImageClassification(config)
+    box = BlackBox(target, output="probabilities")  # reads the ModelOutput's logits
+    coordinator = _coordinator()
+    optimizer = SPSAGC(coordinator.decoder.parameters(), a=0.05, seed=0)
+    result = train_blackvip(coordinator, box, shuffled_batches(*_data(), 8), optimizer, 2)
+    assert result.queries == 2 * 2 * 5 * 8
+    assert all(not p.requires_grad and p.grad is None for p in target.parameters())
+    assert 0.0 <= evaluate(box, *_data(), coordinator) <= 1.0
