@@ -132,7 +132,8 @@ def test_only_the_decoder_trains_and_the_encoder_stays_frozen():
     assert not coordinator.encoder.training and not coordinator.encoder.module.training
     for key, value in coordinator.encoder.state_dict().items():  # BatchNorm statistics included
         torch.testing.assert_close(value, encoder_before[key], rtol=0, atol=0, msg=key)
-    images = coordinator.prompt_images(_data(6)[0])
+    with torch.no_grad():
+        images = coordinator.prompt_images(_data(6)[0])
     assert images.shape == (6, *IMAGE) and float(images.min()) >= 0.0 and float(images.max()) <= 1.0
 
 
