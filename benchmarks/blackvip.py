@@ -166,8 +166,9 @@ def runs_at(records: list[dict], arm: str, chosen_setting: tuple, seeds: int) ->
 def table(records: list[dict], seeds: int) -> tuple[str, dict]:
     lines = ["| arm | queries | forward-equivalents | setting (val.) | train loss | test % (mean ± std) | seeds |",
              "|---|---|---|---|---|---|---|"]
-    zero = next(r for r in records if r["arm"] == "zero-shot")
-    lines.append(f"| zero-shot | 0 | 0 | – | – | {100 * zero['test']:.1f} | 1 (deterministic) |")
+    zero = next((r for r in records if r["arm"] == "zero-shot"), None)
+    zero_test = f"{100 * zero['test']:.1f}" if zero else "not run"
+    lines.append(f"| zero-shot | 0 | 0 | – | – | {zero_test} | 1 (deterministic) |")
     means = {}
     for arm in ARMS:
         for i in range(checkpoints(arm)):
@@ -183,13 +184,13 @@ def table(records: list[dict], seeds: int) -> tuple[str, dict]:
             factor = 3 if arm == "vpt" else 1
             lines.append(f"| {arm} | {queries:,} | {factor * queries:,} | {label} | {means[arm, queries][1]:.3f} | "
                          f"{harness.mean_std(tests)} | {len(tests)} |")
-    return "\n".join(lines) + "\n", {"zero": zero["test"], **means}
+    return "\n".join(lines) + "\n", {"zero": zero["test"] if zero else None, **means}
 
 
 def verdicts(means: dict) -> str:
     final = BATCH * 2 * PERTURBATIONS * SPSA_STEPS[-1]
     lines = []
-    if ("spsa-gc", final) in means:
+    if ("spsa-gc", final) in means and means["zero"] is not None:
         gc, plain = means["spsa-gc", final], means.get(("spsa", final))
         verdict = "holds" if gc[0] > means["zero"] else "does not hold"
         lines.append(f"- BlackVIP > zero-shot at {final:,} queries: {verdict} ({100 * gc[0]:.1f} vs "
