@@ -262,7 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         run_all(log, args.seeds)
     records = log.records()
-    text = render(records, args.seeds, harness.environment(threads=args.threads))
+    command = harness.command_line()
+    if args.report_only:  # the runs were made by the command without the flag
+        command = command.replace(" --report-only", "") + " (report re-rendered from the log with --report-only)"
+    text = render(records, args.seeds, harness.environment(threads=args.threads, command=command))
     if not complete(records, args.seeds):
         text = text.replace("\n\n", f"\n\n**PARTIAL** (stopped before every run finished; resume with "
                             f"`flock /work/wt/heavy.lock python benchmarks/blackvip.py --seeds {args.seeds}`: "
