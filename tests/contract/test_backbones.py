@@ -22,7 +22,8 @@ from deltatune.recipe import prepare_model
 from deltatune.train import TrainConfig, Trainer
 from deltatune.train.losses import takes_labels
 
-BACKBONE_TASKS = ("glyphs-novel-vit", "glyphs-novel-cnn", "gloss-generation", "diffusion-handwritten")
+BACKBONE_TASKS = ("glyphs-novel-vit", "glyphs-novel-cnn", "gloss-generation", "diffusion-handwritten",
+                  "speech-keywords-novel")
 METHODS = [entry.name for entry in dt.list_methods()]
 BATCH, STEPS = 4, 20  # 20: the shortest run every growth schedule's defaults fit in
 # What a method refuses on a backbone, by design, with the words its one-line message must contain. Any other
@@ -39,6 +40,7 @@ SETUP_REFUSALS = {
     ("iaa", "diffusion-handwritten"): "matched no adaptable module",
     # Input-side deltas need tokens: VPT a ViT's blocks, prompt tuning a module that embeds input_ids.
     ("prompt_tuning", "glyphs-novel-vit"): "no input embedding",
+    ("prompt_tuning", "speech-keywords-novel"): "no input embedding",  # SpeechAST is a ViT: VPT's job
     ("prompt_tuning", "glyphs-novel-cnn"): "matched no adaptable module",
     ("prompt_tuning", "diffusion-handwritten"): "matched no adaptable module",
     ("vpt", "glyphs-novel-cnn"): "matched no adaptable module",
