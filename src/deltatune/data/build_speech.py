@@ -18,7 +18,7 @@ the feature statistics and every file's sha256), plus `ESPEAK_NG_NOTE.txt` (lice
 One clip (seed, file, index -> `random.Random(f"{seed}:{file}:{index}")`): keyword clips draw the accent from the
 8 English accents, the variant from the split's, speed 140-200 words per minute and pitch 25-75 (espeak-ng's 0-99
 scale); voice clips speed 140-200 and pitch 40-60 (the voice stays recognizable). espeak-ng writes 22,050 Hz
-16-bit mono; it is resampled to 16 kHz (SciPy's polyphase `resample_poly(160, 441)`), leading and trailing
+16-bit mono; it is resampled to 16 kHz (SciPy's polyphase `resample_poly(320, 441)`), leading and trailing
 silence below 1% of the peak trimmed, scaled by a gain of 0.5-1.5 (after peak normalization to 0.5), placed at a
 random offset of 0-150 ms in the 0.822 s window (cropped at its end when longer), and given white noise at a
 signal-to-noise ratio of 15-40 dB (numpy `default_rng` seeded from the clip's draw). The arrays hold the
@@ -96,7 +96,7 @@ def place_clip(audio: np.ndarray, rng: random.Random) -> np.ndarray:
     """Resample to 16 kHz, trim silence, gain, random offset in the fixed window, white noise at a random SNR."""
     from scipy.signal import resample_poly
 
-    audio = resample_poly(audio, SAMPLE_RATE // 100, ESPEAK_RATE // 50)
+    audio = resample_poly(audio, SAMPLE_RATE // 50, ESPEAK_RATE // 50)  # 320 / 441 = 16,000 / 22,050
     loud = np.flatnonzero(np.abs(audio) > SILENCE_SHARE * np.abs(audio).max())
     audio = audio[loud[0]:loud[-1] + 1]
     audio = audio / np.abs(audio).max() * 0.5 * rng.uniform(0.5, 1.5)
