@@ -29,7 +29,7 @@ from deltatune.data.glyphs import FILES_DIR
 from deltatune.data.speech import read_speech, split_arrays
 from deltatune.data.speech_ast import AST_WEIGHTS, SpeechAST, write_speech_ast
 
-RECIPE = {"epochs": 30, "lr": 2e-3, "weight_decay": 0.05}
+RECIPE = {"epochs": 100, "lr": 5e-4, "weight_decay": 0.05}
 BATCH_SIZE = 32
 WARMUP_SHARE = 0.05
 LABEL_SMOOTHING = 0.1
