@@ -36,7 +36,7 @@ SIZES = {  # train / validation / test, as documented in src/deltatune/data/READ
     "speech-keywords": (900, 200, 300), "speech-keywords-novel": (440, 80, 160), "speech-voices": (600, 96, 144),
 }
 CLASSES = {"speech-keywords": 25, "speech-keywords-novel": 10, "speech-voices": 12}
-TEST_ACCURACY_FLOOR = 0.80  # the card's held-out (test-speaker) accuracy is above it
+TEST_ACCURACY_FLOOR = 0.90  # the card: 0.937 on the held-out (test-speaker) clips
 # Until `python -m deltatune.data.pretrain_speech` has shipped the weights, the tests that need them say so.
 needs_weights = pytest.mark.skipif(not (FILES_DIR / "speech-ast.safetensors").is_file(),
                                    reason="files/speech-ast.safetensors not shipped yet: run `flock "
