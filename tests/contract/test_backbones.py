@@ -17,12 +17,16 @@ import torch
 import deltatune as dt
 from deltatune.data import load_task
 from deltatune.data.datasets import model_inputs
+from deltatune.data.glyphs import FILES_DIR
 from deltatune.errors import DeltatuneError, NotMergeableError
 from deltatune.recipe import prepare_model
 from deltatune.train import TrainConfig, Trainer
 from deltatune.train.losses import takes_labels
 
-BACKBONE_TASKS = ("glyphs-novel-vit", "glyphs-novel-cnn", "gloss-generation", "diffusion-handwritten")
+# SpeechAST's weights ship once `python -m deltatune.data.pretrain_speech` has run (tests/data/test_speech.py)
+_SPEECH = pytest.param("speech-keywords-novel", marks=pytest.mark.skipif(
+    not (FILES_DIR / "speech-ast.safetensors").is_file(), reason="files/speech-ast.safetensors not shipped yet"))
+BACKBONE_TASKS = ("glyphs-novel-vit", "glyphs-novel-cnn", "gloss-generation", "diffusion-handwritten", _SPEECH)
 METHODS = [entry.name for entry in dt.list_methods()]
 BATCH, STEPS = 4, 20  # 20: the shortest run every growth schedule's defaults fit in
 # What a method refuses on a backbone, by design, with the words its one-line message must contain. Any other
@@ -40,6 +44,7 @@ SETUP_REFUSALS = {
     ("iaa", "diffusion-handwritten"): "matched no adaptable module",
     # Input-side deltas need tokens: VPT a ViT's blocks, prompt tuning a module that embeds input_ids.
     ("prompt_tuning", "glyphs-novel-vit"): "no input embedding",
+    ("prompt_tuning", "speech-keywords-novel"): "no input embedding",  # SpeechAST is a ViT: VPT's job
     ("prompt_tuning", "glyphs-novel-cnn"): "matched no adaptable module",
     ("prompt_tuning", "diffusion-handwritten"): "matched no adaptable module",
     ("vpt", "glyphs-novel-cnn"): "matched no adaptable module",

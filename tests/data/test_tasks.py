@@ -35,7 +35,8 @@ def nouns_model(nouns):
 def test_catalogue_lists_every_task_with_a_one_line_description():
     assert list_tasks()[0] == DEFAULT_TASK == "wordnet-nouns"
     assert set(list_tasks()) == {*WORDNET_TASKS, "digits", *glyph_task_names(), "gloss-generation",
-                                 "reverse-dictionary", "diffusion-handwritten", "gloss-retrieval"}
+                                 "reverse-dictionary", "diffusion-handwritten", "gloss-retrieval",
+                                 "speech-keywords", "speech-keywords-novel", "speech-voices"}
     assert all(text and "\n" not in text for text in describe_tasks().values())
 
 

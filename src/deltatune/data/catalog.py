@@ -19,6 +19,7 @@ from deltatune.data.glyph_tasks import GLYPH_TASKS, glyph_task_names, load_glyph
 from deltatune.data.reverse_dictionary import DESCRIPTION as REVERSE_DICTIONARY_DESCRIPTION
 from deltatune.data.reverse_dictionary import NAME as REVERSE_DICTIONARY
 from deltatune.data.reverse_dictionary import load_reverse_dictionary_task
+from deltatune.data.speech_tasks import SPEECH_TASKS, load_speech_task
 from deltatune.data.task import Task, UnknownTaskError
 from deltatune.data.wordnet import WORDNET_TASKS, load_wordnet_task
 
@@ -31,6 +32,10 @@ def _wordnet_loader(name: str) -> Callable[..., Task]:
 
 def _glyph_loader(name: str) -> Callable[..., Task]:
     return lambda **options: load_glyph_task(name, **options)
+
+
+def _speech_loader(name: str) -> Callable[..., Task]:
+    return lambda **options: load_speech_task(name, **options)
 
 
 def _glyph_description(name: str) -> str:
@@ -46,6 +51,7 @@ _LOADERS: dict[str, tuple[str, Callable[..., Task]]] = {
     REVERSE_DICTIONARY: (REVERSE_DICTIONARY_DESCRIPTION, load_reverse_dictionary_task),
     GLOSS_RETRIEVAL: (GLOSS_RETRIEVAL_DESCRIPTION, load_gloss_retrieval_task),
     DIFFUSION_HANDWRITTEN: (DIFFUSION_HANDWRITTEN_DESCRIPTION, load_diffusion_handwritten_task),
+    **{name: (spec.description, _speech_loader(name)) for name, spec in SPEECH_TASKS.items()},
 }
 
 
