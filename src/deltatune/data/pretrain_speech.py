@@ -22,17 +22,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from deltatune.data.datasets import TensorDictDataset, evaluate_accuracy
 from deltatune.data.glyphs import FILES_DIR
+from deltatune.data.pretrain_vision import train_epoch
 from deltatune.data.speech import read_speech, split_arrays
 from deltatune.data.speech_ast import AST_WEIGHTS, SpeechAST, write_speech_ast
 
 RECIPE = {"epochs": 100, "lr": 5e-4, "weight_decay": 0.05}
 BATCH_SIZE = 32
 WARMUP_SHARE = 0.05
-LABEL_SMOOTHING = 0.1
 MAX_SHIFT, MAX_FREQ_MASK, MAX_TIME_MASK = 8, 8, 12
 
 
@@ -72,23 +71,6 @@ def learning_rate_factor(step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_epoch(model, optimizer, scheduler, train: TensorDictDataset, generator: torch.Generator) -> float:
-    """One pass over the shuffled training set; returns the mean loss."""
-    model.train()
-    order = torch.randperm(len(train), generator=generator)
-    total_loss = 0.0
-    for start in range(0, len(train), BATCH_SIZE):
-        batch = order[start:start + BATCH_SIZE]
-        inputs = augment(train.tensors["spectrogram"][batch], generator)
-        loss = nn.functional.cross_entropy(model(inputs), train.labels[batch], label_smoothing=LABEL_SMOOTHING)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        total_loss += float(loss.detach()) * len(batch)
-    return total_loss / len(train)
-
-
 def pretrain(epochs: int, seed: int, log) -> tuple[SpeechAST, dict]:
     """Train SpeechAST from scratch; return the best-validation model and a summary."""
     torch.manual_seed(seed)
@@ -101,7 +83,8 @@ def pretrain(epochs: int, seed: int, log) -> tuple[SpeechAST, dict]:
     best_accuracy, best_state, best_epoch = -1.0, None, 0
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        loss = train_epoch(model, optimizer, scheduler, splits["train"], generator)
+        loss = train_epoch(model, optimizer, scheduler, splits["train"], generator, inputs="spectrogram",
+                           augment_batch=augment, batch_size=BATCH_SIZE)
         accuracy = evaluate_accuracy(model, splits["validation"], batch_size=256)
         if accuracy > best_accuracy:
             best_accuracy, best_state, best_epoch = accuracy, copy.deepcopy(model.state_dict()), epoch

@@ -61,15 +61,19 @@ def source_split(arrays: dict[str, torch.Tensor], split: str) -> TensorDictDatas
     return TensorDictDataset({"pixels": pixels, "labels": labels})
 
 
-def train_epoch(model, optimizer, scheduler, train: TensorDictDataset, generator: torch.Generator) -> float:
-    """One pass over the shuffled training set; returns the mean loss."""
+def train_epoch(model, optimizer, scheduler, train: TensorDictDataset, generator: torch.Generator, *,
+                inputs: str = "pixels", augment_batch=None, batch_size: int = BATCH_SIZE) -> float:
+    """One pass over the shuffled training set with label-smoothed cross-entropy; returns the mean loss.
+    `inputs` names the dataset tensor the model reads, `augment_batch(x, generator)` its augmentation (default:
+    the glyphs' `augment`); the speech pretraining uses it with its spectrograms."""
+    augment_batch = augment_batch or augment
     model.train()
     order = torch.randperm(len(train), generator=generator)
     total_loss = 0.0
-    for start in range(0, len(train), BATCH_SIZE):
-        batch = order[start:start + BATCH_SIZE]
-        pixels = augment(train.tensors["pixels"][batch], generator)
-        loss = nn.functional.cross_entropy(model(pixels), train.labels[batch], label_smoothing=LABEL_SMOOTHING)
+    for start in range(0, len(train), batch_size):
+        batch = order[start:start + batch_size]
+        x = augment_batch(train.tensors[inputs][batch], generator)
+        loss = nn.functional.cross_entropy(model(x), train.labels[batch], label_smoothing=LABEL_SMOOTHING)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
