@@ -46,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from deltatune.bench import harness  # noqa: E402
 from deltatune.bench.budget import TOLERANCE  # noqa: E402
 from deltatune.bench.harness import mean_std  # noqa: E402
-from deltatune.errors import BenchmarkError  # noqa: E402
+from deltatune.errors import BenchmarkError, DeltatuneError  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
 REFERENCE = "lora"
@@ -54,6 +54,7 @@ REFERENCE_POINTS = ("probe", "full")
 REFERENCE_TASKS = ("digits",)  # where the reference points run by default: on MiniLM they cost the most
 LORA_RANKS = (1, 8)  # the budgets: what LoRA trains at these ranks
 NATURAL = "natural"
+NOT_APPLICABLE = "n/a"  # the method cannot adapt the task's model (recorded, not run)
 PROTOCOL = dict(train_size=192, epochs=1, batch_size=16, max_length=16, validation_size=120, test_size=200)
 LR_GRID = (3e-3, 1e-2, 3e-2)
 EXTEND, MAX_EXTENSIONS = 3.0, 2  # --extend-edges: a best rate at an edge of those tried gets a neighbour ×/÷ 3
@@ -126,7 +127,7 @@ def model_fingerprint(task) -> str:
 def budget_matches(task_names: Sequence[str], method_names: Sequence[str], cache: Path) -> dict[str, dict]:
     """task -> budget -> method -> match (as a dict), for every method with a knob; computed once per model kind
     and cached in `cache` (a JSON file), since matching SPT plans its allocation at every probe."""
-    from deltatune.bench.budget import match_budget, task_counter
+    from deltatune.bench.budget import task_counter
 
     stored = json.loads(cache.read_text()) if cache.exists() else {}
     table: dict[str, dict] = {}
@@ -142,13 +143,39 @@ def budget_matches(task_names: Sequence[str], method_names: Sequence[str], cache
             for method in method_names:
                 if method not in found:
                     print(f"matching {method} to {budget_name(rank)} ({target:,}) on {name}", flush=True)
-                    counter = task_counter(task, method, common=common, batch_size=batch_size)
-                    match = match_budget(method, target, counter)
-                    found[method] = {"field": match.field, "value": match.value, "count": match.count,
-                                     "target": target, "matched": match.matched}
+                    found[method] = matched_knob(method, target, task_counter(task, method, common=common,
+                                                                               batch_size=batch_size))
                     harness.write_json(cache, stored)
         table[name] = entry
     return table
+
+
+def matched_knob(method: str, target: int, counter) -> dict:
+    """The budget match as a dict; a method the task's model cannot take at all (prompt tokens or blocks on the
+    digits conv net) is recorded as not applicable with the refusal, so its row says n/a instead of failing."""
+    from deltatune.bench.budget import match_budget
+
+    try:
+        match = match_budget(method, target, counter)
+    except DeltatuneError as error:
+        return {"field": None, "value": None, "count": None, "target": target, "matched": False,
+                "applies": False, "reason": default_refusal(counter) or str(error).splitlines()[0]}
+    return {"field": match.field, "value": match.value, "count": match.count, "target": target,
+            "matched": match.matched}
+
+
+def default_refusal(counter) -> str | None:
+    """Why the method at its defaults cannot adapt the model (the search's own error only says no knob value
+    worked), or None if its defaults are accepted."""
+    try:
+        counter({})
+    except DeltatuneError as error:
+        return str(error).splitlines()[0]
+    return None
+
+
+def applies(match: dict | None) -> bool:
+    return match is None or match.get("applies", True)
 
 
 def cells(task_names: Sequence[str], method_names: Sequence[str], matches: dict[str, dict],
@@ -162,7 +189,9 @@ def cells(task_names: Sequence[str], method_names: Sequence[str], matches: dict[
                 match = matches[task][budget if budget != NATURAL else budget_name(max(LORA_RANKS))].get(method)
                 knob = {match["field"]: match["value"]} if match and match["field"] else {}
                 skip = "cost" if method in REFERENCE_POINTS and task not in reference_tasks else None
-                if budget != NATURAL and off_budget(match) > REACH:
+                if not applies(match):
+                    skip = NOT_APPLICABLE
+                elif budget != NATURAL and off_budget(match) > REACH:
                     skip = "unreachable"
                 jobs.append(dict(task=task, method=method, budget=budget,
                                  params={**TASK_PARAMS.get(task, {}), **knob}, match=match, not_run=skip))
@@ -283,10 +312,12 @@ def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_
     by_cell = {(r["task"], r["method"], r["budget"]): r for r in records}
     reference_budget = budget if budget != NATURAL else budget_name(max(LORA_RANKS))
     candidates = [m for m in (*method_names, *REFERENCE_POINTS)
-                  if any(k[1] == m and k[2] == budget for k in by_cell) or _expected(m, budget, records)]
+                  if any(k[1] == m and k[2] == budget and by_cell[k].get("not_run") != NOT_APPLICABLE for k in by_cell)
+                  or _expected(m, budget, records)]
     rows = []
     for method in candidates:
-        found = {t: by_cell.get((t, method, budget)) for t in task_names}
+        found = {t: by_cell.get((t, method, budget)) or _not_applicable(by_cell.get((t, method, NATURAL)))
+                 for t in task_names}
         ran = {t: c for t, c in found.items() if ran_cell(c)}
         row = {"method": method, "tasks": {t: final_tests(ran[t]) if t in ran else None for t in task_names},
                "edge": {t for t, c in ran.items() if at_edge(c)},
@@ -306,18 +337,25 @@ def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_
                                        -(r["mean"] or 0), r["method"]))
 
 
+def _not_applicable(cell: dict | None) -> dict | None:
+    """A method that cannot adapt a task's model is recorded once, at the natural budget: every budget shows it."""
+    return cell if cell and cell.get("not_run") == NOT_APPLICABLE else None
+
+
 def _status(cell: dict | None) -> str:
     if cell is None:
         return "missing"
     if cell.get("not_run") == "cost":
         return "not run (cost)"
+    if cell.get("not_run") == NOT_APPLICABLE:
+        return NOT_APPLICABLE
     return f"unreachable ({cell['match']['count'] / cell['match']['target']:.2g}×)"
 
 
 def _expected(method: str, budget: str, records: Sequence[dict]) -> bool:
     """Whether `method` belongs at `budget` although no cell of it finished there (so it shows as missing):
     where its other cells ran, or, with none, where its declared knob puts it."""
-    ran = {r["budget"] == NATURAL for r in records if r["method"] == method}
+    ran = {r["budget"] == NATURAL for r in records if r["method"] == method and r.get("not_run") != NOT_APPLICABLE}
     if not ran:
         from deltatune.bench.budget import budget_field
 
@@ -386,10 +424,11 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "the budget within 5% (its nearest count, within 15%, is used; see the trainable ratio). Rows are "
              "sorted by mean rank: the method's rank on each task it ran (1 = best in this table), averaged; "
              "mean test is over the tasks it ran. unreachable (k×): the knob's nearest count is k× the budget, "
-             f"more than {REACH:.0%} away, so the cell was not run. *: the rate chosen on validation is the smallest "
-             f"or largest tried, so the method may do better outside them (`--extend-edges` tries ×/÷ {EXTEND:g} "
-             f"past the edge, up to {MAX_EXTENSIONS} times past the grid; cells still starred: read as lower "
-             "bounds).", ""]
+             f"more than {REACH:.0%} away, so the cell was not run. n/a: the method cannot adapt that task's "
+             "model (prompt tokens or transformer blocks on the digits conv net). *: the rate chosen on validation "
+             "is the smallest or largest tried, so the method may do better outside them (`--extend-edges` tries "
+             f"×/÷ {EXTEND:g} past the edge, up to {MAX_EXTENSIONS} times past the grid; cells still starred: read "
+             "as lower bounds).", ""]
     for budget in budgets_in(records):
         title = (f"## Budget {budget}: LoRA rank {budget.removeprefix('lora-r')}'s trainable count"
                  if budget != NATURAL else

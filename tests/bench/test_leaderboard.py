@@ -162,3 +162,26 @@ def test_extending_an_edge_tries_rates_past_it_until_the_best_is_inside(board, m
     assert board.edge_jobs([first, second], [job]) == []  # the later record is inside: nothing left to extend
     identity = board.cell_identity(["digits"], extend_edges=True)
     assert identity(first) is None and identity(second) == ["digits", "lora", "lora-r8"]
+
+
+def test_a_method_the_model_cannot_take_is_recorded_and_shown_as_not_applicable(board):
+    from deltatune.errors import ConfigError
+
+    def refusing(params):
+        raise ConfigError("vpt: no block to prompt on the digits conv net")
+
+    match = board.matched_knob("vpt", 1000, refusing)
+    assert match["applies"] is False and "digits conv net" in match["reason"]
+    knob = {"field": "num_tokens", "value": 4, "count": 1000, "target": 1000, "matched": True}
+    matches = {"digits": {b: {"vpt": match} for b in ("lora-r1", "lora-r8")},
+               "wordnet-nouns": {b: {"vpt": knob} for b in ("lora-r1", "lora-r8")}}
+    jobs = [j for j in board.cells(TASKS, ["vpt"], matches) if j["method"] == "vpt"]
+    assert [(j["task"], j["budget"], j["not_run"]) for j in jobs] == [
+        ("digits", "natural", "n/a"), ("wordnet-nouns", "lora-r1", None), ("wordnet-nouns", "lora-r8", None)]
+    records = [{**{k: jobs[0][k] for k in ("task", "method", "budget", "params", "match", "not_run")}, "runs": []},
+               cell("wordnet-nouns", "vpt", "lora-r8", [0.5, 0.5, 0.5]),
+               cell("wordnet-nouns", "lora", "lora-r8", [0.6, 0.6, 0.6])]
+    report = board.render(records, TASKS, ["lora", "vpt"])
+    vpt_line = next(line for line in r8_of(report).splitlines() if "| vpt |" in line)
+    assert "| n/a | 50.0 ± 0.0 |" in vpt_line  # the digits column says why, the row still ranks
+    assert "vpt" not in report.split("## Natural budgets")[1].split("##")[0]
