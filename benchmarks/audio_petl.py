@@ -37,7 +37,9 @@ from deltatune.bench import harness  # noqa: E402
 
 TASKS = {"speech-keywords-novel": 10, "speech-voices": 12}  # task -> classes
 TRAIN_PER_CLASS, EPOCHS, BATCH = 12, 6, 32
-ADAPTER_GRID, PROMPT_GRID = (1e-3, 3e-3, 1e-2), (3e-3, 1e-2, 3e-2)
+# every arm chose the top of the first 3-point grids (1e-3..1e-2 / 3e-3..3e-2 / full 3e-5..3e-4): extended by two
+# steps past that edge, so the rate chosen on validation lies inside the grid
+ADAPTER_GRID, PROMPT_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 METHODS = {  # label -> (method, fixed params, lr grid, budget-matched?)
     "pfeiffer-seq": ("bottleneck_adapter", {"targets": "pfeiffer"}, ADAPTER_GRID, True),
     "houlsby-seq": ("bottleneck_adapter", {"targets": "houlsby"}, ADAPTER_GRID, True),
@@ -45,7 +47,7 @@ METHODS = {  # label -> (method, fixed params, lr grid, budget-matched?)
     "lora": ("lora", {}, ADAPTER_GRID, True),
     "vpt-deep": ("vpt", {"deep": True, "patch_fan_in": 64}, PROMPT_GRID, True),
     "vpt-shallow": ("vpt", {"deep": False, "patch_fan_in": 64}, PROMPT_GRID, True),
-    "full": ("full", {}, (3e-5, 1e-4, 3e-4), False),
+    "full": ("full", {}, (3e-5, 1e-4, 3e-4, 1e-3, 3e-3), False),
     "probe": ("probe", {}, PROMPT_GRID, False),
 }
 

@@ -352,6 +352,11 @@ def _status(cell: dict | None) -> str:
     return f"unreachable ({cell['match']['count'] / cell['match']['target']:.2g}×)"
 
 
+def _row_reason(row: dict) -> str:
+    """Why a row has no accuracy: n/a when no task's model can take the method, else some cells are missing."""
+    return NOT_APPLICABLE if set(row["status"].values()) == {NOT_APPLICABLE} else "missing"
+
+
 def _expected(method: str, budget: str, records: Sequence[dict]) -> bool:
     """Whether `method` belongs at `budget` although no cell of it finished there (so it shows as missing):
     where its other cells ran, or, with none, where its declared knob puts it."""
@@ -367,7 +372,9 @@ def mean_ranks(rows: Sequence[dict], task_names: Sequence[str]) -> dict[str, flo
     """Each method's rank (1 = best mean test accuracy) averaged over the tasks where it ran."""
     ranks: dict[str, list[int]] = {}
     for task in task_names:
-        ran = sorted((r for r in rows if r["tasks"].get(task)), key=lambda r: -statistics.mean(r["tasks"][task]))
+        # ties by name: the ranks must not depend on the order the rows come in (the table re-ranks sorted rows)
+        ran = sorted((r for r in rows if r["tasks"].get(task)),
+                     key=lambda r: (-statistics.mean(r["tasks"][task]), r["method"]))
         for position, row in enumerate(ran, start=1):
             ranks.setdefault(row["method"], []).append(position)
     return {m: statistics.mean(v) for m, v in ranks.items()}
@@ -383,7 +390,7 @@ def budget_table(records: Sequence[dict], task_names: Sequence[str], method_name
     for position, row in enumerate(rows, start=1):
         label = row["method"] + ("" if row["matched"] else " ≠")
         if row["mean"] is None:
-            reason = "unreachable" if row["unreachable"] else "missing"
+            reason = "unreachable" if row["unreachable"] else _row_reason(row)
             cells = " | ".join(row["status"].get(t, "–") for t in task_names)
             lines.append(f"| – | {row['method']} | {reason} | – | {cells} | – | – | – |")
             continue
