@@ -69,6 +69,27 @@ class Seen:
         self.grads_at_step_end.append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
 
 
+class FreezeAfter:
+    """Stateful: zeroes the gradients once it has counted 6 steps of its own; a resume that loses its count
+    would train two steps more than the uninterrupted run."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def on_backward_end(self, model, **_):
+        self.count += 1
+        if self.count > 6:
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.zero_()
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
 def _trainer(model, out, trainer_cls, callbacks, **changes):
     settings = dict(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8, learning_rate=0.05,
                     report_to=[], save_strategy="steps", save_steps=4, use_cpu=True, logging_steps=1,
@@ -85,7 +106,7 @@ def _run(out, resume_at=None, trainer_cls=DeltaTrainer):
     model = _model()
     schedule = copy.deepcopy(CONFIG).training_callbacks(model, total_steps=STEPS)
     seen = Seen()
-    bridge = DeltatuneCallbacks([*schedule, seen])
+    bridge = DeltatuneCallbacks([*schedule, FreezeAfter(), seen])
     trainer = _trainer(model, out, trainer_cls, [bridge, SaveAdapterCallback()])
     if resume_at is None:
         trainer.train()
@@ -93,8 +114,10 @@ def _run(out, resume_at=None, trainer_cls=DeltaTrainer):
     trainer.train()  # then resume a fresh model from the middle checkpoint
     model = _model()
     schedule = copy.deepcopy(CONFIG).training_callbacks(model, total_steps=STEPS)
-    trainer = _trainer(model, out, trainer_cls, [DeltatuneCallbacks(schedule), SaveAdapterCallback()])
+    bridge = DeltatuneCallbacks([*schedule, FreezeAfter(), seen])
+    trainer = _trainer(model, out, trainer_cls, [bridge, SaveAdapterCallback()])
     trainer.train(resume_from_checkpoint=str(out / f"checkpoint-{resume_at}"))
+    assert bridge.callbacks[-2].count == STEPS  # its count came back from the checkpoint
     return model, schedule, seen
 
 
