@@ -22,20 +22,45 @@ SAM needs two forward/backward passes per step, which the Trainer's loop does no
 `SharpnessAwareStep` in (``class SAMTrainer(SharpnessAwareStep, Trainer): pass``) and give it a SAM optimizer
 (`update_rule_optimizers(model, args, "sam", rho=0.05)`).
 
+deltatune's own training callbacks (allocators' rank updates, SaRA re-selection, ID³, SNELLA: anything
+`deltatune.train.Trainer` takes as `callbacks=`) run unchanged in the Trainer through `DeltatuneCallbacks`, and
+the deltas' regularizers join the loss with the `RegularizedLoss` mixin::
+
+    class DeltaTrainer(RegularizedLoss, Trainer):
+        pass
+
+    schedules = config.training_callbacks(adapted_model, total_steps=args.max_steps)
+    trainer = DeltaTrainer(model=adapted_model, args=args, ...,
+                           callbacks=[DeltatuneCallbacks(schedules), SaveAdapterCallback()])
+    trainer.train()
+    trainer.train(resume_from_checkpoint=True)   # the callbacks' decisions come back from the checkpoint
+
+A Trainer checkpoint then holds, next to the Trainer's own files, `adapter/` (the adapter alone, for
+`deltatune.load_adapter`) and `deltatune_callbacks.json` + `.safetensors` (the schedules' states).
+
+The same pieces in a plain `accelerate` loop: call `deltatune.train.callbacks.fire(schedules, hook, ...)` at
+the points listed in `DeltatuneCallbacks`, add `deltatune.regularization_loss(model)` to the loss, and save
+`callback_states(schedules)` with `accelerator.save_state` (see tests/integrations/test_transformers_host.py).
+
 transformers is imported by this module only, never by ``import deltatune``.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from deltatune.core.state import save_adapter
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.optim.rules import build_update_rule
 from deltatune.optim.sam import SAM
+from deltatune.train.callbacks import callback_states, fire, load_callback_states
+from deltatune.train.losses import is_zero_constant, regularization
+from deltatune.train.serialize import decode, encode
 
 try:
     from transformers import TrainerCallback
@@ -114,3 +139,105 @@ class SharpnessAwareStep:
             super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         sam.restore()
         return loss
+
+
+CALLBACK_STATE = "deltatune_callbacks"
+
+
+class DeltatuneCallbacks(TrainerCallback):
+    """deltatune training callbacks (`deltatune.train.callbacks`) run inside a transformers Trainer.
+
+    The hooks map onto the Trainer's loop so that each callback sees what it sees in `deltatune.train.Trainer`:
+    on_step_begin at the Trainer's on_step_begin; on_backward_end at on_pre_optimizer_step (the step's gradients
+    are accumulated; unlike deltatune's loop the Trainer has clipped them already); on_step_end at
+    on_optimizer_step (after optimizer.step, before the Trainer zeroes `.grad`, with `global_step` the count
+    after this step); on_epoch_end, on_evaluate (with `metrics`), on_train_begin and on_train_end at theirs.
+    `progress` is this object: a callback's `progress.request_stop()` sets the Trainer's should_training_stop.
+
+    The callbacks' states (ranks, masks, RNG) go into every checkpoint as `deltatune_callbacks.json` +
+    `.safetensors`, and come back when the Trainer resumes from `<output_dir>/checkpoint-<step>`.
+    """
+
+    def __init__(self, callbacks: list[Any]) -> None:
+        self.callbacks = list(callbacks)
+        self._stop = False
+
+    def request_stop(self) -> None:
+        """What a callback calls on `progress` to stop training after this step."""
+        self._stop = True
+
+    def _context(self, state: Any, model: Any, kwargs: dict[str, Any], step: int | None) -> dict[str, Any]:
+        return dict(progress=self, model=model, optimizer=kwargs.get("optimizer"),
+                    scheduler=kwargs.get("lr_scheduler"), epoch=int(state.epoch or 0),
+                    global_step=state.global_step if step is None else step)
+
+    def _fire(self, hook: str, state: Any, control: Any, model: Any, kwargs: dict[str, Any],
+              step: int | None = None, **extra: Any) -> None:
+        fire(self.callbacks, hook, **extra, **self._context(state, model, kwargs, step))
+        if self._stop:
+            control.should_training_stop = True
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if state.global_step > 0:  # the Trainer resumed: restore the callbacks' decisions of that checkpoint
+            self._load(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        self._fire("on_train_begin", state, control, model, kwargs)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._fire("on_step_begin", state, control, model, kwargs)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._fire("on_backward_end", state, control, model, kwargs)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._fire("on_step_end", state, control, model, kwargs, step=state.global_step + 1)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._fire("on_epoch_end", state, control, model, kwargs)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._fire("on_evaluate", state, control, model, kwargs, metrics=kwargs.get("metrics", {}))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self._fire("on_train_end", state, control, model, kwargs)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self._save(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def _save(self, folder: Path) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        structure = encode(callback_states(self.callbacks), "callbacks", tensors)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{CALLBACK_STATE}.json").write_text(json.dumps(structure))
+        save_file(tensors, str(folder / f"{CALLBACK_STATE}.safetensors"))
+
+    def _load(self, folder: Path) -> None:
+        structure_file = folder / f"{CALLBACK_STATE}.json"
+        if not structure_file.is_file():
+            raise DeltatuneError(f"{folder} holds no {CALLBACK_STATE}.json; resume from a checkpoint written with "
+                                 "DeltatuneCallbacks in the Trainer's callbacks, under args.output_dir")
+        tensors = load_file(str(folder / f"{CALLBACK_STATE}.safetensors"))
+        load_callback_states(self.callbacks, decode(json.loads(structure_file.read_text()), tensors), str(folder))
+
+
+class RegularizedLoss:
+    """Mixin for a transformers Trainer: adds `deltatune.regularization_loss(model)` (the active deltas'
+    regularizers and penalties, e.g. SaRA's nuclear norm) to the training loss, divided by the accumulation
+    steps on each micro-batch (once per optimizer step in total, as in `deltatune.train.Trainer`). Evaluation
+    losses stay the task loss.
+
+        class DeltaTrainer(RegularizedLoss, Trainer):
+            pass
+    """
+
+    def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)  # type: ignore[misc]
+        if not model.training:
+            return result
+        term = regularization(getattr(model, "module", model))
+        if is_zero_constant(term):
+            return result
+        share = term / self.args.gradient_accumulation_steps  # type: ignore[attr-defined]
+        if return_outputs:
+            return result[0] + share, result[1]
+        return result + share
