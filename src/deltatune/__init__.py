@@ -42,6 +42,7 @@ from deltatune.core.model import (
     unmerge,
 )
 from deltatune.core.registry import list_methods, method_entry, register_method
+from deltatune.core.routing import route
 from deltatune.core.state import adapter_names, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
 from deltatune.merging.adapters import combine_adapters
@@ -76,6 +77,6 @@ __all__ = sorted(_registered_configs()) + [
     "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "ParameterCount", "active_adapters", "adapt",
     "adapter_names", "adapter_state_dict", "combine_adapters",
     "config_for", "delete_adapter", "disabled", "iter_deltas", "list_methods", "load_adapter", "merge",
-    "method_entry", "register_method", "regularization_loss", "save_adapter", "save_merged", "set_active",
+    "method_entry", "register_method", "regularization_loss", "route", "save_adapter", "save_merged", "set_active",
     "set_trainable", "set_training_mode", "trainable_parameters", "unload", "unmerge",
 ]
