@@ -235,8 +235,9 @@ def render(raw: dict) -> str:
              f"{shared.MAX_TOKENS} tokens, LoRA r = {shared.RANK} on query+value)", "",
              harness.environment_line(env), "", f"Command: `{env['command']}`", "",
              "## One mixed batch vs the adapters one after another on their sub-batches", "",
-             "| adapters | inference mixed (ms) | inference sequential (ms) | sequential / mixed | train step mixed (ms) "
-             "| train step sequential (ms) | sequential / mixed | max \\|logit diff\\| mixed vs sequential |",
+             "| adapters | inference mixed (ms) | inference sequential (ms) | sequential / mixed "
+             "| train step mixed (ms) | train step sequential (ms) | sequential / mixed "
+             "| max \\|logit diff\\| mixed vs sequential |",
              "|---|---|---|---|---|---|---|---|"]
     for row in raw["throughput"]:
         inf, tr = row["inference_ms"], row["training_ms"]
