@@ -112,3 +112,21 @@ def test_merged_adapters_are_refused():
     with pytest.raises(RoutingError, match="merged"):
         with dt.route(model, ["a"] * 5):
             pass
+
+
+INPUT_SIDE = [entry.name for entry in dt.list_methods()
+              if entry.delta_cls.kind is dt.DeltaKind.INPUT and "module" in entry.delta_cls.layer_kinds]
+
+
+@pytest.mark.parametrize("method", INPUT_SIDE)
+def test_input_side_methods_are_refused_by_name(method):
+    from contract.test_input_side import _adapted_or_refusal
+
+    for case in ("bert", "vit", "llama"):
+        model, _, refusal = _adapted_or_refusal(method, case)
+        if model is not None:
+            break
+    assert model is not None, f"{method} runs on none of the toy models"
+    with pytest.raises(RoutingError, match=rf"\({method}\) cannot be routed per sample: its input-side delta"):
+        with dt.route(model, ["default", "base"]):
+            pass
