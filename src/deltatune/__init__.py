@@ -24,6 +24,7 @@ read from the method registry (`__getattr__`, `__dir__`), so a new method needs 
 from deltatune.core.attach import adapter_state_dict
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
+from deltatune.core.hotswap import hotswap_adapter, prepare_hotswap
 from deltatune.core.merged import save_merged
 from deltatune.core.model import (
     ParameterCount,
@@ -42,6 +43,7 @@ from deltatune.core.model import (
     unmerge,
 )
 from deltatune.core.registry import list_methods, method_entry, register_method
+from deltatune.core.routing import route
 from deltatune.core.state import adapter_names, load_adapter, save_adapter
 from deltatune.errors import DeltatuneError
 from deltatune.merging.adapters import combine_adapters
@@ -74,8 +76,8 @@ def __dir__() -> list[str]:
 
 __all__ = sorted(_registered_configs()) + [
     "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "ParameterCount", "active_adapters", "adapt",
-    "adapter_names", "adapter_state_dict", "combine_adapters",
-    "config_for", "delete_adapter", "disabled", "iter_deltas", "list_methods", "load_adapter", "merge",
-    "method_entry", "register_method", "regularization_loss", "save_adapter", "save_merged", "set_active",
+    "adapter_names", "adapter_state_dict", "combine_adapters", "config_for", "delete_adapter", "disabled",
+    "hotswap_adapter", "iter_deltas", "list_methods", "load_adapter", "merge", "method_entry", "prepare_hotswap",
+    "register_method", "regularization_loss", "route", "save_adapter", "save_merged", "set_active",
     "set_trainable", "set_training_mode", "trainable_parameters", "unload", "unmerge",
 ]

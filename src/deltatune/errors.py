@@ -47,3 +47,12 @@ def config_check(condition: bool, field: str, value: object, expected: str, fix:
     if not condition:
         message = f"{field}={value!r} is invalid: expected {expected}"
         raise ConfigError(message + (f"; {fix}" if fix else "."))
+
+
+class RoutingError(DeltatuneError, ValueError):
+    """A per-sample adapter routing cannot be done (an unknown name, a method that cannot route, a batch size
+    that does not match the names)."""
+
+
+class HotSwapError(DeltatuneError, ValueError):
+    """An adapter cannot replace a loaded one in place (other targets, other method, a rank above the maximum)."""

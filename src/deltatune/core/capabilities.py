@@ -40,6 +40,30 @@ class KeepsBaseInEval(Protocol):
         ...
 
 
+@runtime_checkable
+class SwapsRank(Protocol):
+    """A delta whose tensors another saved adapter's can replace in place, up to a declared maximum rank
+    (`deltatune.prepare_hotswap`, `deltatune.hotswap_adapter`): its factors are zero-padded to the maximum once,
+    and its scale is a tensor, so a new rank or alpha is a change of values, never of shapes or of the graph of
+    a compiled model. `hot_swappable_fields` are the config fields a swap may change; every other field must be
+    equal. Deltas without this capability swap too, when the new config equals the loaded one."""
+
+    hot_swappable_fields: ClassVar[tuple[str, ...]]
+
+    def pad_to_rank(self, max_rank: int) -> None:
+        """Zero-pad the factors to `max_rank` (an exact no-op on the output); called once, before compiling."""
+        ...
+
+    def check_swap(self, config: Any, tensors: dict[str, Tensor]) -> None:
+        """Raise HotSwapError, naming the problem, when `tensors` (this delta's saved tensors, by their own
+        names) of an adapter with `config` cannot be swapped in; change nothing."""
+        ...
+
+    def swap_in(self, config: Any, tensors: dict[str, Tensor]) -> None:
+        """Write `tensors` into the padded factors in place (zeros beyond their rank) and the new scale."""
+        ...
+
+
 # --- the delta algebra ---------------------------------------------------------------------------------------
 @runtime_checkable
 class AssignsDeltaWeight(Protocol):
@@ -137,7 +161,7 @@ class HasOrthogonalRegularizer(Protocol):
 
 
 DELTA_CAPABILITIES = (FusesWithBase, AssignsDeltaWeight, AssignsDeltaBias, HasRank, HasRegularizationShare,
-                      HasPeftTensorNames, KeepsBaseInEval, HasLowRankPair)
+                      HasPeftTensorNames, KeepsBaseInEval, HasLowRankPair, SwapsRank)
 CONFIG_CAPABILITIES = (PeftConvertibleConfig, HasDropout, HasSmoothingFactors, HasOrthogonalRegularizer)
 
 _PROTOCOL_MACHINERY = frozenset({"__init__", "__subclasshook__", "__abstractmethods__", "__class_getitem__",

@@ -108,6 +108,14 @@ class Delta(nn.Module):
         hosted module, for reading (its input embedding, say); call `run`, never `module`, to compute."""
         raise NotImplementedError(f"{type(self).__name__} does not act on inputs")
 
+    @property
+    def routes_per_sample(self) -> bool:
+        """True when the delta can run on some rows of a batch alone, so that one batch can mix adapters
+        (`deltatune.route`): sample i's change depends on sample i only, and is computed on the activation path.
+        ADDITIVE and OUTPUT deltas can by default; WEIGHT deltas change the one weight every row shares and
+        INPUT deltas change the call itself, so they cannot. A method whose term mixes rows returns False."""
+        return self.kind in (DeltaKind.ADDITIVE, DeltaKind.OUTPUT)
+
     def regularization(self) -> Tensor | None:
         """A penalty the trainer adds to the loss (orthogonality, nuclear norm, ...), or None."""
         return None

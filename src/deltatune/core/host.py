@@ -12,6 +12,7 @@ looks at an adapted layer's ``.weight``, ``.bias``, ``in_features``, ``kernel_si
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -19,14 +20,26 @@ from torch import Tensor, nn
 from deltatune.core.capabilities import FusesWithBase
 from deltatune.core.delta import COMPOSITION_ORDER, Delta, DeltaKind
 from deltatune.core.layers import LayerInfo, base_bias
-from deltatune.errors import DeltatuneError, NotMergeableError
+from deltatune.errors import DeltatuneError, NotMergeableError, RoutingError
 
 _BASE = "base_layer."
 # The host's own fields: never forwarded to the base layer, even if a base layer happened to have one.
 _OWN_FIELDS = frozenset({
     "base_layer", "layer", "deltas", "active", "merged", "disabled", "_plan", "_live", "_fuse_first_additive",
-    "_fuse_weight_delta", "_layer_live",
+    "_fuse_weight_delta", "_layer_live", "routes",
 })
+
+
+@dataclass(frozen=True)
+class RoutedGroups:
+    """What one host runs for a routed batch: (delta, row indices) per adapter that has a delta on this layer,
+    split by kind, and each kind's rows concatenated in the same order (the index of one scatter)."""
+
+    batch_size: int
+    additive: tuple[tuple[Delta, Tensor], ...] = ()
+    output: tuple[tuple[Delta, Tensor], ...] = ()
+    additive_rows: Tensor | None = None
+    output_rows: Tensor | None = None
 
 
 class AdaptedLayer(nn.Module):
@@ -45,6 +58,8 @@ class AdaptedLayer(nn.Module):
         self._fuse_first_additive = False
         self._fuse_weight_delta = False
         self._layer_live = False
+        # Per-sample routing (`core.routing.route`): None, or the (delta, rows) groups of the batch being run.
+        self.routes: RoutedGroups | None = None
         self.register_state_dict_post_hook(_base_keys_on_save)
         self.register_load_state_dict_pre_hook(_base_keys_on_load)
         self.train(base_layer.training)  # a layer of a model in eval mode stays in eval mode
@@ -112,6 +127,8 @@ class AdaptedLayer(nn.Module):
 
     # --- forward --------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if self.routes is not None:  # one attribute test: the cost of routing when it is not used
+            return self._forward_routed(*args, **kwargs)
         if self.disabled or not self._live:
             return self.base_layer(*args, **kwargs)
         if self._plan[DeltaKind.INPUT]:
@@ -145,6 +162,28 @@ class AdaptedLayer(nn.Module):
             y = y + delta(x)
         for delta in self._plan[DeltaKind.OUTPUT]:
             y = delta.transform_output(y)
+        return y
+
+    def _forward_routed(self, *args, **kwargs):
+        """Each sample (row of the batch) through its own adapter's delta on this layer, or none: the base output
+        for all rows, then the additive terms of each group's rows added in one `index_add`, then the output
+        transforms of each group's rows written back in one `index_copy`."""
+        routes = self.routes
+        if not routes.additive and not routes.output:
+            return self.base_layer(*args, **kwargs)
+        (x,) = args
+        if x.shape[0] != routes.batch_size:
+            raise RoutingError(f"{self.layer.type_name} got a batch of {x.shape[0]} rows but {routes.batch_size} "
+                               "adapter names were routed; pass one name per sample of the batch")
+        y = self.base_layer(x)
+        if routes.additive:
+            # a term may broadcast over its rows (BitFit's Δb): expanded to the rows it is added to
+            terms = [delta(x.index_select(0, rows)).to(y.dtype).expand(len(rows), *y.shape[1:])
+                     for delta, rows in routes.additive]
+            y = y.index_add(0, routes.additive_rows, torch.cat(terms))
+        if routes.output:
+            outputs = [delta.transform_output(y.index_select(0, rows)) for delta, rows in routes.output]
+            y = y.index_copy(0, routes.output_rows, torch.cat(outputs).to(y.dtype))
         return y
 
     def _base_output(self, x: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ Deviation: grouped convolutions are not supported (clear error).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta, DeltaKind
 from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, EMBEDDING, LINEAR, LayerInfo, is_hf_conv1d
 from deltatune.core.registry import register_method
-from deltatune.errors import ConfigError, UnsupportedLayerError, config_check
+from deltatune.errors import ConfigError, HotSwapError, UnsupportedLayerError, config_check
 from deltatune.functional.lowrank import lowrank_delta_weight, lowrank_linear
 from deltatune.methods.lora_peft import check_peft_lora_config, peft_variant_method
 
@@ -123,6 +124,9 @@ class LoRADelta(Delta):
 
     kind = DeltaKind.ADDITIVE
     layer_kinds = ALL_KINDS
+    # `SwapsRank`: the fields another adapter may differ in when it is hot-swapped in
+    hot_swappable_fields: ClassVar[tuple[str, ...]] = ("rank", "alpha", "rslora")
+    swap_capacity: int | None = None  # the max rank once prepared for hot-swapping
 
     def __init__(self, config: LoRAConfig, layer: LayerInfo, module_name: str = "") -> None:
         super().__init__(config, layer, module_name)
@@ -175,7 +179,10 @@ class LoRADelta(Delta):
         """base_layer(x) + forward(x) in one fused autograd node (`functional.lowrank.lowrank_linear`), or None
         when this call cannot be fused (the host then runs the two separately): only for a plain nn.Linear or
         transformers Conv1D without hooks, one dtype throughout, outside autocast, and no active dropout on the
-        branch."""
+        branch. Not once prepared for hot-swapping: the fused node takes the scale as a number, which a compiled
+        graph would bake in, while a swap changes the `scale` tensor."""
+        if self.swap_capacity is not None:
+            return None
         if self.training and self.config.dropout > 0 or not _fusable(self, x, base_layer):
             return None
         weight = base_layer.weight if self.layer.kind == LINEAR else base_layer.weight.t()
@@ -210,6 +217,53 @@ class LoRADelta(Delta):
                               "LoRAConfig(bias=True) to assign one")
         self.lora_bias.copy_(delta_bias.reshape(-1).double() / float(self.scale))
 
+    # --- hot-swapping (`SwapsRank`: deltatune.prepare_hotswap, deltatune.hotswap_adapter) --------------------
+    @torch.no_grad()
+    def pad_to_rank(self, max_rank: int) -> None:
+        """Zero-pad A to (max_rank, ...) rows and B to max_rank columns: the extra rank components add exact
+        zeros. The config becomes the equivalent one at rank max_rank (alpha rescaled to keep the scale), so a
+        save of the padded adapter is a valid LoRA with the same outputs."""
+        rank, limit = self.lora_A.shape[0], min(self.layer.fan_in, self.layer.out_features)
+        allowed = f"{rank} <= max_rank < {limit}" if "rank" in self.hot_swappable_fields else f"{rank} (fixed)"
+        config_check(isinstance(max_rank, int) and (max_rank == rank or "rank" in self.hot_swappable_fields)
+                     and rank <= max_rank < limit, "max_rank", max_rank, f"{allowed} for {self.module_name!r}")
+        down = self.lora_A.new_zeros((max_rank, *self.lora_A.shape[1:]))
+        up = self.lora_B.new_zeros((self.lora_B.shape[0], max_rank, *self.lora_B.shape[2:]))
+        down[:rank], up[:, :rank] = self.lora_A, self.lora_B
+        self.lora_A = nn.Parameter(down, requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(up, requires_grad=self.lora_B.requires_grad)
+        self.config = _at_rank(self.config, max_rank)
+        self.swap_capacity = max_rank
+
+    def check_swap(self, config: LoRAConfig, tensors: dict[str, Tensor]) -> None:
+        """The saved (lora_A, lora_B[, lora_bias]) of a rank ≤ max_rank adapter on this same layer."""
+        where = self.module_name or "this layer"
+        if self.swap_capacity is None:
+            raise HotSwapError(f"the LoRA on {where} is not prepared for hot-swapping; call "
+                               "deltatune.prepare_hotswap(model, name, max_rank=...) first (before torch.compile)")
+        rank = config.rank
+        if rank > self.swap_capacity:
+            raise HotSwapError(f"the new adapter's rank {rank} on {where} is above the prepared max_rank "
+                               f"{self.swap_capacity}; prepare with deltatune.prepare_hotswap(..., max_rank={rank})")
+        expected = {"lora_A": (rank, *self.lora_A.shape[1:]),
+                    "lora_B": (self.lora_B.shape[0], rank, *self.lora_B.shape[2:])}
+        if self.config.bias:
+            expected["lora_bias"] = tuple(self.lora_bias.shape)
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise HotSwapError(f"tensor {key!r} for {where} has shape {tuple(tensors[key].shape)}, expected "
+                                   f"{shape}: the adapter was saved for another model or layer")
+
+    @torch.no_grad()
+    def swap_in(self, config: LoRAConfig, tensors: dict[str, Tensor]) -> None:
+        rank = config.rank
+        self.lora_A.zero_()[:rank].copy_(tensors["lora_A"])
+        self.lora_B.zero_()[:, :rank].copy_(tensors["lora_B"])
+        if self.config.bias:
+            self.lora_bias.copy_(tensors["lora_bias"])
+        self.scale.fill_(config.scale)
+        self.config = _at_rank(config, self.swap_capacity)
+
     def peft_tensor_names(self) -> dict[str, str]:
         if self.layer.kind == EMBEDDING:
             config_check(not self.config.bias, "bias", self.config.bias,
@@ -218,6 +272,14 @@ class LoRADelta(Delta):
             return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
         names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
         return names | ({"lora_bias": "lora_B.bias"} if self.config.bias else {})
+
+
+def _at_rank(config: LoRAConfig, rank: int) -> LoRAConfig:
+    """The config of the same update at a (zero-padded) higher rank: alpha rescaled so that the scale is equal."""
+    if rank == config.rank:
+        return config
+    alpha = config.scale * (math.sqrt(rank) if config.rslora else rank)
+    return dataclasses.replace(config, rank=rank, alpha=alpha)
 
 
 def _fusable(delta: LoRADelta, x: Tensor, base_layer: nn.Module) -> bool:

@@ -91,6 +91,8 @@ class PiSSADelta(LoRADelta):
     """PiSSA: LoRA started from W0's top-r SVD, the residual as the frozen base."""
 
     layer_kinds = frozenset({LINEAR, CONV1D_HF, CONV})
+    # the frozen initial factors come from W0's SVD at this rank and scale: a swap keeps both
+    hot_swappable_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PiSSAConfig, layer: LayerInfo, module_name: str = "") -> None:
         super().__init__(config, layer, module_name)
