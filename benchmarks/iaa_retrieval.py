@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from deltatune.bench import harness
+from deltatune.core.atomic import atomic_write_text
 from deltatune.data import load_task
 
 TASK, SEEDS, EPOCHS, BATCH, EVERY = "gloss-retrieval", (0, 1, 2), 1, 32, 25
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(records, zero_shot(), harness.environment())
     report = f"{args.report}.md"
     harness.write_report(report, text + harness.kept_notes(report), {Path(f"{args.report}.png"): plot(records)})
+    atomic_write_text(f"{args.report}.jsonl", (out / "runs.jsonl").read_text())  # the raw runs beside the table
     print(text)
 
 
