@@ -77,14 +77,20 @@ def _adapter_parameter_count(model: nn.Module, name: str, config: Any) -> int:
 def load_deltatune_adapter(model: nn.Module, location: AdapterLocation, name: str = "default", *,
                            trainable: bool = False, allow_nonfinite: bool = False) -> nn.Module:
     """Read a deltatune folder and attach it to `model` as adapter `name` (the model unchanged on any error)."""
-    folder = location.folder
+    config, tensors = read_deltatune_folder(location.folder, allow_nonfinite=allow_nonfinite)
+    return attach_adapter(model, config, tensors, name, trainable, source=location.folder)
+
+
+def read_deltatune_folder(folder: Path, *, allow_nonfinite: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The method config and tensors of a deltatune folder, checked (format fields, the weights file's recorded
+    size and hash, and finite values unless allowed); nothing is attached."""
     meta = read_json(folder / CONFIG_FILE)
     config = config_from_meta(meta, folder / CONFIG_FILE)
     tensors = read_safetensors(folder / WEIGHTS_FILE)
     check_weights_record(meta, folder / WEIGHTS_FILE, folder / CONFIG_FILE)
     if not allow_nonfinite:
         refuse_nonfinite(tensors, folder / WEIGHTS_FILE)
-    return attach_adapter(model, config, tensors, name, trainable, source=folder)
+    return config, tensors
 
 
 def config_from_meta(meta: dict[str, Any], source: Path) -> Any:

@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.adapter_files import check_weights_record
 from deltatune.core.attach import adapter_state_dict
 from deltatune.core.capabilities import SwapsRank
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
-from deltatune.core.deltatune_format import CONFIG_FILE, WEIGHTS_FILE, config_from_meta
-from deltatune.core.files import read_json, read_safetensors, refuse_nonfinite
+from deltatune.core.deltatune_format import CONFIG_FILE, read_deltatune_folder
 from deltatune.core.formats import adapter_folder
 from deltatune.core.model import _config_of, adapter_state, iter_deltas
 from deltatune.core.registry import entry_for_config
@@ -81,13 +79,7 @@ def _read_folder(folder: Path, allow_nonfinite: bool) -> tuple[DeltaConfig, dict
     if not (folder / CONFIG_FILE).is_file():
         raise HotSwapError(f"{folder} holds no {CONFIG_FILE}: hot-swapping reads deltatune adapter folders; load "
                            "another format once with deltatune.load_adapter and save it with save_adapter")
-    meta = read_json(folder / CONFIG_FILE)
-    config = config_from_meta(meta, folder / CONFIG_FILE)
-    tensors = read_safetensors(folder / WEIGHTS_FILE)
-    check_weights_record(meta, folder / WEIGHTS_FILE, folder / CONFIG_FILE)
-    if not allow_nonfinite:
-        refuse_nonfinite(tensors, folder / WEIGHTS_FILE)
-    return config, tensors
+    return read_deltatune_folder(folder, allow_nonfinite=allow_nonfinite)
 
 
 def _check_method(current: DeltaConfig, config: DeltaConfig, folder: Path) -> None:
