@@ -3,9 +3,6 @@ global batch, including a LoRA-adapted model, an empty shard on the last step, a
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,33 +10,19 @@ import torch
 from safetensors.torch import load_file
 
 from train import ddp_worker
+from train.torchrun import run_in_process, run_two_processes
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(HERE / "ddp_worker.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return run_two_processes(ddp_worker, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    threads = torch.get_num_threads()
-    try:
-        ddp_worker.run_all(out)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return run_in_process(ddp_worker, tmp_path_factory.mktemp("single"))
 
 
 @pytest.mark.distributed

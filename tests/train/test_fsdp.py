@@ -2,9 +2,6 @@
 deltas as one process with the whole batch; the gathered adapter is complete and loads in one process."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,33 +10,19 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from train import fsdp_worker
+from train.torchrun import run_in_process, run_two_processes
 
 HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")])}
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(HERE / "fsdp_worker.py"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return run_two_processes(fsdp_worker, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp-single")
-    threads = torch.get_num_threads()
-    try:
-        fsdp_worker.run_all(out)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return run_in_process(fsdp_worker, tmp_path_factory.mktemp("fsdp-single"))
 
 
 @pytest.mark.distributed
