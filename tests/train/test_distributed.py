@@ -3,7 +3,6 @@ global batch, including a LoRA-adapted model, an empty shard on the last step, a
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,6 @@ from safetensors.torch import load_file
 
 from train import ddp_worker
 from train.torchrun import run_in_process, run_two_processes
-
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 deltas as one process with the whole batch; the gathered adapter is complete and loads in one process."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -11,8 +9,6 @@ from safetensors.torch import load_file
 import deltatune as dt
 from train import fsdp_worker
 from train.torchrun import run_in_process, run_two_processes
-
-HERE = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
