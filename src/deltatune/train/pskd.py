@@ -109,12 +109,12 @@ class ProgressiveSelfKnowledgeDistillation(Callback):
 
     def loss(self, logits: Tensor, labels: Tensor, sample_index: Tensor, epoch: int) -> Tensor:
         """The PS-KD loss of a batch at `epoch`, and its softmax recorded for the next epoch (plain loops)."""
-        loss = self._loss_and_predictions(logits, labels, sample_index, epoch)
+        loss = self.step_loss(logits, labels, sample_index, epoch)
         self.commit()
         return loss
 
-    def _loss_and_predictions(self, logits: Tensor, labels: Tensor, sample_index: Tensor | None,
-                              epoch: int) -> Tensor:
+    def step_loss(self, logits: Tensor, labels: Tensor, sample_index: Tensor | None, epoch: int) -> Tensor:
+        """The PS-KD loss of a batch at `epoch`; its softmax is held until `commit()` (a trainer's step end)."""
         if logits.dim() != 2:
             raise TrainingError(f"PS-KD needs logits (B, C) with one label per example; got {tuple(logits.shape)}")
         if sample_index is None:
@@ -145,6 +145,10 @@ class ProgressiveSelfKnowledgeDistillation(Callback):
         for row, index in enumerate(sample_index.reshape(-1).tolist()):
             self._pending.setdefault(index, probabilities[row])
 
+    def discard_pending(self) -> None:
+        """Forget held predictions that were not committed (a new step begins)."""
+        self._pending.clear()
+
     def commit(self) -> None:
         """Write the held predictions into the table (the Trainer does it at on_step_end)."""
         if not self._pending:
@@ -160,7 +164,7 @@ class ProgressiveSelfKnowledgeDistillation(Callback):
         logits = logits_of(outputs)
         if self._epoch is None:
             return F.cross_entropy(logits, labels)
-        return self._loss_and_predictions(logits, labels, sample_index, self._epoch)
+        return self.step_loss(logits, labels, sample_index, self._epoch)
 
     # --- as a Trainer callback ----------------------------------------------------------------------------
     def on_train_begin(self, progress: Any = None, **kwargs: Any) -> None:
@@ -171,7 +175,7 @@ class ProgressiveSelfKnowledgeDistillation(Callback):
             self.epochs = math.ceil(progress.total_steps / progress.steps_per_epoch)
 
     def on_step_begin(self, progress: Any = None, epoch: int = 0, **kwargs: Any) -> None:
-        self._pending.clear()
+        self.discard_pending()
         self._epoch = progress.epoch if progress is not None else epoch
 
     def on_step_end(self, **kwargs: Any) -> None:
