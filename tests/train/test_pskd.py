@@ -187,3 +187,32 @@ def test_pskd_in_a_transformers_trainer(tmp_path) -> None:
     output = trainer.train()
     assert output.global_step == 8 and pskd.epochs == 2 and bool(pskd.seen.all())
     torch.testing.assert_close(pskd.predictions.sum(1), torch.ones(len(data)))
+
+
+class StopAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, progress, global_step, **_):
+        if global_step == self.step:
+            progress.request_stop()
+
+
+def _pskd_run(tmp, *, stop_at: int | None = None, resume: bool = False):
+    data = BlobDataset(20)
+    model = small_net()
+    pskd = ProgressiveSelfKnowledgeDistillation(len(data))
+    config = TrainConfig(epochs=3, batch_size=8, lr=5e-2, progress=False, eval_every_epoch=False,
+                         output_dir=str(tmp), checkpoint_every=2, resume=resume)
+    extra = [StopAt(stop_at)] if stop_at else []
+    Trainer(model, config, with_sample_index(data), loss_fn=pskd, callbacks=[pskd, *extra]).train()
+    return model, pskd
+
+
+def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path) -> None:
+    whole_model, whole = _pskd_run(tmp_path / "whole")
+    _pskd_run(tmp_path / "split", stop_at=4)  # mid-epoch 1 (3 steps per epoch)
+    split_model, split = _pskd_run(tmp_path / "split", resume=True)
+    torch.testing.assert_close(split.predictions, whole.predictions, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(whole_model.named_parameters(), split_model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
