@@ -42,11 +42,25 @@ The same pieces in a plain `accelerate` loop: call `deltatune.train.callbacks.fi
 the points listed in `DeltatuneCallbacks`, add `deltatune.regularization_loss(model)` to the loss, and save
 `callback_states(schedules)` with `accelerator.save_state` (see tests/integrations/test_transformers_host.py).
 
+Training strategies: PS-KD (`deltatune.train.pskd`) through `ProgressiveTargetsStep`, a mixin whose
+`compute_loss` trains against the progressive targets, plus `ProgressiveTargetsCallback`, which records each
+step's predictions; the items must carry `sample_index` (`deltatune.train.with_sample_index`)::
+
+    class PSKDTrainer(ProgressiveTargetsStep, Trainer):
+        pass
+
+    pskd = ProgressiveSelfKnowledgeDistillation(num_samples=len(train))
+    trainer = PSKDTrainer(model=model, args=args, train_dataset=with_sample_index(train),
+                          callbacks=[ProgressiveTargetsCallback(pskd)])
+
+Progressive unfreezing (`deltatune.train.ProgressiveUnfreezing`): `ProgressiveUnfreezingCallback(unfreeze)`.
+
 transformers is imported by this module only, never by ``import deltatune``.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -58,9 +72,12 @@ from deltatune.core.state import save_adapter
 from deltatune.errors import ConfigError, DeltatuneError
 from deltatune.optim.rules import build_update_rule
 from deltatune.optim.sam import SAM
+from deltatune.train.batches import SAMPLE_INDEX
 from deltatune.train.callbacks import callback_states, fire, load_callback_states
-from deltatune.train.losses import is_zero_constant, regularization
+from deltatune.train.losses import is_zero_constant, logits_of, regularization
+from deltatune.train.pskd import ProgressiveSelfKnowledgeDistillation
 from deltatune.train.serialize import decode, encode
+from deltatune.train.unfreezing import ProgressiveUnfreezing
 
 try:
     from transformers import TrainerCallback
@@ -241,3 +258,76 @@ class RegularizedLoss:
         if return_outputs:
             return result[0] + share, result[1]
         return result + share
+
+class ProgressiveTargetsCallback(TrainerCallback):
+    """Runs `pskd` (a `ProgressiveSelfKnowledgeDistillation`) in a transformers Trainer: T from the Trainer's
+    epochs when `pskd.epochs` is None, the step's predictions written into its table at each step's end. Use it
+    with a Trainer that mixes in `ProgressiveTargetsStep`."""
+
+    def __init__(self, pskd: ProgressiveSelfKnowledgeDistillation) -> None:
+        if not isinstance(pskd, ProgressiveSelfKnowledgeDistillation):
+            raise ConfigError(f"ProgressiveTargetsCallback needs a ProgressiveSelfKnowledgeDistillation, got a "
+                              f"{type(pskd).__name__}")
+        self.pskd = pskd
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.pskd.epochs is None:
+            self.pskd.epochs = max(1, math.ceil(state.num_train_epochs))
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.pskd.discard_pending()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.pskd.commit()
+
+
+class ProgressiveTargetsStep:
+    """Mixin for a transformers Trainer with a `ProgressiveTargetsCallback`: in training, `compute_loss` runs the
+    model without labels and returns PS-KD's loss at the current epoch (`floor(state.epoch)`); in evaluation the
+    Trainer's usual loss. `sample_index` and `labels` are kept by the Trainer's column filter, and `sample_index`
+    is taken out of the inputs before the model is called."""
+
+    loss_is_scaled_for_ga = False  # the PS-KD loss is a per-batch mean: the Trainer divides it for accumulation
+
+    def _pskd(self) -> ProgressiveSelfKnowledgeDistillation:
+        for callback in self.callback_handler.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, ProgressiveTargetsCallback):
+                return callback.pskd
+        raise ConfigError("ProgressiveTargetsStep needs a ProgressiveTargetsCallback(pskd) in the Trainer's "
+                          "callbacks")
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
+        for column in (SAMPLE_INDEX, "labels"):  # PS-KD reads both, even when forward takes neither
+            if column not in self._signature_columns:  # type: ignore[attr-defined]
+                self._signature_columns.append(column)  # type: ignore[attr-defined]
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        inputs = dict(inputs)
+        sample_index = inputs.pop(SAMPLE_INDEX, None)
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # type: ignore[misc]
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        epoch = math.floor(self.state.epoch + 1e-6)  # type: ignore[attr-defined]
+        loss = self._pskd().step_loss(logits_of(outputs), labels, sample_index, epoch)
+        return (loss, outputs) if return_outputs else loss
+
+
+class ProgressiveUnfreezingCallback(TrainerCallback):
+    """A `deltatune.train.ProgressiveUnfreezing` schedule in a transformers Trainer: the stage of each step
+    (`state.global_step`, `floor(state.epoch)`) is applied at its beginning; every parameter is trainable again
+    at the end. Build the schedule before the Trainer (it reads the trainable set)."""
+
+    def __init__(self, unfreezing: ProgressiveUnfreezing) -> None:
+        if not isinstance(unfreezing, ProgressiveUnfreezing):
+            raise ConfigError(f"ProgressiveUnfreezingCallback needs a ProgressiveUnfreezing, got a "
+                              f"{type(unfreezing).__name__}")
+        self.unfreezing = unfreezing
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.unfreezing.update(step=state.global_step, epoch=math.floor(state.epoch + 1e-6))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.unfreezing.restore()

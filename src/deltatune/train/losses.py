@@ -12,6 +12,9 @@ Which loss a batch gets (`batch_loss`; the trainer, evaluation and SPT's sensiti
    cannot fit the logits are a TrainingError naming both shapes and the fix (pass `loss_fn=`, for a causal LM
    `causal_lm_loss`).
 
+A `loss_fn` whose signature names a `sample_index` parameter also gets the batch's sample indices (int64 (B,), or
+None when the batch carries none: `batches.SAMPLE_INDEX`), for losses with per-example state (PS-KD).
+
 A loss that is not a scalar tensor is a TrainingError; a NaN/inf loss is the trainer's to refuse (after the
 all-reduce, before the update).
 """
@@ -28,7 +31,8 @@ from torch import Tensor, nn
 from deltatune.errors import TrainingError
 
 LossFn = Callable[[Any, Tensor], Tensor]
-"""`loss_fn(outputs, labels) -> 0-dim tensor`: `outputs` is what the model returned, the result the batch mean."""
+"""`loss_fn(outputs, labels) -> 0-dim tensor`: `outputs` is what the model returned, the result the batch mean
+(`loss_fn(outputs, labels, sample_index=...)` when it names that parameter)."""
 
 IGNORE_INDEX = -100  # the label transformers (and F.cross_entropy's default) leave out of the loss
 
@@ -107,6 +111,16 @@ def causal_lm_loss(outputs: Any, labels: Tensor) -> Tensor:
     return F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX)
 
 
+def names_parameter(function: Any, name: str) -> bool:
+    """True when `function`'s signature has a parameter `name` that can be passed by keyword."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    parameter = parameters.get(name)
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+
+
 def takes_labels(model: nn.Module) -> bool:
     """True when `model.forward` has a parameter named `labels` (then it computes its own loss from them)."""
     module = getattr(model, "module", model)  # DistributedDataParallel wraps the model as .module
@@ -131,6 +145,8 @@ def batch_loss(model: nn.Module, batch: Any, loss_fn: LossFn | None,
         outputs = batch.run(model)
     if loss_fn is None:
         return check_loss(cross_entropy(outputs, batch.labels), "the default cross-entropy"), outputs
+    if names_parameter(loss_fn, "sample_index"):
+        return check_loss(loss_fn(outputs, batch.labels, sample_index=batch.sample_index), "loss_fn"), outputs
     return check_loss(loss_fn(outputs, batch.labels), "loss_fn"), outputs
 
 
