@@ -49,7 +49,7 @@ def _params(spec, count: int, overrides: dict | None = None, weights: list[float
 
 
 def _count(spec, wanted: int) -> int:
-    return max(wanted, spec.min_models)
+    return min(max(wanted, spec.min_models), spec.max_models or wanted)
 
 
 def _state(values: torch.Tensor) -> dict[str, torch.Tensor]:
