@@ -13,40 +13,12 @@ from torch.utils.data import DataLoader, TensorDataset
 import deltatune as dt
 from deltatune.methods.sara import SaRAConfig
 from deltatune.train.callbacks import fire
+from integrations.stateful import FreezeAfter
 
 accelerate = pytest.importorskip("accelerate")
 
 CONFIG = SaRAConfig(fraction=0.3, nuclear_weight=0.05, nuclear_min_dim=8, targets=["0"], seed=3)
 STEPS = 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class FreezeAfter:
-    """Stateful: zeroes the gradients once it has counted 6 steps of its own (a resume that loses the count
-    trains two steps more)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def on_backward_end(self, model, **_):
-        self.count += 1
-        if self.count > 6:
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    parameter.grad.zero_()
-
-    def state_dict(self):
-        return {"count": self.count}
-
-    def load_state_dict(self, state):
-        self.count = state["count"]
 
 
 class Schedules:

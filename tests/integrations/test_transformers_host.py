@@ -18,16 +18,9 @@ from deltatune.integrations.transformers import (  # noqa: E402
     RegularizedLoss,
     SaveAdapterCallback,
 )
+from integrations.stateful import FreezeAfter  # noqa: E402
 
 STEPS = 8
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Square(nn.Module):
@@ -67,27 +60,6 @@ class Seen:
     def on_step_end(self, global_step, model, **_):
         self.steps.append(("end", global_step))
         self.grads_at_step_end.append(all(p.grad is not None for p in model.parameters() if p.requires_grad))
-
-
-class FreezeAfter:
-    """Stateful: zeroes the gradients once it has counted 6 steps of its own; a resume that loses its count
-    would train two steps more than the uninterrupted run."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def on_backward_end(self, model, **_):
-        self.count += 1
-        if self.count > 6:
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    parameter.grad.zero_()
-
-    def state_dict(self):
-        return {"count": self.count}
-
-    def load_state_dict(self, state):
-        self.count = state["count"]
 
 
 def _trainer(model, out, trainer_cls, callbacks, **changes):
