@@ -95,6 +95,7 @@ class MergeMethodSpec:
     mergekit_values: Mapping[str, Mapping[Any, Any]] = field(default_factory=dict)
     stochastic: bool = False
     self_merge: Mapping[str, Any] | None = None
+    max_models: int | None = None
 
     def field_names(self) -> tuple[set[str], set[str]]:
         """(shared parameter names, per-model parameter names)."""
@@ -110,7 +111,8 @@ def register_merge(name: str, params_cls: type, model_params_cls: type, *, base:
                    statistics: Callable[[Any, Sequence[Any]], Sequence[ModelStatistic]] | None = None,
                    check: Callable[[Any, list[Any]], None] | None = None,
                    mergekit_values: Mapping[str, Mapping[Any, Any]] | None = None, description: str = "",
-                   stochastic: bool = False, self_merge: Mapping[str, Any] | None = None):
+                   stochastic: bool = False, self_merge: Mapping[str, Any] | None = None,
+                   max_models: int | None = None):
     """Function decorator registering a merge method under `name` (see the module docstring).
 
     check(params, model_params): raises MergeError for combinations no single field can reject (e.g. weights
@@ -121,6 +123,7 @@ def register_merge(name: str, params_cls: type, model_params_cls: type, *, base:
     self_merge: parameter values (shared or per-model, by field name) under which merging copies of one
     fine-tune, with weights summing to 1, gives that fine-tune back; None when no setting does (the method
     always drops or rescales something). The contract test (tests/merging/test_contract.py) checks both.
+    max_models: the most non-base models the method takes (SLERP: 1); None for no limit (its `check` enforces it).
     """
     if base not in BASE_POLICIES:
         raise ConfigError(f"base={base!r}: expected one of {BASE_POLICIES}")
@@ -132,7 +135,7 @@ def register_merge(name: str, params_cls: type, model_params_cls: type, *, base:
         _MERGES[name] = MergeMethodSpec(name, params_cls, model_params_cls, function, base, summary,
                                         dict(mergekit_defaults or {}), min_models, statistics, check,
                                         dict(mergekit_values or {}), stochastic,
-                                        None if self_merge is None else dict(self_merge))
+                                        None if self_merge is None else dict(self_merge), max_models)
         return function
 
     return decorate
