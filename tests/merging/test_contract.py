@@ -49,7 +49,8 @@ def _params(spec, count: int, overrides: dict | None = None, weights: list[float
 
 
 def _count(spec, wanted: int) -> int:
-    return min(max(wanted, spec.min_models), spec.max_models or wanted)
+    wanted = max(wanted, spec.min_models)
+    return wanted if spec.max_models is None else min(wanted, spec.max_models)
 
 
 def _state(values: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -124,7 +124,6 @@ def register_merge(name: str, params_cls: type, model_params_cls: type, *, base:
     self_merge: parameter values (shared or per-model, by field name) under which merging copies of one
     fine-tune, with weights summing to 1, gives that fine-tune back; None when no setting does (the method
     always drops or rescales something). The contract test (tests/merging/test_contract.py) checks both.
-    max_models: the most non-base models the method takes (SLERP: 1); None for no limit (its `check` enforces it).
     """
     if base not in BASE_POLICIES:
         raise ConfigError(f"base={base!r}: expected one of {BASE_POLICIES}")

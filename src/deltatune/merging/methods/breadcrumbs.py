@@ -23,7 +23,10 @@ from deltatune.merging.registry import MergeInputs, register_merge
 
 @dataclass(frozen=True)
 class BreadcrumbsModelParams(TaskModelParams):
-    """weight w_i; density: fraction of entries kept; gamma: fraction of largest-|δ| entries dropped."""
+    """weight w_i; density: fraction of entries kept; gamma: fraction of largest-|δ| entries dropped.
+
+    The paper's recommended β/γ are not in our notes: density 0.9 is our default (not verified against the
+    paper), gamma 0.01 is mergekit's; a mergekit YAML gets mergekit's density 1.0."""
 
     density: float = 0.9
     gamma: float = 0.01

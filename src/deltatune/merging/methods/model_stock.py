@@ -3,7 +3,7 @@ as mergekit 0.1.5 computes it.
 
 With offsets δ_i = θ_i − θ_0 of the N >= 2 fine-tunes from the base, cos θ is the mean over model pairs of the
 cosine between δ_i and δ_j (norm product clamped at 1e-6, cosine clamped to [−1, 1]); the interpolation ratio
-is the paper's t = N cos θ / (1 + (N − 1) cos θ) (§3, eq. 7), and θ = t · mean_i θ_i + (1 − t) θ_0.
+is the paper's t = N cos θ / (1 + (N − 1) cos θ), and θ = t · mean_i θ_i + (1 − t) θ_0.
 `filter_wise: true` takes one angle (and one t) per output row instead of one per tensor (1-D tensors count as
 a single row), as mergekit's option of that name. The paper's two-model case is N = 2. Where the ratio is
 undefined (cos θ = −1/(N − 1)) the base is kept; mergekit gives NaN there.
