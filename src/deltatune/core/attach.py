@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deltatune.core.files import check_saved_tensors
 from deltatune.core.model import _config_of, adapt, delete_adapter, extra_modules, iter_deltas, set_trainable
 from deltatune.core.running_stats import running_statistics
 from deltatune.errors import AdapterFileError
@@ -74,15 +75,9 @@ def _fill_adapter(model: nn.Module, name: str, tensors: dict[str, Tensor], sourc
     expected = adapter_state_dict(model, name)
     statistics = _saved_statistics(model, tensors, expected, source)
     tensors = {k: v for k, v in tensors.items() if k not in statistics}
-    for key, target in expected.items():
-        if key not in tensors:
-            raise AdapterFileError(f"{source} has no tensor {key!r} that this model's adapter needs; "
-                                   "was it saved for another model or config?")
-        if tuple(tensors[key].shape) != tuple(target.shape):
-            raise AdapterFileError(
-                f"{source}: tensor {key!r} has shape {tuple(tensors[key].shape)} but the model expects "
-                f"{tuple(target.shape)}; the adapter was saved for a different model or rank"
-            )
+    check_saved_tensors(expected, tensors, source=source, error=AdapterFileError,
+                        missing_fix="was it saved for another model or config?",
+                        shape_fix="the adapter was saved for a different model or rank")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise AdapterFileError(f"{source} has tensor {unexpected[0]!r} that matches nothing in the model; "

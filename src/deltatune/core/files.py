@@ -8,6 +8,7 @@ pair with its records). Nothing here knows a file format's fields or a model.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from deltatune.errors import AdapterFileError
+from deltatune.errors import AdapterFileError, DeltatuneError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -110,3 +111,17 @@ def refuse_nonfinite(tensors: dict[str, Tensor], source: Path) -> None:
                 f"{source}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the adapter "
                 "is broken (re-train or re-save it), or pass allow_nonfinite=True to load it anyway"
             )
+
+
+def check_saved_tensors(expected: Mapping[str, Tensor], saved: Mapping[str, Tensor], *, source: object,
+                        error: type[DeltatuneError], missing_fix: str, shape_fix: str) -> None:
+    """Every tensor `expected` names is in `saved` with its shape, else one `error` naming the first bad key.
+
+    Shared by a load (`core.attach`) and `adapt(..., init_from=)`: both copy saved tensors into an adapter only
+    after this check, so a refused file leaves the model untouched."""
+    for key, target in expected.items():
+        if key not in saved:
+            raise error(f"{source} has no tensor {key!r} that this adapter needs; {missing_fix}")
+        if tuple(saved[key].shape) != tuple(target.shape):
+            raise error(f"{source}: tensor {key!r} has shape {tuple(saved[key].shape)} but the model expects "
+                        f"{tuple(target.shape)}; {shape_fix}")

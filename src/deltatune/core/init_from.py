@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.files import read_safetensors
+from deltatune.core.files import check_saved_tensors, read_safetensors
 from deltatune.errors import ConfigError
 
 WEIGHTS_FILE = "deltatune_adapter.safetensors"  # the deltatune format's weights file (core/deltatune_format.py)
@@ -29,25 +29,17 @@ def source_tensors(init_from: str | os.PathLike | dict[str, Tensor]) -> tuple[di
     if not weights.is_file():
         raise ConfigError(f"init_from={str(init_from)!r} is not a deltatune adapter folder (no {WEIGHTS_FILE}); "
                           "pass a folder written by deltatune.save_adapter")
-    return read_safetensors(weights), str(weights)
+    return read_safetensors(weights), f"init_from {weights}"
 
 
 def fill_from_adapter(deltas: list[tuple[str, nn.Module]], init_from: str | os.PathLike | dict[str, Tensor]) -> None:
     """Copy the saved tensors into the new (not yet attached) deltas; check every key and shape first."""
     saved, source = source_tensors(init_from)
-    pairs = []
-    for path, delta in deltas:
-        for key, target in delta.state_dict(keep_vars=True).items():
-            full = f"{path}.{key}"
-            if full not in saved:
-                raise ConfigError(f"init_from: {source} has no tensor {full!r}; it was saved for another model, "
-                                  "method or targets")
-            if tuple(saved[full].shape) != tuple(target.shape):
-                raise ConfigError(
-                    f"init_from: tensor {full!r} has shape {tuple(saved[full].shape)} in {source} but the new "
-                    f"adapter's is {tuple(target.shape)}; use the source adapter's config (prompt length, rank)"
-                )
-            pairs.append((target, saved[full]))
+    expected = {f"{path}.{key}": target for path, delta in deltas
+                for key, target in delta.state_dict(keep_vars=True).items()}
+    check_saved_tensors(expected, saved, source=source, error=ConfigError,
+                        missing_fix="it was saved for another model, method or targets",
+                        shape_fix="use the source adapter's config (prompt length, rank)")
     with torch.no_grad():
-        for target, tensor in pairs:
-            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+        for key, target in expected.items():
+            target.copy_(saved[key].to(device=target.device, dtype=target.dtype))
