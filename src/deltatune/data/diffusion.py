@@ -228,11 +228,10 @@ def read_glyph_diffusion(weights: Path, config: Path) -> GlyphDiffusion:
     return model
 
 
-@functools.lru_cache(maxsize=1)
-def _shipped_tensors() -> tuple[dict[str, Tensor], str]:
+@functools.lru_cache(maxsize=2)
+def _shipped_tensors(files: Path) -> tuple[dict[str, Tensor], str]:
     from safetensors.torch import load_file
 
-    files = globals()["FILES"]  # read at call time (tests and the report point it elsewhere)
     weights, config = files / WEIGHTS_FILE, files / CONFIG_FILE
     if not weights.is_file():
         raise DeltatuneError(f"the pretrained glyph DDPM {weights} is missing; reinstall deltatune, or rebuild it "
@@ -240,10 +239,11 @@ def _shipped_tensors() -> tuple[dict[str, Tensor], str]:
     return load_file(str(weights)), config.read_text()
 
 
-def load_glyph_ddpm() -> GlyphDiffusion:
+def load_glyph_ddpm(files: Path | None = None) -> GlyphDiffusion:
     """A fresh copy of the pretrained glyph DDPM (float32), read from the package's files (offline; the file is
-    read once per process and copied, so every call returns independent weights). Card: files/glyph-ddpm.md."""
-    tensors, config = _shipped_tensors()
+    read once per process and copied, so every call returns independent weights). Card: files/glyph-ddpm.md.
+    `files`: another folder holding glyph-ddpm.safetensors and .json (a re-run of the pretraining script)."""
+    tensors, config = _shipped_tensors(Path(files) if files is not None else FILES)
     model = GlyphDiffusion(GlyphDiffusionConfig.from_dict(json.loads(config)))
     model.unet.load_state_dict({key: value.float() for key, value in tensors.items()})
     return model

@@ -94,11 +94,12 @@ def model_card(metrics: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--files", type=Path, default=FILES)
+    parser.add_argument("--files", type=Path, default=FILES,
+                        help="the folder holding the DDPM to measure; its metrics and card are written there")
     parser.add_argument("--grid", type=Path, default=GRID)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model = load_glyph_ddpm()
+    model = load_glyph_ddpm(args.files)
     metrics_path = args.files / "glyph-ddpm-metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["quality"] = measure(model)
