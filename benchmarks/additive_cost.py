@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row for task_name in CONTENDERS for row in measure(task_name)]
     report = Path(f"{args.output}.md")
     harness.write_json(f"{args.output}.json", rows)
-    harness.write_report(report, render(rows, harness.environment(threads=args.threads)) + harness.kept_notes(report))
+    harness.write_report(report, render(rows, harness.environment(threads=args.threads)))
     return 0
 
 

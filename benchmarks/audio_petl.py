@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
               f" lr chosen on the full validation split at seed 0 from each method's grid; test = the full test "
               f"split; mean ± std over seeds 0-{args.seeds - 1}. Raw runs: audio_petl.jsonl.\n\n")
     report = out.with_suffix(".md")  # atomic; the hand-written reading survives a re-run
-    harness.write_report(report, header + table + "\n" + verdicts(means) + harness.kept_notes(report))
+    harness.write_report(report, header + table + "\n" + verdicts(means))
     return 0
 
 

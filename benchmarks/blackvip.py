@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         text = text.replace("\n\n", f"\n\n**PARTIAL** (stopped before every run finished; resume with "
                             f"`flock /work/wt/heavy.lock python benchmarks/blackvip.py --seeds {args.seeds}`: "
                             "finished runs are kept)\n\n", 1)
-    harness.write_report(f"{args.output}.md", text + harness.kept_notes(f"{args.output}.md"))
+    harness.write_report(f"{args.output}.md", text)
     print(text)
     return 0
 

@@ -422,7 +422,7 @@ OUTPUT = [OUT.with_suffix(".md")]  # the report's path (main sets it from --outp
 
 
 def write(log: harness.RunLog, output: Path) -> str:
-    text = report(log.records()) + harness.kept_notes(output)
+    text = report(log.records())
     harness.write_report(output, text)
     return text
 

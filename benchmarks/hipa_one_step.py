@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         records = run(log_path)
     text = render(records, harness.environment(threads=args.threads))
-    harness.write_report(f"{args.output}.md", text + harness.kept_notes(f"{args.output}.md"))
+    harness.write_report(f"{args.output}.md", text)
     print(text)
 
 

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     records = log.records()
     text = render(records, zero_shot(), harness.environment())
     report = f"{args.report}.md"
-    harness.write_report(report, text + harness.kept_notes(report), {Path(f"{args.report}.png"): plot(records)})
+    harness.write_report(report, text, {Path(f"{args.report}.png"): plot(records)})
     atomic_write_text(f"{args.report}.jsonl", (out / "runs.jsonl").read_text())  # the raw runs beside the table
     print(text)
 

@@ -569,7 +569,7 @@ def main() -> None:
         except BenchmarkError as error:  # the other cells finished: report them, the failed one shows as missing
             failure = error
     records = log.records()
-    report = render(records, task_names, method_names) + harness.kept_notes(args.output)
+    report = render(records, task_names, method_names)
     print(report)
     harness.write_report(args.output, report, {args.output.with_suffix(".png"): plot(records, task_names,
                                                                                       method_names)})

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     chosen = best_by_validation(rows)
     text = render(rows, chosen, harness.environment())
     report = f"{args.report}.md"
-    harness.write_report(report, text + harness.kept_notes(report), {Path(f"{args.report}.png"): plot(chosen)})
+    harness.write_report(report, text, {Path(f"{args.report}.png"): plot(chosen)})
     print(text)
 
 

@@ -236,7 +236,7 @@ def report(payload: dict) -> str:
 
 
 def write(output: Path, payload: dict) -> None:
-    harness.write_report(output, report(payload) + harness.kept_notes(output))
+    harness.write_report(output, report(payload))
 
 
 def run_stage(job: dict, work: Path) -> dict:

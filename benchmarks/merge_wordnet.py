@@ -298,8 +298,7 @@ def run_stage(job: dict, work: Path, threads: int) -> dict:
 
 def write(output: Path, payload: dict) -> None:
     """The report, atomically, keeping the hand-written notes of the previous one."""
-    notes = harness.kept_notes(output)
-    harness.write_report(output, report(payload, COMMAND) + notes)
+    harness.write_report(output, report(payload, COMMAND))
 
 
 COMMAND = ("HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/merge_wordnet.py --stage prune & "

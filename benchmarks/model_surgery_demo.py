@@ -179,8 +179,7 @@ def main() -> None:
         raw = {"environment": harness.environment(threads=1), "alphas": arguments.alphas, "scale": arguments.scale,
                **measure([float(a) for a in arguments.alphas.split(",")], arguments.scale)}
         harness.write_json(arguments.json, raw)
-    notes = harness.kept_notes(arguments.out)  # the hand-written reading survives a re-run
-    harness.write_report(arguments.out, report(raw) + notes)
+    harness.write_report(arguments.out, report(raw))  # keeps the hand-written reading of a previous run
 
 
 def report(raw: dict) -> str:

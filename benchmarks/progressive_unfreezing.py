@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = harness.job_grid(arm=ARMS, lr=settings.lrs, seed=settings.seeds)
     harness.run_jobs(jobs, log, lambda job: run(job, settings), describe=str)
     markdown = render(log.records(), settings, env)
-    harness.write_report(f"{settings.out}.md", markdown + harness.kept_notes(f"{settings.out}.md"))
+    harness.write_report(f"{settings.out}.md", markdown)
     print(markdown)
     return 0
 

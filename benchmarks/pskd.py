@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     harness.run_jobs(jobs, log, lambda job: run(job, settings), describe=str)
     png = Path(f"{settings.out}_reliability.png")
     markdown, figure = render(log.records(), settings, env, png)
-    harness.write_report(f"{settings.out}.md", markdown + harness.kept_notes(f"{settings.out}.md"), {png: figure})
+    harness.write_report(f"{settings.out}.md", markdown, {png: figure})
     print(markdown)
     return 0
 

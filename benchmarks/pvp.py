@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               for seed in range(1, args.seeds)]
     harness.run_jobs(seeded, log, lambda job: run(job, source))
     text = render(log.records(), args.seeds, harness.environment(threads=args.threads))
-    harness.write_report(f"{args.output}.md", text + harness.kept_notes(f"{args.output}.md"))
+    harness.write_report(f"{args.output}.md", text)
     print(text)
     return 0
 

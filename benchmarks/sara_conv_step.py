@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = fixed_batch(task)
     runs = [measure(contenders, batch, args.blocks, args.per_block) for _ in range(args.repeats)]
     text = render(runs, harness.environment(threads=args.threads), counts)
-    harness.write_report(args.output, text + harness.kept_notes(args.output))
+    harness.write_report(args.output, text)
     print(text)
 
 

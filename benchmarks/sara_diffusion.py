@@ -193,7 +193,7 @@ def main() -> None:
             return {**harness.run_child(command, label=f"{job['method']} seed {job['seed']}"), "environment": env}
 
         harness.run_jobs(jobs, log, launch)
-    text = report(log.records()) + harness.kept_notes(args.output)
+    text = report(log.records())
     harness.write_report(args.output, text)
     print(text)
 

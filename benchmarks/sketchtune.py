@@ -325,7 +325,7 @@ def write(records: list[dict]) -> None:
             "", "## Validation loss of every rate (seed 0)", "", *grid_table(records), "",
             f"Raw runs: {LOG.name} ({len(records)} records).", ""]
     report = RESULTS / "sketchtune.md"
-    harness.write_report(report, "\n".join(text) + harness.kept_notes(report))
+    harness.write_report(report, "\n".join(text))
     print("\n".join(text))
 
 

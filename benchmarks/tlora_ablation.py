@@ -77,7 +77,7 @@ def main() -> None:
             f"Date {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, 2 threads, "
             f"{minutes:.1f} min in all. Raw runs: tlora_ablation.json.", "", *table(records, chosen), ""]
     report = RESULTS / "tlora_ablation.md"  # atomic; the hand-written reading survives a re-run
-    harness.write_report(report, "\n".join(text) + harness.kept_notes(report))
+    harness.write_report(report, "\n".join(text))
     print("\n".join(text))
 
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
               f"images per class, AdamW batch 32; lr chosen on validation ({VALIDATION} images) at seed 0 from "
               f"each method's grid; test on {TEST} images. Raw runs: vpt.jsonl.\n\n")
     report = out.with_suffix(".md")  # atomic; the hand-written reading survives a re-run
-    harness.write_report(report, header + table + "\n" + verdicts(means) + harness.kept_notes(report))
+    harness.write_report(report, header + table + "\n" + verdicts(means))
     return 0
 
 

@@ -200,3 +200,14 @@ def test_kept_notes_returns_the_hand_written_reading_section_or_nothing(tmp_path
     assert harness.kept_notes(report) == ""
     report.write_text("# Table\n\n| a |\n\n## Reading notes\n\nLoRA wins.\n", encoding="utf-8")
     assert harness.kept_notes(report) == "\n## Reading notes\n\nLoRA wins.\n"
+
+
+def test_a_regenerated_report_keeps_the_hand_written_reading_unless_it_brings_its_own(tmp_path):
+    report = tmp_path / "r.md"
+    report.write_text("# Table\n\n| old |\n\n## Reading\n\nLoRA wins.\n", encoding="utf-8")
+    write_report(report, "# Table\n\n| new |\n")
+    assert report.read_text(encoding="utf-8") == "# Table\n\n| new |\n\n## Reading\n\nLoRA wins.\n"
+    write_report(report, "# Table\n\n| newer |\n\n## Reading\n\nSSF wins.\n")  # its own reading replaces the old
+    assert report.read_text(encoding="utf-8").endswith("SSF wins.\n") and "LoRA" not in report.read_text()
+    write_report(report, "# Table\n", keep_reading=False)
+    assert report.read_text(encoding="utf-8") == "# Table\n"

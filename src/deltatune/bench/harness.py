@@ -339,9 +339,13 @@ def kept_notes(path: str | os.PathLike) -> str:
 
 
 def write_report(path: str | os.PathLike, markdown: str, figures: Mapping[str | os.PathLike, Any] | None = None,
-                 *, dpi: int = 110) -> None:
+                 *, dpi: int = 110, keep_reading: bool = True) -> None:
     """Write the plots (PNG, path -> figure), then the Markdown, each atomically: a crash leaves every file
-    either complete or as it was, and the table never points to a plot not written yet."""
+    either complete or as it was, and the table never points to a plot not written yet. `keep_reading`: a
+    generated `markdown` without its own "## Reading" section gets the hand-written one of the report it
+    replaces (`kept_notes`), so a re-run never loses it."""
+    if keep_reading and READING_NOTES not in markdown:
+        markdown += kept_notes(path)
     for figure_path, figure in (figures or {}).items():
         write_figure(figure_path, figure, dpi=dpi)
     atomic_write_text(path, markdown)
