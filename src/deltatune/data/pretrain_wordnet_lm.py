@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -141,16 +142,19 @@ def round_to_shipped(model: nn.Module) -> None:
 def save_weights(model: nn.Module, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file(shipped_state(model), str(out_dir / WEIGHTS_FILE))
-    (out_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors creates it private; package files are world-readable
+    partial = out_dir / f".{WEIGHTS_FILE}.partial"  # then renamed: a crash never leaves a torn weights file
+    save_file(shipped_state(model), str(partial))
+    partial.chmod(0o644)  # safetensors creates it private; package files are world-readable
+    os.replace(partial, out_dir / WEIGHTS_FILE)
     model.config.to_json_file(str(out_dir / CONFIG_FILE))
 
 
-def check_corpus(lines: Sequence[str], out_dir: Path) -> None:
-    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+def check_corpus(lines: Sequence[str]) -> None:
+    """The lines must be the shipped manifest's (whatever --out says: a re-run elsewhere uses the same data)."""
+    manifest = json.loads((FILES_DIR / MANIFEST_FILE).read_text())
     if corpus_sha256(lines) != manifest["pretraining_sha256"]:
         raise TaskDataError(
-            f"the WordNet pretraining lines do not match {out_dir / MANIFEST_FILE}: rebuild the data first with "
+            f"the WordNet pretraining lines do not match {FILES_DIR / MANIFEST_FILE}: rebuild the data first with "
             "`python -m deltatune.data.build_wordnet_lm`"
         )
 
@@ -193,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out)
     begin = time.perf_counter()
     lines, heldout = pretraining_lines(find_wordnet_dir(args.wordnet_dir), args.seed)
-    check_corpus(lines, out_dir)
-    tokenizer = tokenizer_from_file(out_dir / TOKENIZER_FILE)
+    check_corpus(lines)
+    tokenizer = tokenizer_from_file(FILES_DIR / TOKENIZER_FILE)  # the shipped tokenizer, also for a re-run elsewhere
     encoded = encode_lines(tokenizer, lines)
     log(f"{len(lines):,} lines, {sum(map(len, encoded)):,} tokens; {len(heldout):,} held-out synsets")
     model = build_model(tokenizer, args.seed)
