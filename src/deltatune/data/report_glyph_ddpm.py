@@ -89,7 +89,7 @@ def model_card(metrics: dict) -> str:
 
       python -m deltatune.data.pretrain_glyph_ddpm --out src/deltatune/data/files --steps 600 --threads 1
       python -m deltatune.data.report_glyph_ddpm
-"""
+""" + (f"- Reproduced: {metrics['reproduced']}\n" if "reproduced" in metrics else "")
 
 
 def main(argv: list[str] | None = None) -> int:
