@@ -22,6 +22,14 @@ layer index, t = layer / (layers − 1); tensors outside the numbered layers use
 `{filter: substring, value: ...}` conditions where the first filter contained in the tensor name wins. Per-model
 parameters come from the model's `parameters`, then the top-level `parameters`; shared parameters only from the
 top level. These are mergekit's rules (0.1.5), applied per tensor by `resolve.ParameterResolver`.
+
+Instead of `models:`, a config may give mergekit's `slices:` (layer stacking; `OutputSlice` / `SliceSource`,
+routed by `deltatune.merging.io.slices`)::
+
+    merge_method: passthrough
+    slices:
+      - sources: [{model: ./a, layer_range: [0, 3]}]      # layers 0-2 of a
+      - sources: [{model: ./a, layer_range: [1, 4], parameters: {scale: 0.5}}]
 """
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ The output is a folder of safetensors shards + `model.safetensors.index.json` (w
 `config.json` (dtype updated) and tokenizer files + `deltatune_merge.yml`, built in a hidden temporary sibling
 folder and renamed into place only when complete (`deltatune.core.atomic.atomic_directory`): a failure — a
 bad tensor, a full disk, Ctrl-C — leaves no partial output. Inputs are only ever read.
+
+A `slices:` config is planned by `io/slices.py`: each output tensor gets a route (which source tensor of which
+checkpoint feeds it, with its parameters) and config.json gets the new layer count; streaming is the same.
 """
 from __future__ import annotations
 
