@@ -292,6 +292,13 @@ def test_slices_with_a_task_vector_method_equal_the_models_form_over_all_layers(
 def test_layer_layout_refuses_two_stacks_and_gaps(tmp_path):
     from safetensors.torch import save_file
 
+    save_file({"gpt_neox.embed_in.weight": torch.ones(1), "gpt_neox.layers.0.w": torch.ones(1),
+               "gpt_neox.final_layer_norm.weight": torch.ones(1), "embed_out.weight": torch.ones(1)},
+              str(tmp_path / "neox.safetensors"))
+    layout = layer_layout(Checkpoint(tmp_path / "neox.safetensors"))
+    assert layout.before == ["gpt_neox.embed_in.weight"] and layout.stack == "gpt_neox.layers."
+    assert sorted(layout.after) == ["embed_out.weight", "gpt_neox.final_layer_norm.weight"]
+
     save_file({"encoder.layers.0.w": torch.ones(1), "decoder.layers.0.w": torch.ones(1)},
               str(tmp_path / "x.safetensors"))
     with pytest.raises(MergeError, match="2 stacks of numbered layers"):

@@ -17,9 +17,11 @@ mergekit 0.1.5's semantics (its `MergePlanner.plan_module` / `plan_slice`), for 
 Where this file differs: mergekit finds layers and the embedding/head split from per-architecture JSON
 templates and copies only the tensors those list; here a layer is any tensor named `…layers.N.…` (also
 `layer.`, `h.`, `blocks.`, `block.`), every tensor of a layer is carried (biases, buffers included), and a
-non-layer tensor counts as "before the layers" when its name contains `embed`, `wte` or `wpe`. Output config:
-mergekit takes a set-ordered "first referenced model" when there is no base_model; here it is the first slice's
-first source. A per-layer `layer_types` list in config.json is renumbered with the layers (mergekit leaves it).
+non-layer tensor counts as "before the layers" when its name contains `embed`, `wte` or `wpe` (not `embed_out`,
+GPT-NeoX's head): mergekit's split for every single-stack architecture it lists, except two position buffers
+(ChatGLM's rotary `inv_freq`, Jais' ALiBi slopes) that are the same in every model of one architecture. Output
+config: mergekit takes a set-ordered "first referenced model" when there is no base_model; here it is the first
+slice's first source. A per-layer `layer_types` list in config.json is renumbered with the layers (mergekit leaves it).
 mergekit pairs the last slice's sources with the first slice's count of tensor names for the final tensors (a
 last slice with more sources loses the extra ones); here every source of the last slice is used.
 """
@@ -40,6 +42,7 @@ from deltatune.merging.io.validate import read_model_config
 from deltatune.merging.registry import MergeMethodSpec
 
 BEFORE_LAYERS = ("embed", "wte", "wpe")  # non-layer tensors taken from the first slice (module docstring)
+AFTER_LAYERS = ("embed_out",)  # GPT-NeoX's output head, despite its name
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -89,6 +92,10 @@ class SlicedPlan:
     config_updates: dict[str, Any] = field(default_factory=dict)
 
 
+def _before_layers(name: str) -> bool:
+    return any(m in name for m in BEFORE_LAYERS) and not any(m in name for m in AFTER_LAYERS)
+
+
 def layer_layout(checkpoint: Checkpoint) -> LayerLayout:
     """Split `checkpoint`'s tensors; a MergeError if the layers are not one stack numbered 0..n−1."""
     stacks: dict[str, dict[int, dict[str, str]]] = {}
@@ -96,7 +103,7 @@ def layer_layout(checkpoint: Checkpoint) -> LayerLayout:
     for name in checkpoint.names_in_file_order():
         match = LAYER_PATTERN.search(name)
         if match is None:
-            (before if any(marker in name for marker in BEFORE_LAYERS) else after).append(name)
+            (before if _before_layers(name) else after).append(name)
             continue
         layers = stacks.setdefault(name[:match.start(1)], {})
         layers.setdefault(int(match.group(1)), {})[name[match.end(1):]] = name
