@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deltatune.cli import main
 from deltatune.errors import ConfigError, MergeError
@@ -69,6 +71,29 @@ def test_stacking_0_3_and_1_4_renumbers_the_source_layers(llama, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 6
     assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 4  # the input is untouched
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ranges=st.lists(st.tuples(st.integers(0, 2), st.integers(1, 3)).filter(lambda r: r[0] < r[1]),
+                       min_size=1, max_size=4),
+       picks=st.lists(st.integers(0, 1), min_size=4, max_size=4))
+def test_any_stack_of_ranges_is_the_concatenation_of_its_source_layers(tmp_path_factory, ranges, picks):
+    root = tmp_path_factory.mktemp("stack")
+    _, dirs, _, states = make_models(root, count=2)
+    raw = {"merge_method": "passthrough", "slices": [{"sources": [_source(dirs[pick], start, end)]}
+                                                     for (start, end), pick in zip(ranges, picks)]}
+    _merge(raw, root / "out", shard_bytes=300)
+    merged = load_folder(root / "out")
+    order = [(pick, layer) for (start, end), pick in zip(ranges, picks) for layer in range(start, end)]
+    expected = {"model.embed_tokens.weight": states[picks[0]]["model.embed_tokens.weight"],
+                "model.norm.weight": states[picks[len(ranges) - 1]]["model.norm.weight"],
+                "model.rotary.step": states[0]["model.rotary.step"]}
+    for out_layer, (pick, layer) in enumerate(order):
+        for tail in ("mlp.up_proj.weight", "self_attn.q_proj.weight", "input_layernorm.weight"):
+            expected[f"model.layers.{out_layer}.{tail}"] = states[pick][f"model.layers.{layer}.{tail}"]
+    assert set(merged) == set(expected)
+    assert all(torch.equal(merged[name], value) for name, value in expected.items())
+    assert json.loads((root / "out" / "config.json").read_text())["num_hidden_layers"] == len(order)
 
 
 def test_the_stacked_model_runs_like_a_hand_stacked_one(llama, tmp_path):
