@@ -275,6 +275,21 @@ def test_refusals_before_any_tensor_is_read(llama, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_mixed_dtypes_need_a_dtype_and_out_dtype_applies(llama, tmp_path):
+    folder, model = llama
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    raw = {"merge_method": "passthrough", "slices": [{"sources": [_source(folder, 0, 2)]},
+                                                     {"sources": [_source(tmp_path / "half", 2, 4)]}]}
+    with pytest.raises(MergeError, match="stored in bfloat16 and float32; set dtype:"):
+        _merge(raw, tmp_path / "out")
+    _merge({**raw, "dtype": "float32", "out_dtype": "bfloat16"}, tmp_path / "out")
+    merged, source = load_folder(tmp_path / "out"), load_folder(folder)
+    assert {value.dtype for value in merged.values()} == {torch.bfloat16}
+    assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"],
+                       source["model.layers.0.mlp.up_proj.weight"].to(torch.bfloat16))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_a_base_must_be_one_of_the_slice_sources(tmp_path):
     base_dir, dirs, _, _ = make_models(tmp_path, count=2)
     raw = {"merge_method": "slerp", "base_model": str(base_dir), "parameters": {"t": 0.5},

@@ -247,6 +247,10 @@ class _Planner:
         for name in self.layout.after:
             self.add(name, [name] * len(self.config.slices[-1].sources), len(self.config.slices) - 1, 0.0)
         self.plan.config_updates = self._config_updates(out_layer, layer_types if reference_types else None)
+        dtypes = sorted({str(dtype).removeprefix("torch.") for dtype in self.plan.working_dtype.values()})
+        if len(dtypes) > 1:  # each slice would keep its source's dtype: one model in several dtypes
+            raise MergeError(f"the slices' sources are stored in {' and '.join(dtypes)}; set dtype: (e.g. "
+                             f"{dtypes[0]}) in the config so the stacked model has one dtype")
         return self.plan
 
     def _add_layer(self, index: int, output_slice: OutputSlice, offset: int, out_layer: int, t: float) -> None:
