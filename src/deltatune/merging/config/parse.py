@@ -244,7 +244,8 @@ def config_from_dict(raw: Mapping[str, Any], config_dir: Path | None = None, sou
         raise ConfigError("the merge config must be a YAML mapping with merge_method, models, ...")
     for key in raw:
         if key in UNSUPPORTED_KEYS:
-            raise ConfigError(f"{key}: {UNSUPPORTED_KEYS[key]} are not supported yet; use the models: syntax")
+            raise ConfigError(f"{key}: {UNSUPPORTED_KEYS[key]} are not supported yet; use the models: or slices: "
+                              "syntax")
         if key not in SUPPORTED_KEYS:
             raise ConfigError(f"unknown top-level key {key!r}; expected some of {', '.join(sorted(SUPPORTED_KEYS))}")
     if "merge_method" not in raw:
