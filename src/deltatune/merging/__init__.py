@@ -10,8 +10,8 @@ Laid out by concern; each part imports only from the parts above it in this list
 - `methods/`: one file per merge method, registered by name (`list_merge_methods()`);
 - `memory.merge_state_dicts`: run a method on in-memory state dicts;
 - `config/`: the mergekit-style YAML — `parse` (YAML → `MergeConfig`), `resolve` (per-tensor parameters);
-- `io/`: safetensors checkpoints tensor by tensor, pre-merge checks, and `stream` (`plan_merge`, `run_merge`:
-  `deltatune merge CONFIG.yaml --out DIR` with bounded memory);
+- `io/`: safetensors checkpoints tensor by tensor, pre-merge checks, `slices` (the `slices:` form's layer
+  routing) and `stream` (`plan_merge`, `run_merge`: `deltatune merge CONFIG.yaml --out DIR` with bounded memory);
 - `adapters.combine_adapters`: the same algebra on the adapters of one model, giving a new LoRA adapter;
 - `search/`: DAREx's q selection, PCB's coefficient search, M2N2 evolutionary merging;
 - `editing/`: direct parameter edits of one model (Model Surgery).

@@ -26,6 +26,7 @@ MERGE_EPILOG = """example config (mergekit's models: syntax; see src/deltatune/m
 examples:
   deltatune merge ties.yaml --out merged/
   deltatune merge ties.yaml --out merged/ --overwrite --shard-size 2GB
+  deltatune merge stack.yaml --out stacked/      # passthrough with slices: (layer stacking, see the README)
   deltatune merge --list-methods
 """
 PRUNE_EPILOG = """examples:

@@ -22,6 +22,14 @@ layer index, t = layer / (layers − 1); tensors outside the numbered layers use
 `{filter: substring, value: ...}` conditions where the first filter contained in the tensor name wins. Per-model
 parameters come from the model's `parameters`, then the top-level `parameters`; shared parameters only from the
 top level. These are mergekit's rules (0.1.5), applied per tensor by `resolve.ParameterResolver`.
+
+Instead of `models:`, a config may give mergekit's `slices:` (layer stacking; `OutputSlice` / `SliceSource`,
+routed by `deltatune.merging.io.slices`)::
+
+    merge_method: passthrough
+    slices:
+      - sources: [{model: ./a, layer_range: [0, 3]}]      # layers 0-2 of a
+      - sources: [{model: ./a, layer_range: [1, 4], parameters: {scale: 0.5}}]
 """
 from __future__ import annotations
 
@@ -40,16 +48,45 @@ ALIASES = {"lambda": "scaling", "pcb_ratio": "density"}
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64,
                "fp64": torch.float64}
-SUPPORTED_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "semantics", "seed",
-                  "tokenizer_source"}
-UNSUPPORTED_KEYS = {"slices": "layer slices (frankenmerges)", "modules": "multi-module configs",
-                    "tokenizer": "tokenizer merging", "chat_template": "chat templates"}
+SUPPORTED_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "semantics",
+                  "seed", "tokenizer_source"}
+UNSUPPORTED_KEYS = {"modules": "multi-module configs", "tokenizer": "tokenizer merging",
+                    "chat_template": "chat templates"}
+SLICE_KEYS = {"sources", "parameters", "base_model"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     path: Path
     parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One source of an output slice: layers [start, end) of one model (mergekit's InputSliceDefinition)."""
+
+    path: Path
+    layer_range: tuple[int, int]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """One run of output layers, merged from equally long layer ranges of its sources (OutputSliceDefinition).
+    base_model: this slice's base (default: the top-level base_model)."""
+
+    sources: tuple[SliceSource, ...]
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    base_model: Path | None = None
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].length
 
 
 @dataclass(frozen=True)
@@ -65,6 +102,7 @@ class MergeConfig:
     semantics: str = "mergekit"
     seed: int = 0
     source_text: str = ""
+    slices: tuple[OutputSlice, ...] = ()  # the `slices:` form; `models` is then empty
 
     @property
     def method(self) -> MergeMethodSpec:
@@ -108,20 +146,83 @@ def _resolve_path(reference: Any, config_dir: Path | None, where: str) -> Path:
         raise ConfigError(f"{where}: {reference!r} is a symbolic link loop; point it at the model folder") from None
 
 
-def _check_names(spec: MergeMethodSpec, shared: Mapping[str, Any], models: tuple[ModelEntry, ...]) -> None:
+def _check_shared_names(spec: MergeMethodSpec, shared: Mapping[str, Any], where: str) -> None:
     shared_names, model_names = spec.field_names()
     for name in shared:
         if name not in shared_names | model_names:
-            raise ConfigError(f"parameters: unknown parameter {name!r} for {spec.name}; known: "
-                              f"{', '.join(sorted(shared_names | model_names))}")
+            raise ConfigError(f"{where}: unknown parameter {name!r} for {spec.name}; known: "
+                              f"{', '.join(sorted(shared_names | model_names)) or 'none'}")
+
+
+def _check_model_names(spec: MergeMethodSpec, parameters: Mapping[str, Any], where: str) -> None:
+    shared_names, model_names = spec.field_names()
+    for name in parameters:
+        if name in shared_names and name not in model_names:
+            raise ConfigError(f"{where}: {name!r} is a shared parameter of {spec.name}; "
+                              "put it under the top-level (or the slice's) parameters")
+        if name not in model_names:
+            raise ConfigError(f"{where}: unknown parameter {name!r} for {spec.name}; per-model "
+                              f"parameters are {', '.join(sorted(model_names)) or 'none'}")
+
+
+def _check_names(spec: MergeMethodSpec, shared: Mapping[str, Any], models: tuple[ModelEntry, ...]) -> None:
+    _check_shared_names(spec, shared, "parameters")
     for index, entry in enumerate(models):
-        for name in entry.parameters:
-            if name in shared_names and name not in model_names:
-                raise ConfigError(f"models[{index}]: {name!r} is a shared parameter of {spec.name}; "
-                                  "put it under the top-level parameters")
-            if name not in model_names:
-                raise ConfigError(f"models[{index}]: unknown parameter {name!r} for {spec.name}; per-model "
-                                  f"parameters are {', '.join(sorted(model_names))}")
+        _check_model_names(spec, entry.parameters, f"models[{index}]")
+
+
+def _layer_range(raw: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(raw, (list, tuple)) or len(raw) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw)):
+        raise ConfigError(f"{where}.layer_range={raw!r} is invalid: expected [start, end], two integers "
+                          "(layers start..end-1, as mergekit)")
+    start, end = raw
+    if not 0 <= start < end:
+        raise ConfigError(f"{where}.layer_range={list(raw)!r} is invalid: expected 0 <= start < end "
+                          "(the end is exclusive: [0, 4] is layers 0-3)")
+    return start, end
+
+
+def _source(item: Any, at: str, spec: MergeMethodSpec, config_dir: Path | None) -> SliceSource:
+    if not isinstance(item, Mapping) or "model" not in item or "layer_range" not in item:
+        raise ConfigError(f"{at}: expected {{model: path, layer_range: [start, end]}}, got {item!r}")
+    for key in item:
+        if key not in SOURCE_KEYS:
+            raise ConfigError(f"{at}: unknown key {key!r}; a source takes {', '.join(sorted(SOURCE_KEYS))}")
+    parameters = _canonical(item.get("parameters"), at)
+    _check_model_names(spec, parameters, at)
+    return SliceSource(_resolve_path(item["model"], config_dir, at), _layer_range(item["layer_range"], at), parameters)
+
+
+def _slice(raw: Any, index: int, spec: MergeMethodSpec, config_dir: Path | None) -> OutputSlice:
+    where = f"slices[{index}]"
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("sources"), list) or not raw["sources"]:
+        raise ConfigError(f"{where}: expected {{sources: [{{model: path, layer_range: [start, end]}}, ...]}}")
+    for key in raw:
+        if key not in SLICE_KEYS:  # e.g. mergekit's residual_weight, which mergekit 0.1.5 itself never reads
+            raise ConfigError(f"{where}: unknown key {key!r}; a slice takes {', '.join(sorted(SLICE_KEYS))}")
+    sources = [_source(item, f"{where}.sources[{number}]", spec, config_dir)
+               for number, item in enumerate(raw["sources"])]
+    lengths = [source.length for source in sources]
+    if len(set(lengths)) > 1:
+        raise ConfigError(f"{where}: its sources have {lengths} layers; every source of one slice must give "
+                          "the same number of layers (they are merged layer by layer)")
+    paths = [source.path for source in sources]
+    for number, path in enumerate(paths):
+        if path in paths[:number]:  # mergekit refuses it too ("Duplicate merge inputs")
+            raise ConfigError(f"{where}.sources[{number}]: model {path} is already a source of this slice; a "
+                              "model can give one layer range per slice (use another slice for the other range)")
+    parameters = _canonical(raw.get("parameters"), where)
+    _check_shared_names(spec, parameters, f"{where}.parameters")
+    base = _resolve_path(raw["base_model"], config_dir, f"{where}.base_model") if raw.get("base_model") else None
+    return OutputSlice(tuple(sources), parameters, base)
+
+
+def _slices(raw: Any, spec: MergeMethodSpec, config_dir: Path | None) -> tuple[OutputSlice, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("slices: expected a non-empty list of {sources: [{model: path, layer_range: [start, "
+                          "end]}]} entries")
+    return tuple(_slice(item, index, spec, config_dir) for index, item in enumerate(raw))
 
 
 def _models(raw: Any, config_dir: Path | None) -> tuple[ModelEntry, ...]:
@@ -143,7 +244,8 @@ def config_from_dict(raw: Mapping[str, Any], config_dir: Path | None = None, sou
         raise ConfigError("the merge config must be a YAML mapping with merge_method, models, ...")
     for key in raw:
         if key in UNSUPPORTED_KEYS:
-            raise ConfigError(f"{key}: {UNSUPPORTED_KEYS[key]} are not supported yet; use the models: syntax")
+            raise ConfigError(f"{key}: {UNSUPPORTED_KEYS[key]} are not supported yet; use the models: or slices: "
+                              "syntax")
         if key not in SUPPORTED_KEYS:
             raise ConfigError(f"unknown top-level key {key!r}; expected some of {', '.join(sorted(SUPPORTED_KEYS))}")
     if "merge_method" not in raw:
@@ -157,12 +259,16 @@ def config_from_dict(raw: Mapping[str, Any], config_dir: Path | None = None, sou
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed={seed!r} is invalid: expected an integer >= 0")
-    models = _models(raw.get("models"), config_dir)
+    if ("models" in raw) == ("slices" in raw):
+        raise ConfigError("give exactly one of models: (merge whole models) or slices: (stack or merge layer "
+                          "ranges), as mergekit")
+    slices = _slices(raw["slices"], spec, config_dir) if "slices" in raw else ()
+    models = _models(raw["models"], config_dir) if "models" in raw else ()
     base = _resolve_path(raw["base_model"], config_dir, "base_model") if raw.get("base_model") else None
     parameters = _canonical(raw.get("parameters"), "parameters")
     _check_names(spec, parameters, models)
     return MergeConfig(spec.name, models, base, parameters, parse_dtype(raw.get("dtype"), "dtype"),
-                       parse_dtype(raw.get("out_dtype"), "out_dtype"), semantics, seed, source_text)
+                       parse_dtype(raw.get("out_dtype"), "out_dtype"), semantics, seed, source_text, slices)
 
 
 def load_config(path: str | Path) -> MergeConfig:

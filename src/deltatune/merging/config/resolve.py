@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from deltatune.errors import ConfigError, MergeError
@@ -90,9 +90,18 @@ class ParameterResolver:
     def resolve(self, tensor: str) -> tuple[Any, list[Any]]:
         """(shared params, [per-model params]) for one tensor name, validated by the method's dataclasses."""
         t = layer_position(tensor, self.layer_count)
-        shared = self._values(self.shared_names, [self.config.parameters], tensor, t)
-        per_model = [self._values(self.model_names, [entry.parameters, self.config.parameters], tensor, t)
-                     for entry in self.config.models]
+        top = self.config.parameters
+        per_model = [(tensor, [entry.parameters, top]) for entry in self.config.models]
+        return self.resolve_scopes(tensor, [top], per_model, t)
+
+    def resolve_scopes(self, tensor: str, shared_scopes: Sequence[Mapping[str, Any]],
+                       model_scopes: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+                       t: float) -> tuple[Any, list[Any]]:
+        """The same, with the settings given explicitly, highest precedence first: the shared scopes, and per model
+        (the model's own tensor name, which its filters see; its scopes). The `slices:` form uses this (a slice's
+        sources, then the slice, then the top level), with t counted within the slice."""
+        shared = self._values(self.shared_names, list(shared_scopes), tensor, t)
+        per_model = [self._values(self.model_names, list(scopes), name, t) for name, scopes in model_scopes]
         key = repr((sorted(shared.items()), [sorted(m.items()) for m in per_model]))
         if key not in self._cache:
             params = _build(self.spec.params_cls, shared, f"tensor {tensor!r}")

@@ -11,6 +11,9 @@ The output is a folder of safetensors shards + `model.safetensors.index.json` (w
 `config.json` (dtype updated) and tokenizer files + `deltatune_merge.yml`, built in a hidden temporary sibling
 folder and renamed into place only when complete (`deltatune.core.atomic.atomic_directory`): a failure — a
 bad tensor, a full disk, Ctrl-C — leaves no partial output. Inputs are only ever read.
+
+A `slices:` config is planned by `io/slices.py`: each output tensor gets a route (which source tensor of which
+checkpoint feeds it, with its parameters) and config.json gets the new layer count; streaming is the same.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from deltatune.merging.io.checkpoint import (
     shard_file_names,
     write_index,
 )
+from deltatune.merging.io.slices import TensorRoute, plan_slices
 from deltatune.merging.io.validate import check_compatible, check_output_location, layer_count, read_model_config
 from deltatune.merging.registry import MergeInputs, MergeMethodSpec, tensor_generators
 
@@ -60,6 +64,9 @@ class MergePlan:
     resolver: ParameterResolver
     outputs: list[OutputTensor]
     working_dtype: dict[str, torch.dtype] = field(default_factory=dict)
+    # the `slices:` form: each output tensor's sources (renamed, regrouped) and the config.json keys it changes
+    routes: dict[str, TensorRoute] = field(default_factory=dict)
+    config_updates: dict[str, object] = field(default_factory=dict)
 
     @property
     def reference(self) -> Checkpoint:
@@ -104,8 +111,23 @@ def _without_base_entries(config: MergeConfig) -> MergeConfig:
     return dataclasses.replace(config, models=kept)
 
 
+def _plan_sliced(config: MergeConfig, out_dir: Path | None, overwrite: bool) -> MergePlan:
+    sliced = plan_slices(config, config.method)
+    plan = MergePlan(config, config.method, None, sliced.checkpoints, ParameterResolver(config, None),
+                     sliced.outputs, sliced.working_dtype, sliced.routes, sliced.config_updates)
+    try:
+        if out_dir is not None:
+            check_output_location(Path(out_dir), plan.models, overwrite)
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
 def plan_merge(config: MergeConfig, out_dir: Path | None = None, overwrite: bool = False) -> MergePlan:
     """Open headers and validate everything; no tensor data is read."""
+    if config.slices:
+        return _plan_sliced(config, out_dir, overwrite)
     config = _without_base_entries(config)
     spec = config.method
     base, models = _open_inputs(config, spec)
@@ -127,7 +149,17 @@ def plan_merge(config: MergeConfig, out_dir: Path | None = None, overwrite: bool
     return plan
 
 
+def _load_route(plan: MergePlan, name: str, route: TensorRoute) -> MergeInputs:
+    dtype = plan.working_dtype[name]
+    base = route.base.checkpoint.read(route.base.name, dtype) if route.base is not None else None
+    tensors = [source.checkpoint.read(source.name, dtype) for source in route.models]
+    return MergeInputs(name, base, tensors, route.model_params, route.params,
+                       generator=tensor_generators(plan.config.seed, name), owned=True)
+
+
 def _load_group(plan: MergePlan, name: str) -> MergeInputs:
+    if name in plan.routes:
+        return _load_route(plan, name, plan.routes[name])
     dtype = plan.working_dtype[name]
     base = plan.base.read(name, dtype) if plan.base is not None else None
     tensors = [model.read(name, dtype) for model in plan.models]
@@ -137,9 +169,11 @@ def _load_group(plan: MergePlan, name: str) -> MergeInputs:
 
 
 def _group_bytes(plan: MergePlan, name: str) -> int:
-    info = plan.reference.tensors[name]
+    route = plan.routes.get(name)
+    info = route.inputs()[0].info if route is not None else plan.reference.tensors[name]
+    count = len(route.inputs()) if route is not None else len(plan.all_inputs())
     itemsize = torch.empty((), dtype=plan.working_dtype[name]).element_size()
-    return len(plan.all_inputs()) * (info.nbytes // info.dtype.itemsize) * itemsize
+    return count * (info.nbytes // info.dtype.itemsize) * itemsize
 
 
 def _groups(plan: MergePlan, names: list[str], prefetch: bool = True) -> Iterator[tuple[str, MergeInputs | None]]:
@@ -167,7 +201,8 @@ def _groups(plan: MergePlan, names: list[str], prefetch: bool = True) -> Iterato
 def compute_statistics(plan: MergePlan) -> dict[str, list[tuple[float, ...]]]:
     """Run the method's whole-model statistics (extra read passes), if its parameters ask for any."""
     first = plan.outputs[0].name if plan.outputs else None
-    if plan.spec.statistics is None or first is None or first not in plan.working_dtype:
+    if plan.spec.statistics is None or first is None or first not in plan.working_dtype or plan.routes:
+        # (a slices: plan has refused parameters that need statistics, io/slices.py)
         return {}
     params, model_params = plan.resolver.resolve(first)
     requests = plan.spec.statistics(params, model_params)
@@ -185,6 +220,9 @@ def compute_statistics(plan: MergePlan) -> dict[str, list[tuple[float, ...]]]:
 
 def _merge_one(plan: MergePlan, name: str, inputs: MergeInputs | None, statistics: dict, out: OutputTensor) -> Tensor:
     if inputs is None:  # integer / bool buffers are copied from the reference
+        if name in plan.routes:
+            source = plan.routes[name].inputs()[0]
+            return source.checkpoint.read(source.name)
         return plan.reference.read(name)
     inputs.statistics = statistics
     result = plan.spec.merge(inputs)
@@ -244,6 +282,7 @@ def copy_side_files(plan: MergePlan, folder: Path) -> None:
             for key in ("dtype", "torch_dtype"):
                 if key in config and dtype is not None:
                     config[key] = dtype
+            config.update(plan.config_updates)
             (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for file_name in COPIED_FILES:
             if (source / file_name).is_file():
