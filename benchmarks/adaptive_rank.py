@@ -103,6 +103,7 @@ class Backbone:
     full_frozen: tuple[str, ...]  # parameter prefixes full fine-tuning leaves frozen (unused by the model)
     text: bool  # token inputs (input_ids, attention_mask; batches trimmed) or images (pixels)
     stem: str  # results/<stem>.md, .jsonl and plot names
+    budgets: tuple[int, ...] = BUDGETS  # the budgets compared (a subset for a check of one claim)
 
     @property
     def steps(self) -> int:
@@ -132,6 +133,10 @@ BACKBONES = {
                ("fc1", "ffn.in"), ("fc2", "ffn.out")),
         full_lrs=(3e-4, 1e-3, 3e-3), full_frozen=(), text=False, stem="adaptive_rank_vit"),
 }
+# the low-budget claim again at a 3x longer recipe: the whole training split, 2 epochs (298 steps), budget 2 only
+BACKBONES["vit-long"] = dataclasses.replace(
+    BACKBONES["vit"], name="vit-long", title="glyphs-novel-vit, GlyphViT, 298 steps", train_examples=4752,
+    train_size=None, epochs=2, stem="adaptive_rank_vit_long", budgets=(2,))
 MINILM = BACKBONES["minilm"]
 if os.environ.get("ADAPTIVE_RANK_SMOKE"):  # a few-minute end-to-end check of the script itself
     BACKBONES = {
@@ -300,7 +305,7 @@ def tuning_jobs(backbone: Backbone = MINILM) -> list[dict]:
     """Every method's rate is tuned at every budget it is compared at (seed 0, validation); full fine-tuning's
     too where the backbone gives it a grid (budget 0)."""
     jobs = [dict(method=m, budget=budget, seed=0, lr=lr, validation=True, test=True)
-            for budget in BUDGETS for m in ADAPTERS for lr in LR_GRID]
+            for budget in backbone.budgets for m in ADAPTERS for lr in LR_GRID]
     if len(backbone.full_lrs) > 1:
         jobs += [dict(method="full", budget=0, seed=0, lr=lr, validation=True, test=True) for lr in backbone.full_lrs]
     return jobs
@@ -314,7 +319,7 @@ def _tuning_records(records: list[dict], method: str, budget: int) -> list[dict]
 def extension_jobs(records: list[dict], backbone: Backbone = MINILM) -> list[dict]:
     """The next rate above the grid for every (method, budget) whose best rate so far is the highest it tried."""
     jobs = []
-    for budget in BUDGETS:
+    for budget in backbone.budgets:
         for method in ADAPTERS:
             tried = sorted(r["lr"] for r in _tuning_records(records, method, budget))
             if not tried or chosen_lr(records, method, budget, backbone) != tried[-1]:
@@ -337,7 +342,7 @@ def final_jobs(records: list[dict], backbone: Backbone = MINILM) -> list[dict]:
     tuned_full = len(backbone.full_lrs) > 1
     jobs = []
     for seed in SEEDS:
-        for budget in BUDGETS:
+        for budget in backbone.budgets:
             for method in ADAPTERS:
                 if seed != 0:  # seed 0 is the tuning run at the chosen rate
                     jobs.append(dict(method=method, budget=budget, seed=seed,
@@ -547,7 +552,7 @@ def _final_records(records: list[dict], backbone: Backbone = MINILM) -> list[dic
     final: dict[tuple, dict] = {}
     for r in records:
         if "test" in r and r["lr"] == chosen.get((r["method"], r["budget"])) and (
-                r["method"] == "full" or r["budget"] in BUDGETS):
+                r["method"] == "full" or r["budget"] in backbone.budgets):
             final[r["method"], r["budget"], r["seed"]] = r
     return list(final.values())
 
@@ -575,7 +580,7 @@ def _accuracy_table(records: list[dict], backbone: Backbone = MINILM) -> list[st
     final = _final_records(records, backbone)
     lines = ["| method | budget | seeds | test accuracy % (mean ± std) | Δ vs LoRA (pts) | live trainable (adapter) |"
              " train s (mean) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for budget in (*BUDGETS, 0):
+    for budget in (*backbone.budgets, 0):
         lora = [r["test"] for r in final if r["method"] == "lora" and r["budget"] == budget]
         for method in (METHODS if budget else ("full",)):
             rows = [r for r in final if r["method"] == method and (r["budget"] == budget or method == "full")]
@@ -630,25 +635,24 @@ def _rank_profile(records: list[dict], budget: int, backbone: Backbone = MINILM)
     return lines
 
 
-def _beside_minilm(records: list[dict], minilm_records: list[dict], backbone: Backbone) -> list[str]:
-    """Each method's test accuracy and its gap to LoRA at each budget, on MiniLM and on `backbone`."""
-    finals = {MINILM.name: _final_records(minilm_records, MINILM), backbone.name: _final_records(records, backbone)}
+def _beside(columns: list[tuple[Backbone, list[dict]]], budgets: tuple[int, ...]) -> list[str]:
+    """Each method's test accuracy and its gap to LoRA at each budget, one column pair per backbone (recipe)."""
+    finals = [(backbone, _final_records(records, backbone)) for backbone, records in columns]
 
-    def cell(name: str, method: str, budget: int) -> str:
-        tests = [r["test"] for r in finals[name] if r["method"] == method and r["budget"] == budget]
-        lora = [r["test"] for r in finals[name] if r["method"] == "lora" and r["budget"] == budget]
+    def cell(final: list[dict], method: str, budget: int) -> str:
+        tests = [r["test"] for r in final if r["method"] == method and r["budget"] == budget]
+        lora = [r["test"] for r in final if r["method"] == "lora" and r["budget"] == budget]
         if not tests:
             return "– | –"
         delta = f"{100 * (statistics.mean(tests) - statistics.mean(lora)):+.2f}" if lora and method != "lora" else ""
         return f"{mean_std(tests, digits=2)} | {delta}"
 
-    lines = [f"| method | budget | MiniLM test % | Δ vs LoRA | {backbone.title.split(', ')[1]} test % | Δ vs LoRA |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for budget in BUDGETS:
+    lines = ["| method | budget | " + " | ".join(f"{b.name} ({b.steps} steps) test % | Δ vs LoRA" for b, _ in finals)
+             + " |", "| --- | --- |" + " --- | --- |" * len(finals)]
+    for budget in budgets:
         for method in ADAPTERS:
-            lines.append(f"| {method} | {budget} | {cell(MINILM.name, method, budget)} | "
-                         f"{cell(backbone.name, method, budget)} |")
-    lines.append(f"| full | full | {cell(MINILM.name, 'full', 0)} | {cell(backbone.name, 'full', 0)} |")
+            lines.append(f"| {method} | {budget} | " + " | ".join(cell(f, method, budget) for _, f in finals) + " |")
+    lines.append("| full | full | " + " | ".join(cell(f, "full", 0) for _, f in finals) + " |")
     return lines
 
 
@@ -709,7 +713,7 @@ def _plots(records: list[dict], out_dir: Path, backbone: Backbone = MINILM) -> l
 
     written = []
     for method in ADAPTERS[1:]:
-        for budget in BUDGETS:
+        for budget in backbone.budgets:
             rows = [r for r in _final_records(records, backbone) if r["method"] == method and r["budget"] == budget
                     and r["seed"] == 0 and "ranks" in r]
             if rows:
@@ -717,7 +721,8 @@ def _plots(records: list[dict], out_dir: Path, backbone: Backbone = MINILM) -> l
                 path = out_dir / f"{backbone.stem}_{method}_r{budget}.png"
                 plot_rank_heatmap(short, path, title=f"{method}, final ranks, budget {budget}/module, seed 0")
                 written.append(path.name)
-    for method, schedule in _schedules(SCHEDULE_PLOT_BUDGET, backbone).items():
+    plotted = SCHEDULE_PLOT_BUDGET if SCHEDULE_PLOT_BUDGET in backbone.budgets else backbone.budgets[-1]
+    for method, schedule in _schedules(plotted, backbone).items():
         path = out_dir / f"{backbone.stem}_schedule_{method}.png"
         plot_schedule(schedule, backbone.steps, path)
         written.append(path.name)
@@ -754,15 +759,21 @@ def report_mode(args) -> None:
         "## Test accuracy", "", *_accuracy_table(records, backbone), "",
     ]
     if backbone is not MINILM and args.minilm_jsonl.exists():
-        minilm = harness.RunLog(args.minilm_jsonl, identity=run_identity).records()
-        lines += [f"## Beside MiniLM (`{args.minilm_jsonl.name}`)", "", *_beside_minilm(records, minilm, backbone), ""]
-    for budget in BUDGETS:
+        columns = [(MINILM, harness.RunLog(args.minilm_jsonl, identity=run_identity).records())]
+        for other in BACKBONES.values():  # the other recipes' committed records, this one's from --jsonl
+            path = args.jsonl if other is backbone else RESULTS / f"{other.stem}.jsonl"
+            if other is not MINILM and path.exists():
+                columns.append((other, records if other is backbone else
+                                harness.RunLog(path, identity=run_identity).records()))
+        lines += [f"## Beside MiniLM (`{args.minilm_jsonl.name}`) and the other recipes", "",
+                  *_beside(columns, backbone.budgets), ""]
+    for budget in backbone.budgets:
         lines += [f"## Learning-rate tuning (validation accuracy %, seed 0, budget {budget})", "",
                   *_tuning_table(records, budget, backbone), ""]
     if len(backbone.full_lrs) > 1:
         lines += ["## Learning-rate tuning of full fine-tuning (validation accuracy %, seed 0)", "",
                   *_tuning_table(records, 0, backbone), ""]
-    for budget in BUDGETS:
+    for budget in backbone.budgets:
         lines += [f"## Where the rank went (mean final rank per module kind / per layer, budget {budget})", "",
                   *_rank_profile(records, budget, backbone), ""]
     if backbone is MINILM and args.timing_json.exists():
@@ -783,7 +794,7 @@ def backbone_commands(backbone: Backbone) -> list[str]:
     prefix = "HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/adaptive_rank.py"
     if backbone is MINILM:
         return [f"{prefix} accuracy --workers 2", f"{prefix} timing", f"{prefix} peft", f"{prefix} report"]
-    return [f"flock /work/wt/heavy.lock env {prefix} accuracy --backbone {backbone.name} --workers 1",
+    return [f"flock /work/wt/heavy.lock env {prefix} accuracy --backbone {backbone.name} --workers 1 --in-process",
             f"{prefix} report --backbone {backbone.name}"]
 
 
@@ -793,10 +804,12 @@ def backbone_setup(backbone: Backbone) -> str:
                 "steps, 36 encoder Linear layers, budgets = average final rank 2 and 8 per module, scale-matched "
                 "alpha, learning rate tuned per method on validation at every budget with seed 0). Raw records: "
                 "`adaptive_rank.jsonl`.")
-    return (f"Setup: see the docstring of `benchmarks/adaptive_rank.py` (`{backbone.task}`: the whole training "
-            f"split, {backbone.train_examples:,} images, {backbone.epochs} epochs of batch {backbone.batch} = "
+    subset = "the whole training split" if backbone.train_size is None else "a label-stratified subset (seed 0)"
+    budgets = " and ".join(str(b) for b in backbone.budgets)
+    return (f"Setup: see the docstring of `benchmarks/adaptive_rank.py` (`{backbone.task}`: {subset}, "
+            f"{backbone.train_examples:,} images, {backbone.epochs} epoch(s) of batch {backbone.batch} = "
             f"{backbone.steps} steps; {backbone.modules} Linear layers of the {backbone.layers} blocks; budgets = "
-            "average final rank 2 and 8 per module, scale-matched alpha, schedules scaled to the run's length; "
+            f"average final rank {budgets} per module, scale-matched alpha, schedules scaled to the run's length; "
             "learning rate tuned per method on validation at every budget with seed 0, full fine-tuning's on "
             f"{{{', '.join(f'{lr:g}' for lr in backbone.full_lrs)}}}). Validation: the whole split; test: the "
             f"whole split. Raw records: `{backbone.stem}.jsonl`.")

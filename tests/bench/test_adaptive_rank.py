@@ -22,7 +22,7 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("name", ["minilm", "vit"])
+@pytest.mark.parametrize("name", ["minilm", "vit", "vit-long"])
 def test_targets_match_the_stated_layers_and_the_split_matches_the_stated_size(bench, name):
     backbone = bench.BACKBONES[name]
     task, _ = bench.task_data(backbone)  # refuses a training split of another size than train_examples
@@ -82,3 +82,13 @@ def test_tuning_table_stars_a_chosen_rate_at_either_edge_only(bench):
     assert "90.00*" in rows["lora"] and rows["lora"].endswith("0.001* (grid edge) |")
     assert "*" not in rows["adalora"] and rows["adalora"].endswith("| 0.003 |")
     assert rows["increlora"].endswith("| – |")
+
+
+def test_a_backbone_limited_to_one_budget_plans_and_reports_that_budget_only(bench):
+    long = bench.BACKBONES["vit-long"]
+    assert long.budgets == (2,) and long.steps == 298
+    assert {j["budget"] for j in bench.tuning_jobs(long)} == {2, 0}  # 0: full fine-tuning's grid
+    records = [tuning(m, b, 1e-2, 0.5) for m in bench.ADAPTERS for b in bench.BUDGETS]
+    records += [tuning("full", 0, lr, 0.5) for lr in long.full_lrs]
+    assert {j["budget"] for j in bench.final_jobs(records, long)} == {2, 0}
+    assert {j["budget"] for j in bench.extension_jobs(records, long)} == {2}  # 1e-2 is the highest rate tried
