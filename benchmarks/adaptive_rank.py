@@ -25,9 +25,12 @@ v_proj, o_proj, mlp.fc1, mlp.fc2); same methods, budgets (LoRA r2: 18,432; r8: 7
 rule, seeds. Recipe: a fixed label-stratified 3,200-image subset of the 4,752 training images (seed 0), 1 epoch of
 batch 32 = 100 steps, the same Trainer defaults; validation and test: the whole splits (720 / 1,200 images).
 Schedule lengths chosen in steps for the 64-step MiniLM recipe are scaled by steps/64 (`Backbone.scaled`), so at
-100 steps AdaLoRA's cubic phase runs steps 10-50 with ΔT = 3 (14 masking events) and IncreLoRA's growth starts at
-step 5, one event every 2 steps (growth over by step ~30 at budget 2, ~20 at budget 8), leaving 70+ steps to
-train what was allocated. Full fine-tuning's rate is tuned too, on {3e-4, 1e-3, 3e-3} (seed 0, validation).
+100 steps AdaLoRA masks 14 times (steps 12-50, ΔT = 3) and IncreLoRA grows every 2 steps from step 6 to step 28
+(budget 2) / 18 (budget 8); TriAdaptLoRA keeps its own defaults, as on MiniLM (an event every step from step 1,
+the last at step 24 / 14). What was allocated then trains for 50-80 steps. Full fine-tuning's rate is
+tuned too, on {3e-4, 1e-3, 3e-3} (seed 0, validation).
+`--backbone vit-long`: the same on the whole training split for 2 epochs (298 steps), budget 2 only: the
+low-budget claim at a 3x longer recipe (results/adaptive_rank_vit_long.*).
 What differs between the backbones (task, sizes, targets, module kinds, full fine-tuning's rates, input keys) is
 one row of `BACKBONES`; the plan, run and report code is shared.
 
