@@ -30,7 +30,7 @@ Schedule lengths chosen in steps for the 64-step MiniLM recipe are scaled by ste
 the last at step 24 / 14). What was allocated then trains for 50-80 steps. Full fine-tuning's rate is
 tuned too, on {3e-4, 1e-3, 3e-3} (seed 0, validation).
 `--backbone vit-long`: the same on the whole training split for 2 epochs (298 steps), budget 2 only: the
-low-budget claim at a 3x longer recipe (results/adaptive_rank_vit_long.*).
+low-budget claim at a 3x longer recipe (results/adaptive_rank_vit_long.*; not run yet: see adaptive_rank_vit.md).
 What differs between the backbones (task, sizes, targets, module kinds, full fine-tuning's rates, input keys) is
 one row of `BACKBONES`; the plan, run and report code is shared.
 
