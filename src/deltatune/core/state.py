@@ -7,8 +7,9 @@ The layers beneath, one concern each:
 - `core.atomic`, `core.adapter_files`: atomic writes of the config + weights pair and the records a load checks;
 - `core.attach`: an adapter's tensors out of a model (state dicts) and into it (attach-and-fill);
 - `core.formats`: the (detect, load, save) table; its built-in entries are `core.deltatune_format` (the format
-  documented there), `core.peft_format` (Hugging Face peft folders) and `core.kohya_format` (kohya/A1111 and
-  LyCORIS single files), imported here so that they register.
+  documented there), `core.peft_format` (Hugging Face peft folders), `core.kohya_format` (kohya/A1111 and
+  LyCORIS single files) and `core.diffusers_format` (diffusers' pytorch_lora_weights.safetensors), imported here
+  so that they register.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 import deltatune.core.deltatune_format  # noqa: F401 - importing it registers the format
+from deltatune.core.diffusers_format import DIFFUSERS_FORMAT  # noqa: F401 - importing it registers the format
 from deltatune.core.formats import detect_format, format_named
 from deltatune.core.kohya_format import KOHYA_FORMAT  # noqa: F401 - importing it registers the format
 from deltatune.core.model import adapter_state
@@ -26,7 +28,8 @@ from deltatune.core.peft_format import PEFT_FORMAT  # noqa: F401 - importing it 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default", format: str = "deltatune") -> Path:
     """Save adapter `name` into folder `path` (created if missing; "." works). format: "deltatune" | "peft" |
-    "kohya" (one ``.safetensors`` file: `path` is that file) (or any writable format registered with
+    "kohya" (one ``.safetensors`` file: `path` is that file) | "diffusers" (``pytorch_lora_weights.safetensors``
+    in folder `path`) (or any writable format registered with
     `deltatune.core.formats.register_format`).
 
     Writes only the adapter's two files (each atomically); other files in the folder are left as they are. A
