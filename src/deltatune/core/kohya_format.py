@@ -11,7 +11,8 @@ module's dotted path with every ``.`` replaced by ``_``:
 
 (sd-scripts: an alpha of 0 or a missing alpha means alpha = r.) These are deltatune's (and peft's) LoRA tensors
 under other names: ``lora_down`` is ``lora_A``, ``lora_up`` is ``lora_B``. The methods a kohya file can hold are
-the `KINDS` table's (each a registered method with a peft conversion); a load rebuilds the method config through
+the `KINDS` table's (each a registered method with a peft conversion: LoRA here, LyCORIS's LoHa and LoKr in
+`core.kohya_lycoris`); a load rebuilds the method config through
 the method's own `from_peft_config`, so every field is honoured or refused there.
 
 Underscored names are resolved against the model's real module paths: a name that no module has, or that two
@@ -76,7 +77,9 @@ class KohyaKind:
     peft_type: str
     network_module: str
     tensors: dict[str, str]
-    fields: Callable[[dict[str, dict[str, Tensor]], Path], dict[str, Any]]
+    # (modules: kohya name -> {suffix: tensor}, base weight shape per kohya name, source) -> peft config fields
+    fields: Callable[[dict[str, dict[str, Tensor]], dict[str, tuple[int, ...]], Path], dict[str, Any]]
+    alpha_field: str = "alpha"  # the peft config field that holds alpha
     # the alpha to write for one module, from the adapter's (rank, alpha) and that module's tensor suffixes
     file_alpha: Callable[[int, float, set[str], str], float] = lambda rank, alpha, suffixes, where: alpha
 
@@ -90,7 +93,8 @@ def saved_alpha(group: dict[str, Tensor], rank: int) -> float:
     return alpha if alpha != 0 else float(rank)
 
 
-def _lora_fields(modules: dict[str, dict[str, Tensor]], source: Path) -> dict[str, Any]:
+def _lora_fields(modules: dict[str, dict[str, Tensor]], shapes: dict[str, tuple[int, ...]], source: Path
+                 ) -> dict[str, Any]:
     ranks = {name: int(group["lora_down.weight"].shape[0]) for name, group in modules.items()}
     rank = int(one_value(ranks, "the rank", source, "split the file into one adapter per rank"))
     alphas = {name: saved_alpha(group, rank) for name, group in modules.items()}
@@ -107,7 +111,8 @@ def register_kind(kind: KohyaKind) -> KohyaKind:
 
 
 register_kind(KohyaKind("lora", "LORA", "networks.lora",
-                        {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}, _lora_fields))
+                        {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}, _lora_fields,
+                        alpha_field="lora_alpha"))
 
 
 # --- detect ---------------------------------------------------------------------------------------------------
@@ -156,7 +161,9 @@ def load_kohya_adapter(model: nn.Module, location: AdapterLocation | str | os.Pa
         for suffix, tensor in group.items():
             if suffix != ALPHA:
                 peft_tensors[f"{paths[kohya_name]}.{kind.tensors[suffix]}"] = tensor
-    config = _config_from_file(model, kind, kind.fields(modules, path), peft_tensors, list(paths.values()), path)
+    shapes = _weight_shapes(model, paths, path)
+    config = _config_from_file(model, kind, kind.fields(modules, shapes, path), peft_tensors, list(paths.values()),
+                               path)
     renames: dict[str, str] = {}
     for module_path, layer in planned_layers(model, config):
         renames |= peft_key_renames(config, module_path, layer)
@@ -246,6 +253,19 @@ def resolve_module_names(model: nn.Module, modules: dict[str, Any], prefix: str,
     return resolved
 
 
+def _weight_shapes(model: nn.Module, paths: dict[str, str], source: Path) -> dict[str, tuple[int, ...]]:
+    """kohya name -> the shape of its base layer's weight (the factorization of LoKr files depends on it)."""
+    bases = dict(candidate_layers(model))
+    shapes = {}
+    for kohya_name, module_path in paths.items():
+        weight = getattr(bases[module_path], "weight", None)
+        if not isinstance(weight, Tensor):
+            raise AdapterFileError(f"{source}: {kohya_name!r} names {module_path!r}, a "
+                                   f"{type(bases[module_path]).__name__} without a weight, which no LoRA adapts")
+        shapes[kohya_name] = tuple(weight.shape)
+    return shapes
+
+
 # --- save -----------------------------------------------------------------------------------------------------
 def default_prefix(model: nn.Module) -> str:
     """``lora_te_`` for a transformers model (the text encoder of SD pipelines), else ``lora_unet_``."""
@@ -266,7 +286,7 @@ def save_kohya_adapter(model: nn.Module, path: str | os.PathLike, name: str = "d
         raise DeltatuneError(f"prefix={prefix!r} is not a kohya prefix; use one of {', '.join(PREFIXES)}")
     deltas = list(iter_deltas(model, name))
     peft = config.to_peft_config([p for p, _, _ in deltas], [])
-    rank, alpha = int(peft["r"]), float(peft["lora_alpha" if kind.peft_type == "LORA" else "alpha"])
+    rank, alpha = int(peft["r"]), float(peft[kind.alpha_field])
     if peft.get("use_rslora"):
         alpha *= math.sqrt(rank)  # kohya scales by alpha / r: alpha·√r / r is rsLoRA's alpha / √r
     tensors = _kohya_tensors(deltas, kind, prefix, rank, alpha)

@@ -22,6 +22,7 @@ import deltatune.core.deltatune_format  # noqa: F401 - importing it registers th
 from deltatune.core.diffusers_format import DIFFUSERS_FORMAT  # noqa: F401 - importing it registers the format
 from deltatune.core.formats import detect_format, format_named
 from deltatune.core.kohya_format import KOHYA_FORMAT  # noqa: F401 - importing it registers the format
+from deltatune.core.kohya_lycoris import LOHA_KIND  # noqa: F401 - importing it adds LoHa / LoKr to kohya files
 from deltatune.core.model import adapter_state
 from deltatune.core.peft_format import PEFT_FORMAT  # noqa: F401 - importing it registers the format
 
