@@ -242,3 +242,28 @@ def test_a_kohya_save_needs_a_file_path(unet, tmp_path):
         with pytest.raises(DeltatuneError, match="pass a path ending in .safetensors"):
             dt.save_adapter(model, path, format="kohya")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a home tool's reading ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("targets", [["to_q", "to_v", "to_out.0"], ["conv1", "conv2", "time_emb_proj"]])
+def test_diffusers_reads_a_deltatune_kohya_file_to_the_same_outputs(unet, inputs, tmp_path, targets):
+    """diffusers' own reading of sd-scripts files (its kohya key conversion and network alphas) on a file
+    deltatune wrote: loaded into the glyph UNet by diffusers' load_lora_adapter, the outputs are deltatune's."""
+    pytest.importorskip("peft")
+    from diffusers import UNet2DModel
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    class PeftUNet2DModel(UNet2DModel, PeftAdapterMixin):
+        pass
+
+    torch.manual_seed(0)
+    model = dt.adapt(copy.deepcopy(unet), dt.LoRAConfig(rank=4, alpha=3.0, init="random", targets=targets))
+    path = save_kohya_adapter(model, tmp_path / "k.safetensors")
+    state_dict, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path))
+    theirs = PeftUNet2DModel.from_config(unet.config)
+    theirs.load_state_dict(unet.state_dict())
+    theirs = theirs.double().eval()
+    theirs.load_lora_adapter(state_dict, prefix="unet", network_alphas=alphas)
+    torch.testing.assert_close(run(theirs, inputs), run(model, inputs), rtol=1e-12, atol=1e-12)
+    assert (run(model, inputs) - run(unet, inputs)).abs().max() > 1e-3
