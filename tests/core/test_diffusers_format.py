@@ -182,3 +182,21 @@ def test_older_layouts_and_foreign_files_are_refused_by_name(unet, tmp_path):
                         format="diffusers")
     with pytest.raises(AdapterFileError, match="already holds a diffusers adapter"):
         dt.save_adapter(model, dt.save_adapter(model, tmp_path / "d", format="diffusers"))
+
+
+@pytest.mark.parametrize("fields", [{}, {"rank": 2, "alpha": 3.0, "decompose_both": True}])
+def test_a_lokr_loads_in_diffusers_with_the_same_outputs(unet, inputs, tmp_path, fields):
+    model = adapted(unet, dt.LoKrConfig, **{"rank": 8, "alpha": 8.0, **fields})
+    folder = dt.save_adapter(model, tmp_path / "lokr", format="diffusers")
+    theirs = diffusers_unet(unet)
+    theirs.load_lora_adapter(str(folder), prefix="unet", weight_name=WEIGHTS)
+    torch.testing.assert_close(run(theirs, inputs), run(model, inputs), rtol=1e-10, atol=1e-10)
+    back = dt.load_adapter(copy.deepcopy(unet), folder)
+    ours, again = dt.core.attach.adapter_state_dict(model), dt.core.attach.adapter_state_dict(back)
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+    assert (run(model, inputs) - run(unet, inputs)).abs().max() > 1e-4
+    with safe_open(str(folder / WEIGHTS), "pt") as handle:
+        bare = {k: handle.get_tensor(k) for k in handle.keys()}
+    save_file(bare, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(AdapterFileError, match="LoKr tensors without lora_adapter_metadata"):
+        dt.load_adapter(copy.deepcopy(unet), tmp_path / "bare.safetensors")

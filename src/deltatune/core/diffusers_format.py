@@ -15,7 +15,8 @@ prefix; such files load too (their keys are all peft LoRA keys). A file without 
 diffusers' rule for it: the rank is lora_B's second dimension and alpha = rank (scale 1). Tensor names and the
 config are peft's, so a load goes through the method's peft conversion
 (`PeftConvertibleConfig.from_peft_config`, every field honoured or refused) and a save writes the method's peft
-export: LoRA and its peft variants (rsLoRA, DoRA, lora_bias).
+export: LoRA and its peft variants (rsLoRA, DoRA, lora_bias), and LoKr (``<path>.lokr_w1`` ..., which diffusers
+loads as peft's LoKr; a LoKr file without the metadata is refused rather than its factorization guessed).
 
 A file holding several components is loaded one component at a time with
 ``load_diffusers_adapter(model, path, prefix="unet")``. A save writes only its one file, through a temporary
@@ -54,11 +55,13 @@ FORMAT_NAME = "diffusers"
 WEIGHTS = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"
 PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-PEFT_TYPES = ("LORA",)  # the peft methods diffusers' LoRA loaders build (peft types with their tensor markers)
-MARKERS = (".lora_A.", ".lora_B.")
-# the key endings of peft's LoRA state dicts (linear/conv, lora_bias, DoRA's magnitude, embeddings)
+PEFT_TYPES = ("LORA", "LOKR")  # the peft methods diffusers' load_lora_adapter builds
+MARKERS = (".lora_A.", ".lora_B.", ".lokr_w1")  # a key holding one of these makes a file a diffusers adapter
+# the key endings of peft's LoRA state dicts (linear/conv, lora_bias, DoRA's magnitude, embeddings) and LoKr's
 PEFT_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_magnitude_vector",
                       ".lora_embedding_A", ".lora_embedding_B")
+PEFT_LOKR_SUFFIXES = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+PEFT_SUFFIXES = PEFT_LORA_SUFFIXES + PEFT_LOKR_SUFFIXES
 
 
 def _weights_file(location: AdapterLocation) -> Path | None:
@@ -70,7 +73,7 @@ def _weights_file(location: AdapterLocation) -> Path | None:
 def is_diffusers_keys(keys: list[str]) -> bool:
     """Every key starts with a pipeline component (``unet.``) and some key is a peft LoRA tensor; or (a model's
     own save) no key has a component and every key is a peft LoRA tensor (peft's own files start with
-    ``base_model.model.``, deltatune's end in ``lora_A`` without ``.weight``)."""
+    ``base_model.model.``, kohya's with ``lora_``, deltatune's end in ``lora_A`` without ``.weight``)."""
     if not keys:
         return False
     if all(key.partition(".")[0] in PREFIXES for key in keys):
@@ -79,7 +82,7 @@ def is_diffusers_keys(keys: list[str]) -> bool:
 
 
 def _is_unprefixed_lora_key(key: str) -> bool:
-    return key.endswith(PEFT_LORA_SUFFIXES) and not key.startswith("base_model.") and \
+    return key.endswith(PEFT_SUFFIXES) and not key.startswith(("base_model.", "lora_", "lycoris_")) and \
         key.partition(".")[0] not in PREFIXES
 
 
@@ -138,7 +141,7 @@ def _component(raw: dict[str, Tensor], source: Path, prefix: str | None) -> str:
         prefix = found[0]
     if prefix not in found:
         raise AdapterFileError(f"{source} has no {prefix!r} tensors; its components: {', '.join(found)}")
-    old = [key for key in raw if key.startswith(f"{prefix}.") and not key.endswith(PEFT_LORA_SUFFIXES)]
+    old = [key for key in raw if key.startswith(f"{prefix}.") and not key.endswith(PEFT_SUFFIXES)]
     if old:
         raise AdapterFileError(f"{source}: key {old[0]!r} is not a peft LoRA key (lora_A / lora_B / ...): "
                                "diffusers' older layout or another method, which deltatune does not read; load it "
@@ -162,6 +165,9 @@ def _peft_config(source: Path, prefix: str, stripped: dict[str, Tensor]) -> dict
                 key.startswith(f"{prefix}.")}
         if peft:
             return {"peft_type": "LORA", **peft}
+    if any(key.endswith(PEFT_LOKR_SUFFIXES) for key in stripped):
+        raise AdapterFileError(f"{source} holds LoKr tensors without {METADATA_KEY}, whose factorization deltatune "
+                               "does not guess; save it with diffusers' save_lora_adapter (which writes the metadata)")
     ranks = {key: int(tensor.shape[1]) for key, tensor in stripped.items()
              if ".lora_B." in key and tensor.dim() > 1}
     rank = int(one_value(ranks, "the rank", source, "add lora_adapter_metadata with rank_pattern, or split the file"))
