@@ -185,6 +185,7 @@ def test_an_unknown_name_is_refused_and_the_model_is_unchanged(unet, tmp_path):
     (lambda t: t.__setitem__("lora_unet_conv_in.alpha", torch.tensor(3.0)), "alpha differs between modules"),
     (lambda t: t.__setitem__("lora_te_x.alpha", torch.tensor(3.0)), "adapts several models"),
     (lambda t: t.__setitem__("conv_in.weight", torch.zeros(1)), "is not a kohya key"),
+    (lambda t: t.pop("lora_unet_conv_in.lora_down.weight"), "lacks its 'lora_down.weight' tensor"),
 ])
 def test_what_deltatune_cannot_honour_is_refused(unet, tmp_path, change, message):
     tensors = sd_scripts_file(unet, tmp_path / "k.safetensors")

@@ -64,7 +64,8 @@ PEFT_LOKR_SUFFIXES = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr
 PEFT_SUFFIXES = PEFT_LORA_SUFFIXES + PEFT_LOKR_SUFFIXES
 
 
-def _weights_file(location: AdapterLocation) -> Path | None:
+def weights_file(location: AdapterLocation) -> Path | None:
+    """The diffusers file a location names: the file itself, or a folder's pytorch_lora_weights.safetensors."""
     if location.file is not None:
         return location.file if location.file.suffix == ".safetensors" else None
     return location.folder / WEIGHTS if WEIGHTS in location.names else None
@@ -87,7 +88,7 @@ def _is_unprefixed_lora_key(key: str) -> bool:
 
 
 def detect_diffusers(location: AdapterLocation) -> bool:
-    path = _weights_file(location)
+    path = weights_file(location)
     found = header(path) if path is not None else None
     return found is not None and is_diffusers_keys(found[0])
 
@@ -99,7 +100,7 @@ def load_diffusers_adapter(model: nn.Module, location: AdapterLocation | str | o
     """Load a diffusers LoRA file onto `model` (the component `prefix` adapts: ``"unet"``, ...) as adapter
     `name`; the model is unchanged on any error."""
     if isinstance(location, AdapterLocation):
-        path = _weights_file(location)
+        path = weights_file(location)
     else:
         path = Path(location) / WEIGHTS if Path(location).is_dir() else Path(location)
     raw = read_safetensors(path)

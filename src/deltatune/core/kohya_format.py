@@ -162,8 +162,12 @@ def load_kohya_adapter(model: nn.Module, location: AdapterLocation | str | os.Pa
             if suffix != ALPHA:
                 peft_tensors[f"{paths[kohya_name]}.{kind.tensors[suffix]}"] = tensor
     shapes = _weight_shapes(model, paths, path)
-    config = _config_from_file(model, kind, kind.fields(modules, shapes, path), peft_tensors, list(paths.values()),
-                               path)
+    try:
+        fields = kind.fields(modules, shapes, path)
+    except KeyError as missing:  # a module without the tensor its rank or form is read from
+        raise AdapterFileError(f"{path}: a {kind.method} module lacks its {missing.args[0]!r} tensor; the file is "
+                               "incomplete (re-export it with the tool that wrote it)") from None
+    config = _config_from_file(model, kind, fields, peft_tensors, list(paths.values()), path)
     renames: dict[str, str] = {}
     for module_path, layer in planned_layers(model, config):
         renames |= peft_key_renames(config, module_path, layer)
