@@ -188,6 +188,8 @@ def _config_from_file(model: nn.Module, kind: KohyaKind, fields: dict[str, Any],
 def _modules(raw: dict[str, Tensor], source: Path, prefix: str | None) -> tuple[dict[str, dict[str, Tensor]], str]:
     """kohya name -> {suffix: tensor}, of the file's one prefix (or the given one)."""
     found = sorted({_prefix_of(key, source) for key in raw})
+    if not found:
+        raise AdapterFileError(f"{source} holds no tensors; it adapts nothing")
     if prefix is None:
         if len(found) > 1:
             raise AdapterFileError(f"{source} adapts several models ({', '.join(found)}); load one part with "

@@ -42,8 +42,8 @@ def load_adapter(
     model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
     allow_nonfinite: bool = False,
 ) -> nn.Module:
-    """Load a deltatune or peft LoRA adapter folder (or any registered format) onto `model` as adapter `name`
-    (made active).
+    """Load a deltatune or peft adapter folder, a kohya/LyCORIS file or a diffusers LoRA file (or any registered
+    format) onto `model` as adapter `name` (made active).
 
     The model is left unchanged when anything about the file is wrong. Pickle files are refused, never read.
     Tensors holding NaN or infinite values are refused unless `allow_nonfinite=True`. A path that several
