@@ -9,8 +9,8 @@ The shortest path::
     model = deltatune.adapt(model, LoRAConfig(rank=8, targets=["query", "value"]))
     # every method the same way: deltatune.adapt(model, deltatune.SaRAConfig()), AdaLoRAConfig(...), ...
     ...train...
-    deltatune.save_adapter(model, "out/adapter")            # or format="peft"
-    deltatune.load_adapter(fresh_model, "out/adapter")       # deltatune or peft folders
+    deltatune.save_adapter(model, "out/adapter")            # or format="peft" | "kohya" | "diffusers"
+    deltatune.load_adapter(fresh_model, "out/adapter")       # deltatune or peft folders, kohya or diffusers files
     plain = deltatune.unload(model, merge=True)              # plain nn.Modules, adapter folded in
     deltatune.save_merged(model, "out/merged")               # transformers: from_pretrained loads it, no deltatune
 

@@ -1,4 +1,5 @@
-"""Describe a saved adapter folder without loading a model: config, per-module tensors, sizes."""
+"""Describe a saved adapter folder (or a kohya / diffusers file) without loading a model: config, per-module
+tensors, sizes."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,10 @@ from pathlib import Path
 from safetensors import safe_open
 
 from deltatune.core.deltatune_format import CONFIG_FILE, WEIGHTS_FILE, check_format_fields
+from deltatune.core.diffusers_format import METADATA_KEY, weights_file
 from deltatune.core.files import one_line, read_json, readable_file
-from deltatune.core.formats import adapter_folder
+from deltatune.core.formats import detect_format
+from deltatune.core.kohya_format import kohya_file
 from deltatune.core.peft_format import PEFT_CONFIG, PEFT_WEIGHTS
 from deltatune.errors import AdapterFileError
 
@@ -115,8 +118,38 @@ def _group_peft_keys(shapes: dict[str, tuple[int, ...]]) -> dict[str, dict[str, 
     return grouped
 
 
+def _single_file_summary(format_name: str, weights: Path) -> AdapterSummary:
+    """A kohya or diffusers file: its metadata as the config, tensors grouped by module."""
+    shapes = _tensor_shapes(weights)
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    if format_name == "kohya":
+        config = {key: value for key, value in metadata.items() if key.startswith("ss_")}
+        suffixes = " ".join(key.partition(".")[2] for key in shapes)
+        method = "loha" if "hada_" in suffixes else "lokr" if "lokr_" in suffixes else "lora"
+        modules: dict[str, dict[str, tuple]] = {}
+        for key in sorted(shapes):
+            module, _, tensor = key.partition(".")
+            modules.setdefault(module, {})[tensor] = shapes[key]
+    else:
+        try:
+            config = json.loads(metadata.get(METADATA_KEY) or "{}")
+        except ValueError:
+            config = {}
+        method = next((str(v) for k, v in config.items() if k.rsplit(".", 1)[-1] == "peft_type"), "LORA")
+        modules = _group_peft_keys(shapes)
+    summary = AdapterSummary(weights, format_name, method, config, modules=modules)
+    summary.file_bytes = weights.stat().st_size
+    return summary
+
+
 def summarize_adapter(path: str | Path) -> AdapterSummary:
-    folder = adapter_folder(Path(path))
+    entry, location = detect_format(Path(path))
+    if entry.name == "kohya":
+        return _single_file_summary("kohya", kohya_file(location))
+    if entry.name == "diffusers":
+        return _single_file_summary("diffusers", weights_file(location))
+    folder = location.folder
     if (folder / CONFIG_FILE).exists():
         meta = read_json(folder / CONFIG_FILE)
         check_format_fields(meta, folder / CONFIG_FILE)

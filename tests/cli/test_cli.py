@@ -30,6 +30,19 @@ def test_inspect_shows_config_shapes_parameters_and_size(tmp_path, capsys):
     assert "stored " not in out  # LoRA stores exactly its parameters
 
 
+@pytest.mark.parametrize("fmt, config, expected", [
+    ("kohya", dt.LoRAConfig(rank=4), ["kohya format, method lora", "lora_down.weight (4, 20)", "alpha ()"]),
+    ("kohya", dt.LoHaConfig(rank=2), ["kohya format, method loha", "hada_w1_b (2, 20)"]),
+    ("diffusers", dt.LoRAConfig(rank=4), ["diffusers format, method LORA", "lora_A (4, 20)"]),
+])
+def test_inspect_reads_kohya_and_diffusers_files(tmp_path, capsys, fmt, config, expected):
+    model = dt.adapt(build("linear")[0], config)
+    path = dt.save_adapter(model, tmp_path / ("a.safetensors" if fmt == "kohya" else "a"), format=fmt)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert all(text in out for text in expected), out
+
+
 def test_inspect_counts_parameters_apart_from_the_buffers_a_sparse_adapter_stores(tmp_path, capsys):
     model = dt.adapt(build("linear")[0], dt.SaRAConfig(fraction=0.2))
     trainable = dt.trainable_parameters(model)

@@ -144,8 +144,9 @@ def test_saving_beside_a_registered_formats_marker_is_refused(tmp_path, toy_form
 
 
 def test_unknown_and_read_only_formats_are_refused_by_name_listing_the_writable_ones(toy_formats):
-    for name in ("kohya", "toyfile"):
-        with pytest.raises(DeltatuneError, match=f"format='{name}' is unknown; use 'deltatune' or 'peft' or 'toy'"):
+    for name in ("onnx", "toyfile"):
+        with pytest.raises(DeltatuneError, match=f"format='{name}' is unknown; use 'deltatune' or 'peft' or "
+                                                 "'diffusers' or 'kohya' or 'toy'"):
             dt.save_adapter(_trained(), "unused", format=name)
 
 

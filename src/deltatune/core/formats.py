@@ -109,7 +109,8 @@ def detect_format(path: str | os.PathLike) -> tuple[AdapterFormat, AdapterLocati
         raise AdapterFileError(f"{where} holds adapter files of several formats ({names}), so which one to load is "
                                "ambiguous; move all but one format's files into another folder")
     if location.file is not None:
-        raise AdapterFileError(f"adapter path {where} is a file, not an adapter folder; pass the folder that "
+        raise AdapterFileError(f"adapter path {where} is a file, not an adapter folder, and not a single-file "
+                               "adapter (a kohya/LyCORIS or diffusers LoRA .safetensors); pass the folder that "
                                f"holds {_markers_text()}")
     if any(is_pickle(name) for name in location.names):
         raise AdapterFileError(pickle_refusal(location.folder))

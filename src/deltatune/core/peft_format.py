@@ -43,7 +43,7 @@ PREFIX = "base_model.model."
 PEFT_BASE_LAYER = "base_layer"  # peft's name for the wrapped layer inside its LoRA layer
 
 
-def _peft_config_class(peft_type: str):
+def peft_config_class(peft_type: str):
     convertible = [e.config_cls for e in list_methods() if isinstance(e.config_cls, PeftConvertibleConfig)]
     for config_cls in convertible:
         if config_cls.peft_type == peft_type:
@@ -99,7 +99,7 @@ def load_peft_adapter(
     weights = folder / PEFT_WEIGHTS
     if not weights.exists() and (folder / "adapter_model.bin").exists():
         raise AdapterFileError(pickle_refusal(folder / "adapter_model.bin"))
-    config_cls = _peft_config_class(peft_config["peft_type"])
+    config_cls = peft_config_class(peft_config["peft_type"])
     raw = read_safetensors(weights)
     check_config_record(peft_config, weights, folder / PEFT_CONFIG)
     if not allow_nonfinite:
@@ -109,7 +109,7 @@ def load_peft_adapter(
         config = config_cls.from_peft_config(peft_config, list(stripped))
     except ConfigError as error:
         raise ConfigError(f"{folder / PEFT_CONFIG}: {error}") from None
-    tensors = _to_deltatune_keys(model, config, stripped, weights)
+    tensors = to_deltatune_keys(model, config, stripped, weights)
     return attach_adapter(model, config, tensors, name, trainable, source=folder)
 
 
@@ -120,7 +120,7 @@ def peft_key_renames(config: DeltaConfig, path: str, layer: LayerInfo) -> dict[s
     return {f"{path}.{theirs}": f"{path}.{ours}" for ours, theirs in names.items()}
 
 
-def _to_deltatune_keys(model: nn.Module, config: DeltaConfig, stripped: dict[str, Tensor], source: Path
+def to_deltatune_keys(model: nn.Module, config: DeltaConfig, stripped: dict[str, Tensor], source: Path
                        ) -> dict[str, Tensor]:
     """Rename peft keys to ours, for the layers `config` targets on `model` (the model is only read)."""
     renames: dict[str, str] = {}
