@@ -5,8 +5,10 @@ or TIES' sign election and disjoint sum (`breadcrumbs_ties`), as mergekit 0.1.5'
 
 Counts follow mergekit: of n entries, ⌊density·n⌋ are kept and ⌊gamma·n⌋ dropped from the top; when the two
 overlap, fewer outliers are dropped so the density holds. Ranks come from a stable ascending sort of |δ|.
-One deliberate deviation: when ⌊gamma·n⌋ = 0, mergekit's slice `[n_bot:-0]` keeps *nothing* (a zero task
-vector); here nothing is dropped from the top. No rescale (mergekit's default for both methods).
+mergekit 0.1.5 keeps the sorted positions [n_bot, n_bot + ⌊density·n⌋): the same entries up to the choice
+among tied |δ| (its sort is not stable); its output is matched bit for bit in test_mergekit_parity.py. (An
+older mergekit slice, `[n_bot:-n_top]`, kept nothing when ⌊gamma·n⌋ = 0; 0.1.5 no longer does.) No rescale
+(mergekit's default for both methods).
 """
 from __future__ import annotations
 

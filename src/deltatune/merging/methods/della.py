@@ -3,7 +3,8 @@ Magnitude-Based Sampling", 2024; arXiv 2406.11617): MAGPRUNE drops each task-vec
 that falls as its magnitude rank rises, rescales the survivors, then merges by TIES' sign election and disjoint
 mean (`della`) or by task arithmetic (`della_linear`), as mergekit 0.1.5's methods of those names.
 
-MAGPRUNE as mergekit computes it, per row of each δ_i = θ_i − θ_0 (a 1-D tensor is one row):
+MAGPRUNE as mergekit computes it, per row of each δ_i = θ_i − θ_0 (a 1-D tensor is one row; a tensor of 3 or
+more dimensions is ranked along its dim 1, as mergekit's `argsort(dim=1)` does):
     r   = rank of |δ| in its row, 1 (smallest) … n (largest), from an ascending argsort;
     ρ   = (r − min r) / (max r − min r) ∈ [0, 1];
     p   = (density − ε) + 2ε·ρ          — the keep probability, linear in rank from density − ε to density + ε,
