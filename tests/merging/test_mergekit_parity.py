@@ -26,7 +26,11 @@ from merging.tiny_checkpoints import load_folder
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 CASES = sorted(path.stem for path in FIXTURES.glob("*.yml"))
+METHOD = {case: load_config(FIXTURES / f"{case}.yml").merge_method for case in CASES}
 RANDOM = {"della", "della_linear"}
+# Where bit-identity is impossible by design, the stated tolerance and why:
+TOLERANCE = {"multislerp_bf16": "deltatune computes bfloat16 multislerp in float32 and rounds once (mergekit "
+                                "computes in bfloat16): at most one bfloat16 rounding step apart"}
 LAYERS = 2  # num_hidden_layers of the fixture checkpoints
 
 
@@ -35,18 +39,24 @@ def golden(case: str) -> dict[str, torch.Tensor]:
 
 
 def test_every_method_mergekit_also_has_is_covered():
-    methods = {load_config(FIXTURES / f"{case}.yml").merge_method for case in CASES}
+    methods = set(METHOD.values())
     assert methods >= {"task_arithmetic", "ties", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties",
                        "della", "della_linear", "sce", "nuslerp", "multislerp"}
     for case in CASES:
         assert (FIXTURES / "goldens" / f"{case}.safetensors").is_file(), case
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if load_config(FIXTURES / f"{c}.yml").merge_method not in RANDOM])
+@pytest.mark.parametrize("case", [c for c in CASES if METHOD[c] not in RANDOM])
 def test_deltatune_gives_mergekits_tensors_bit_for_bit(case, tmp_path):
     result = run_merge(load_config(FIXTURES / f"{case}.yml"), tmp_path / "out", progress=False)
     merged, expected = load_folder(result.out_dir), golden(case)
     assert set(merged) == set(expected)
+    if case in TOLERANCE:
+        for name, value in expected.items():
+            assert merged[name].dtype == value.dtype
+            step = 2.0 ** (torch.frexp(value.float().abs().max()).exponent.item() - 8)  # one bf16 ulp at the top
+            torch.testing.assert_close(merged[name].float(), value.float(), rtol=0, atol=step, msg=TOLERANCE[case])
+        return
     differing = [name for name in expected if not torch.equal(merged[name], expected[name])]
     assert not differing, f"{case}: {len(differing)} tensors differ from mergekit's, e.g. {differing[:3]}"
 
@@ -55,12 +65,17 @@ def _seed(case: str) -> int:
     return int(re.search(r"^# random-seed: (\d+)$", (FIXTURES / f"{case}.yml").read_text(), re.M).group(1))
 
 
-@pytest.mark.parametrize("case", sorted(RANDOM))
+@pytest.mark.parametrize("case", [c for c in CASES if METHOD[c] in RANDOM])
 def test_della_fed_mergekits_random_stream_gives_mergekits_tensors(case):
     config = load_config(FIXTURES / f"{case}.yml")
     resolver = ParameterResolver(config, LAYERS)
-    base = load_file(str(FIXTURES / "inputs" / "base" / "model.safetensors"))
-    models = [load_file(str(entry.path / "model.safetensors")) for entry in config.models]
+    dtype = config.dtype or torch.float32
+
+    def read(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v.to(dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+    base = read(FIXTURES / "inputs" / "base")
+    models = [read(entry.path) for entry in config.models]
     expected = golden(case)
     order = json.loads((FIXTURES / "goldens" / f"{case}.order.json").read_text())
     assert sorted(order) == sorted(expected)
