@@ -95,7 +95,8 @@ def test_della_merge_matches_the_float64_reference(method):
     base = torch.randn(12, 10, generator=generator, dtype=torch.float64)
     tensors = [base + 0.1 * torch.randn(12, 10, generator=generator, dtype=torch.float64) for _ in range(3)]
     weights, densities, epsilons = [0.5, 0.3, -0.2], [0.5, 0.7, 0.3], [0.1, 0.15, 0.2]
-    params = DellaParams(scaling=0.8) if method == "della" else DellaLinearParams(scaling=0.8, normalize=True)
+    params = DellaParams(scaling=0.8, rescale="l1") if method == "della" else \
+        DellaLinearParams(scaling=0.8, normalize=True, rescale="l1")
     models = [DellaModelParams(weight=w, density=d, epsilon=e) for w, d, e in zip(weights, densities, epsilons)]
     inputs = MergeInputs("w", base.clone(), [t.clone() for t in tensors], models, params,
                          generator=lambda index: torch.Generator().manual_seed(40 + index))
@@ -117,7 +118,7 @@ def test_a_mergekit_yaml_gets_mergekits_defaults(tmp_path):
     params, models = plan.resolver.resolve("model.layers.0.mlp.up_proj.weight")
     assert [m.density for m in models] == [1.0, 1.0] and models[0].epsilon == 0.15
     assert params.normalize is True and params.rescale == "l1" and params.scaling == 1.0
-    assert DellaLinearParams().normalize is False
+    assert DellaLinearParams().normalize is False and DellaParams().rescale == "inverse_probability"  # paper
     assert DellaParams(rescale=True).rescale == "l1" and DellaParams(rescale=False).rescale == "none"
 
 

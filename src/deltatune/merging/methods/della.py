@@ -13,13 +13,14 @@ more dimensions is ranked along its dim 1, as mergekit's `argsort(dim=1)` does):
 Then W_i = w_i δ̂_i; `della` elects s = sign⁺(Σ W_i) and sums the agreeing W_i, divided by the agreeing weights
 when `normalize`; `della_linear` sums all W_i (÷ Σ w_i when `normalize`); the result × λ is added to the base.
 
-Parameters and defaults are mergekit's, except the Python API's density 0.5 (ours, unverified: the paper's
-recommended density/ε are NOT FOUND in our notes; a mergekit YAML gets mergekit's density 1.0, nothing
-dropped): epsilon 0.15, lambda 1.0, rescale "l1" (mergekit's `rescale: true` — the kept
-entries scaled so that ‖δ̂‖₁ = ‖δ‖₁, skipped when either norm is below 1e-7), normalize true for `della`, false
-for `della_linear`. `rescale: "inverse_probability"` is the paper's rescale instead: each kept entry ÷ its own
-keep probability p (unbiased entry by entry); "none" drops only. A density below 1 needs 0 < density ± ε < 1 (mergekit's
-rule); density 0 zeroes the task vector.
+Defaults. A mergekit YAML (`semantics: mergekit`, the default) gets exactly mergekit's: density 1.0 (nothing
+dropped), epsilon 0.15, lambda 1.0, rescale "l1" (mergekit's `rescale: true`: the kept entries scaled so that
+‖δ̂‖₁ = ‖δ‖₁, skipped when either norm is below 1e-7), normalize true for `della`, false for `della_linear`.
+The Python API differs in two values: rescale "inverse_probability" — each kept entry ÷ its own keep
+probability p, the paper's 1/(1 − p_i) for drop probability p_i (recalled from the paper, not re-read), which
+keeps δ̂ unbiased entry by entry — and density 0.5 (ours, unverified: the paper's recommended density/ε are
+NOT FOUND in our notes). "none" drops only. A density below 1 needs 0 < density ± ε < 1 (mergekit's rule);
+density 0 zeroes the task vector.
 
 Arithmetic follows mergekit: the rank, probabilities, draw and rescale run in float32 for float32 / float16
 inputs and in bfloat16 for bfloat16 ones; float64 inputs stay float64 (mergekit would use float32). A one-entry
@@ -68,12 +69,12 @@ class DellaModelParams(TaskModelParams):
 
 @dataclass(frozen=True)
 class DellaParams:
-    """scaling: λ (YAML `lambda`). normalize: divide by the (agreeing) weights. rescale: "l1" (mergekit's
-    `rescale: true`), "inverse_probability" (the paper's ÷ p per kept entry) or "none". int8_mask: no effect."""
+    """scaling: λ (YAML `lambda`). normalize: divide by the (agreeing) weights. rescale: "inverse_probability"
+    (the paper's ÷ p per kept entry), "l1" (mergekit's `rescale: true`) or "none". int8_mask: no effect."""
 
     scaling: float = 1.0
     normalize: bool = True
-    rescale: str = "l1"
+    rescale: str = "inverse_probability"
     int8_mask: bool = False
 
     def __post_init__(self) -> None:
@@ -128,6 +129,9 @@ def magprune(delta: Tensor, density: float, epsilon: float, generator: torch.Gen
     return masked.to(delta.dtype).reshape(delta.shape)
 
 
+MERGEKIT_DEFAULTS = {"density": 1.0, "rescale": "l1"}
+
+
 def check(params: DellaParams, models: list[DellaModelParams]) -> None:
     if params.normalize and isinstance(params, DellaLinearParams):
         require_nonzero_sum([m.weight for m in models])
@@ -146,14 +150,14 @@ def _merge(inputs: MergeInputs, consensus: str | None) -> Tensor:
 
 
 @register_merge("della", DellaParams, DellaModelParams, base="required", check=check, stochastic=True,
-                self_merge={"density": 1.0}, mergekit_defaults={"density": 1.0},
+                self_merge={"density": 1.0}, mergekit_defaults=MERGEKIT_DEFAULTS,
                 description="magnitude-ranked random drop (MAGPRUNE) + TIES election  (Deep et al. 2024)")
 def merge(inputs: MergeInputs) -> Tensor:
     return _merge(inputs, "sum")
 
 
 @register_merge("della_linear", DellaLinearParams, DellaModelParams, base="required", check=check,
-                stochastic=True, self_merge={"density": 1.0}, mergekit_defaults={"density": 1.0},
+                stochastic=True, self_merge={"density": 1.0}, mergekit_defaults=MERGEKIT_DEFAULTS,
                 description="magnitude-ranked random drop (MAGPRUNE) + task arithmetic  (Deep et al. 2024)")
 def merge_linear(inputs: MergeInputs) -> Tensor:
     return _merge(inputs, None)
