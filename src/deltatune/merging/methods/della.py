@@ -32,7 +32,9 @@ merged before it. deltatune draws model i's mask on tensor `name` from its own g
 hash(seed, name, i) (`registry.tensor_generators`), so masks do not depend on shard layout or order — and are
 not mergekit's masks: a DELLA merge here equals mergekit's in distribution, not entry by entry. The draw itself
 is the same `torch.bernoulli(p, generator)` call on the same p, so fed mergekit's generator stream in mergekit's
-tensor order it gives mergekit's output bit for bit (tests/merging/test_mergekit_parity.py replays it).
+tensor order it gives mergekit's output bit for bit (tests/merging/test_mergekit_parity.py replays it, float32
+and bfloat16). So deltatune's `seed:` (YAML) / `--seed` maps to masks through that hash, not as mergekit's
+`--random-seed`: the same number gives other masks than mergekit's.
 """
 from __future__ import annotations
 
