@@ -58,7 +58,9 @@ METHODS = {
                         {"weight": 0.3, "density": 0.7}]},
     "sce": {"parameters": {"select_topk": 0.5}, "model": [{}, {}, {}]},
     "nuslerp": {"parameters": {}, "model": [{"weight": 0.4}, {"weight": 0.6}]},
-    "multislerp": {"parameters": {}, "model": [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]},
+    # without a base: with one, the untouched RMSNorm gains give all-zero task vectors, which mergekit refuses
+    # ("the weighted sum of the input tensors is zero") for more than two models
+    "multislerp": {"parameters": {}, "model": [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], "base": False},
 }
 DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties")
 RANDOM_METHODS = ("dare", "della")  # name prefixes: mergekit's global RNG vs deltatune's per-tensor seeds
@@ -93,7 +95,8 @@ def write_config(work: Path, method: str, folders: list[Path], dtype: str, extra
     import yaml
 
     spec = METHODS[method]
-    config = {"merge_method": method, "base_model": str(folders[0]), "dtype": dtype,
+    config = {"merge_method": method, **({"base_model": str(folders[0])} if spec.get("base", True) else {}),
+              "dtype": dtype,
               "parameters": {**spec["parameters"], **(extra or {})},
               "models": [{"model": str(f), **({"parameters": p} if p else {})}
                          for f, p in zip(folders[1:], spec["model"])]}
