@@ -345,6 +345,8 @@ def main() -> None:
     raw = empty_raw_record(folders)
     for case in planned_cases(args, folders):
         run_case(args, raw, env, case)
+        if args.json:  # after every case, so an interrupted run keeps what it measured
+            harness.write_json(args.json, {**raw, "summary": summary_rows(raw), "partial": True}, indent=2)
     raw["summary"] = summary_rows(raw)
     print_summary(raw["summary"])
     raw["load_average_at_end"] = os.getloadavg()
