@@ -15,7 +15,8 @@ sin((1 − t)θ₀)/sin θ₀ and sin(tθ₀)/sin θ₀ in float32, then coef_a�
 operations in the same order, so float32 merges are bit-identical with mergekit's (checked against real
 mergekit-yaml output in tests/merging/test_mergekit_parity.py); the result is rounded to the input dtype once.
 mergekit packs same-shape tensors into one batch and shrinks the chunk to 2^20 / (batch size) entries, so for
-tensors above that size its norm may differ from this one in the last bit. mergekit requires `t`; here it
+tensors above that size its norm may differ from this one in the last bit (not seen on a 20480×64 embedding
+and lm_head pair, 1.3M entries each, which came out bit-identical). mergekit requires `t`; here it
 defaults to 0.5, the midpoint.
 """
 from __future__ import annotations
