@@ -2,8 +2,9 @@
 
 Builds (once, seeded) a small Llama-architecture base checkpoint with transformers and three fine-tune-like
 perturbations of it (base + Gaussian deltas of different scales per model, plus a shared component so signs
-agree and conflict), all saved as sharded safetensors. Then, for each method (task_arithmetic, ties,
-dare_ties) and each repeat, runs `mergekit-yaml` (from its own venv) and `deltatune merge` on the same YAML,
+agree and conflict), all saved as sharded safetensors. Then, for each method (default task_arithmetic, ties,
+dare_ties; `--methods` adds issue 16's slerp, model_stock, breadcrumbs_ties, della, sce, nuslerp, multislerp)
+and each repeat, runs `mergekit-yaml` (from its own venv) and `deltatune merge` on the same YAML,
 each in a fresh process, alternating which goes first, and records wall time and the child's peak RSS
 (GNU time). Finally compares the merged tensors entry by entry (max |difference|).
 
@@ -15,6 +16,9 @@ table from a saved `--json` file without running anything.
     python3 -m venv venv-mergekit && venv-mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
     .venv/bin/python benchmarks/merge_vs_mergekit.py --repeats 3 --json benchmarks/results/merge_vs_mergekit.json
     .venv/bin/python benchmarks/merge_vs_mergekit.py --render benchmarks/results/merge_vs_mergekit.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/merge_vs_mergekit.py --repeats 1 --bf16-repeats 0 \
+        --methods slerp model_stock breadcrumbs_ties della sce nuslerp multislerp \
+        --json benchmarks/results/merge_methods_vs_mergekit.json
 """
 from __future__ import annotations
 
@@ -43,7 +47,23 @@ METHODS = {
     "dare_ties": {"parameters": {"lambda": 1.0},
                   "model": [{"weight": 1.0, "density": 0.3}, {"weight": 0.6, "density": 0.5},
                             {"weight": 0.3, "density": 0.7}]},
+    # issue 16's methods (run with --methods ...; not in the default set)
+    "slerp": {"parameters": {"t": [0.0, 0.5, 1.0]}, "model": [{}]},
+    "model_stock": {"parameters": {}, "model": [{}, {}, {}]},
+    "breadcrumbs_ties": {"parameters": {"lambda": 1.0},
+                         "model": [{"weight": 1.0, "density": 0.3, "gamma": 0.01}, {"weight": 0.6, "density": 0.5},
+                                   {"weight": 0.3, "density": 0.7}]},
+    "della": {"parameters": {"lambda": 1.0},
+              "model": [{"weight": 1.0, "density": 0.3, "epsilon": 0.1}, {"weight": 0.6, "density": 0.5},
+                        {"weight": 0.3, "density": 0.7}]},
+    "sce": {"parameters": {"select_topk": 0.5}, "model": [{}, {}, {}]},
+    "nuslerp": {"parameters": {}, "model": [{"weight": 0.4}, {"weight": 0.6}]},
+    # without a base: with one, the untouched RMSNorm gains give all-zero task vectors, which mergekit refuses
+    # ("the weighted sum of the input tensors is zero") for more than two models
+    "multislerp": {"parameters": {}, "model": [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}], "base": False},
 }
+DEFAULT_METHODS = ("task_arithmetic", "ties", "dare_ties")
+RANDOM_METHODS = ("dare", "della")  # name prefixes: mergekit's global RNG vs deltatune's per-tensor seeds
 
 
 def build_checkpoints(work: Path, hidden: int, intermediate: int, layers: int, vocab: int) -> list[Path]:
@@ -75,9 +95,11 @@ def write_config(work: Path, method: str, folders: list[Path], dtype: str, extra
     import yaml
 
     spec = METHODS[method]
-    config = {"merge_method": method, "base_model": str(folders[0]), "dtype": dtype,
+    config = {"merge_method": method, **({"base_model": str(folders[0])} if spec.get("base", True) else {}),
+              "dtype": dtype,
               "parameters": {**spec["parameters"], **(extra or {})},
-              "models": [{"model": str(f), "parameters": p} for f, p in zip(folders[1:], spec["model"])]}
+              "models": [{"model": str(f), **({"parameters": p} if p else {})}
+                         for f, p in zip(folders[1:], spec["model"])]}
     path = work / f"{label or method}-{dtype}.yml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -227,7 +249,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--mergekit", type=Path, default=None,
                         help="mergekit-yaml of mergekit's own venv (default: $MERGEKIT_YAML, ./venv-mergekit, PATH)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
     parser.add_argument("--bf16-repeats", type=int, default=1, help="runs of the bfloat16 parity cases (0: skip)")
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=2048)
@@ -302,7 +324,7 @@ def run_case(args: argparse.Namespace, raw: dict, env: dict, case: tuple[str, st
         if out.exists():
             raw["comparison"][f"{label}/{tool}"] = compare(outputs["mergekit"], out, inputs[0])
             print(label, tool, raw["comparison"][f"{label}/{tool}"], flush=True)
-    if method.startswith("dare"):
+    if method.startswith(RANDOM_METHODS):
         compare_seeds(args, raw, env, case, config, outputs["deltatune"])
 
 
@@ -323,6 +345,8 @@ def main() -> None:
     raw = empty_raw_record(folders)
     for case in planned_cases(args, folders):
         run_case(args, raw, env, case)
+        if args.json:  # after every case, so an interrupted run keeps what it measured
+            harness.write_json(args.json, {**raw, "summary": summary_rows(raw), "partial": True}, indent=2)
     raw["summary"] = summary_rows(raw)
     print_summary(raw["summary"])
     raw["load_average_at_end"] = os.getloadavg()

@@ -1,6 +1,6 @@
 """Model Breadcrumbs masks and merges against a float64 reference of mergekit 0.1.5's magnitude_outliers.
 
-Not yet checked: bit-identity against an actual mergekit-yaml run (no mergekit venv on this branch yet).
+Bit-identity against real mergekit-yaml output: tests/merging/test_mergekit_parity.py.
 """
 from __future__ import annotations
 

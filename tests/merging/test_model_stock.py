@@ -1,6 +1,6 @@
 """Model Stock against a float64 transcription of mergekit 0.1.5's model_stock task, and its bad inputs.
 
-Not yet checked: bit-identity against an actual mergekit-yaml run (no mergekit venv on this branch yet).
+Bit-identity against real mergekit-yaml output: tests/merging/test_mergekit_parity.py.
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """SLERP against a float64 reference of Shoemake's formula, mergekit's colinear fallback and per-layer t, the
-float32 arithmetic mergekit uses, and refusals."""
+float32 torch arithmetic mergekit 0.1.5 uses, and refusals."""
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -47,19 +46,28 @@ def test_nearly_colinear_tensors_are_interpolated_linearly():
     torch.testing.assert_close(slerp(0.25, v0, v1), 0.75 * v0 + 0.25 * v1, rtol=0, atol=0)
 
 
-def test_float32_and_bfloat16_follow_mergekits_float32_numpy_arithmetic():
-    """mergekit 0.1.5 runs the formula in float32 NumPy (norm, dot of the normalized copies, float32 angle):
-    the same sequence written out here must give the same bits."""
+def test_float32_and_bfloat16_follow_mergekits_float32_torch_arithmetic():
+    """mergekit 0.1.5 runs the formula in float32 torch (norms, dot of the normalized copies, float32 angle and
+    coefficients): the same sequence written out here must give the same bits (real mergekit-yaml output is
+    compared in test_mergekit_parity.py)."""
     generator = torch.Generator().manual_seed(3)
     v0, v1 = torch.randn(64, 32, generator=generator), torch.randn(64, 32, generator=generator)
-    a, b = v0.numpy().copy(), v1.numpy().copy()
-    cosine = np.sum((a / np.linalg.norm(a)) * (b / np.linalg.norm(b)))
-    theta = np.arccos(cosine)
-    expected = np.sin(theta - theta * 0.3) / np.sin(theta) * a + np.sin(theta * 0.3) / np.sin(theta) * b
-    assert torch.equal(slerp(0.3, v0, v1), torch.from_numpy(expected))
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    t = torch.tensor([[0.3]])
+    dot = ((a / torch.linalg.vector_norm(a, dim=1, keepdim=True))
+           * (b / torch.linalg.vector_norm(b, dim=1, keepdim=True))).sum(dim=1, keepdim=True)
+    theta = torch.acos(dot)
+    expected = torch.sin((1 - t) * theta) / torch.sin(theta) * a + torch.sin(t * theta) / torch.sin(theta) * b
+    assert torch.equal(slerp(0.3, v0, v1), expected.reshape(v0.shape))
     half = slerp(0.3, v0.bfloat16(), v1.bfloat16())
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), reference(0.3, v0.bfloat16(), v1.bfloat16()).float(), rtol=2**-7, atol=0)
+
+
+def test_tensors_longer_than_a_chunk_take_the_norm_of_chunk_norms():
+    generator = torch.Generator().manual_seed(4)
+    v0, v1 = (torch.randn(3, (1 << 20) // 3 + 5, generator=generator, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(slerp(0.7, v0, v1), reference(0.7, v0, v1), rtol=1e-10, atol=1e-10)
 
 
 def test_a_yaml_gradient_gives_each_layer_its_own_t(tmp_path):

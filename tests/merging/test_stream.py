@@ -149,6 +149,33 @@ def test_memory_holds_a_few_tensor_groups_not_whole_models(models, tmp_path, mon
     assert len(base) * groups > 40 and peak[0] <= 2 * groups  # this group + the one read ahead
 
 
+ISSUE16_METHODS = {"della": {"density": 0.5, "epsilon": 0.1, "weight": 1.0},
+                   "della_linear": {"density": 0.5, "weight": 0.5}, "sce": {}, "nuslerp": {"weight": 1.0},
+                   "multislerp": {"weight": 1.0}, "slerp": {}, "model_stock": {},
+                   "breadcrumbs_ties": {"density": 0.5}}
+
+
+@pytest.mark.parametrize("method", sorted(ISSUE16_METHODS))
+def test_every_issue16_method_streams_a_few_tensor_groups_at_a_time(method, models, tmp_path, monkeypatch):
+    base_dir, dirs, base, _ = models
+    dirs = dirs[:{"slerp": 1, "nuslerp": 2}.get(method, 3)]
+    alive, peak = [0], [0]
+    original = Checkpoint.read
+
+    def counting_read(self, name, dtype=None):
+        tensor = original(self, name, dtype)
+        alive[0] += 1
+        peak[0] = max(peak[0], alive[0])
+        weakref.finalize(tensor, lambda: alive.__setitem__(0, alive[0] - 1))
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "read", counting_read)
+    parameters = ISSUE16_METHODS[method]
+    run_merge(_config(method, base_dir, dirs, [parameters] * len(dirs)), tmp_path / "out", progress=False)
+    groups = len(dirs) + 1
+    assert peak[0] <= 2 * groups < len(base)  # this group + the one read ahead, never a whole model
+
+
 def test_yaml_file_with_relative_paths(models, tmp_path, monkeypatch):
     base_dir, dirs, _, _ = models
     (tmp_path / "merge.yaml").write_text(

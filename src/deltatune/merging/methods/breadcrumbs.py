@@ -4,9 +4,12 @@ masks", ECCV 2024): per tensor, drop the `gamma` fraction of task-vector entries
 or TIES' sign election and disjoint sum (`breadcrumbs_ties`), as mergekit 0.1.5's methods of those names.
 
 Counts follow mergekit: of n entries, ⌊density·n⌋ are kept and ⌊gamma·n⌋ dropped from the top; when the two
-overlap, fewer outliers are dropped so the density holds. Ranks come from a stable ascending sort of |δ|.
-One deliberate deviation: when ⌊gamma·n⌋ = 0, mergekit's slice `[n_bot:-0]` keeps *nothing* (a zero task
-vector); here nothing is dropped from the top. No rescale (mergekit's default for both methods).
+overlap, fewer outliers are dropped so the density holds. Ranks come from the same ascending `torch.sort` of
+|δ| (in float32) that mergekit 0.1.5 uses, keeping the sorted positions [n_bot, n_bot + ⌊density·n⌋), so
+entries tied in |δ| (common in bfloat16) are chosen as mergekit chooses them — deterministic for a given torch
+build, not by position; the output is matched bit for bit in test_mergekit_parity.py (float32 and bfloat16). (An
+older mergekit slice, `[n_bot:-n_top]`, kept nothing when ⌊gamma·n⌋ = 0; 0.1.5 no longer does.) No rescale
+(mergekit's default for both methods).
 """
 from __future__ import annotations
 
@@ -56,7 +59,7 @@ def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     bottom = count - kept - top
     if bottom < 0:  # the outlier cut eats into the kept fraction: drop fewer outliers instead
         top, bottom = top + bottom, 0
-    order = torch.sort(delta.abs().reshape(-1).float(), stable=True).indices
+    order = torch.sort(delta.abs().reshape(-1).float()).indices  # mergekit's (unstable) sort: its choice among ties
     mask = torch.zeros(count, dtype=torch.bool, device=delta.device)
     mask[order[bottom:count - top]] = True
     return mask.reshape(delta.shape)

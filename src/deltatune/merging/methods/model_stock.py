@@ -6,7 +6,9 @@ cosine between δ_i and δ_j (norm product clamped at 1e-6, cosine clamped to [�
 is the paper's t = N cos θ / (1 + (N − 1) cos θ), and θ = t · mean_i θ_i + (1 − t) θ_0.
 `filter_wise: true` takes one angle (and one t) per output row instead of one per tensor (1-D tensors count as
 a single row), as mergekit's option of that name. The paper's two-model case is N = 2. Where the ratio is
-undefined (cos θ = −1/(N − 1)) the base is kept; mergekit gives NaN there.
+undefined (|1 + (N − 1) cos θ| < 1e-6) the base is kept, as mergekit 0.1.5 does. Arithmetic: the working
+dtype, mergekit's operations in its order (bit-identical with mergekit in float32 and bfloat16, checked against
+real mergekit-yaml output in test_mergekit_parity.py); float16 is computed in float32.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from deltatune.merging.params import check_field_types
 from deltatune.merging.registry import MergeInputs, register_merge
 
 NORM_PRODUCT_FLOOR = 1e-6
+SINGULAR = 1e-6  # |1 + (k − 1) cos θ| below this: the ratio is undefined, keep the base (mergekit 0.1.5)
 
 
 @dataclass(frozen=True)
@@ -59,16 +62,18 @@ def mean_pairwise_cosine(offsets: list[Tensor]) -> Tensor:
 def model_stock_ratio(cos_theta: Tensor, count: int) -> Tensor:
     """The paper's t = k cos θ / (1 + (k − 1) cos θ) for k fine-tuned models.
 
-    At the pole cos θ = −1/(k − 1) (e.g. two exactly opposite offsets) the ratio is undefined and mergekit
-    returns NaN; here t = 0 there (keep the base), the one deviation from mergekit."""
+    At the pole cos θ = −1/(k − 1) (e.g. two exactly opposite offsets) the ratio is undefined; where
+    |1 + (k − 1) cos θ| < 1e-6, t = 0 (keep the base), as mergekit 0.1.5 does."""
     denominator = 1 + (count - 1) * cos_theta
-    ratio = count * cos_theta / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
-    return torch.where(denominator == 0, torch.zeros_like(ratio), ratio)
+    singular = denominator.abs() < SINGULAR
+    ratio = count * cos_theta / torch.where(singular, torch.ones_like(denominator), denominator)
+    return torch.where(singular, torch.zeros_like(ratio), ratio)
 
 
 def model_stock_merge(base: Tensor, tensors: list[Tensor], filter_wise: bool = False) -> Tensor:
-    """θ = t · mean θ_i + (1 − t) θ_0 with the angle-derived t, computed in float32 (float64 for float64)."""
-    wide = torch.float64 if base.dtype == torch.float64 else torch.float32
+    """θ = t · mean θ_i + (1 − t) θ_0 with the angle-derived t, computed in the working dtype as mergekit
+    (float16 in float32: its norms overflow above 65,504)."""
+    wide = torch.float32 if base.dtype == torch.float16 else base.dtype
     anchor = _rows(base.to(wide), filter_wise)
     tuned = [_rows(t.to(wide), filter_wise) for t in tensors]
     ratio = model_stock_ratio(mean_pairwise_cosine([t - anchor for t in tuned]), len(tuned)).unsqueeze(-1)
