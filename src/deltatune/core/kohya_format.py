@@ -306,7 +306,7 @@ def save_kohya_adapter(model: nn.Module, path: str | os.PathLike, name: str = "d
 
 def _writable_kind(config: DeltaConfig) -> KohyaKind:
     method = entry_for_config(config).name
-    kind = KINDS.get(getattr(config, "peft_type", "")) if isinstance(config, PeftConvertibleConfig) else None
+    kind = KINDS.get(config.peft_type) if isinstance(config, PeftConvertibleConfig) else None
     if kind is None or kind.method != method:
         known = ", ".join(repr(kind.method) for kind in KINDS.values())
         raise DeltatuneError(f"method {method!r} has no kohya form (kohya files hold {known}); "
