@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import deltatune as dt
+from core.glyph_unet import run
 from deltatune.core.diffusers_format import WEIGHTS, load_diffusers_adapter
 from deltatune.core.formats import detect_format
-from deltatune.data import load_glyph_ddpm
 from deltatune.errors import AdapterFileError, DeltatuneError
 
 diffusers = pytest.importorskip("diffusers")
@@ -29,23 +29,6 @@ class PeftUNet2DModel(diffusers.UNet2DModel, PeftAdapterMixin):
     """UNet2DModel with diffusers' LoRA loader (diffusers gives it to its conditional UNets and transformers)."""
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return load_glyph_ddpm().unet.double().eval()
-
-
-@pytest.fixture
-def inputs(unet):
-    torch.manual_seed(1)
-    size = unet.config.sample_size
-    return (torch.randn(2, unet.config.in_channels, size, size, dtype=torch.float64),
-            torch.tensor([3, 400]), torch.tensor([1, 7]))
-
-
-def run(model, inputs):
-    sample, steps, labels = inputs
-    with torch.no_grad():
-        return model(sample, steps, class_labels=labels).sample
 
 
 def adapted(unet, config_cls=dt.LoRAConfig, **fields):

@@ -11,32 +11,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 import deltatune as dt
+from core.glyph_unet import run
 from deltatune.core.formats import detect_format
 from deltatune.core.kohya_format import load_kohya_adapter, save_kohya_adapter
-from deltatune.data import load_glyph_ddpm
 from deltatune.errors import AdapterFileError, DeltatuneError
 
 pytest.importorskip("diffusers")
 TARGETS = ["to_q", "to_v", "conv1", "time_emb_proj"]  # Linear and 3x3 Conv2d layers
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return load_glyph_ddpm().unet.double().eval()
-
-
-@pytest.fixture
-def inputs(unet):
-    torch.manual_seed(1)
-    size = unet.config.sample_size
-    return (torch.randn(2, unet.config.in_channels, size, size, dtype=torch.float64),
-            torch.tensor([3, 400]), torch.tensor([1, 7]))
-
-
-def run(model, inputs):
-    sample, steps, labels = inputs
-    with torch.no_grad():
-        return model(sample, steps, class_labels=labels).sample
 
 
 def adapted(unet, **fields):
