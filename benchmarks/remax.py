@@ -266,7 +266,8 @@ def render(records: list[dict], settings: argparse.Namespace, env: dict, png: Pa
     get = {m: {"test": [r["test"]["reward"] for r in runs], "similarity": [r["test"]["similarity"] for r in runs],
                "valid": [r["curve"][-1]["reward"] for r in runs], "kl": [r["curve"][-1]["kl"] for r in runs],
                "rss": [r["peak_rss_mib"] for r in runs],
-               "rss_training": [r["peak_rss_mib_self"] - r["peak_rss_mib_before_training"] for r in runs], "state": [r["state_bytes"] / 2**20 for r in runs],
+               "rss_training": [r["peak_rss_mib_self"] - r["peak_rss_mib_before_training"]
+                                for r in runs], "state": [r["state_bytes"] / 2**20 for r in runs],
                "step": [statistics.median(r["step_seconds"]) for r in runs]} for m, runs in chosen.items()}
     start = chosen["remax"][0]["curve"][0]
     lines = ["# ReMax vs a PPO-style baseline (WordNet-LM + LoRA, gloss generation)", "",
@@ -280,8 +281,9 @@ def render(records: list[dict], settings: argparse.Namespace, env: dict, png: Pa
              "| peak RSS (MiB) | peak RSS rise in training (MiB) | model state (MiB) | median step (s) |",
              "|" + " --- |" * 10]
     for m, runs in chosen.items():
-        cells = [harness.mean_std(get[m][key], scale=1, digits=digits) for key, digits in
-                 (("test", 3), ("similarity", 3), ("valid", 3), ("kl", 4), ("rss", 1), ("rss_training", 1), ("state", 2), ("step", 2))]
+        columns = (("test", 3), ("similarity", 3), ("valid", 3), ("kl", 4), ("rss", 1), ("rss_training", 1),
+                   ("state", 2), ("step", 2))
+        cells = [harness.mean_std(get[m][key], scale=1, digits=digits) for key, digits in columns]
         lines.append(f"| {m} | {runs[0]['lr']:g} | " + " | ".join(cells) + " |")
     rss_gap = [p - r for p, r in zip(get["ppo"]["rss"], get["remax"]["rss"])]
     ratio = [p / r for p, r in zip(get["ppo"]["step"], get["remax"]["step"])]
