@@ -200,6 +200,15 @@ def test_the_sampler_is_seeded_and_leaves_the_global_rng_alone() -> None:
     torch.testing.assert_close(torch.rand(3), expected)
 
 
+def test_every_module_gets_its_own_mode_back() -> None:
+    model = adapted()
+    model.train()
+    model.model.layers[0].mlp.eval()  # a mixed state, as set_training_mode leaves a model with a frozen base
+    modes = {name: module.training for name, module in model.named_modules()}
+    ReMax(model, LetterTokenizer(), letter_count("a"), seed=0).loss(PROMPTS, [None] * 4)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
 # --- composition ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_trains_the_adapter_only_and_moves_away_from_the_reference(method: str) -> None:

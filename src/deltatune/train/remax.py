@@ -277,12 +277,15 @@ def _through_first_eos(response: Tensor, eos_id: int) -> Tensor:
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
+    """Eval mode inside; afterwards every module's own mode again (a model in `set_training_mode` keeps its
+    frozen base in eval and its deltas in train: a plain `model.train()` would not restore that)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager
