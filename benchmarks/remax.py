@@ -224,6 +224,30 @@ def run_in_child(job: dict, settings: argparse.Namespace) -> dict:
     return result
 
 
+def run_until_deadline(jobs: list[dict], log: harness.RunLog, settings: argparse.Namespace) -> bool:
+    """Run the pending jobs in order, one fresh process each; stop before a run that would end after
+    `--stop-by` (its length guessed as the longest run so far, 4 minutes before the first). True if all ran."""
+    durations: list[float] = []
+    for job in log.pending(jobs):
+        if settings.stop_by is not None and time.time() + max(durations, default=240.0) > settings.stop_by:
+            print(f"stopping before {job}: it would end after --stop-by", file=sys.stderr, flush=True)
+            return False
+        print(f"run {job}", flush=True)
+        start = time.time()
+        log.append(run_in_child(job, settings))
+        durations.append(time.time() - start)
+    return True
+
+
+def stop_time(text: str) -> float:
+    """'HH:MM' (UTC, today) as a POSIX time."""
+    import datetime
+
+    hours, minutes = map(int, text.split(":"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return now.replace(hour=hours, minute=minutes, second=0, microsecond=0).timestamp()
+
+
 # --- the report -----------------------------------------------------------------------------------------------
 def chosen_lr(records: list[dict], method: str) -> float:
     first_seed = min(r["seed"] for r in records)
@@ -315,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stop-by", type=stop_time, default=None, help="HH:MM UTC: start no run that would end later")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     settings = parser.parse_args(argv)
     if settings.child:
@@ -323,10 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     env = harness.environment(threads=settings.threads)
     log = harness.RunLog(f"{settings.out}.jsonl", ("method", "lr", "seed"))
     tuning = [{"method": m, "lr": lr, "seed": settings.seeds[0]} for lr in settings.lrs for m in METHODS]
-    harness.run_jobs(tuning, log, lambda job: run_in_child(job, settings), describe=str)
-    lrs = {m: chosen_lr(log.records(), m) for m in METHODS}
-    rest = [{"method": m, "lr": lrs[m], "seed": seed} for seed in settings.seeds[1:] for m in METHODS]
-    harness.run_jobs(rest, log, lambda job: run_in_child(job, settings), describe=str)
+    if run_until_deadline(tuning, log, settings):
+        lrs = {m: chosen_lr(log.records(), m) for m in METHODS}
+        rest = [{"method": m, "lr": lrs[m], "seed": seed} for seed in settings.seeds[1:] for m in METHODS]
+        run_until_deadline(rest, log, settings)
+    if not all(any(r["method"] == m for r in log.records()) for m in METHODS):
+        print("not every method has a finished run yet: no report", file=sys.stderr)
+        return 1
     png = Path(f"{settings.out}.png")
     markdown, figure = render(log.records(), settings, env, png)
     harness.write_report(f"{settings.out}.md", markdown + harness.kept_notes(f"{settings.out}.md"), {png: figure})
