@@ -96,3 +96,23 @@ def test_train_size_and_evaluation_subsets_draw_seeded_uniform_subsets(task):
     assert load_task("gloss-generation", train_size=100, seed=4).train.texts != small.train.texts
     cut = evaluation_subsets(task, validation_size=20, test_size=30)
     assert (len(cut.validation), len(cut.test)) == (20, 30)
+
+
+def test_gloss_rewards_score_empty_repeated_and_echoed_outputs_low():
+    rows = [row for row in read_heldout_rows() if row["split"] == "validation"][:24]
+    references, lemmas = [row["gloss"] for row in rows], [row["lemma"] for row in rows]
+
+    def reward(texts):
+        return gg.gloss_rewards(texts, references, lemmas)
+
+    true = reward(references)
+    assert float(true.mean()) > 0.8
+    assert float(reward([""] * 24).abs().max()) == 0.0  # empty: exactly 0
+    assert float(reward(lemmas).mean()) < 0.05  # echoing the prompt's lemma earns (nearly) nothing
+    assert float(reward([f"{lemma} {lemma} {lemma}" for lemma in lemmas]).mean()) < 0.05
+    assert float(reward(["the the the the the the"] * 24).mean()) < 0.05  # repetition
+    doubled = reward([f"{gloss} {gloss}" for gloss in references])
+    assert bool((doubled < true).all())  # repeating the right answer is worth less than saying it once
+    assert float(reward(references[1:] + references[:1]).mean()) < 0.25  # someone else's gloss
+    with pytest.raises(gg.DeltatuneError, match="one of each per item"):
+        gg.gloss_rewards(["x"], references, lemmas)

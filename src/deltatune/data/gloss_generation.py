@@ -204,3 +204,38 @@ def load_gloss_generation_task(*, max_length: int = 32, train_size: int | None =
     fixed SEQUENCE_LENGTH (prompt + definition). `seed` only picks the `train_size` subset."""
     del max_length
     return generation_task(NAME, DESCRIPTION, METRIC, gloss_split, score_gloss_generation, train_size, seed)
+
+
+def _echoes(word: str, lemma_words: Sequence[str]) -> bool:
+    """Whether `word` repeats a lemma word or a form of it (same first min(len, 5) letters: hit/hitting)."""
+    return any(len(stem) >= 2 and word.startswith(stem[:5]) for stem in lemma_words)
+
+
+def _distinct_bigram_share(words: Sequence[str]) -> float:
+    if len(words) < 2:
+        return float(len(words))
+    bigrams = list(zip(words, words[1:]))
+    return len(set(bigrams)) / len(bigrams)
+
+
+def gloss_rewards(generated: Sequence[str], references: Sequence[str], lemmas: Sequence[str]) -> torch.Tensor:
+    """A per-item reward for learning gloss generation by RL (ReMax), scripted to be hard to game.
+
+    reward_i = cos(MiniLM(g_i), MiniLM(true gloss_i)) · distinct_i, where g_i is the generated text cut before any
+    example sentence (as the metric does) with every word that echoes the prompt's lemma removed, and distinct_i
+    = (distinct word bigrams)/(bigrams) of g_i (1 for a single word). Why: echoing the lemma is the cheap way up
+    the raw similarity (the lemma alone scores 0.35 against the true gloss on 40 validation items, unrelated
+    glosses 0.12), and repeating a phrase keeps the similarity of the phrase. An empty g_i (or one made only of
+    lemma echoes) scores 0. Returns a float32 CPU tensor of one reward per item, in [-1, 1]."""
+    if not (len(generated) == len(references) == len(lemmas)) or not references:
+        raise DeltatuneError(f"{len(generated)} generated texts, {len(references)} references and {len(lemmas)} "
+                             "lemmas: expected one of each per item, at least one item")
+    cleaned, distinct = [], []
+    for text, lemma in zip(generated, lemmas):
+        lemma_words = [word.strip("()-,.;:'\"") for word in lemma.lower().replace("_", " ").split()]
+        words = [word for word in definition_of(text).split()
+                 if not _echoes(word.lower().strip("()-,.;:'\""), lemma_words)]
+        cleaned.append(" ".join(words))
+        distinct.append(_distinct_bigram_share([word.lower() for word in words]))
+    similarity = (sentence_embeddings(cleaned) * sentence_embeddings(list(references))).sum(dim=-1)
+    return similarity * torch.tensor(distinct, dtype=similarity.dtype)

@@ -12,6 +12,7 @@ from deltatune.train.high_frequency import HighFrequencyLoss
 from deltatune.train.losses import causal_lm_loss, cross_entropy
 from deltatune.train.progress import TrainingProgress
 from deltatune.train.pskd import ProgressiveSelfKnowledgeDistillation
+from deltatune.train.remax import ReMax, ReMaxConfig
 from deltatune.train.sample_index import with_sample_index
 from deltatune.train.schedules import build_scheduler, lr_multiplier
 from deltatune.train.seeding import set_seed
@@ -21,5 +22,5 @@ from deltatune.train.unfreezing import ProgressiveUnfreezing
 __all__ = [
     "Callback", "HighFrequencyLoss", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "causal_lm_loss",
     "cross_entropy", "TrainingProgress", "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
-    "ProgressiveSelfKnowledgeDistillation", "ProgressiveUnfreezing", "with_sample_index",
+    "ProgressiveSelfKnowledgeDistillation", "ProgressiveUnfreezing", "ReMax", "ReMaxConfig", "with_sample_index",
 ]
