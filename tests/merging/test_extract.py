@@ -323,3 +323,34 @@ def test_cli_extract_and_resize(llama, tmp_path, capsys):
               "--energy", "0.5"])
     assert main(["extract-lora", str(root / "base"), str(root / "ft"), str(tmp_path / "lora"), "--rank", "2"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_meta_model_kinds_and_bias_deltas_load_in_peft_and_deltatune(tmp_path):
+    """OPT (not a name-rule family: its kinds come from a meta-device model) has Linear biases, learned position
+    embeddings and LayerNorms: bias deltas become lora_B.bias, embeddings and norms are saved whole."""
+    import deltatune
+
+    config = transformers.OPTConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, ffn_dim=24,
+                                    num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16,
+                                    tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.OPTForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator))
+    model.save_pretrained(tmp_path / "ft")
+    report = extract_lora(tmp_path / "base", tmp_path / "ft", tmp_path / "lora", rank=15)
+    written = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert written["lora_bias"] is True
+    assert {"model.decoder.embed_positions", "model.decoder.embed_tokens", "lm_head"} <= set(report.saved_whole)
+    assert all(row["name"].endswith(("_proj", "fc1", "fc2")) for row in report.layers)
+    ids = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    fresh = lambda: transformers.OPTForCausalLM.from_pretrained(tmp_path / "base")  # noqa: E731
+    peft_out = _logits(peft.PeftModel.from_pretrained(fresh(), tmp_path / "lora"), ids)
+    torch.testing.assert_close(_logits(deltatune.load_adapter(fresh(), tmp_path / "lora"), ids), peft_out,
+                               atol=1e-5, rtol=1e-5)
+    # rank 15 of 16 keeps nearly everything: the extracted model is close to the fine-tune
+    finetuned = _logits(transformers.OPTForCausalLM.from_pretrained(tmp_path / "ft"), ids)
+    assert (peft_out - finetuned).abs().max() < 0.2 * (_logits(fresh(), ids) - finetuned).abs().max()

@@ -22,8 +22,11 @@ choices are kept:
   (zeros for targeted layers without a bias).
 
 Module kinds come from a meta-device instance of the model class named in the fine-tune's config.json (mergekit
-does the same); without one (or without transformers) a 2-D ``*.weight`` is a Linear unless its module name says
-embedding (``embed``, ``wte``, ``wpe``; ``lm_head`` is the output head), and other float tensors are "others".
+does the same), except for the decoder families in `NAME_RULE_FAMILIES`, whose layout the name rules below
+describe exactly (embed_tokens, lm_head, nn.Linear projections, 1-D norms), so transformers is not imported for
+them. Without a config (or without transformers) the name rules decide: a 2-D ``*.weight`` is a Linear unless
+its module name says embedding (``embed``, ``wte``, ``wpe``; ``lm_head`` is the output head), and other float
+tensors are "others".
 Layers whose ΔW is exactly zero get no LoRA (reported with rank 0); integer buffers are left out.
 
 Streaming: headers are read first and everything is checked before any tensor data (missing tensors and shape
@@ -68,6 +71,9 @@ from deltatune.merging.io.validate import check_output_location, read_model_conf
 TOOL = "deltatune extract-lora"
 LINEAR, EMBEDDING, HEAD, OTHER = "linear", "embedding", "head", "other"
 EMBEDDING_HINTS = ("embed", "wte", "wpe")
+# model_type values whose every 2-D weight outside embed_tokens / lm_head is an nn.Linear and every other float
+# tensor a norm weight: the name rules are exact for them (transformers' modeling files of these families)
+NAME_RULE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -128,7 +134,10 @@ def _module_kinds(folder: Path | None) -> dict[str, str] | None:
     config_file = folder / "config.json" if folder else None
     if config_file is None or not config_file.is_file():
         return None
-    architectures = read_model_config(config_file).get("architectures")
+    model_config = read_model_config(config_file)
+    architectures = model_config.get("architectures")
+    if model_config.get("model_type") in NAME_RULE_FAMILIES:
+        return None
     try:
         import transformers
         from torch import nn
