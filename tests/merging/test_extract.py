@@ -354,3 +354,21 @@ def test_meta_model_kinds_and_bias_deltas_load_in_peft_and_deltatune(tmp_path):
     # rank 15 of 16 keeps nearly everything: the extracted model is close to the fine-tune
     finetuned = _logits(transformers.OPTForCausalLM.from_pretrained(tmp_path / "ft"), ids)
     assert (peft_out - finetuned).abs().max() < 0.2 * (_logits(fresh(), ids) - finetuned).abs().max()
+
+
+def test_a_failure_mid_stream_leaves_no_output(llama, tmp_path, monkeypatch):
+    import deltatune.merging.extract as extract_module
+
+    root, _, _ = llama
+    calls = []
+
+    def failing(delta, rule, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return truncated_factors(delta, rule, **kwargs)
+
+    monkeypatch.setattr(extract_module, "truncated_factors", failing)
+    with pytest.raises(Exception, match="space"):
+        extract_lora(root / "base", root / "ft", tmp_path / "out", rank=2)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
