@@ -66,14 +66,10 @@ from deltatune.merging.io.lora_folder import (
     totals_of,
     write_json,
 )
+from deltatune.merging.io.modules import EMBEDDING, HEAD, OTHER, Module, plan_modules, targeted
 from deltatune.merging.io.validate import check_output_location, read_model_config
 
 TOOL = "deltatune extract-lora"
-LINEAR, EMBEDDING, HEAD, OTHER = "linear", "embedding", "head", "other"
-EMBEDDING_HINTS = ("embed", "wte", "wpe")
-# model_type values whose every 2-D weight outside embed_tokens / lm_head is an nn.Linear and every other float
-# tensor a norm weight: the name rules are exact for them (transformers' modeling files of these families)
-NAME_RULE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -115,98 +111,21 @@ class ExtractReport:
     skipped: list[str]
     totals: dict[str, Any]
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def print(self, stream: Any = None) -> None:
         print_table(self.layers, self.totals, stream)
 
 
-@dataclass(frozen=True)
-class _Module:
-    path: str
-    kind: str
-    weight: str | None
-    bias: str | None
-
-
-def _module_kinds(folder: Path | None) -> dict[str, str] | None:
-    """Module path -> kind from a meta-device model built from config.json (None when that is not possible)."""
-    config_file = folder / "config.json" if folder else None
-    if config_file is None or not config_file.is_file():
-        return None
-    model_config = read_model_config(config_file)
-    architectures = model_config.get("architectures")
-    if model_config.get("model_type") in NAME_RULE_FAMILIES:
-        return None
-    try:
-        import transformers
-        from torch import nn
-
-        config = transformers.AutoConfig.from_pretrained(str(folder))
-        model_class = getattr(transformers, architectures[0])
-        with torch.device("meta"):
-            model = model_class(config)
-    except Exception:  # an unknown or custom architecture: the name/shape rules below decide
-        return None
-    head = model.get_output_embeddings()
-    kinds = {}
-    for path, module in model.named_modules():
-        if module is model.get_input_embeddings() or isinstance(module, nn.Embedding):
-            kinds[path] = EMBEDDING
-        elif head is not None and module is head:
-            kinds[path] = HEAD if type(module) is nn.Linear else OTHER
-        elif type(module) is nn.Linear:
-            kinds[path] = LINEAR
-        elif getattr(module, "weight", None) is not None or getattr(module, "bias", None) is not None:
-            kinds[path] = OTHER
-    return kinds
-
-
-def _guess_kind(path: str, weight_shape: tuple[int, ...] | None) -> str:
-    if weight_shape is None or len(weight_shape) != 2:
-        return OTHER
-    last = path.rsplit(".", 1)[-1].lower()
-    if last == "lm_head":
-        return HEAD
-    return EMBEDDING if any(hint in last for hint in EMBEDDING_HINTS) else LINEAR
-
-
-def plan_modules(finetuned: Checkpoint) -> list[_Module]:
-    """The fine-tune's modules with float weights or biases, in file order, each with its kind."""
-    kinds = _module_kinds(finetuned.folder)
-    grouped: dict[str, dict[str, str]] = {}
-    for name in finetuned.names_in_file_order():
-        path, _, leaf = name.rpartition(".")
-        if leaf in ("weight", "bias") and finetuned.tensors[name].dtype.is_floating_point:
-            grouped.setdefault(path, {})[leaf] = name
-    modules = []
-    for path, parts in grouped.items():
-        weight = parts.get("weight")
-        shape = finetuned.tensors[weight].shape if weight else None
-        kind = kinds.get(path) if kinds is not None else None
-        modules.append(_Module(path, kind or _guess_kind(path, shape), weight, parts.get("bias")))
-    return modules
-
-
-def _targeted(path: str, targets: tuple[str, ...] | str | None) -> bool:
-    """deltatune's targeting rules: names match a path or its suffix after a dot; a string is a full-match regex."""
-    if targets is None:
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
-    return any(path == name or path.endswith("." + name) for name in targets)
-
-
-def _role(module: _Module, options: ExtractOptions) -> str:
+def _role(module: Module, options: ExtractOptions) -> str:
     """'lora', 'save' (whole, into modules_to_save) or 'skip' for one module."""
     if module.kind in (EMBEDDING, HEAD) and options.embeddings == "save":
         return "save"
     if module.kind == OTHER or module.weight is None:
         return "save" if options.others == "save" else "skip"
-    return "lora" if _targeted(module.path, options.targets) else "skip"
+    return "lora" if targeted(module.path, options.targets) else "skip"
 
 
-def _check_inputs(base: Checkpoint, finetuned: Checkpoint, roles: dict[str, tuple[_Module, str]]) -> None:
+def _check_inputs(base: Checkpoint, finetuned: Checkpoint, roles: dict[str, tuple[Module, str]]) -> None:
     """Every tensor a LoRA is computed from exists in both with one shape; the fine-tune has all of the base's."""
     missing = [name for name in base.tensors if name not in finetuned.tensors]
     if missing:
@@ -231,7 +150,7 @@ def _delta(base: Checkpoint, finetuned: Checkpoint, name: str, dtype: torch.dtyp
     return finetuned.read(name, dtype) - base.read(name, dtype)
 
 
-def _fit_layer(base: Checkpoint, finetuned: Checkpoint, module: _Module, rule: RankRule,
+def _fit_layer(base: Checkpoint, finetuned: Checkpoint, module: Module, rule: RankRule,
                options: ExtractOptions) -> tuple[LayerFit, bool]:
     """The truncated factors of one layer (transposed for an embedding table: ΔEᵀ = B A, peft's layout)."""
     compute = DTYPES[options.compute_dtype]
@@ -247,7 +166,7 @@ def _lora_keys(path: str, transposed: bool) -> tuple[str, str]:
     return f"{PREFIX}{path}.lora_A.weight", f"{PREFIX}{path}.lora_B.weight"
 
 
-def _row(module: _Module, fit: LayerFit, shape: tuple[int, ...]) -> dict[str, Any]:
+def _row(module: Module, fit: LayerFit, shape: tuple[int, ...]) -> dict[str, Any]:
     return {"name": module.path, "shape": list(shape), "rank": fit.rank, "full_rank": fit.full_rank,
             "relative_error": fit.relative_error, "energy_kept": fit.energy_kept, "norm": fit.norm,
             "error": fit.error, "parameters": fit.rank * (shape[0] + shape[1])}
@@ -271,7 +190,7 @@ class _Run:
         given = self.options.out_dtype
         return DTYPES[given] if given else self.finetuned.tensors[name].dtype
 
-    def extract(self, module: _Module) -> None:
+    def extract(self, module: Module) -> None:
         fit, transposed = _fit_layer(self.base, self.finetuned, module, self.rule, self.options)
         self.rows.append(_row(module, fit, self.finetuned.tensors[module.weight].shape))
         if fit.rank == 0:  # ΔW = 0: nothing to add
@@ -287,7 +206,7 @@ class _Run:
             self.spool.add(key, bias.to(self.out_dtype(module.bias)))
             self.biases[module.path] = key
 
-    def save_whole(self, module: _Module) -> None:
+    def save_whole(self, module: Module) -> None:
         for name in (module.weight, module.bias):
             if name is not None:
                 self.spool.add(PREFIX + name, self.finetuned.read(name, self.out_dtype(name)
