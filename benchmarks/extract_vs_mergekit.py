@@ -9,7 +9,9 @@ first by repeat, with one thread each (OMP_NUM_THREADS=1):
 - `fixed`: `mergekit-extract-lora --max-rank R` vs `deltatune extract-lora --rank R` (same size by construction);
 - `adaptive`: `deltatune extract-lora --energy E --layout pattern`, E the largest energy (found here from the
   layers' spectra) whose adapter has at most the fixed-rank adapter's LoRA parameters: equal size, ranks moved to
-  the layers that need them.
+  the layers that need them;
+- `randomized`: `deltatune extract-lora --rank R --solver randomized` (svd_lowrank, oversampling 10, 2 power
+  iterations): same size as `fixed`, approximate factors.
 
 The reconstruction error of every layer is computed here, from the written files, against the true ΔW in float64
 (relative Frobenius error ‖ΔW − s·B A‖ / ‖ΔW‖), not taken from either tool's report.
@@ -148,6 +150,9 @@ def tool_commands(args: argparse.Namespace, base: Path, ft: Path, energy: float 
                       str(work / "out-deltatune"), "--rank", str(args.rank), "--overwrite", "--quiet",
                       "--threads", "1"],
     }
+    commands["deltatune randomized"] = [sys.executable, "-m", "deltatune.cli", "extract-lora", str(base), str(ft),
+                                        str(work / "out-deltatune-randomized"), "--rank", str(args.rank), "--solver",
+                                        "randomized", "--overwrite", "--quiet", "--threads", "1"]
     if energy is not None:
         commands["deltatune adaptive"] = [sys.executable, "-m", "deltatune.cli", "extract-lora", str(base), str(ft),
                                           str(work / "out-deltatune-adaptive"), "--energy", repr(energy), "--layout",
@@ -175,7 +180,8 @@ def render_markdown(raw: dict) -> str:
              "(effective / stored) | total relative error | adapter file (MB) |",
              "|---|---|---|---|---|---|---|---|---|"]
     rules = {"mergekit": f"--max-rank {raw['rank']}", "deltatune": f"--rank {raw['rank']}",
-             "deltatune adaptive": f"--energy {raw['energy']:.6f} --layout pattern"}
+             "deltatune adaptive": f"--energy {raw['energy']:.6f} --layout pattern",
+             "deltatune randomized": f"--rank {raw['rank']} --solver randomized"}
     for tool, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         rss = max(r["peak_rss"] for r in results)
@@ -184,10 +190,11 @@ def render_markdown(raw: dict) -> str:
                      f"**{rss / mk_rss:.2f}** | {e['effective_lora_parameters']:,} / {e['stored_lora_parameters']:,} | "
                      f"{e['total_relative_error']:.5f} | {e['adapter_bytes'] / 1e6:.1f} |")
     lines += ["", "Per-layer relative Frobenius error ‖ΔW − B A‖ / ‖ΔW‖ (rank in brackets):", "",
-              "| layer | mergekit | deltatune (fixed) | deltatune adaptive (equal size) |", "|---|---|---|---|"]
+              "| layer | mergekit | deltatune (fixed) | deltatune adaptive (equal size) | deltatune randomized |",
+              "|---|---|---|---|---|"]
     for path in errors["mergekit"]["layers"]:
         cells = [f"{errors[t]['layers'][path]['relative_error']:.4f} ({errors[t]['layers'][path]['rank']})"
-                 for t in ("mergekit", "deltatune", "deltatune adaptive") if t in errors]
+                 for t in ("mergekit", "deltatune", "deltatune adaptive", "deltatune randomized") if t in errors]
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
     lines += ["", "Raw runs (seconds / peak RSS MiB), in the order they ran within each repeat:", ""]
     for tool, results in runs.items():
@@ -248,7 +255,8 @@ def main() -> None:
            "rank": args.rank, "energy": energy, "budget": budget, "parameters": sum(
                v.numel() for v in load_folder(base).values()), "runs": {}}
     measure(raw["runs"], tool_commands(args, base, ft, energy), args.repeats, env, args.work)
-    outputs = {"mergekit": "out-mergekit", "deltatune": "out-deltatune", "deltatune adaptive": "out-deltatune-adaptive"}
+    outputs = {"mergekit": "out-mergekit", "deltatune": "out-deltatune", "deltatune adaptive": "out-deltatune-adaptive",
+               "deltatune randomized": "out-deltatune-randomized"}
     raw["errors"] = {tool: adapter_errors(args.work / folder, deltas) for tool, folder in outputs.items()}
     raw["product_difference"] = product_difference(args.work / "out-mergekit", args.work / "out-deltatune", deltas)
     raw["machine"]["load_average_at_end"] = os.getloadavg()

@@ -372,3 +372,27 @@ def test_a_failure_mid_stream_leaves_no_output(llama, tmp_path, monkeypatch):
     with pytest.raises(Exception, match="space"):
         extract_lora(root / "base", root / "ft", tmp_path / "out", rank=2)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("rule", [RankRule(rank=5), RankRule(energy=0.99, max_rank=12), RankRule(sv_ratio=50.0,
+                                                                                                  max_rank=12)])
+def test_randomized_solver_is_close_to_the_exact_svd_and_seeded(rule):
+    delta = low_rank_plus_noise(120, 80, rank=5, seed=7, noise=1e-3)
+    exact = truncated_factors(delta, rule, compute_dtype=torch.float64)
+    fast = truncated_factors(delta, rule, compute_dtype=torch.float64, solver="randomized", seed=3)
+    assert fast.rank == exact.rank
+    assert fast.error == pytest.approx(float(torch.linalg.norm(delta - fast.up @ fast.down)), rel=1e-9)
+    assert exact.error <= fast.error <= exact.error * 1.01  # Eckart–Young: nothing beats the exact SVD
+    again = truncated_factors(delta, rule, compute_dtype=torch.float64, solver="randomized", seed=3)
+    assert torch.equal(again.down, fast.down) and torch.equal(again.up, fast.up)
+
+
+def test_randomized_solver_needs_a_rank_cap(llama, tmp_path):
+    with pytest.raises(ConfigError, match="randomized"):
+        truncated_factors(torch.randn(6, 5), RankRule(energy=0.9), solver="randomized")
+    root, _, _ = llama
+    with pytest.raises(ConfigError, match="randomized"):
+        extract_lora(root / "base", root / "ft", tmp_path / "out", energy=0.9, solver="randomized")
+    report = extract_lora(root / "base", root / "ft", tmp_path / "out", rank=4, solver="randomized")
+    exact = extract_lora(root / "base", root / "ft", tmp_path / "exact", rank=4)
+    assert report.totals["relative_error"] == pytest.approx(exact.totals["relative_error"], rel=1e-3)

@@ -182,7 +182,7 @@ def cmd_extract_lora(args: argparse.Namespace) -> int:
                           embeddings="lora" if args.embed_lora else "save",
                           others="skip" if args.skip_undecomposable else "save", layout=args.layout,
                           split="left" if args.no_distribute_scale else "sqrt", compute_dtype=args.compute_dtype,
-                          out_dtype=args.dtype, overwrite=args.overwrite)
+                          out_dtype=args.dtype, solver=args.solver, seed=args.seed, overwrite=args.overwrite)
     _print_report(report, args.quiet)
     return 0
 
@@ -235,6 +235,10 @@ def add_lora_commands(subparsers) -> None:
     extract.add_argument("--no-distribute-scale", action="store_true",
                          help="A = S V^T, B = U instead of sqrt(S) on both (mergekit's flag)")
     extract.add_argument("--dtype", default=None, help="stored dtype (default: the fine-tune's)")
+    extract.add_argument("--solver", choices=("full", "randomized"), default="full",
+                         help="full thin SVD (exact, mergekit's) or randomized (svd_lowrank, oversampling 10, 2 power "
+                              "iterations; needs --rank or --max-rank)")
+    extract.add_argument("--seed", type=int, default=0, help="seed of the randomized solver (default 0)")
     extract.set_defaults(func=cmd_extract_lora)
 
     resize = subparsers.add_parser(

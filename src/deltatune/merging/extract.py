@@ -7,7 +7,9 @@ fixed (`rank`), or chosen per layer by singular-value energy (`energy`) or ratio
 `mergekit-extract-lora` (0.1.5, `mergekit/scripts/extract_lora.py`) with adaptive ranks and an error report; its
 choices are kept:
 
-- the SVD is a full thin `torch.linalg.svd` in float32 on the CPU (`compute_dtype` may be float64); factors are
+- the SVD is a full thin `torch.linalg.svd` in float32 on the CPU (`compute_dtype` may be float64;
+  `solver="randomized"` is `torch.svd_lowrank` with 10 columns of oversampling and 2 power iterations, seeded per
+  layer, for large layers at a small rank: an addition, not mergekit's); factors are
   stored in the fine-tune's dtype (`out_dtype` overrides);
 - √σ on both factors (mergekit's default `--distribute-scale`; `split="left"` is `--no-distribute-scale`);
 - a fixed rank is capped per layer at min(out, in);
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import re
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,7 +52,7 @@ from torch import Tensor
 
 from deltatune.core.atomic import atomic_directory
 from deltatune.errors import ConfigError, MergeError, config_check
-from deltatune.merging.algebra.lowrank import SPLITS, LayerFit, RankRule, truncated_factors
+from deltatune.merging.algebra.lowrank import SOLVERS, SPLITS, LayerFit, RankRule, truncated_factors
 from deltatune.merging.io.checkpoint import Checkpoint
 from deltatune.merging.io.lora_folder import (
     LAYOUTS,
@@ -83,6 +86,8 @@ class ExtractOptions:
     layout: str = "padded"
     split: str = "sqrt"
     compute_dtype: str = "float32"
+    solver: str = "full"
+    seed: int = 0
     out_dtype: str | None = None
 
     def __post_init__(self) -> None:
@@ -90,6 +95,7 @@ class ExtractOptions:
         config_check(self.others in ("save", "skip"), "others", self.others, "'save' or 'skip'")
         config_check(self.layout in LAYOUTS, "layout", self.layout, f"one of {LAYOUTS}")
         config_check(self.split in SPLITS, "split", self.split, f"one of {SPLITS}")
+        config_check(self.solver in SOLVERS, "solver", self.solver, f"one of {SOLVERS}")
         config_check(self.compute_dtype in ("float32", "float64"), "compute_dtype", self.compute_dtype,
                      "'float32' or 'float64'")
         config_check(self.out_dtype is None or self.out_dtype in DTYPES, "out_dtype", self.out_dtype,
@@ -156,8 +162,9 @@ def _fit_layer(base: Checkpoint, finetuned: Checkpoint, module: Module, rule: Ra
     compute = DTYPES[options.compute_dtype]
     delta = _delta(base, finetuned, module.weight, compute)
     transposed = module.kind == EMBEDDING
-    return truncated_factors(delta.T if transposed else delta, rule, compute_dtype=compute,
-                             split=options.split), transposed
+    seed = zlib.crc32(module.path.encode()) ^ options.seed  # per layer: independent of the processing order
+    return truncated_factors(delta.T if transposed else delta, rule, compute_dtype=compute, split=options.split,
+                             solver=options.solver, seed=seed), transposed
 
 
 def _lora_keys(path: str, transposed: bool) -> tuple[str, str]:
@@ -218,7 +225,8 @@ def extract_lora(base: str | Path, finetuned: str | Path, out_dir: str | Path, *
                  energy: float | None = None, sv_ratio: float | None = None, max_rank: int | None = None,
                  targets: Sequence[str] | str | None = None, embeddings: str = "save", others: str = "save",
                  layout: str = "padded", split: str = "sqrt", compute_dtype: str = "float32",
-                 out_dtype: str | None = None, overwrite: bool = False) -> ExtractReport:
+                 out_dtype: str | None = None, solver: str = "full", seed: int = 0,
+                 overwrite: bool = False) -> ExtractReport:
     """Extract a LoRA from `finetuned` − `base` into the peft folder `out_dir` (see the module docstring).
 
     Args:
@@ -234,13 +242,19 @@ def extract_lora(base: str | Path, finetuned: str | Path, out_dir: str | Path, *
         split: "sqrt" (√σ on A and B, mergekit's default) or "left" (σ on A).
         compute_dtype: "float32" (mergekit's) or "float64" for the SVD; out_dtype: the stored dtype (default:
             the fine-tune's).
+        solver: "full" (exact thin SVD, mergekit's) or "randomized" (`algebra.lowrank`; needs rank or max_rank),
+            seeded by `seed` and the layer name.
         overwrite: replace an existing `out_dir` this tool wrote (never a folder it did not write).
     """
     started = time.perf_counter()
     rule = RankRule(rank=rank, energy=energy, sv_ratio=sv_ratio, max_rank=max_rank)
     if targets is not None and not isinstance(targets, str):
         targets = tuple(targets)
-    options = ExtractOptions(targets, embeddings, others, layout, split, compute_dtype, out_dtype)
+    options = ExtractOptions(targets=targets, embeddings=embeddings, others=others, layout=layout, split=split,
+                             compute_dtype=compute_dtype, out_dtype=out_dtype, solver=solver, seed=seed)
+    if solver == "randomized" and rank is None and max_rank is None:
+        raise ConfigError("solver='randomized' needs rank= or max_rank= (it computes only the top singular "
+                          "directions); pass one, or use solver='full'")
     base_ckpt, ft_ckpt = Checkpoint(base, "base"), Checkpoint(finetuned, "finetuned")
     out = Path(out_dir)
     check_output_location(out, [base_ckpt, ft_ckpt], overwrite=True)

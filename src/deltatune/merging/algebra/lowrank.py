@@ -13,6 +13,7 @@ B (out, r), scale 1 (lora_alpha = r), as `mergekit-extract-lora` writes them.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ from torch import Tensor
 from deltatune.errors import ConfigError, config_check
 
 SPLITS = ("sqrt", "left")
+SOLVERS = ("full", "randomized")
+OVERSAMPLING = 10  # Halko, Martinsson & Tropp (2011) §4.2: p = 5-10 extra columns make the range finder reliable
+POWER_ITERATIONS = 2  # their §4.5 subspace iterations (torch.svd_lowrank's default niter=2)
 
 
 @dataclass(frozen=True)
@@ -135,13 +139,45 @@ def _fit_from_svd(left: Tensor, values: Tensor, right_t: Tensor, rule: RankRule,
 
 
 def truncated_factors(delta: Tensor, rule: RankRule, *, compute_dtype: torch.dtype = torch.float32,
-                      split: str = "sqrt") -> LayerFit:
-    """The rank-`rule` factors of one (out, in) delta by a full thin SVD (`torch.linalg.svd`, exact up to the
-    compute dtype's rounding; mergekit computes in float32 too). Factors are returned in `compute_dtype`."""
+                      split: str = "sqrt", solver: str = "full", seed: int = 0) -> LayerFit:
+    """The rank-`rule` factors of one (out, in) delta. Factors are returned in `compute_dtype`.
+
+    solver="full": a full thin SVD (`torch.linalg.svd`), exact up to the compute dtype's rounding (mergekit's, in
+    float32). solver="randomized": `torch.svd_lowrank` with q = r + `OVERSAMPLING` columns and `POWER_ITERATIONS`
+    power iterations (Halko et al. 2011), seeded; it needs a fixed rank or `max_rank` (the r it can see), its
+    σ beyond q are unknown, so the energy rule uses ‖ΔW‖_F² as the total and the error is measured directly,
+    ‖ΔW − B A‖_F (not the tail formula, which only holds for the exact SVD)."""
     if delta.ndim != 2:
         raise ConfigError(f"truncated_factors needs a 2-D (out, in) matrix, got shape {tuple(delta.shape)}")
-    left, values, right_t = torch.linalg.svd(delta.to(compute_dtype), full_matrices=False)
-    return _fit_from_svd(left, values, right_t, rule, split)
+    config_check(solver in SOLVERS, "solver", solver, f"one of {SOLVERS}")
+    matrix = delta.to(compute_dtype)
+    if solver == "full":
+        left, values, right_t = torch.linalg.svd(matrix, full_matrices=False)
+        return _fit_from_svd(left, values, right_t, rule, split)
+    return _randomized_fit(matrix, rule, split, seed)
+
+
+def _randomized_fit(matrix: Tensor, rule: RankRule, split: str, seed: int) -> LayerFit:
+    cap = rule.rank if rule.rank is not None else rule.max_rank
+    if cap is None:
+        raise ConfigError("solver='randomized' needs rank= or max_rank= (it computes only the top r + "
+                          f"{OVERSAMPLING} singular directions); pass one, or use solver='full'")
+    full_rank = min(matrix.shape)
+    columns = min(cap + OVERSAMPLING, full_rank)
+    with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator
+        torch.manual_seed(seed)
+        left, values, right = torch.svd_lowrank(matrix, q=columns, niter=POWER_ITERATIONS)
+    norm = float(matrix.double().square().sum().sqrt())
+    if rule.energy is not None:  # the total energy is ‖ΔW‖_F², known exactly; the seen part is the top q
+        squares = values.double().square().cumsum(0)
+        reached = (squares >= rule.energy * norm**2 * (1 - 1e-12)).nonzero()
+        rank = int(reached[0]) + 1 if reached.numel() else columns
+        rank = min(rank, cap)
+    else:
+        rank = choose_rank(values, dataclasses.replace(rule, max_rank=cap) if rule.rank is None else rule)
+    down, up = split_factors(left, values, right.T, rank, split)
+    error = float((matrix - up @ down).double().square().sum().sqrt())
+    return LayerFit(down, up, rank, full_rank, norm, error)
 
 
 def resized_factors(down: Tensor, up: Tensor, scale: float, rule: RankRule, *,
