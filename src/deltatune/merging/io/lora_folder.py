@@ -72,7 +72,11 @@ class SpooledTensors:
         buffer = torch.empty(entry.nbytes, dtype=torch.uint8)
         view, done = memoryview(buffer.numpy()), 0
         while done < entry.nbytes:
-            done += os.preadv(self._file.fileno(), [view[done:]], entry.offset + done)
+            count = os.preadv(self._file.fileno(), [view[done:]], entry.offset + done)
+            if count <= 0:
+                raise MergeError(f"the scratch file {self.scratch} ended early while reading {entry.name!r}; it was "
+                                 "changed by another process, run again")
+            done += count
         return buffer.view(entry.dtype).reshape(entry.shape)
 
     def finish(self, path: Path, reshape: Callable[[str, Tensor], Tensor] | None = None,
