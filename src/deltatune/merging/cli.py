@@ -1,4 +1,4 @@
-"""`deltatune merge` and `deltatune prune`: the command-line face of `deltatune.merging`.
+"""`deltatune merge | prune | extract-lora | resize-lora`: the command-line face of `deltatune.merging`.
 
 The main CLI (`deltatune.cli`) calls `add_merge_commands(subparsers)`; each command's `func(args) -> int`
 raises DeltatuneError subclasses, which the main CLI prints as one line.
@@ -34,6 +34,18 @@ PRUNE_EPILOG = """examples:
   deltatune prune ./finetuned --base ./base --out pruned/ --method darex --drop-rate 0.99 --q 0.2
   deltatune prune ./finetuned --base ./base --out pruned/ --method darex --drop-rate 0.99 --q-map q.json
   deltatune prune ./finetuned --base ./base --out pruned/ --method magnitude --drop-rate 0.9
+"""
+EXTRACT_EPILOG = """examples:
+  deltatune extract-lora ./base ./finetuned lora/ --rank 16               # mergekit-extract-lora --max-rank 16
+  deltatune extract-lora ./base ./finetuned lora/ --energy 0.9 --max-rank 64
+  deltatune extract-lora ./base ./finetuned lora/ --sv-ratio 20 --layout pattern --targets q_proj v_proj
+  deltatune resize-lora lora/ lora-r4/ --rank 4
+  deltatune resize-lora lora/ lora-adaptive/ --energy 0.95 --layout pattern
+
+Embeddings and the output head are saved whole (modules_to_save) unless --embed-lora; norms and other
+non-Linear modules are saved whole unless --skip-undecomposable (mergekit's defaults and flags).
+--layout padded (default) stores one rank for all layers (peft and deltatune load it); --layout pattern stores
+each layer at its own rank with peft's rank_pattern (smaller; peft and mergekit-style loaders only).
 """
 PRUNE_METHODS = {"dare": "dare_linear", "darex": "darex", "magnitude": "magnitude_prune"}
 UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -151,6 +163,96 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_rule(args: argparse.Namespace) -> dict:
+    return {"rank": args.rank, "energy": args.energy, "sv_ratio": args.sv_ratio, "max_rank": args.max_rank}
+
+
+def _print_report(report, quiet: bool) -> None:
+    if not quiet:
+        report.print()
+    print(f"wrote {report.out_dir} ({report.totals['layers']} layers, {report.totals['parameters']:,} LoRA "
+          f"parameters, relative error {report.totals['relative_error']:.4g}) in {report.seconds:.1f} s")
+
+
+def cmd_extract_lora(args: argparse.Namespace) -> int:
+    from deltatune.merging.extract import extract_lora
+
+    _set_threads(args.threads)
+    targets = args.targets[0] if args.targets and len(args.targets) == 1 and args.regex else args.targets
+    report = extract_lora(args.base, args.finetuned, args.out, **_rank_rule(args), targets=targets,
+                          embeddings="lora" if args.embed_lora else "save",
+                          others="skip" if args.skip_undecomposable else "save", layout=args.layout,
+                          split="left" if args.no_distribute_scale else "sqrt", compute_dtype=args.compute_dtype,
+                          out_dtype=args.dtype, solver=args.solver, seed=args.seed, overwrite=args.overwrite)
+    _print_report(report, args.quiet)
+    return 0
+
+
+def cmd_resize_lora(args: argparse.Namespace) -> int:
+    from deltatune.merging.resize import resize_lora
+
+    _set_threads(args.threads)
+    report = resize_lora(args.adapter, args.out, **_rank_rule(args), layout=args.layout,
+                         compute_dtype=args.compute_dtype, overwrite=args.overwrite)
+    _print_report(report, args.quiet)
+    return 0
+
+
+def _add_rank_options(parser: argparse.ArgumentParser, compute_default: str) -> None:
+    rule = parser.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--rank", type=int, help="fixed rank r for every layer (capped at min(out, in))")
+    rule.add_argument("--energy", type=float,
+                      help="per layer, the smallest r keeping this fraction of sum(sigma^2) (e.g. 0.9)")
+    rule.add_argument("--sv-ratio", type=float, help="per layer, keep sigma_i >= sigma_1 / SV_RATIO (kohya's rule)")
+    parser.add_argument("--max-rank", type=int, default=None, help="cap of the adaptive rules' rank")
+    parser.add_argument("--layout", choices=("padded", "pattern"), default="padded",
+                        help="padded: one rank, zero-padded (peft + deltatune); pattern: peft rank_pattern")
+    parser.add_argument("--compute-dtype", choices=("float32", "float64"), default=compute_default,
+                        help=f"dtype of the SVD (default {compute_default})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output folder this command wrote (never another tool's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the SVDs")
+    parser.add_argument("--quiet", action="store_true", help="do not print the per-layer table")
+
+
+def add_lora_commands(subparsers) -> None:
+    """Register `extract-lora` and `resize-lora` on the main CLI's subparsers."""
+    extract = subparsers.add_parser(
+        "extract-lora", help="extract a LoRA from a full fine-tune and its base (truncated SVD per layer)",
+        description="Per Linear layer, truncated SVD of W_ft - W_base into a peft LoRA folder (B = U sqrt(S), "
+                    "A = sqrt(S) V^T, lora_alpha = r), streaming one tensor at a time, with a per-layer report "
+                    "(rank, relative Frobenius error) printed and saved as lora_report.json.",
+        epilog=EXTRACT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    extract.add_argument("base", help="base model folder (safetensors) or .safetensors file")
+    extract.add_argument("finetuned", help="the fine-tuned model, same architecture")
+    extract.add_argument("out", help="output folder (peft LoRA: adapter_config.json + adapter_model.safetensors)")
+    _add_rank_options(extract, "float32")
+    extract.add_argument("--targets", nargs="+", default=None, metavar="NAME",
+                         help="only these Linear modules (path suffixes, e.g. q_proj v_proj; default: all)")
+    extract.add_argument("--regex", action="store_true", help="--targets is one full-match regular expression")
+    extract.add_argument("--embed-lora", action="store_true", help="LoRA for embeddings too (default: saved whole)")
+    extract.add_argument("--skip-undecomposable", action="store_true",
+                         help="leave out norms and other non-Linear modules (default: saved whole)")
+    extract.add_argument("--no-distribute-scale", action="store_true",
+                         help="A = S V^T, B = U instead of sqrt(S) on both (mergekit's flag)")
+    extract.add_argument("--dtype", default=None, help="stored dtype (default: the fine-tune's)")
+    extract.add_argument("--solver", choices=("full", "randomized"), default="full",
+                         help="full thin SVD (exact, mergekit's) or randomized (svd_lowrank, oversampling 10, 2 power "
+                              "iterations; needs --rank or --max-rank)")
+    extract.add_argument("--seed", type=int, default=0, help="seed of the randomized solver (default 0)")
+    extract.set_defaults(func=cmd_extract_lora)
+
+    resize = subparsers.add_parser(
+        "resize-lora", help="resize a peft LoRA to a smaller or adaptive rank (exact QR + small SVD)",
+        description="Re-rank each layer of a peft LoRA folder from the SVD of its r x r core (QR of A and B; "
+                    "the dense delta is never formed), by the same rules as extract-lora.",
+        epilog=EXTRACT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    resize.add_argument("adapter", help="peft LoRA folder")
+    resize.add_argument("out", help="output folder")
+    _add_rank_options(resize, "float64")
+    resize.set_defaults(func=cmd_resize_lora)
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument("--shard-size", default="5GB", help="largest output shard (default 5GB; e.g. 500MB)")
@@ -195,3 +297,4 @@ def add_merge_commands(subparsers) -> None:
     prune.add_argument("--dtype", default=None, help="working dtype (float32, bfloat16, ...)")
     _add_output_options(prune)
     prune.set_defaults(func=cmd_prune)
+    add_lora_commands(subparsers)
