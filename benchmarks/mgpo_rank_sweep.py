@@ -30,6 +30,7 @@ other seeds), and the report is written from what finished.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import statistics
 import time
@@ -83,12 +84,16 @@ def best_rate(records: list[dict], arm: str) -> float | None:
     return max(rows, key=lambda r: (r["validation"], -r["lr"]))["lr"] if rows else None
 
 
-def run_all(log: harness.RunLog, budget_minutes: float) -> None:
-    started = time.monotonic()
+def run_all(log: harness.RunLog, budget_minutes: float, stop_at: str | None) -> None:
+    deadline = time.time() + 60 * budget_minutes
+    if stop_at:  # "HH:MM" UTC today: no run starts after it
+        hour, minute = (int(part) for part in stop_at.split(":"))
+        now = datetime.datetime.now(datetime.timezone.utc)
+        deadline = min(deadline, now.replace(hour=hour, minute=minute, second=0, microsecond=0).timestamp())
 
     def run(job: dict) -> dict:
-        if (time.monotonic() - started) / 60 > budget_minutes:
-            raise TimeoutError(f"the {budget_minutes:g}-minute budget is spent; re-run to continue")
+        if time.time() > deadline:
+            raise TimeoutError("the time budget (--budget-minutes / --stop-at) is spent; re-run to continue")
         return train_run(job)
 
     describe = lambda job: f"{job['arm']} r={job['rank']} lr {job['lr']:g} seed {job['seed']}"  # noqa: E731
@@ -208,6 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget-minutes", type=float, default=25.0)
+    parser.add_argument("--stop-at", help="HH:MM (UTC, today): start no run after it")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--report", default="benchmarks/results/mgpo_rank_sweep.md")
     args = parser.parse_args()
@@ -217,7 +223,7 @@ def main() -> None:
     env = harness.environment(threads=args.threads, command=harness.command_line())
     try:
         if not args.report_only:
-            run_all(log, args.budget_minutes)
+            run_all(log, args.budget_minutes, args.stop_at)
     finally:
         if log.records():
             report(log.records(), env, path)
