@@ -18,7 +18,9 @@ fixed recipe (as the paper's), and a per-rank rate would change the recipe along
 Read from the curves: per run, the final training loss (mean of the last 8 steps) and the "bump": the largest
 rise of the smoothed loss (moving mean over 9 steps) above its running minimum, max_t (L̄_t − min_{s≤t} L̄_s).
 A bump that grows with rank for LoRA and stays lower for MGPO would be the claim; a bump in the final loss over
-rank (down, up, down) would be the rank-wise double descent.
+rank (down, up, down) would be the rank-wise double descent. Added after the first curves were seen (the bump
+was set by a spike in the first steps, the same in both arms): the "early spike", the raw loss's highest point in
+the first 20 steps above the first step's, and the "late bump", the bump from the second epoch on.
 
 Runs are appended to the report's .jsonl; a re-run skips finished ones, so a stopped run resumes.
 --budget-minutes stops starting new runs after that long (the order puts seed 0 at every rank first, then the
@@ -51,7 +53,9 @@ EPOCHS, TRAIN_SIZE, MAX_LENGTH, BATCH, VALIDATION_SIZE = 5, None, 32, 32, None
 GRID = (3e-3, 1e-2, 3e-2)
 EXTENSION = (1e-3, 1e-1)
 ARMS = {"LoRA": ("adamw", {}), "MGPO": ("mgpo", {"rho": 0.05, "mu": 0.9, "beta": 0.9})}
-TAIL, WINDOW = 8, 9
+TAIL, WINDOW, EARLY, STEPS_PER_EPOCH = 8, 9, 20, 40
+RUN_COMMAND = ("HF_HUB_OFFLINE=1 flock /work/wt/heavy.lock env PYTHONPATH=src .venv/bin/python "
+               "benchmarks/mgpo_rank_sweep.py --threads 1 --budget-minutes 25 --stop-at 15:42")
 
 
 def train_run(job: dict) -> dict:
@@ -125,6 +129,21 @@ def bump(losses: list[float]) -> float:
     return worst
 
 
+def late_bump(losses: list[float]) -> float:
+    """`bump` of the smoothed curve from the second epoch on (running minimum reset there)."""
+    low, worst = float("inf"), 0.0
+    for value in smoothed(losses)[STEPS_PER_EPOCH:]:
+        low = min(low, value)
+        worst = max(worst, value - low)
+    return worst
+
+
+def early_spike(losses: list[float]) -> float:
+    """max of the raw loss over the first EARLY steps minus the first step's loss: > 0 when the loss climbs
+    above where it started (the paper's "transient divergence" after the initial convergence)."""
+    return max(losses[:EARLY]) - losses[0]
+
+
 def final(losses: list[float]) -> float:
     return statistics.mean(losses[-TAIL:])
 
@@ -147,12 +166,15 @@ def tables(records: list[dict]) -> list[str]:
     lines = ["## The rank sweep (mean ± std over seeds; rate of each arm chosen once at r = 8)", "",
              "Rates: " + ", ".join(f"{arm} {rates[arm]:g}" for arm in ARMS) + ".", "",
              "| rank | arm | seeds | final training loss | bump (largest rise of the smoothed loss) | "
-             "validation % | validation loss |", "|---|---|---|---|---|---|---|"]
+             f"early spike (max of steps 1-{EARLY} − step 1) | late bump (from step {STEPS_PER_EPOCH + 1}) | "
+             "validation % | validation loss |", "|---|---|---|---|---|---|---|---|---|"]
     for rank in RANKS:
         for arm in ARMS:
             runs = rows.get((arm, rank), [])
             lines.append(f"| {rank} | {arm} | {len(runs)} | {_cell([final(r['losses']) for r in runs])} | "
                          f"{_cell([bump(r['losses']) for r in runs])} | "
+                         f"{_cell([early_spike(r['losses']) for r in runs])} | "
+                         f"{_cell([late_bump(r['losses']) for r in runs])} | "
                          f"{harness.mean_std([r['validation'] for r in runs])} | "
                          f"{_cell([r['validation_loss'] for r in runs])} |")
     lines += ["", f"## Rate choice (rank {TUNE_RANK}, seed 0)", "", "| arm | lr | validation % | final training loss |",
@@ -171,12 +193,16 @@ def figure(records: list[dict]):
     colors = {"LoRA": "tab:blue", "MGPO": "tab:orange"}
     for axis, rank in zip(axes.flat, RANKS):
         for arm in ARMS:
-            for index, run in enumerate(rows.get((arm, rank), [])):
-                axis.plot(smoothed(run["losses"]), color=colors[arm], alpha=0.8, lw=1,
-                          label=arm if index == 0 else None)
+            runs = [run["losses"] for run in rows.get((arm, rank), [])]
+            if not runs:
+                continue
+            curve = torch.tensor(runs)
+            steps = range(1, curve.shape[1] + 1)
+            axis.plot(steps, curve.mean(0), color=colors[arm], lw=1, label=f"{arm} (mean of {len(runs)} seeds)")
+            axis.fill_between(steps, curve.min(0).values, curve.max(0).values, color=colors[arm], alpha=0.2)
         axis.set_title(f"r = {rank}")
         axis.set_xlabel("step")
-        axis.set_ylabel("training loss (moving mean, 9 steps)")
+        axis.set_ylabel("training loss (band: min-max of seeds)")
         axis.set_yscale("log")
         axis.legend()
     axis = axes.flat[-1]
@@ -198,7 +224,8 @@ def figure(records: list[dict]):
 
 def report(records: list[dict], env: dict, path: Path) -> None:
     lines = ["# LoRA-MGPO vs LoRA: training loss over a rank sweep (GlyphViT, handwritten digits)", "",
-             harness.environment_line(env), "", f"Command: `{env['command']}`", "",
+             harness.environment_line(env), "", f"Command (this report): `{env['command']}`; the runs: `{RUN_COMMAND}`",
+             "",
              f"Recipe: {TASK}, all 1,259 training images, {EPOCHS} epochs × 40 steps, batch {BATCH}, linear decay, "
              "LoRA on q_proj + v_proj with alpha = 2r, head trained; MGPO ρ = 0.05, "
              f"μ = β = 0.9 (the official NLU profile); seeds {list(SEEDS)}; rate grid {list(GRID)} (extension "
