@@ -3,8 +3,9 @@
 Cost (`--part cost`): all-MiniLM-L6-v2 + mean pooling + Linear(384, 10) (the model and the fixed batch of
 `lora_vs_peft.py`: the first 32 wordnet-nouns glosses, 32 tokens), LoRA rank 8, alpha 16 on query and value, the
 head trained too, float32, base in train mode. Contenders: LoRA with AdamW (the baseline), LoRA+ (λ = 16),
-LoRA-Pro (the paper's full-size moments), LoRA-Pro's memory-light variant, SAM (ρ = 0.05, AdamW inside), and
-full fine-tuning with AdamW for reference. A whole step (forward, loss, backward, the rule's step — SAM's second
+LoRA-Pro (the paper's full-size moments), LoRA-Pro's memory-light variant, SAM (ρ = 0.05, AdamW inside),
+LoRA-MGPO (ρ = 0.05, μ = β = 0.9; one pass, the base weights perturbed and restored around it), and full
+fine-tuning with AdamW for reference. A whole step (forward, loss, backward, the rule's step — SAM's second
 pass included — zero_grad) is timed alone, in blocks alternating between contenders in rotating order after
 warm-up; medians and ratios of medians to LoRA + AdamW, for each repeat of the whole run. Memory: each
 contender alone in a fresh child process for a few steps: peak RSS, and the optimizer state (every tensor in
@@ -23,6 +24,7 @@ Runs are kept in `--log` (JSONL, one finished run a line); a re-run skips them, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import resource
@@ -50,10 +52,11 @@ CONTENDERS = {
     "LoRA + LoRA-Pro": ("lora", "lora_pro", {}),
     "LoRA + LoRA-Pro light": ("lora", "lora_pro_light", {}),
     "LoRA + SAM": ("lora", "sam", {"rho": 0.05}),
+    "LoRA + MGPO": ("lora", "mgpo", {}),
     "full FT + AdamW": ("full", "adamw", {}),
 }
 BASELINE = "LoRA + AdamW"
-VERSION = 2  # of the cost records: 2 adds the CPU clock and the training state (version-1 records are not read)
+VERSION = 3  # of the cost records: 2 adds the CPU clock and the training state, 3 adds MGPO (older: not read)
 MIB = 1024 * 1024
 
 TASK, SEEDS = "wordnet-nouns", (0, 1, 2)
@@ -89,7 +92,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: dict,
         loss.backward()
         return loss
 
-    closure()
+    # MGPO (`PerturbsForward`): the one gradient pass runs with the base weights perturbed
+    with optimizer.perturbed() if getattr(optimizer, "perturbs_forward", False) else contextlib.nullcontext():
+        closure()
     if getattr(optimizer, "needs_closure", False):
         optimizer.step(closure)
     else:
@@ -230,6 +235,8 @@ def _cost_version(records: list[dict]) -> int | None:
 
 def _time_cell(record: dict, name: str) -> str:
     wall, cpu = record["medians_ms"], record.get("cpu_medians_ms")
+    if name not in wall:  # a contender added after this record's protocol version
+        return "–"
     text = f"{wall[name]:.0f} ({wall[name] / wall[BASELINE]:.2f})"
     return text + (f", {cpu[name]:.0f} ({cpu[name] / cpu[BASELINE]:.2f})" if cpu else ", –")
 

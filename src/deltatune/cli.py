@@ -225,7 +225,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in OUT (same settings required)")
     parser.add_argument("--update-rule", default="adamw",
-                        help="how gradients become updates: adamw (default), loraplus, lora_pro, lora_pro_light, sam")
+                        help="how gradients become updates: adamw (default), loraplus, lora_pro, lora_pro_light, sam, "
+                             "mgpo")
     parser.add_argument("--rule-option", action="append", default=[], metavar="KEY=VALUE",
                         help="update-rule option, repeatable: --rule-option rho=0.1 --rule-option base=loraplus")
 

@@ -20,7 +20,9 @@ Update rules (`deltatune.optim`) go in as the Trainer's optimizer; the Trainer b
 
 SAM needs two forward/backward passes per step, which the Trainer's loop does not make: mix
 `SharpnessAwareStep` in (``class SAMTrainer(SharpnessAwareStep, Trainer): pass``) and give it a SAM optimizer
-(`update_rule_optimizers(model, args, "sam", rho=0.05)`).
+(`update_rule_optimizers(model, args, "sam", rho=0.05)`). MGPO perturbs the base weights around the one pass:
+`class MGPOTrainer(MomentumPerturbedStep, Trainer): pass` with `update_rule_optimizers(model, args, "mgpo")`
+(its β1 is μ, not `args.adam_beta1`).
 
 deltatune's own training callbacks (allocators' rank updates, SaRA re-selection, ID³, SNELLA: anything
 `deltatune.train.Trainer` takes as `callbacks=`) run unchanged in the Trainer through `DeltatuneCallbacks`, and
@@ -70,6 +72,7 @@ from safetensors.torch import load_file, save_file
 
 from deltatune.core.state import save_adapter
 from deltatune.errors import ConfigError, DeltatuneError
+from deltatune.optim.mgpo import MGPO
 from deltatune.optim.rules import build_update_rule
 from deltatune.optim.sam import SAM
 from deltatune.train.batches import SAMPLE_INDEX
@@ -119,13 +122,17 @@ def update_rule_optimizers(model: Any, args: Any, rule: str, **options: Any) -> 
     return build_update_rule(rule, model, lr=args.learning_rate, weight_decay=args.weight_decay, **options), None
 
 
-def _find_sam(optimizer: Any) -> SAM | None:
-    """The SAM inside the Trainer's optimizer (accelerate wraps it in `.optimizer`), or None."""
+def _find(optimizer: Any, kind: type) -> Any:
+    """The `kind` optimizer inside the Trainer's optimizer (accelerate wraps it in `.optimizer`), or None."""
     for _ in range(4):
-        if isinstance(optimizer, SAM) or optimizer is None:
+        if isinstance(optimizer, kind) or optimizer is None:
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
+
+
+def _find_sam(optimizer: Any) -> SAM | None:
+    return _find(optimizer, SAM)
 
 
 class SharpnessAwareStep:
@@ -156,6 +163,28 @@ class SharpnessAwareStep:
             super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
         sam.restore()
         return loss
+
+
+class MomentumPerturbedStep:
+    """Mixin for a transformers Trainer whose optimizer is a `deltatune.optim.MGPO`: each `training_step`
+    (forward and backward of one micro-batch) runs inside `optimizer.perturbed()`, so the base weights carry
+    ε = −ρ·v/‖v‖·min(10, 1/ḡ) during it and are restored bit-exactly after, and ḡ is updated from the
+    gradients then, as the official code's `training_step` does (per micro-batch under gradient accumulation).
+    With another optimizer it is the plain step.
+
+        class MGPOTrainer(MomentumPerturbedStep, Trainer):
+            pass
+
+        trainer = MGPOTrainer(model=model, args=args, train_dataset=data,
+                              optimizers=update_rule_optimizers(model, args, "mgpo"))
+    """
+
+    def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+        mgpo = _find(getattr(self, "optimizer", None), MGPO)
+        if mgpo is None:
+            return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        with mgpo.perturbed():
+            return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
 
 
 CALLBACK_STATE = "deltatune_callbacks"

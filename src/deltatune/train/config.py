@@ -47,9 +47,10 @@ class TrainConfig:
         find_unused_parameters: passed to DistributedDataParallel; set it when some trainable parameters get
             no gradient in a step (the default False is faster and fits every adapter that is used in forward).
         update_rule: how gradients become updates (`deltatune.optim.UPDATE_RULES`): "adamw" (default), "loraplus",
-            "lora_pro", "lora_pro_light" or "sam"; built with `lr` and `weight_decay` above.
+            "lora_pro", "lora_pro_light", "sam" or "mgpo"; built with `lr` and `weight_decay` above.
         update_rule_options: the rule's own options, e.g. {"ratio": 16} (loraplus), {"moments": "full"}
-            (lora_pro), {"rho": 0.05, "base": "loraplus"} (sam); unknown names are refused when the Trainer
+            (lora_pro), {"rho": 0.05, "base": "loraplus"} (sam), {"rho": 0.05, "mu": 0.9, "beta": 0.9} or
+            {"profile": "nlg"} (mgpo); unknown names are refused when the Trainer
             builds the optimizer.
     """
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from deltatune.core.model import set_training_mode
 from deltatune.errors import ConfigError, TrainingError
-from deltatune.optim.rules import NeedsClosure, build_update_rule
+from deltatune.optim.rules import NeedsClosure, PerturbsForward, build_update_rule
 from deltatune.train import resume as resume_state
 from deltatune.train.batches import SplitBatch, split_batch
 from deltatune.train.callbacks import callback_states, check_callback_states, fire, load_callback_states
@@ -91,7 +91,8 @@ class Trainer:
             `config.update_rule` (AdamW by default; `deltatune.optim.UPDATE_RULES`). It gets one group
             {"params", "param_names", "lr": config.lr}; the group's lr wins over the factory's own. An optimizer
             that declares `needs_closure = True` (SAM) gets `step(closure)`, the closure recomputing the batch's
-            loss and clipped gradients at the current parameters.
+            loss and clipped gradients at the current parameters; one that declares `perturbs_forward = True`
+            (MGPO) gets the step's forward and backward run inside its `perturbed()` context.
 
     `trainer.progress` is where the run is (step, epoch, data position, last evaluation and checkpoint);
     `state_dict()` / `load_state_dict()` carry everything but the process RNG for an exact continuation, and
@@ -273,7 +274,8 @@ class Trainer:
 
     def _optimizer_step(self, plan: list[MicroBatch], batches: list[dict], global_size: int, started: float) -> None:
         self._fire("on_step_begin")
-        loss = self._global_loss(self._accumulate_gradients(plan, batches))
+        with self._gradient_pass():
+            loss = self._global_loss(self._accumulate_gradients(plan, batches))
         self._fire("on_backward_end")
         grad_norm = self._clip_gradients()
         lr = self.optimizer.param_groups[0]["lr"]
@@ -286,6 +288,13 @@ class Trainer:
         self.progress.interval.add(loss, global_size, time.perf_counter() - started, lr, grad_norm)
         self._fire("on_step_end")
         self._agree_on_stop()
+
+    def _gradient_pass(self) -> contextlib.AbstractContextManager[None]:
+        """Where the step's forward and backward run: inside `optimizer.perturbed()` for an optimizer that
+        declares `perturbs_forward = True` (`deltatune.optim.PerturbsForward`: MGPO), else as they are."""
+        if isinstance(self.optimizer, PerturbsForward) and self.optimizer.perturbs_forward:
+            return self.optimizer.perturbed()
+        return contextlib.nullcontext()
 
     def _accumulate_gradients(self, plan: list[MicroBatch], batches: list[dict]) -> float:
         """Zero the gradients, then backward every micro-batch of this process; returns this process's loss."""
