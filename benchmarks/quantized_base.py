@@ -1,0 +1,296 @@
+"""LoRA on a 32-bit, a 16-bit, an 8-bit and a 4-bit (NF4) frozen base: accuracy, base memory, step time, merge-back.
+
+QLoRA's claim (Dettmers et al., 2023, §4-5): a 4-bit NormalFloat base with LoRA on top matches a 16-bit base with
+LoRA. Task: `wordnet-nouns` (WordNet noun glosses -> 10 lexicographer classes), all-MiniLM-L6-v2 + mean pooling +
+a Linear head. Every Linear of the encoder (36 layers: query, key, value, attention output, intermediate, output
+of the 6 blocks) is the base that changes; embeddings, LayerNorms and the head stay float32. Bases:
+
+- `fp32`: the checkpoint as it is;
+- `bf16`: those weights rounded to bfloat16 (computed in float32): the 16-bit base of QLoRA's comparison, as a
+  weight precision (a CPU bfloat16 matmul would only change the speed);
+- `int8`: `deltatune.quantize_base(bits=8)`, per-output-row absmax (LLM.int8's vector-wise weight quantization
+  without its outlier decomposition);
+- `nf4`: `deltatune.quantize_base(bits=4)`, NF4, blocksize 64, double-quantized constants (QLoRA's defaults).
+
+LoRA rank 8, alpha 8, on query and value (the task's default targets, the LoRA paper's), the head trained.
+Training: a fixed label-stratified 1,000-example subset of the train split (seed 0), 2 epochs, batch 32 (64 steps),
+AdamW, linear decay, clipping 1.0 (the deltatune Trainer's defaults), max length 32. The learning rate is tuned
+ONCE, on the fp32 base (seed 0, a 500-example validation subset, grid below), and reused for every base: the
+question is whether the quantized base needs anything the float one does not. Then seeds 0, 1, 2 (head and LoRA
+init, data order) per base, test accuracy on the full test split (2,000).
+
+Merge-back, on every trained quantized model: `deltatune.merge_quantized` (dequantize, add ΔW, requantize with
+the layer's settings) reports the error it adds against the float merge, and the merged model's test accuracy is
+measured; so is the float merge (`dequantize_base` then `unload(merge=True)`), which is exact.
+
+Step time: one process builds the fp32, int8 and nf4 adapted models (bf16 runs fp32's computation), and their whole
+training steps (forward, backward, AdamW step, zero_grad) alternate on one real batch, 2 warm-up steps dropped,
+median of 10, ratio to fp32's median in the same round; 2 rounds. Memory: the stored bytes of the 36 base weights
+(`deltatune.base_memory`: codes plus constants) against float32 / bfloat16, and the bytes autograd saves for
+backward in one forward (each storage once), which shows whether a float copy of each weight is kept.
+
+    flock /work/wt/heavy.lock python benchmarks/quantized_base.py --threads 1 [--stop-at 15:40]   # ~25 min
+    python benchmarks/quantized_base.py --render                                      # the report from the JSONL
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import re
+import statistics
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.harness import mean_std  # noqa: E402
+
+TASK, TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, BATCH, MAX_LENGTH = "wordnet-nouns", 1000, 500, None, 2, 32, 32
+BASES = ("fp32", "bf16", "int8", "nf4")
+LR_GRID = (1e-3, 3e-3, 1e-2)
+SEEDS = (0, 1, 2)
+# every Linear of the 6 blocks (a regex matching containers too would be refused); not the head
+ENCODER = (r"backbone\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+           r"|intermediate\.dense|output\.dense)")
+WARMUP, STEPS, ROUNDS = 2, 10, 2
+if os.environ.get("QUANTIZED_BASE_SMOKE"):  # a seconds-long end-to-end check of the script itself
+    TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, LR_GRID, SEEDS, STEPS = 32, 32, 32, 1, (1e-3,), (0,), 1
+
+
+# --- one base --------------------------------------------------------------------------------------------------
+def build(task, base: str, seed: int):
+    """The task model with `base` applied to its encoder Linears, LoRA r8 on top; and the base's memory."""
+    from deltatune.recipe import build_config
+
+    torch.manual_seed(seed)
+    model = task.build_model()
+    memory = None
+    if base in ("int8", "nf4"):
+        memory = dt.quantize_base(model, bits=8 if base == "int8" else 4, targets=ENCODER)
+    elif base == "bf16":
+        with torch.no_grad():
+            for path, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and path.startswith("backbone.encoder."):
+                    module.weight.copy_(module.weight.bfloat16().float())
+    dt.adapt(model, build_config("lora", {"rank": 8, "alpha": 8.0}, task))
+    return model, memory
+
+
+def encoder_weights(model) -> int:
+    kinds = (torch.nn.Linear, dt.QuantizedLinear)
+    return sum(m.in_features * m.out_features for p, m in model.named_modules()
+               if p.startswith("backbone.encoder.") and type(m) in kinds)
+
+
+def train_and_test(task, base: str, seed: int, lr: float, test: bool) -> dict:
+    from deltatune.train import TrainConfig, Trainer
+
+    model, memory = build(task, base, seed)
+    config = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=lr, seed=seed, progress=False)
+    result = Trainer(model, config, task.train, task.validation, collate_fn=task.collate).train()
+    record = {"kind": "run", "base": base, "seed": seed, "lr": lr,
+              "validation": result.metrics["eval_accuracy"]}
+    if not test:
+        return record
+    model.eval()
+    record["test"] = task.score(model, task.test)
+    weights = encoder_weights(model)
+    record["base_bytes"] = memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)
+    record["base_weights"] = weights
+    if memory is None:  # a float merge is exact (the contract's tests): not re-measured here
+        return record
+    requantized = copy.deepcopy(model)
+    report = dt.merge_quantized(requantized)
+    record["merge"] = {"max_abs": report.max_abs, "mean_abs": report.mean_abs,
+                       "relative_frobenius": report.relative_frobenius,
+                       "delta_relative_frobenius": report.delta_relative_frobenius}
+    record["merged_test"] = task.score(requantized, task.test)
+    if seed == 0:  # the float merge is exact up to float rounding: checked on one seed
+        float_merged = dt.unload(dt.dequantize_base(copy.deepcopy(model)), merge=True)
+        record["float_merged_test"] = task.score(float_merged, task.test)
+    return record
+
+
+# --- step time and saved bytes ---------------------------------------------------------------------------------
+def loss_of(model, batch: dict):
+    from deltatune.data.datasets import model_inputs
+
+    return torch.nn.functional.cross_entropy(model(**model_inputs(batch)), batch["labels"])
+
+
+def saved_for_backward_bytes(model, batch: dict) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of(model, batch)
+    del loss
+    return sum(storages.values())
+
+
+def timing(task) -> list[dict]:
+    batch = task.collate([task.train[i] for i in range(BATCH)])
+    built = {}
+    for base in ("fp32", "int8", "nf4"):  # bf16 here is fp32 compute on rounded weights: fp32's step
+        model, _ = build(task, base, 0)
+        model.train()
+        built[base] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    records = []
+    for round_index in range(ROUNDS):
+        seconds = {base: [] for base in built}
+        for _ in range(WARMUP + STEPS):
+            for base, (model, optimizer) in built.items():
+                timer = harness.StepTimer()
+                timer.on_step_begin()
+                loss_of(model, batch).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                timer.on_step_end()
+                seconds[base].append(timer.seconds[-1])
+        medians = {base: statistics.median(s[WARMUP:]) for base, s in seconds.items()}
+        records.append({"kind": "timing", "round": round_index, "median_seconds": medians,
+                        "ratio_to_fp32": {b: m / medians["fp32"] for b, m in medians.items()}})
+    saved = {base: saved_for_backward_bytes(model, batch) for base, (model, _) in built.items()}
+    records.append({"kind": "saved_bytes", "bytes": saved})
+    return records
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+def load_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def run(jsonl: Path, stop_at: str | None) -> None:
+    from deltatune.data import load_task
+    from deltatune.recipe import evaluation_subsets
+
+    task = evaluation_subsets(load_task(TASK, max_length=MAX_LENGTH, train_size=TRAIN_SIZE, seed=0),
+                              VALIDATION_SIZE, TEST_SIZE)
+    records = load_records(jsonl)
+    done = {(r["base"], r["seed"], r["lr"], "test" in r) for r in records if r["kind"] == "run"}
+    for lr in LR_GRID:  # tuned once, on the fp32 base, seed 0
+        if ("fp32", 0, lr, False) not in done and ("fp32", 0, lr, True) not in done:
+            append(jsonl, train_and_test(task, "fp32", 0, lr, test=False))
+            print(json.dumps(load_records(jsonl)[-1]), flush=True)
+    tuning = [r for r in load_records(jsonl) if r["kind"] == "run" and r["base"] == "fp32" and r["seed"] == 0]
+    best = max(LR_GRID, key=lambda lr: max(r["validation"] for r in tuning if r["lr"] == lr))
+    for seed in SEEDS:
+        for base in BASES:
+            if (base, seed, best, True) not in done and not _past(stop_at):
+                append(jsonl, train_and_test(task, base, seed, best, test=True))
+                print(json.dumps(load_records(jsonl)[-1]), flush=True)
+        if seed == SEEDS[0] and not any(r["kind"] == "timing" for r in load_records(jsonl)):
+            for record in timing(task):  # after the first seed: in the table even if the run is stopped early
+                append(jsonl, record)
+
+
+def _past(stop_at: str | None) -> bool:
+    """True after `stop_at` (HH:MM, UTC, today): no new run starts then (finished ones stay in the JSONL)."""
+    if stop_at is None:
+        return False
+    now = datetime.datetime.now(datetime.timezone.utc)
+    hour, minute = map(int, stop_at.split(":"))
+    return (now.hour, now.minute) >= (hour, minute)
+
+
+def render(jsonl: Path, env: dict) -> str:
+    records = load_records(jsonl)
+    runs = [r for r in records if r["kind"] == "run"]
+    tuning = sorted((r for r in runs if r["base"] == "fp32" and r["seed"] == 0 and "test" not in r),
+                    key=lambda r: r["lr"])
+    tested = [r for r in runs if "test" in r]
+    lr = tested[0]["lr"] if tested else None
+    lines = ["# LoRA on a quantized frozen base (int8, NF4) vs a 32-bit and a 16-bit base", "",
+             harness.environment_line(env), "",
+             "Command: `flock /work/wt/heavy.lock python benchmarks/quantized_base.py --threads 1` "
+             "(raw records: quantized_base.jsonl)", "",
+             *[_flowed(p) + "\n" for p in (__doc__ or "").split("\n\n")[1:6]],
+             "Learning rate tuned once on the fp32 base (seed 0, validation): "
+             + ", ".join(f"{r['lr']:g} → {100 * r['validation']:.1f}%" for r in tuning)
+             + f"; chosen {lr:g}, reused for every base." if lr else "", "",
+             "| base | stored bytes of the 36 encoder weights | × float32 | bits / weight | test accuracy (3 seeds) | "
+             "after merge-back | merge-back rel. Frobenius error | max abs error | ‖ΔW‖/‖W‖ |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|"]
+    for base in BASES:
+        rows = [r for r in tested if r["base"] == base]
+        if not rows:
+            continue
+        stored, weights = rows[0]["base_bytes"], rows[0]["base_weights"]
+        merged = [r["merged_test"] for r in rows if "merged_test" in r]
+        errors = [r["merge"] for r in rows if "merge" in r]
+        frob = mean_std([e["relative_frobenius"] for e in errors], scale=1, digits=4) if errors else "0 (float merge)"
+        worst = f"{max(e['max_abs'] for e in errors):.3g}" if errors else "–"
+        delta = mean_std([e["delta_relative_frobenius"] for e in errors], scale=1, digits=4) if errors else "–"
+        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
+                     f"{mean_std([r['test'] for r in rows])} | {mean_std(merged, empty='= unmerged (exact)')} | "
+                     f"{frob} | {worst} | {delta} |")
+    floats = [r for r in tested if "float_merged_test" in r]
+    if floats:
+        same = all(abs(r["float_merged_test"] - r["test"]) < 1e-9 for r in floats)
+        lines += ["", "Float merge of the quantized runs (dequantize_base, then unload(merge=True)): test accuracy "
+                  + ("equal to the unmerged model's in every run." if same else
+                     "; ".join(f"{r['base']} seed {r['seed']}: {100 * r['float_merged_test']:.2f}% vs "
+                               f"{100 * r['test']:.2f}%" for r in floats))]
+    lines += ["", "Per seed (test accuracy %, unmerged / merged back):", ""]
+    for base in BASES:
+        rows = sorted((r for r in tested if r["base"] == base), key=lambda r: r["seed"])
+        lines.append(f"- {base}: " + ", ".join(f"seed {r['seed']}: {100 * r['test']:.2f} / "
+                                               f"{100 * r.get('merged_test', r['test']):.2f}" for r in rows))
+    timings = [r for r in records if r["kind"] == "timing"]
+    if timings:
+        lines += ["", "Step time (median of 10 whole training steps, batch 32, alternated in one process):", "",
+                  "| round | fp32 (s) | int8 (s) | nf4 (s) | int8 × fp32 | nf4 × fp32 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in timings:
+            m, q = r["median_seconds"], r["ratio_to_fp32"]
+            lines.append(f"| {r['round']} | {m['fp32']:.3f} | {m['int8']:.3f} | {m['nf4']:.3f} | "
+                         f"{q['int8']:.2f} | {q['nf4']:.2f} |")
+    saved = [r for r in records if r["kind"] == "saved_bytes"]
+    if saved:
+        lines += ["", "Bytes autograd saves for backward in one forward (batch 32): "
+                  + ", ".join(f"{b} {v / 2**20:.1f} MiB" for b, v in saved[-1]["bytes"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _flowed(paragraph: str) -> str:
+    """A docstring paragraph as Markdown: its lines joined, bullets ("- ") kept on their own lines."""
+    return " ".join(re.sub(r"\n(?!- )", " ", paragraph).split(" ")).replace("  ", " ").replace("   ", " ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default="benchmarks/results/quantized_base")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", action="store_true", help="only re-write the report from the JSONL")
+    parser.add_argument("--stop-at", help="HH:MM UTC: start no new training run after this time")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    jsonl = Path(f"{args.output}.jsonl")
+    if not args.render:
+        run(jsonl, args.stop_at)
+    report = Path(f"{args.output}.md")
+    harness.write_report(report, render(jsonl, harness.environment(threads=args.threads)) + harness.kept_notes(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
