@@ -72,16 +72,59 @@ def build(task, base: str, seed: int):
 
     torch.manual_seed(seed)
     model = task.build_model()
-    memory = None
-    if base in ("int8", "nf4"):
-        memory = dt.quantize_base(model, bits=8 if base == "int8" else 4, targets=ENCODER)
-    elif base == "bf16":
+    memory = apply_base(model, base)
+    dt.adapt(model, build_config("lora", {"rank": 8, "alpha": 8.0}, task))
+    return model, memory
+
+
+def apply_base(model, base: str):
+    """Turn the encoder Linears of `model` into `base`, in place; the BaseMemory of a quantized base, else None."""
+    if base in ("int8", "nf4", "nf4-no-dq"):
+        return dt.quantize_base(model, bits=8 if base == "int8" else 4, targets=ENCODER,
+                                double_quant=base != "nf4-no-dq")
+    if base == "bf16":
         with torch.no_grad():
             for path, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear) and path.startswith("backbone.encoder."):
                     module.weight.copy_(module.weight.bfloat16().float())
-    dt.adapt(model, build_config("lora", {"rank": 8, "alpha": 8.0}, task))
-    return model, memory
+    return None
+
+
+def static(task) -> dict:
+    """No training, deterministic: each base's stored bytes, its weights' relative Frobenius error against the
+    fp32 checkpoint (the 36 encoder weights together), and how far its sentence features (the head's input) move
+    on 256 test glosses (mean cosine to fp32's)."""
+    torch.manual_seed(0)
+    reference = task.build_model().eval()
+    batch = task.collate([task.test[i] for i in range(min(256, len(task.test)))])
+    features_fp32 = head_input(reference, batch)
+    weights_fp32 = {p: m.weight.detach() for p, m in reference.named_modules() if p.startswith("backbone.encoder.")
+                    and type(m) is torch.nn.Linear}
+    result = {"kind": "static"}
+    for base in ("bf16", "int8", "nf4", "nf4-no-dq"):
+        model = copy.deepcopy(reference)
+        memory = apply_base(model, base)
+        error = sum(float((model.get_submodule(p).weight - w).square().sum()) for p, w in weights_fp32.items())
+        norm = sum(float(w.square().sum()) for w in weights_fp32.values())
+        weights = sum(w.numel() for w in weights_fp32.values())
+        cosine = torch.nn.functional.cosine_similarity(head_input(model, batch), features_fp32, dim=-1)
+        result[base] = {"stored_bytes": memory.stored_bytes if memory else 2 * weights, "weights": weights,
+                        "weight_relative_frobenius": (error / norm) ** 0.5, "feature_cosine_mean": float(cosine.mean()),
+                        "feature_cosine_min": float(cosine.min())}
+    return result
+
+
+@torch.no_grad()
+def head_input(model, batch: dict) -> torch.Tensor:
+    from deltatune.data.datasets import model_inputs
+
+    seen = []
+    handle = model.classifier.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        model(**model_inputs(batch))
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def encoder_weights(model) -> int:
@@ -111,7 +154,7 @@ def train_and_test(task, base: str, seed: int, lr: float, test: bool) -> dict:
     report = dt.merge_quantized(requantized)
     record["merge"] = {"max_abs": report.max_abs, "mean_abs": report.mean_abs,
                        "relative_frobenius": report.relative_frobenius,
-                       "delta_relative_frobenius": report.delta_relative_frobenius}
+                       "delta_relative_frobenius": report.delta_relative_frobenius, "delta_kept": report.delta_kept}
     record["merged_test"] = task.score(requantized, task.test)
     if seed == 0:  # the float merge is exact up to float rounding: checked on one seed
         float_merged = dt.unload(dt.dequantize_base(copy.deepcopy(model)), merge=True)
@@ -179,13 +222,17 @@ def append(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def run(jsonl: Path, stop_at: str | None) -> None:
+def run(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
     from deltatune.data import load_task
     from deltatune.recipe import evaluation_subsets
 
     task = evaluation_subsets(load_task(TASK, max_length=MAX_LENGTH, train_size=TRAIN_SIZE, seed=0),
                               VALIDATION_SIZE, TEST_SIZE)
     records = load_records(jsonl)
+    if not any(r["kind"] == "static" for r in records):
+        append(jsonl, static(task))
+    if static_only:
+        return
     done = {(r["base"], r["seed"], r["lr"], "test" in r) for r in records if r["kind"] == "run"}
     for lr in LR_GRID:  # tuned once, on the fp32 base, seed 0
         if ("fp32", 0, lr, False) not in done and ("fp32", 0, lr, True) not in done:
@@ -228,8 +275,8 @@ def render(jsonl: Path, env: dict) -> str:
              + ", ".join(f"{r['lr']:g} → {100 * r['validation']:.1f}%" for r in tuning)
              + f"; chosen {lr:g}, reused for every base." if lr else "", "",
              "| base | stored bytes of the 36 encoder weights | × float32 | bits / weight | test accuracy (3 seeds) | "
-             "after merge-back | merge-back rel. Frobenius error | max abs error | ‖ΔW‖/‖W‖ |",
-             "|---|---:|---:|---:|---|---|---:|---:|---:|"]
+             "after merge-back | merge-back rel. Frobenius error | max abs error | ‖ΔW‖/‖W‖ | share of ΔW kept |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
     for base in BASES:
         rows = [r for r in tested if r["base"] == base]
         if not rows:
@@ -240,9 +287,10 @@ def render(jsonl: Path, env: dict) -> str:
         frob = mean_std([e["relative_frobenius"] for e in errors], scale=1, digits=4) if errors else "0 (float merge)"
         worst = f"{max(e['max_abs'] for e in errors):.3g}" if errors else "–"
         delta = mean_std([e["delta_relative_frobenius"] for e in errors], scale=1, digits=4) if errors else "–"
+        kept = mean_std([e["delta_kept"] for e in errors], scale=1, digits=3) if errors else "1 (exact)"
         lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
                      f"{mean_std([r['test'] for r in rows])} | {mean_std(merged, empty='= unmerged (exact)')} | "
-                     f"{frob} | {worst} | {delta} |")
+                     f"{frob} | {worst} | {delta} | {kept} |")
     floats = [r for r in tested if "float_merged_test" in r]
     if floats:
         same = all(abs(r["float_merged_test"] - r["test"]) < 1e-9 for r in floats)
@@ -250,6 +298,7 @@ def render(jsonl: Path, env: dict) -> str:
                   + ("equal to the unmerged model's in every run." if same else
                      "; ".join(f"{r['base']} seed {r['seed']}: {100 * r['float_merged_test']:.2f}% vs "
                                f"{100 * r['test']:.2f}%" for r in floats))]
+    lines += render_static(records)
     lines += ["", "Per seed (test accuracy %, unmerged / merged back):", ""]
     for base in BASES:
         rows = sorted((r for r in tested if r["base"] == base), key=lambda r: r["seed"])
@@ -271,6 +320,24 @@ def render(jsonl: Path, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_static(records: list[dict]) -> list[str]:
+    statics = [r for r in records if r["kind"] == "static"]
+    if not statics:
+        return []
+    lines = ["", "Before training (deterministic): the 36 encoder weights of each base against the fp32 checkpoint, "
+             "and the sentence features (the head's input) on 256 test glosses:", "",
+             "| base | stored bytes | × float32 | bits / weight | weight rel. Frobenius error | feature cosine to fp32 "
+             "(mean / min) |", "|---|---:|---:|---:|---:|---|"]
+    for base, row in statics[-1].items():
+        if base == "kind":
+            continue
+        stored, weights = row["stored_bytes"], row["weights"]
+        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
+                     f"{row['weight_relative_frobenius']:.4f} | {row['feature_cosine_mean']:.4f} / "
+                     f"{row['feature_cosine_min']:.4f} |")
+    return lines
+
+
 def _flowed(paragraph: str) -> str:
     """A docstring paragraph as Markdown: its lines joined, bullets ("- ") kept on their own lines."""
     return " ".join(re.sub(r"\n(?!- )", " ", paragraph).split(" ")).replace("  ", " ").replace("   ", " ")
@@ -282,11 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render", action="store_true", help="only re-write the report from the JSONL")
     parser.add_argument("--stop-at", help="HH:MM UTC: start no new training run after this time")
+    parser.add_argument("--static-only", action="store_true",
+                        help="only the deterministic part (bytes, weight and feature error; seconds, no training)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     jsonl = Path(f"{args.output}.jsonl")
     if not args.render:
-        run(jsonl, args.stop_at)
+        run(jsonl, args.stop_at, args.static_only)
     report = Path(f"{args.output}.md")
     harness.write_report(report, render(jsonl, harness.environment(threads=args.threads)) + harness.kept_notes(report))
     return 0

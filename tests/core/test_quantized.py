@@ -144,6 +144,7 @@ def test_a_quantized_model_state_dict_round_trips_into_another_quantized_model()
 def test_merge_back_requantizes_and_reports_the_error_against_the_float_merge(setting):
     model, reference, x = _quantized_and_float(setting)
     _adapt_both(model, reference, "lora")
+    base_first = model.first.base_layer.dequantized_weight(torch.float64)
     with pytest.raises(NotMergeableError, match="merge_quantized"):
         dt.merge(model)
     float_merged = dt.unload(reference, merge=True)  # the exact float merge on the dequantized base
@@ -158,8 +159,20 @@ def test_merge_back_requantizes_and_reports_the_error_against_the_float_merge(se
     assert layer.relative_frobenius == pytest.approx(float(error.norm() / merged_weight.norm()), rel=1e-9)
     assert 0 < report.relative_frobenius < (0.02 if setting == "int8" else 0.2)
     assert report.max_abs == max(entry.max_abs for entry in report.layers)
+    stored_change = model.first.dequantized_weight(torch.float64) - base_first
+    change = merged_weight - base_first
+    assert layer.delta_kept == pytest.approx(float((stored_change * change).sum() / change.square().sum()), rel=1e-9)
     # the requantized model computes the float merge up to that error
     torch.testing.assert_close(model(x), float_merged(x), rtol=0, atol=0.5 if setting == "nf4" else 0.05)
+
+
+def test_a_delta_far_below_the_quantization_step_is_rounded_away_and_the_report_says_so():
+    model, _, _ = _quantized_and_float("nf4")
+    dt.adapt(model, dt.LoRAConfig(rank=2, targets=["first"], init="random"))
+    with torch.no_grad():
+        model.first.deltas["default"].lora_B.mul_(1e-6)
+    report = dt.merge_quantized(model)
+    assert report.delta_kept < 0.05 and report.relative_frobenius >= report.delta_relative_frobenius * 0.9
 
 
 def test_merge_quantized_refuses_a_model_without_an_adapter_on_a_quantized_layer():

@@ -333,6 +333,7 @@ class LayerMergeError:
     mean_abs: float
     relative_frobenius: float  # ‖requantized − float‖_F / ‖float‖_F
     delta_relative_frobenius: float  # ‖ΔW‖_F / ‖float‖_F: how large the change being stored was, for scale
+    delta_kept: float  # ⟨requantized − W, ΔW⟩ / ‖ΔW‖²: the share of ΔW the stored weight carries (1: all of it)
 
 
 @dataclass(frozen=True)
@@ -345,11 +346,13 @@ class MergeBackReport:
     mean_abs: float
     relative_frobenius: float
     delta_relative_frobenius: float
+    delta_kept: float
 
     def __str__(self) -> str:
         return (f"merge-back into {len(self.layers)} quantized layers: max |err| {self.max_abs:.3g}, mean |err| "
                 f"{self.mean_abs:.3g}, relative Frobenius {self.relative_frobenius:.3g} (the merged ΔW is "
-                f"{self.delta_relative_frobenius:.3g} of the weight)")
+                f"{self.delta_relative_frobenius:.3g} of the weight; the stored weight keeps {self.delta_kept:.3g} "
+                "of it: a ΔW small against the quantization step is rounded away)")
 
 
 @torch.no_grad()
@@ -358,7 +361,9 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
     requantized weights cannot be undone). A quantized layer is dequantized, its deltas added (W + ΔW, exactly
     as `deltatune.merge` folds them) and the sum requantized with the layer's own settings; layers left in
     float merge as usual. Every layer or none: a delta that cannot merge refuses before anything is written.
-    Returns the error the requantization adds, measured against the float merge."""
+    Returns the error the requantization adds, measured against the float merge, and the share of ΔW the stored
+    weight keeps (a ΔW below half a quantization step rounds back to the old codes: peft#2321's "different
+    generations after merging into 4-bit")."""
     hosts = [(path, host) for path, host in iter_hosts(model) if host._merge_order()]
     if not any(isinstance(host.base_layer, QuantizedWeight) for _, host in hosts):
         raise NotMergeableError("merge_quantized found no active adapter on a quantized layer; for a float base use "
@@ -366,7 +371,7 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
     refuse_tied_merge(model, [path for path, _ in hosts])
     for _, host in hosts:
         host.check_mergeable(requantize=True)
-    errors, totals = [], torch.zeros(4, dtype=torch.float64)  # Σ|err|, Σerr², Σfloat², ΣΔW²
+    errors, totals = [], torch.zeros(5, dtype=torch.float64)  # Σ|err|, Σerr², Σfloat², ΣΔW², Σ⟨stored − W, ΔW⟩
     count, worst = 0, 0.0
     for path, host in hosts:
         if not isinstance(host.base_layer, QuantizedWeight):
@@ -375,15 +380,22 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
         base = host.base_layer.dequantized_weight(torch.float64)
         _, merged, _ = host.folded()
         host.merge(requantize=True)
-        error = host.base_layer.dequantized_weight(torch.float64) - merged.to(torch.float64)
-        sums = torch.stack([error.abs().sum(), error.square().sum(), merged.to(torch.float64).square().sum(),
-                            (merged.to(torch.float64) - base).square().sum()])
+        stored, merged = host.base_layer.dequantized_weight(torch.float64), merged.to(torch.float64)
+        error, change = stored - merged, merged - base
+        sums = torch.stack([error.abs().sum(), error.square().sum(), merged.square().sum(), change.square().sum(),
+                            ((stored - base) * change).sum()])
         totals += sums.cpu()
         count += error.numel()
         worst = max(worst, float(error.abs().max()))
         errors.append(LayerMergeError(path, float(error.abs().max()), float(sums[0]) / error.numel(),
-                                      float((sums[1] / sums[2]).sqrt()), float((sums[3] / sums[2]).sqrt())))
+                                      float((sums[1] / sums[2]).sqrt()), float((sums[3] / sums[2]).sqrt()),
+                                      _ratio(sums[4], sums[3])))
     unload(model, merge=True)  # everything is merged already: this only removes the wrappers
     return MergeBackReport(tuple(errors), worst, float(totals[0]) / count, float((totals[1] / totals[2]).sqrt()),
-                           float((totals[3] / totals[2]).sqrt()))
+                           float((totals[3] / totals[2]).sqrt()), _ratio(totals[4], totals[3]))
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> float:
+    """numerator / denominator, 1.0 for an adapter whose ΔW is exactly zero (nothing to keep, nothing lost)."""
+    return float(numerator / denominator) if float(denominator) > 0 else 1.0
 
