@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import deltatune as dt  # noqa: E402
 from deltatune.bench import harness  # noqa: E402
 from deltatune.bench.harness import mean_std  # noqa: E402
+from deltatune.core.host import AdaptedLayer  # noqa: E402
 
 TASK, TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, BATCH, MAX_LENGTH = "wordnet-nouns", 1000, 500, None, 2, 32, 32
 BASES = ("fp32", "bf16", "int8", "nf4")
@@ -61,8 +62,13 @@ SEEDS = (0, 1, 2)
 ENCODER = (r"backbone\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
            r"|intermediate\.dense|output\.dense)")
 WARMUP, STEPS, ROUNDS = 2, 10, 2
+# WordNet-LM: every Linear of the 5 blocks; LoRA r8 all-linear at 40 steps, batch 16, lr 3e-3 — the rate tuned for
+# exactly this recipe on the fp32 LM in sketchtune.md (grid 3e-5 .. 1e-2, validation loss), reused here
+LM_BLOCKS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LM_STEPS, LM_LR = 40, 3e-3
 if os.environ.get("QUANTIZED_BASE_SMOKE"):  # a seconds-long end-to-end check of the script itself
     TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, LR_GRID, SEEDS, STEPS = 32, 32, 32, 1, (1e-3,), (0,), 1
+    LM_STEPS = 2
 
 
 # --- one base --------------------------------------------------------------------------------------------------
@@ -77,17 +83,74 @@ def build(task, base: str, seed: int):
     return model, memory
 
 
-def apply_base(model, base: str):
-    """Turn the encoder Linears of `model` into `base`, in place; the BaseMemory of a quantized base, else None."""
+def apply_base(model, base: str, targets: str = ENCODER):
+    """Turn the Linears of `model` that `targets` matches into `base`, in place; the BaseMemory of a quantized
+    base, else None."""
     if base in ("int8", "nf4", "nf4-no-dq"):
-        return dt.quantize_base(model, bits=8 if base == "int8" else 4, targets=ENCODER,
+        return dt.quantize_base(model, bits=8 if base == "int8" else 4, targets=targets,
                                 double_quant=base != "nf4-no-dq")
     if base == "bf16":
         with torch.no_grad():
             for path, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and path.startswith("backbone.encoder."):
+                if isinstance(module, torch.nn.Linear) and re.fullmatch(targets, path):
                     module.weight.copy_(module.weight.bfloat16().float())
     return None
+
+
+# --- the causal LM -------------------------------------------------------------------------------------------
+def lm_run(model, task, base: str, seed: int) -> dict:
+    """LoRA r8 on every Linear but the (tied) head of WordNet-LM on the `base` version of its blocks; held-out
+    answer loss before and after merge-back."""
+    from deltatune.train import TrainConfig, Trainer
+
+    model = copy.deepcopy(model)
+    memory = apply_base(model, base, LM_BLOCKS)
+    torch.manual_seed(seed)
+    dt.adapt(model, dt.config_for("lora", rank=8, targets="all-linear"))
+    settings = TrainConfig(max_steps=LM_STEPS, batch_size=16, lr=LM_LR, warmup_ratio=0.1, seed=seed, progress=False,
+                           eval_every_epoch=False, log_every=5)
+    Trainer(model, settings, task.train, None, collate_fn=task.collate).train()
+    weights = sum(m.in_features * m.out_features for p, m in model.named_modules()
+                  if re.fullmatch(LM_BLOCKS, p.replace(".base_layer", "")) and not isinstance(m, AdaptedLayer))
+    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR, "test_loss": answer_loss(model, task),
+              "base_weights": weights,
+              "base_bytes": memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)}
+    if memory is not None:
+        report = dt.merge_quantized(model)
+        record["merge"] = {"relative_frobenius": report.relative_frobenius, "max_abs": report.max_abs,
+                           "delta_relative_frobenius": report.delta_relative_frobenius,
+                           "delta_kept": report.delta_kept}
+        record["merged_test_loss"] = answer_loss(model, task)
+    return record
+
+
+def answer_loss(model, task, batch_size: int = 64) -> float:
+    """Token-mean cross-entropy (nats) of the definition tokens of the test split (labels != -100)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(task.test), batch_size):
+            batch = task.collate([task.test[i] for i in range(start, min(start + batch_size, len(task.test)))])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), targets,
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+    return total / count
+
+
+def lm_part(jsonl: Path, stop_at: str | None) -> None:
+    from deltatune.data import load_task
+    from deltatune.data.wordnet_lm import load_wordnet_lm
+
+    model, _ = load_wordnet_lm()
+    task = load_task("gloss-generation")
+    done = {(r["base"], r["seed"]) for r in load_records(jsonl) if r["kind"] == "lm"}
+    for seed in SEEDS:
+        for base in BASES:
+            if (base, seed) not in done and not _past(stop_at):
+                append(jsonl, lm_run(model, task, base, seed))
+                print(json.dumps(load_records(jsonl)[-1]), flush=True)
 
 
 def static(task) -> dict:
@@ -248,6 +311,7 @@ def run(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
         if seed == SEEDS[0] and not any(r["kind"] == "timing" for r in load_records(jsonl)):
             for record in timing(task):  # after the first seed: in the table even if the run is stopped early
                 append(jsonl, record)
+    lm_part(jsonl, stop_at)
 
 
 def _past(stop_at: str | None) -> bool:
@@ -299,6 +363,7 @@ def render(jsonl: Path, env: dict) -> str:
                      "; ".join(f"{r['base']} seed {r['seed']}: {100 * r['float_merged_test']:.2f}% vs "
                                f"{100 * r['test']:.2f}%" for r in floats))]
     lines += render_static(records)
+    lines += render_lm(records)
     lines += ["", "Per seed (test accuracy %, unmerged / merged back):", ""]
     for base in BASES:
         rows = sorted((r for r in tested if r["base"] == base), key=lambda r: r["seed"])
@@ -318,6 +383,30 @@ def render(jsonl: Path, env: dict) -> str:
         lines += ["", "Bytes autograd saves for backward in one forward (batch 32): "
                   + ", ".join(f"{b} {v / 2**20:.1f} MiB" for b, v in saved[-1]["bytes"].items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def render_lm(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r["kind"] == "lm"]
+    if not rows:
+        return []
+    lines = ["", f"WordNet-LM (Llama, 5 blocks; `gloss-generation`): LoRA r8 on every Linear but the tied head, "
+             f"{LM_STEPS} steps, batch 16, lr {LM_LR:g} (tuned on the fp32 LM for this recipe in sketchtune.md, "
+             "reused), the 35 block Linears as the base; test answer loss (nats/token, 3 seeds):", "",
+             "| base | stored bytes | × float32 | test loss | after merge-back | merge-back rel. Frobenius error | "
+             "share of ΔW kept |", "|---|---:|---:|---|---|---:|---:|"]
+    for base in BASES:
+        mine = [r for r in rows if r["base"] == base]
+        if not mine:
+            continue
+        errors = [r["merge"] for r in mine if "merge" in r]
+        merged = [r["merged_test_loss"] for r in mine if "merged_test_loss" in r]
+        stored, weights = mine[0]["base_bytes"], mine[0]["base_weights"]
+        losses = [r["test_loss"] for r in mine]
+        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {mean_std(losses, scale=1, digits=4)} | "
+                     f"{mean_std(merged, scale=1, digits=4, empty='= unmerged (exact)')} | "
+                     f"{mean_std([e['relative_frobenius'] for e in errors], scale=1, digits=4, empty='0')} | "
+                     f"{mean_std([e['delta_kept'] for e in errors], scale=1, digits=3, empty='1 (exact)')} |")
+    return lines
 
 
 def render_static(records: list[dict]) -> list[str]:
