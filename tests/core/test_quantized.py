@@ -227,3 +227,21 @@ def test_quantizing_an_adapted_model_or_a_tied_weight_is_refused():
     tied.extra.weight = tied.second.weight
     with pytest.raises(ConfigError, match="shared"):
         dt.quantize_base(tied)
+
+
+def test_a_mixed_adapter_batch_on_a_quantized_base_equals_each_sub_batch_alone():
+    model, _, x = _quantized_and_float("int8")
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        dt.adapt(model, dt.LoRAConfig(rank=2, targets=["first", "second"], init="random"), name)
+    names = ["a", "b", "base", "a", "b"]
+    with dt.route(model, adapter_names=names):
+        mixed = model(x)
+    for row, name in enumerate(names):
+        if name == "base":
+            with dt.disabled(model):
+                alone = model(x[row:row + 1])
+        else:
+            dt.set_active(model, [name])
+            alone = model(x[row:row + 1])
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-12, atol=1e-12)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.capabilities import FusesWithBase, QuantizedWeight
+from deltatune.core.capabilities import FusesWithBase, is_quantized
 from deltatune.core.delta import COMPOSITION_ORDER, Delta, DeltaKind
 from deltatune.core.layers import LayerInfo, base_bias
 from deltatune.errors import DeltatuneError, NotMergeableError, RoutingError
@@ -211,10 +211,11 @@ class AdaptedLayer(nn.Module):
         order = self._merge_order()
         for name in order:
             self.deltas[name]._require_mergeable()
-        if order and not requantize and isinstance(self.base_layer, QuantizedWeight):
+        if order and not requantize and is_quantized(self.base_layer):
+            bits = getattr(self.base_layer, "bits", "?")
             raise NotMergeableError(
-                f"the base weight of this {self.layer.type_name} is quantized ({self.base_layer.bits}-bit): merging "
-                "requantizes it and unmerge could not restore it. Use deltatune.merge_quantized(model) (one way, "
+                f"the base weight of this {self.layer.type_name} is quantized ({bits}-bit): merging requantizes it"
+                " and unmerge could not restore it. Use deltatune.merge_quantized(model) (one way, "
                 "reports the error it adds), or deltatune.dequantize_base(model) first for an exact float merge"
             )
 
@@ -268,7 +269,7 @@ class AdaptedLayer(nn.Module):
     def _write_base(self, weight: Tensor | None, bias: Tensor | None) -> None:
         # The one place a base weight is written: a quantized base stores it requantized (capability
         # `QuantizedWeight`); its `weight` is a dequantized copy, and copying into that would change nothing.
-        if isinstance(self.base_layer, QuantizedWeight):
+        if is_quantized(self.base_layer):
             self.base_layer.requantize_(weight)
         elif weight is not None:  # None: a norm without affine parameters, left as it is
             self.base_layer.weight.copy_(weight)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.core.capabilities import QuantizedWeight
+from deltatune.core.capabilities import is_quantized
 from deltatune.errors import UnsupportedLayerError
 
 LINEAR, CONV1D_HF, CONV, EMBEDDING = "linear", "conv1d_hf", "conv", "embedding"
@@ -63,7 +63,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 def layer_kind(module: nn.Module) -> str | None:
     """The kind name of a supported base layer, or None for a layer no delta can wrap."""
-    if isinstance(module, nn.Linear) or isinstance(module, QuantizedWeight):  # a quantized Linear is a Linear
+    if isinstance(module, nn.Linear) or is_quantized(module):  # a quantized Linear is a Linear
         return LINEAR
     if is_hf_conv1d(module):
         return CONV1D_HF

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.capabilities import KeepsBaseInEval, QuantizedWeight
+from deltatune.core.capabilities import KeepsBaseInEval, is_quantized
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
 from deltatune.core.guards import install_guards, remove_guards
@@ -158,10 +158,11 @@ def _refuse_training_quantized(module: nn.Module, path: str) -> None:
     """An extra trainable module must not hold a quantized base layer: its weight is codes, not a parameter, so
     "training" it would train its bias alone, silently."""
     for inner_path, inner in module.named_modules():
-        if isinstance(inner, QuantizedWeight) and not isinstance(inner, AdaptedLayer):
+        if is_quantized(inner):
             where = ".".join(p for p in (path, inner_path.replace("base_layer.", "").removesuffix(".base_layer")) if p)
+            bits = getattr(inner, "bits", "?")
             raise TrainingError(
-                f"extra_trainable names {path or 'the model'}, which holds {where}, a {inner.bits}-bit quantized "
+                f"extra_trainable names {path or 'the model'}, which holds {where}, a {bits}-bit quantized "
                 "frozen layer whose weight cannot train: leave it out of extra_trainable (train a delta on it), or "
                 "call deltatune.dequantize_base(model) first"
             )

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.core.capabilities import QuantizedWeight
+from deltatune.core.capabilities import QuantizedWeight, is_quantized
 from deltatune.core.config import ALL_LINEAR
-from deltatune.core.host import AdaptedLayer, plain_path
+from deltatune.core.host import plain_path
 from deltatune.core.model import iter_hosts, unload
 from deltatune.core.targets import matches_name, output_head_names
 from deltatune.core.ties import refuse_tied_merge
@@ -301,7 +301,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantizedWeight]]:
     """(path, layer) of every quantized base layer, inside hosts too (paths as in the plain model)."""
     found = []
     for path, module in model.named_modules():
-        if isinstance(module, QuantizedWeight) and not isinstance(module, AdaptedLayer):
+        if is_quantized(module):
             found.append((plain_path(model, path), module))
     return found
 
@@ -365,7 +365,7 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
     weight keeps (a ΔW below half a quantization step rounds back to the old codes: peft#2321's "different
     generations after merging into 4-bit")."""
     hosts = [(path, host) for path, host in iter_hosts(model) if host._merge_order()]
-    if not any(isinstance(host.base_layer, QuantizedWeight) for _, host in hosts):
+    if not any(is_quantized(host.base_layer) for _, host in hosts):
         raise NotMergeableError("merge_quantized found no active adapter on a quantized layer; for a float base use "
                                 "deltatune.merge or deltatune.unload(model, merge=True)")
     refuse_tied_merge(model, [path for path, _ in hosts])
@@ -374,7 +374,7 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
     errors, totals = [], torch.zeros(5, dtype=torch.float64)  # Σ|err|, Σerr², Σfloat², ΣΔW², Σ⟨stored − W, ΔW⟩
     count, worst = 0, 0.0
     for path, host in hosts:
-        if not isinstance(host.base_layer, QuantizedWeight):
+        if not is_quantized(host.base_layer):
             host.merge()
             continue
         base = host.base_layer.dequantized_weight(torch.float64)
