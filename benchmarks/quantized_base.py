@@ -363,6 +363,7 @@ def render(jsonl: Path, env: dict) -> str:
                      "; ".join(f"{r['base']} seed {r['seed']}: {100 * r['float_merged_test']:.2f}% vs "
                                f"{100 * r['test']:.2f}%" for r in floats))]
     lines += render_static(records)
+    lines += render_peers(jsonl.with_name(jsonl.stem + "_peers.json"))
     lines += render_lm(records)
     lines += ["", "Per seed (test accuracy %, unmerged / merged back):", ""]
     for base in BASES:
@@ -406,6 +407,35 @@ def render_lm(records: list[dict]) -> list[str]:
                      f"{mean_std(merged, scale=1, digits=4, empty='= unmerged (exact)')} | "
                      f"{mean_std([e['relative_frobenius'] for e in errors], scale=1, digits=4, empty='0')} | "
                      f"{mean_std([e['delta_kept'] for e in errors], scale=1, digits=3, empty='1 (exact)')} |")
+    return lines
+
+
+def render_peers(path: Path) -> list[str]:
+    """The peers' check (benchmarks/quantized_base_peers.py, run in a scratch venv that holds them)."""
+    if not path.exists():
+        return []
+    peers = json.loads(path.read_text())
+    lines = ["", f"Peers on CPU with torch {peers['torch']} (`{path.name}`, from benchmarks/quantized_base_peers.py "
+             "in a scratch venv; none is a deltatune dependency): a 384x384 Linear, forward + backward, batch 8:", "",
+             "| peer layer | runs on CPU | max abs vs fp32 output |", "|---|---|---:|"]
+    for name, row in peers["runs on CPU"].items():
+        if row["runs"]:
+            lines.append(f"| {name} | yes | {row['max_abs_vs_fp32']:.4g} |")
+        else:
+            lines.append(f"| {name} | no: {row['error']} | – |")
+    same = peers["same weights"]
+    codebook = same["codebook max |ours - bitsandbytes|"]
+    lines += ["", f"Same weights: our NF4 codebook is bitsandbytes' to {codebook:.1e}."]
+    for name, row in same.items():
+        if not isinstance(row, dict):
+            continue
+        ours, theirs = row["nf4 relative error: ours, bitsandbytes"]
+        dq = ", ".join(f"{v:.5f}" for v in row["nf4 + double quant relative error: ours, bitsandbytes, torchao"])
+        int8_equal = row["int8 share of codes equal to bitsandbytes'"]
+        lines.append(f"- {name}: NF4 without double quantization, max |ours − bitsandbytes| "
+                     f"{row['nf4 max |ours - bitsandbytes| (no double quant)']:.1e} (the same codes), relative "
+                     f"error {ours:.5f} vs {theirs:.5f}; with double quantization (ours, bitsandbytes, torchao) "
+                     f"{dq}; int8 codes equal to bitsandbytes' (from float16) {100 * int8_equal:.1f}%.")
     return lines
 
 
