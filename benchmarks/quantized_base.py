@@ -21,8 +21,9 @@ and reused here for every base: the question is whether a quantized base needs a
 Seeds 0, 1, 2 (head and LoRA init, data order) per base; test accuracy on the full test split (2,000).
 
 Merge-back, on every trained quantized model: `deltatune.merge_quantized` (dequantize, add ΔW, requantize with
-the layer's settings) reports the error it adds against the float merge, and the merged model's test accuracy is
-measured; so is the float merge (`dequantize_base` then `unload(merge=True)`), which is exact.
+the layer's settings) reports the error it adds against the float merge and the share of ΔW the stored weight
+keeps, and the merged model's test accuracy is measured; so is the variant that requantizes the fp32 checkpoint's
+W + ΔW (`original_weights=`), and the float merge (`dequantize_base` then `unload(merge=True)`, exact; seed 0).
 
 Step time: one process builds the fp32, int8 and nf4 adapted models (bf16 runs fp32's computation), and their whole
 training steps (forward, backward, AdamW step, zero_grad) alternate on one real batch, 2 warm-up steps dropped,
@@ -79,6 +80,7 @@ def build(task, base: str, seed: int):
     memory."""
     torch.manual_seed(seed)
     model = task.build_model()
+    build.originals = {p: m.weight.detach().clone() for p, m in model.named_modules() if re.fullmatch(ENCODER, p)}
     memory = apply_base(model, base)
     dt.adapt(model, dt.LoRAConfig(rank=8, alpha=8.0, targets=ENCODER, extra_trainable=("classifier",)))
     return model, memory
@@ -104,6 +106,7 @@ def lm_run(model, task, base: str, seed: int) -> dict:
     answer loss before and after merge-back."""
     from deltatune.train import TrainConfig, Trainer
 
+    originals = {p: m.weight.detach().clone() for p, m in model.named_modules() if re.fullmatch(LM_BLOCKS, p)}
     model = copy.deepcopy(model)
     memory = apply_base(model, base, LM_BLOCKS)
     torch.manual_seed(seed)
@@ -117,11 +120,16 @@ def lm_run(model, task, base: str, seed: int) -> dict:
               "base_weights": weights,
               "base_bytes": memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)}
     if memory is not None:
+        from_original = copy.deepcopy(model)
         report = dt.merge_quantized(model)
         record["merge"] = {"relative_frobenius": report.relative_frobenius, "max_abs": report.max_abs,
                            "delta_relative_frobenius": report.delta_relative_frobenius,
                            "delta_kept": report.delta_kept}
         record["merged_test_loss"] = answer_loss(model, task)
+        report = dt.merge_quantized(from_original, original_weights=originals)
+        record["merge_from_original"] = {"relative_frobenius": report.relative_frobenius,
+                                         "delta_kept": report.delta_kept}
+        record["merged_from_original_test_loss"] = answer_loss(from_original, task)
     return record
 
 
@@ -213,12 +221,17 @@ def train_and_test(task, base: str, seed: int, lr: float) -> dict:
     record["base_weights"] = weights
     if memory is None:  # a float merge is exact (the contract's tests): not re-measured here
         return record
+    originals = build.originals  # the fp32 checkpoint's weights of the quantized layers
     requantized = copy.deepcopy(model)
     report = dt.merge_quantized(requantized)
     record["merge"] = {"max_abs": report.max_abs, "mean_abs": report.mean_abs,
                        "relative_frobenius": report.relative_frobenius,
                        "delta_relative_frobenius": report.delta_relative_frobenius, "delta_kept": report.delta_kept}
     record["merged_test"] = task.score(requantized, task.test)
+    from_original = copy.deepcopy(model)
+    report = dt.merge_quantized(from_original, original_weights=originals)
+    record["merge_from_original"] = {"relative_frobenius": report.relative_frobenius, "delta_kept": report.delta_kept}
+    record["merged_from_original_test"] = task.score(from_original, task.test)
     if seed == 0:  # the float merge is exact up to float rounding: checked on one seed
         float_merged = dt.unload(dt.dequantize_base(copy.deepcopy(model)), merge=True)
         record["float_merged_test"] = task.score(float_merged, task.test)
@@ -329,8 +342,9 @@ def render(jsonl: Path, env: dict) -> str:
              f"Learning rate {LR:g} for every base (tuned once on fp32 in sparse_accuracy.md, where LoRA r8 on these "
              "36 layers scored 84.9 ± 0.7 on this recipe).", "",
              "| base | stored bytes of the 36 encoder weights | × float32 | bits / weight | test accuracy (3 seeds) | "
-             "after merge-back | merge-back rel. Frobenius error | max abs error | ‖ΔW‖/‖W‖ | share of ΔW kept |",
-             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|"]
+             "after merge-back | merge-back rel. Frobenius error | max abs error | ‖ΔW‖/‖W‖ | share of ΔW kept | "
+             "merged back from the fp32 weights: test accuracy | its share of ΔW kept |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
     for base in BASES:
         rows = [r for r in tested if r["base"] == base]
         if not rows:
@@ -342,9 +356,13 @@ def render(jsonl: Path, env: dict) -> str:
         worst = f"{max(e['max_abs'] for e in errors):.3g}" if errors else "–"
         delta = mean_std([e["delta_relative_frobenius"] for e in errors], scale=1, digits=4) if errors else "–"
         kept = mean_std([e["delta_kept"] for e in errors], scale=1, digits=3) if errors else "1 (exact)"
+        originals = [r for r in rows if "merge_from_original" in r]
+        from_original = mean_std([r["merged_from_original_test"] for r in originals], empty="–")
+        kept_original = mean_std([r["merge_from_original"]["delta_kept"] for r in originals], scale=1, digits=3,
+                                 empty="–")
         lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
                      f"{mean_std([r['test'] for r in rows])} | {mean_std(merged, empty='= unmerged (exact)')} | "
-                     f"{frob} | {worst} | {delta} | {kept} |")
+                     f"{frob} | {worst} | {delta} | {kept} | {from_original} | {kept_original} |")
     floats = [r for r in tested if "float_merged_test" in r]
     if floats:
         same = all(abs(r["float_merged_test"] - r["test"]) < 1e-9 for r in floats)
@@ -384,19 +402,24 @@ def render_lm(records: list[dict]) -> list[str]:
              f"{LM_STEPS} steps, batch 16, lr {LM_LR:g} (tuned on the fp32 LM for this recipe in sketchtune.md, "
              "reused), the 35 block Linears as the base; test answer loss (nats/token, 3 seeds):", "",
              "| base | stored bytes | × float32 | test loss | after merge-back | merge-back rel. Frobenius error | "
-             "share of ΔW kept |", "|---|---:|---:|---|---|---:|---:|"]
+             "share of ΔW kept | merged back from the fp32 weights: test loss | its share of ΔW kept |",
+             "|---|---:|---:|---|---|---:|---:|---|---:|"]
     for base in BASES:
         mine = [r for r in rows if r["base"] == base]
         if not mine:
             continue
         errors = [r["merge"] for r in mine if "merge" in r]
         merged = [r["merged_test_loss"] for r in mine if "merged_test_loss" in r]
+        from_original = [r["merged_from_original_test_loss"] for r in mine if "merge_from_original" in r]
+        kept_original = [r["merge_from_original"]["delta_kept"] for r in mine if "merge_from_original" in r]
         stored, weights = mine[0]["base_bytes"], mine[0]["base_weights"]
         losses = [r["test_loss"] for r in mine]
         lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {mean_std(losses, scale=1, digits=4)} | "
                      f"{mean_std(merged, scale=1, digits=4, empty='= unmerged (exact)')} | "
                      f"{mean_std([e['relative_frobenius'] for e in errors], scale=1, digits=4, empty='0')} | "
-                     f"{mean_std([e['delta_kept'] for e in errors], scale=1, digits=3, empty='1 (exact)')} |")
+                     f"{mean_std([e['delta_kept'] for e in errors], scale=1, digits=3, empty='1 (exact)')} | "
+                     f"{mean_std(from_original, scale=1, digits=4, empty='–')} | "
+                     f"{mean_std(kept_original, scale=1, digits=3, empty='–')} |")
     return lines
 
 

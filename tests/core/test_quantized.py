@@ -175,6 +175,29 @@ def test_a_delta_far_below_the_quantization_step_is_rounded_away_and_the_report_
     assert report.delta_kept < 0.05 and report.relative_frobenius >= report.delta_relative_frobenius * 0.9
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_requantizing_from_the_original_weights_carries_a_small_delta_through(bits):
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(256, 256)).double()
+    weights = {key: value.clone() for key, value in original.state_dict().items()}
+    runs = {}
+    for with_original in (False, True):
+        model = copy.deepcopy(original)
+        dt.quantize_base(model, bits=bits)
+        torch.manual_seed(1)
+        dt.adapt(model, dt.LoRAConfig(rank=4, targets=["0"], init="random"))
+        with torch.no_grad():  # a ΔW far below half a quantization step
+            model[0].deltas["default"].lora_B.mul_(1e-3)
+        runs[with_original] = dt.merge_quantized(model, weights if with_original else None)
+    assert runs[False].delta_kept < 0.2
+    assert 0.8 < runs[True].delta_kept < 1.2  # rounding W_original + ΔW is unbiased: ΔW survives on average
+    with pytest.raises(NotMergeableError, match="shape"):
+        model = copy.deepcopy(original)
+        dt.quantize_base(model, bits=bits)
+        dt.adapt(model, dt.LoRAConfig(rank=4, targets=["0"], init="random"))
+        dt.merge_quantized(model, {"0.weight": torch.zeros(3, 3)})
+
+
 def test_merge_quantized_refuses_a_model_without_an_adapter_on_a_quantized_layer():
     model, _ = build("linear")
     dt.adapt(model, dt.LoRAConfig(rank=2, targets=["first"]))

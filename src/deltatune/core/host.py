@@ -219,26 +219,32 @@ class AdaptedLayer(nn.Module):
                 "reports the error it adds), or deltatune.dequantize_base(model) first for an exact float merge"
             )
 
-    def folded(self) -> tuple[tuple[str, ...], Tensor | None, Tensor | None]:
+    def folded(self, base_weight: Tensor | None = None) -> tuple[tuple[str, ...], Tensor | None, Tensor | None]:
         """(names, weight, bias): the active, unmerged deltas folded into the (dequantized) base weight and bias
-        in composition order, nothing written. Raises NotMergeableError as `check_mergeable` does (deltas only)."""
+        in composition order, nothing written. Raises NotMergeableError as `check_mergeable` does (deltas only).
+        `base_weight`: fold into this weight instead (a quantized base's original float weight)."""
         order = tuple(self._merge_order())
         if not order:
             return order, None, None
         weight, bias = _detached_weight(self), _detached_bias(self)
+        if base_weight is not None:
+            if tuple(base_weight.shape) != tuple(weight.shape):
+                raise NotMergeableError(f"base_weight has shape {tuple(base_weight.shape)}; this "
+                                        f"{self.layer.type_name}'s weight is {tuple(weight.shape)}")
+            weight = base_weight.detach().to(device=weight.device, dtype=weight.dtype)
         for name in order:
             weight, bias = self.deltas[name].merge_into(weight, bias)
             self._check_bias(bias, name)
         return order, weight, bias
 
     @torch.no_grad()
-    def merge(self, requantize: bool = False) -> tuple[str, ...]:
+    def merge(self, requantize: bool = False, base_weight: Tensor | None = None) -> tuple[str, ...]:
         """Fold every active, unmerged delta into the base weight and bias, in composition order; return their
         names. All or nothing: the folded (weight, bias) is computed first and written once, so a delta that
         refuses leaves the layer as it was. A quantized base is written back requantized only with
-        `requantize=True` (see `check_mergeable`)."""
+        `requantize=True` (see `check_mergeable`), folded into `base_weight` when given (see `folded`)."""
         self.check_mergeable(requantize)
-        order, weight, bias = self.folded()
+        order, weight, bias = self.folded(base_weight)
         if not order:
             return order
         self._write_base(weight, bias)

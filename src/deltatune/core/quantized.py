@@ -20,7 +20,7 @@ see benchmarks/results/quantized_base.md (which of them run on CPU with the torc
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -349,18 +349,26 @@ class MergeBackReport:
     delta_kept: float
 
     def __str__(self) -> str:
+        hint = ("; a ΔW small against the quantization step is rounded away: pass original_weights, or merge in "
+                "float after deltatune.dequantize_base") if self.delta_kept < 0.5 else ""
         return (f"merge-back into {len(self.layers)} quantized layers: max |err| {self.max_abs:.3g}, mean |err| "
                 f"{self.mean_abs:.3g}, relative Frobenius {self.relative_frobenius:.3g} (the merged ΔW is "
                 f"{self.delta_relative_frobenius:.3g} of the weight; the stored weight keeps {self.delta_kept:.3g} "
-                "of it: a ΔW small against the quantization step is rounded away)")
+                f"of it{hint})")
 
 
 @torch.no_grad()
-def merge_quantized(model: nn.Module) -> MergeBackReport:
+def merge_quantized(model: nn.Module, original_weights: Mapping[str, Tensor] | None = None) -> MergeBackReport:
     """Fold the active adapters into the base and remove every wrapper, in place (one way: the rounding of the
     requantized weights cannot be undone). A quantized layer is dequantized, its deltas added (W + ΔW, exactly
     as `deltatune.merge` folds them) and the sum requantized with the layer's own settings; layers left in
     float merge as usual. Every layer or none: a delta that cannot merge refuses before anything is written.
+
+    `original_weights` (module path -> the float weight the layer was quantized from, e.g. the checkpoint's
+    state dict with ".weight" keys, or path keys): requantize W_original + ΔW instead. The dequantized W sits
+    exactly on the quantization grid, so a ΔW under half a step rounds back to it; W_original does not, and its
+    rounding carries ΔW through on average. The float merge the error is measured against is then
+    W_original + ΔW. Paths it does not name use the dequantized weight.
     Returns the error the requantization adds, measured against the float merge, and the share of ΔW the stored
     weight keeps (a ΔW below half a quantization step rounds back to the old codes: peft#2321's "different
     generations after merging into 4-bit")."""
@@ -369,8 +377,12 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
         raise NotMergeableError("merge_quantized found no active adapter on a quantized layer; for a float base use "
                                 "deltatune.merge or deltatune.unload(model, merge=True)")
     refuse_tied_merge(model, [path for path, _ in hosts])
-    for _, host in hosts:
+    for path, host in hosts:
         host.check_mergeable(requantize=True)
+        original = _original_weight(original_weights, path)
+        if original is not None and tuple(original.shape) != (host.layer.out_features, host.layer.in_features):
+            raise NotMergeableError(f"original_weights[{path!r}] has shape {tuple(original.shape)}; the layer is "
+                                    f"({host.layer.out_features}, {host.layer.in_features})")
     errors, totals = [], torch.zeros(5, dtype=torch.float64)  # Σ|err|, Σerr², Σfloat², ΣΔW², Σ⟨stored − W, ΔW⟩
     count, worst = 0, 0.0
     for path, host in hosts:
@@ -378,10 +390,13 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
             host.merge()
             continue
         base = host.base_layer.dequantized_weight(torch.float64)
-        _, merged, _ = host.folded()
-        host.merge(requantize=True)
+        original = _original_weight(original_weights, path)
+        _, merged, _ = host.folded(original)
+        host.merge(requantize=True, base_weight=original)
         stored, merged = host.base_layer.dequantized_weight(torch.float64), merged.to(torch.float64)
-        error, change = stored - merged, merged - base
+        # ΔW from the weight it was folded into; what the stored weight carries of it, from the old stored one
+        change = merged - (base if original is None else original.to(merged.device, torch.float64))
+        error = stored - merged
         sums = torch.stack([error.abs().sum(), error.square().sum(), merged.square().sum(), change.square().sum(),
                             ((stored - base) * change).sum()])
         totals += sums.cpu()
@@ -393,6 +408,14 @@ def merge_quantized(model: nn.Module) -> MergeBackReport:
     unload(model, merge=True)  # everything is merged already: this only removes the wrappers
     return MergeBackReport(tuple(errors), worst, float(totals[0]) / count, float((totals[1] / totals[2]).sqrt()),
                            float((totals[3] / totals[2]).sqrt()), _ratio(totals[4], totals[3]))
+
+
+def _original_weight(weights: Mapping[str, Tensor] | None, path: str) -> Tensor | None:
+    """The original float weight of the layer at `path` ("path" or "path.weight" keys), or None."""
+    if weights is None:
+        return None
+    found = weights.get(path, weights.get(f"{path}.weight"))
+    return None if found is None else found.detach()
 
 
 def _ratio(numerator: Tensor, denominator: Tensor) -> float:
