@@ -210,6 +210,7 @@ def test_compute_dtype_and_model_casts_keep_the_constants_in_float32():
     dt.quantize_base(model, bits=4, compute_dtype=torch.bfloat16)
     x = torch.randn(3, 64)
     assert model(x).dtype == torch.float32  # computed in bfloat16, returned in the input's dtype
+    assert model[0].weight.dtype == torch.float32  # deltas follow the model's dtype, not the compute dtype
     model.to(torch.bfloat16)
     layer = model[0]
     assert layer.absmax_scale.dtype == torch.float32 and layer.weight_codes.dtype == torch.uint8

@@ -74,7 +74,7 @@ class QuantizedWeight(Protocol):
     (`is_quantized`), so a host that forwards attributes to its base layer is not mistaken for one."""
 
     def dequantized_weight(self, dtype: Any = None) -> Tensor:
-        """The (out, in) weight from the stored codes and constants, in `dtype` (default: the compute dtype)."""
+        """The (out, in) weight from the stored codes and constants, in `dtype` (default: the model's dtype)."""
         ...
 
     def requantize_(self, weight: Tensor) -> None:

@@ -54,7 +54,8 @@ class QuantizedLinear(nn.Module):
         bits: 8 or 4.
         blocksize: NF4 block length (QLoRA: 64). double_quant: quantize the NF4 absmax constants (QLoRA: yes).
         compute_dtype: the dtype W is dequantized to and x @ Wᵀ runs in; None (bitsandbytes' default) follows x.
-            The output comes back in x's dtype.
+            The output comes back in x's dtype. `weight` (what deltas are built from and follow) reads in the
+            model's dtype (`weight_dtype`, which follows model.to(dtype)), not the compute dtype.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, bits: int = 4, blocksize: int = q.NF4_BLOCKSIZE,
@@ -126,7 +127,7 @@ class QuantizedLinear(nn.Module):
         return q.dequantize_constants(self.absmax_codes, self.absmax_scale, self.absmax_offset, dtype=dtype)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        dtype = dtype or self.compute_dtype or self.weight_dtype
+        dtype = dtype or self.weight_dtype  # the compute dtype is forward's business (it passes it)
         if self.bits == 8:
             return q.dequantize_int8_rows(self.weight_codes, self.weight_scale, dtype)
         shape = (self.out_features, self.in_features)
