@@ -342,7 +342,7 @@ def render(jsonl: Path, env: dict) -> str:
              *[_flowed(p) + "\n" for p in (__doc__ or "").split("\n\n")[1:6]],
              f"Learning rate {LR:g} for every base (tuned once on fp32 in sparse_accuracy.md, where LoRA r8 on these "
              "36 layers scored 84.9 ± 0.7 on this recipe).", "",
-             "| base | stored bytes of the 36 encoder weights | × float32 | bits / weight | test accuracy (3 seeds) | "
+             "| base | stored bytes of the 36 encoder weights | × float32 | bits / weight | test accuracy | "
              "after merge-back | merge-back rel. Frobenius error | max abs error | ‖ΔW‖/‖W‖ | share of ΔW kept | "
              "merged back from the fp32 weights: test accuracy | its share of ΔW kept |",
              "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
@@ -362,7 +362,8 @@ def render(jsonl: Path, env: dict) -> str:
         kept_original = mean_std([r["merge_from_original"]["delta_kept"] for r in originals], scale=1, digits=3,
                                  empty="–")
         lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
-                     f"{mean_std([r['test'] for r in rows])} | {mean_std(merged, empty='= unmerged (exact)')} | "
+                     f"{mean_std([r['test'] for r in rows])} (n={len(rows)}) | "
+                     f"{mean_std(merged, empty='= unmerged (exact)')} | "
                      f"{frob} | {worst} | {delta} | {kept} | {from_original} | {kept_original} |")
     floats = [r for r in tested if "float_merged_test" in r]
     if floats:
