@@ -12,6 +12,7 @@ The shortest path::
     deltatune.save_adapter(model, "out/adapter")            # or format="peft" | "kohya" | "diffusers"
     deltatune.load_adapter(fresh_model, "out/adapter")       # deltatune or peft folders, kohya or diffusers files
     plain = deltatune.unload(model, merge=True)              # plain nn.Modules, adapter folded in
+    deltatune.quantize_base(model, bits=4)                   # before adapt: a frozen NF4 (or int8) base, QLoRA-style
     deltatune.save_merged(model, "out/merged")               # transformers: from_pretrained loads it, no deltatune
 
 transformers' save_pretrained of an adapted model (and so every HF Trainer checkpoint) writes a file whose deltas a
@@ -41,6 +42,15 @@ from deltatune.core.model import (
     trainable_parameters,
     unload,
     unmerge,
+)
+from deltatune.core.quantized import (
+    BaseMemory,
+    MergeBackReport,
+    QuantizedLinear,
+    base_memory,
+    dequantize_base,
+    merge_quantized,
+    quantize_base,
 )
 from deltatune.core.registry import list_methods, method_entry, register_method
 from deltatune.core.routing import route
@@ -75,9 +85,10 @@ def __dir__() -> list[str]:
 
 
 __all__ = sorted(_registered_configs()) + [
-    "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "ParameterCount", "active_adapters", "adapt",
-    "adapter_names", "adapter_state_dict", "combine_adapters", "config_for", "delete_adapter", "disabled",
-    "hotswap_adapter", "iter_deltas", "list_methods", "load_adapter", "merge", "method_entry", "prepare_hotswap",
-    "register_method", "regularization_loss", "route", "save_adapter", "save_merged", "set_active",
+    "BaseMemory", "Delta", "DeltaConfig", "DeltaKind", "DeltatuneError", "MergeBackReport", "ParameterCount",
+    "QuantizedLinear", "active_adapters", "adapt", "adapter_names", "adapter_state_dict", "base_memory",
+    "combine_adapters", "config_for", "delete_adapter", "dequantize_base", "disabled", "hotswap_adapter",
+    "iter_deltas", "list_methods", "load_adapter", "merge", "merge_quantized", "method_entry", "prepare_hotswap",
+    "quantize_base", "register_method", "regularization_loss", "route", "save_adapter", "save_merged", "set_active",
     "set_trainable", "set_training_mode", "trainable_parameters", "unload", "unmerge",
 ]

@@ -64,6 +64,33 @@ class SwapsRank(Protocol):
         ...
 
 
+# --- the base layer ----------------------------------------------------------------------------------------------
+@runtime_checkable
+class QuantizedWeight(Protocol):
+    """A frozen base Linear whose weight is stored quantized (`core.quantized.QuantizedLinear`). It is seen as a
+    Linear (`core.layers.layer_kind`); its ``weight`` is a dequantized copy to read, never a parameter to train.
+    The host writes a merged weight through `requantize_` (lossy, so `AdaptedLayer.merge` asks for
+    ``requantize=True`` and `deltatune.merge_quantized` reports the error it adds). Checked on the class
+    (`is_quantized`), so a host that forwards attributes to its base layer is not mistaken for one."""
+
+    def dequantized_weight(self, dtype: Any = None) -> Tensor:
+        """The (out, in) weight from the stored codes and constants, in `dtype` (default: the model's dtype)."""
+        ...
+
+    def requantize_(self, weight: Tensor) -> None:
+        """Replace the stored codes and constants by those of `weight` (same shape)."""
+        ...
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored weight: codes plus quantization constants (the bias not included)."""
+        ...
+
+
+def is_quantized(module: Any) -> bool:
+    """True for a layer whose class has the `QuantizedWeight` capability (not a wrapper that forwards to one)."""
+    return issubclass(type(module), QuantizedWeight)
+
+
 # --- the delta algebra ---------------------------------------------------------------------------------------
 @runtime_checkable
 class AssignsDeltaWeight(Protocol):

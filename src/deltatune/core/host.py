@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.capabilities import FusesWithBase
+from deltatune.core.capabilities import FusesWithBase, is_quantized
 from deltatune.core.delta import COMPOSITION_ORDER, Delta, DeltaKind
 from deltatune.core.layers import LayerInfo, base_bias
 from deltatune.errors import DeltatuneError, NotMergeableError, RoutingError
@@ -205,23 +205,48 @@ class AdaptedLayer(nn.Module):
         live = [n for n in self.active if n not in self.merged]
         return sorted(live, key=lambda n: COMPOSITION_ORDER.index(self.deltas[n].kind))
 
-    def check_mergeable(self) -> None:
-        """Raise NotMergeableError if an active, unmerged delta declares itself not mergeable."""
-        for name in self._merge_order():
+    def check_mergeable(self, requantize: bool = False) -> None:
+        """Raise NotMergeableError if an active, unmerged delta declares itself not mergeable, or if the base
+        weight is quantized and `requantize` is False (writing it back rounds it: unmerge could not restore it)."""
+        order = self._merge_order()
+        for name in order:
             self.deltas[name]._require_mergeable()
+        if order and not requantize and is_quantized(self.base_layer):
+            bits = getattr(self.base_layer, "bits", "?")
+            raise NotMergeableError(
+                f"the base weight of this {self.layer.type_name} is quantized ({bits}-bit): merging requantizes it"
+                " and unmerge could not restore it. Use deltatune.merge_quantized(model) (one way, "
+                "reports the error it adds), or deltatune.dequantize_base(model) first for an exact float merge"
+            )
 
-    @torch.no_grad()
-    def merge(self) -> tuple[str, ...]:
-        """Fold every active, unmerged delta into the base weight and bias, in composition order; return their
-        names. All or nothing: the folded (weight, bias) is computed first and written once, so a delta that
-        refuses leaves the layer as it was."""
+    def folded(self, base_weight: Tensor | None = None) -> tuple[tuple[str, ...], Tensor | None, Tensor | None]:
+        """(names, weight, bias): the active, unmerged deltas folded into the (dequantized) base weight and bias
+        in composition order, nothing written. Raises NotMergeableError as `check_mergeable` does (deltas only).
+        `base_weight`: fold into this weight instead (a quantized base's original float weight)."""
         order = tuple(self._merge_order())
         if not order:
-            return order
+            return order, None, None
         weight, bias = _detached_weight(self), _detached_bias(self)
+        if base_weight is not None:
+            if tuple(base_weight.shape) != tuple(weight.shape):
+                raise NotMergeableError(f"base_weight has shape {tuple(base_weight.shape)}; this "
+                                        f"{self.layer.type_name}'s weight is {tuple(weight.shape)}")
+            weight = base_weight.detach().to(device=weight.device, dtype=weight.dtype)
         for name in order:
             weight, bias = self.deltas[name].merge_into(weight, bias)
             self._check_bias(bias, name)
+        return order, weight, bias
+
+    @torch.no_grad()
+    def merge(self, requantize: bool = False, base_weight: Tensor | None = None) -> tuple[str, ...]:
+        """Fold every active, unmerged delta into the base weight and bias, in composition order; return their
+        names. All or nothing: the folded (weight, bias) is computed first and written once, so a delta that
+        refuses leaves the layer as it was. A quantized base is written back requantized only with
+        `requantize=True` (see `check_mergeable`), folded into `base_weight` when given (see `folded`)."""
+        self.check_mergeable(requantize)
+        order, weight, bias = self.folded(base_weight)
+        if not order:
+            return order
         self._write_base(weight, bias)
         self.merged = self.merged + order
         self._replan()
@@ -248,7 +273,11 @@ class AdaptedLayer(nn.Module):
             )
 
     def _write_base(self, weight: Tensor | None, bias: Tensor | None) -> None:
-        if weight is not None:  # None: a norm without affine parameters, left as it is
+        # The one place a base weight is written: a quantized base stores it requantized (capability
+        # `QuantizedWeight`); its `weight` is a dequantized copy, and copying into that would change nothing.
+        if is_quantized(self.base_layer):
+            self.base_layer.requantize_(weight)
+        elif weight is not None:  # None: a norm without affine parameters, left as it is
             self.base_layer.weight.copy_(weight)
         if bias is not None:
             base_bias(self.base_layer).copy_(bias)

@@ -12,6 +12,9 @@ Every supported base layer is seen as a 2-D matrix `(out_features, in_features)`
 | `layer_norm`| nn.LayerNorm                   | normalized_shape           | (C, numel / C)         |
 | `batch_norm`| nn.BatchNorm1d / 2d / 3d       | (C,)                       | (C, 1)                 |
 
+A quantized Linear (`core.quantized.QuantizedLinear`, capability `QuantizedWeight`) is of kind `linear` too: its
+`weight` reads a dequantized copy, so every delta sees a float (out, in) matrix.
+
 For an embedding, "in" is the vocabulary (a one-hot input) and "out" the embedding dimension, as in peft.
 
 The normalization kinds (`NORM_KINDS`) exist for output deltas that follow a norm (SSF folds into its affine
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deltatune.core.capabilities import is_quantized
 from deltatune.errors import UnsupportedLayerError
 
 LINEAR, CONV1D_HF, CONV, EMBEDDING = "linear", "conv1d_hf", "conv", "embedding"
@@ -59,7 +63,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 def layer_kind(module: nn.Module) -> str | None:
     """The kind name of a supported base layer, or None for a layer no delta can wrap."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_quantized(module):  # a quantized Linear is a Linear
         return LINEAR
     if is_hf_conv1d(module):
         return CONV1D_HF
@@ -188,10 +192,10 @@ def describe_layer(module: nn.Module) -> LayerInfo:
     name = type(module).__name__
     if kind in NORM_KINDS:
         return _describe_norm(module, kind, name)
-    weight = module.weight
-    shape = tuple(weight.shape)
-    if kind == LINEAR:
+    if kind == LINEAR:  # the shape from the features: a quantized Linear would dequantize to show its weight
+        shape = (module.out_features, module.in_features)
         return LayerInfo(kind, module.in_features, module.out_features, shape, name)
+    shape = tuple(module.weight.shape)
     if kind == CONV1D_HF:
         return LayerInfo(kind, shape[0], shape[1], shape, name)
     if kind == CONV:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from deltatune.core.capabilities import KeepsBaseInEval
+from deltatune.core.capabilities import KeepsBaseInEval, is_quantized
 from deltatune.core.config import DeltaConfig
 from deltatune.core.delta import Delta
 from deltatune.core.guards import install_guards, remove_guards
@@ -20,7 +20,7 @@ from deltatune.core.layers import describe_target
 from deltatune.core.registry import entry_for_config
 from deltatune.core.targets import _is_inside, find_targets
 from deltatune.core.ties import refuse_or_untie, refuse_tied_merge, untie_parameters
-from deltatune.errors import AdapterNameError, ConfigError, DeltatuneError, TargetError
+from deltatune.errors import AdapterNameError, ConfigError, DeltatuneError, TargetError, TrainingError
 
 _STATE_ATTR = "_deltatune_state"
 
@@ -148,9 +148,24 @@ def set_trainable(model: nn.Module, name: str) -> None:
     for _, _, delta in iter_deltas(model, name):
         for parameter in delta.parameters():
             parameter.requires_grad_(True)
-    for _, module in extra_modules(model, config):
+    for path, module in extra_modules(model, config):
+        _refuse_training_quantized(module, path)
         for parameter in module.parameters():
             parameter.requires_grad_(True)
+
+
+def _refuse_training_quantized(module: nn.Module, path: str) -> None:
+    """An extra trainable module must not hold a quantized base layer: its weight is codes, not a parameter, so
+    "training" it would train its bias alone, silently."""
+    for inner_path, inner in module.named_modules():
+        if is_quantized(inner):
+            where = ".".join(p for p in (path, inner_path.replace("base_layer.", "").removesuffix(".base_layer")) if p)
+            bits = getattr(inner, "bits", "?")
+            raise TrainingError(
+                f"extra_trainable names {path or 'the model'}, which holds {where}, a {bits}-bit quantized "
+                "frozen layer whose weight cannot train: leave it out of extra_trainable (train a delta on it), or "
+                "call deltatune.dequantize_base(model) first"
+            )
 
 
 def extra_modules(model: nn.Module, config: DeltaConfig) -> list[tuple[str, nn.Module]]:

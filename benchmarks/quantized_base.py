@@ -1,0 +1,499 @@
+"""LoRA on a 32-bit, a 16-bit, an 8-bit and a 4-bit (NF4) frozen base: accuracy, base memory, step time, merge-back.
+
+QLoRA's claim (Dettmers et al., 2023, §4-5): a 4-bit NormalFloat base with LoRA on top matches a 16-bit base with
+LoRA. Task: `wordnet-nouns` (WordNet noun glosses -> 10 lexicographer classes), all-MiniLM-L6-v2 + mean pooling +
+a Linear head. Every Linear of the encoder (36 layers: query, key, value, attention output, intermediate, output
+of the 6 blocks) is the base that changes; embeddings, LayerNorms and the head stay float32. Bases:
+
+- `fp32`: the checkpoint as it is;
+- `bf16`: those weights rounded to bfloat16 (computed in float32): the 16-bit base of QLoRA's comparison, as a
+  weight precision (a CPU bfloat16 matmul would only change the speed);
+- `int8`: `deltatune.quantize_base(bits=8)`, per-output-row absmax (LLM.int8's vector-wise weight quantization
+  without its outlier decomposition);
+- `nf4`: `deltatune.quantize_base(bits=4)`, NF4, blocksize 64, double-quantized constants (QLoRA's defaults).
+
+LoRA rank 8, alpha 8, on the same 36 Linears (QLoRA puts LoRA on every linear layer of the blocks: with fewer
+it did not match 16-bit), the head trained. Training: sparse_accuracy.md's recipe exactly — a fixed
+label-stratified 1,000-example subset of the train split (seed 0), 2 epochs, batch 32 (64 steps), AdamW, linear
+decay, clipping 1.0 (the deltatune Trainer's defaults), max length 32 — so its learning rate applies: 3e-3, tuned
+there ONCE on the fp32 base for LoRA r8 on these 36 layers (grid 3e-4 .. 3e-2, seed 0, 500 validation examples),
+and reused here for every base: the question is whether a quantized base needs anything the float one does not.
+Seeds 0, 1, 2 (head and LoRA init, data order) per base; test accuracy on the full test split (2,000).
+
+Merge-back, on every trained quantized model: `deltatune.merge_quantized` (dequantize, add ΔW, requantize with
+the layer's settings) reports the error it adds against the float merge and the share of ΔW the stored weight
+keeps, and the merged model's test accuracy is measured; so is the variant that requantizes the fp32 checkpoint's
+W + ΔW (`original_weights=`), and the float merge (`dequantize_base` then `unload(merge=True)`, exact; seed 0).
+
+Step time: one process builds the fp32, int8 and nf4 adapted models (bf16 runs fp32's computation), and their whole
+training steps (forward, backward, AdamW step, zero_grad) alternate on one real batch, 2 warm-up steps dropped,
+median of 10, ratio to fp32's median in the same round; 2 rounds. Memory: the stored bytes of the 36 base weights
+(`deltatune.base_memory`: codes plus constants) against float32 / bfloat16, and the bytes autograd saves for
+backward in one forward (each storage once), which shows whether a float copy of each weight is kept.
+
+    flock /work/wt/heavy.lock python benchmarks/quantized_base.py --threads 1 [--stop-at 15:40]   # ~25 min
+    python benchmarks/quantized_base.py --render                                      # the report from the JSONL
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+import deltatune as dt  # noqa: E402
+from deltatune.bench import harness  # noqa: E402
+from deltatune.bench.harness import mean_std  # noqa: E402
+from deltatune.core.host import AdaptedLayer  # noqa: E402
+
+TASK, TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, BATCH, MAX_LENGTH = "wordnet-nouns", 1000, 500, None, 2, 32, 32
+BASES = ("fp32", "bf16", "int8", "nf4")
+RUN_ORDER = ("fp32", "nf4", "bf16", "int8")
+LR = 3e-3  # sparse_accuracy.md: LoRA r8 on the 36 encoder Linears, this recipe, tuned on the fp32 base
+SEEDS = (0, 1, 2)
+# every Linear of the 6 blocks (a regex matching containers too would be refused); not the head
+ENCODER = (r"backbone\.encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+           r"|intermediate\.dense|output\.dense)")
+WARMUP, STEPS, ROUNDS = 2, 10, 2
+# WordNet-LM: every Linear of the 5 blocks; LoRA r8 all-linear at 40 steps, batch 16, lr 3e-3 — the rate tuned for
+# exactly this recipe on the fp32 LM in sketchtune.md (grid 3e-5 .. 1e-2, validation loss), reused here
+LM_BLOCKS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LM_STEPS, LM_LR = 40, 3e-3
+if os.environ.get("QUANTIZED_BASE_SMOKE"):  # a seconds-long end-to-end check of the script itself
+    TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, SEEDS, STEPS = 32, 32, 32, 1, (0,), 1
+    LM_STEPS = 2
+
+
+# --- one base --------------------------------------------------------------------------------------------------
+def build(task, base: str, seed: int):
+    """The task model with `base` applied to its encoder Linears, LoRA r8 on the same Linears; and the base's
+    memory."""
+    torch.manual_seed(seed)
+    model = task.build_model()
+    build.originals = {p: m.weight.detach().clone() for p, m in model.named_modules() if re.fullmatch(ENCODER, p)}
+    memory = apply_base(model, base)
+    dt.adapt(model, dt.LoRAConfig(rank=8, alpha=8.0, targets=ENCODER, extra_trainable=("classifier",)))
+    return model, memory
+
+
+def apply_base(model, base: str, targets: str = ENCODER):
+    """Turn the Linears of `model` that `targets` matches into `base`, in place; the BaseMemory of a quantized
+    base, else None."""
+    if base in ("int8", "nf4", "nf4-no-dq"):
+        return dt.quantize_base(model, bits=8 if base == "int8" else 4, targets=targets,
+                                double_quant=base != "nf4-no-dq")
+    if base == "bf16":
+        with torch.no_grad():
+            for path, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and re.fullmatch(targets, path):
+                    module.weight.copy_(module.weight.bfloat16().float())
+    return None
+
+
+# --- the causal LM -------------------------------------------------------------------------------------------
+def lm_run(model, task, base: str, seed: int) -> dict:
+    """LoRA r8 on every Linear but the (tied) head of WordNet-LM on the `base` version of its blocks; held-out
+    answer loss before and after merge-back."""
+    from deltatune.train import TrainConfig, Trainer
+
+    originals = {p: m.weight.detach().clone() for p, m in model.named_modules() if re.fullmatch(LM_BLOCKS, p)}
+    model = copy.deepcopy(model)
+    memory = apply_base(model, base, LM_BLOCKS)
+    torch.manual_seed(seed)
+    dt.adapt(model, dt.config_for("lora", rank=8, targets="all-linear"))
+    settings = TrainConfig(max_steps=LM_STEPS, batch_size=16, lr=LM_LR, warmup_ratio=0.1, seed=seed, progress=False,
+                           eval_every_epoch=False, log_every=5)
+    Trainer(model, settings, task.train, None, collate_fn=task.collate).train()
+    weights = sum(m.in_features * m.out_features for p, m in model.named_modules()
+                  if re.fullmatch(LM_BLOCKS, p.replace(".base_layer", "")) and not isinstance(m, AdaptedLayer))
+    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR, "test_loss": answer_loss(model, task),
+              "base_weights": weights,
+              "base_bytes": memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)}
+    if memory is not None:
+        from_original = copy.deepcopy(model)
+        report = dt.merge_quantized(model)
+        record["merge"] = {"relative_frobenius": report.relative_frobenius, "max_abs": report.max_abs,
+                           "delta_relative_frobenius": report.delta_relative_frobenius,
+                           "delta_kept": report.delta_kept}
+        record["merged_test_loss"] = answer_loss(model, task)
+        report = dt.merge_quantized(from_original, original_weights=originals)
+        record["merge_from_original"] = {"relative_frobenius": report.relative_frobenius,
+                                         "delta_kept": report.delta_kept}
+        record["merged_from_original_test_loss"] = answer_loss(from_original, task)
+    return record
+
+
+def answer_loss(model, task, batch_size: int = 64) -> float:
+    """Token-mean cross-entropy (nats) of the definition tokens of the test split (labels != -100)."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(task.test), batch_size):
+            batch = task.collate([task.test[i] for i in range(start, min(start + batch_size, len(task.test)))])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), targets,
+                                                             ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+    return total / count
+
+
+def lm_part(jsonl: Path, stop_at: str | None) -> None:
+    from deltatune.data import load_task
+    from deltatune.data.wordnet_lm import load_wordnet_lm
+
+    model, _ = load_wordnet_lm()
+    task = load_task("gloss-generation")
+    done = {(r["base"], r["seed"]) for r in load_records(jsonl) if r["kind"] == "lm"}
+    for seed in SEEDS:
+        for base in BASES:
+            if (base, seed) not in done and not _past(stop_at):
+                append(jsonl, lm_run(model, task, base, seed))
+                print(json.dumps(load_records(jsonl)[-1]), flush=True)
+
+
+def static(task) -> dict:
+    """No training, deterministic: each base's stored bytes, its weights' relative Frobenius error against the
+    fp32 checkpoint (the 36 encoder weights together), and how far its sentence features (the head's input) move
+    on 256 test glosses (mean cosine to fp32's)."""
+    torch.manual_seed(0)
+    reference = task.build_model().eval()
+    batch = task.collate([task.test[i] for i in range(min(256, len(task.test)))])
+    features_fp32 = head_input(reference, batch)
+    weights_fp32 = {p: m.weight.detach() for p, m in reference.named_modules() if p.startswith("backbone.encoder.")
+                    and type(m) is torch.nn.Linear}
+    result = {"kind": "static"}
+    for base in ("bf16", "int8", "nf4", "nf4-no-dq"):
+        model = copy.deepcopy(reference)
+        memory = apply_base(model, base)
+        error = sum(float((model.get_submodule(p).weight - w).square().sum()) for p, w in weights_fp32.items())
+        norm = sum(float(w.square().sum()) for w in weights_fp32.values())
+        weights = sum(w.numel() for w in weights_fp32.values())
+        cosine = torch.nn.functional.cosine_similarity(head_input(model, batch), features_fp32, dim=-1)
+        result[base] = {"stored_bytes": memory.stored_bytes if memory else 2 * weights, "weights": weights,
+                        "weight_relative_frobenius": (error / norm) ** 0.5, "feature_cosine_mean": float(cosine.mean()),
+                        "feature_cosine_min": float(cosine.min())}
+    return result
+
+
+@torch.no_grad()
+def head_input(model, batch: dict) -> torch.Tensor:
+    from deltatune.data.datasets import model_inputs
+
+    seen = []
+    handle = model.classifier.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        model(**model_inputs(batch))
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def encoder_weights(model) -> int:
+    kinds = (torch.nn.Linear, dt.QuantizedLinear)
+    return sum(m.in_features * m.out_features for p, m in model.named_modules()
+               if p.startswith("backbone.encoder.") and type(m) in kinds)
+
+
+def train_and_test(task, base: str, seed: int, lr: float) -> dict:
+    from deltatune.train import TrainConfig, Trainer
+
+    model, memory = build(task, base, seed)
+    config = TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=lr, seed=seed, progress=False, eval_every_epoch=False,
+                         log_every=10**6)
+    start = time.perf_counter()
+    Trainer(model, config, task.train, collate_fn=task.collate).train()
+    record = {"kind": "run", "base": base, "seed": seed, "lr": lr, "train_seconds": time.perf_counter() - start}
+    model.eval()
+    record["test"] = task.score(model, task.test)
+    weights = encoder_weights(model)
+    record["base_bytes"] = memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)
+    record["base_weights"] = weights
+    if memory is None:  # a float merge is exact (the contract's tests): not re-measured here
+        return record
+    originals = build.originals  # the fp32 checkpoint's weights of the quantized layers
+    requantized = copy.deepcopy(model)
+    report = dt.merge_quantized(requantized)
+    record["merge"] = {"max_abs": report.max_abs, "mean_abs": report.mean_abs,
+                       "relative_frobenius": report.relative_frobenius,
+                       "delta_relative_frobenius": report.delta_relative_frobenius, "delta_kept": report.delta_kept}
+    record["merged_test"] = task.score(requantized, task.test)
+    from_original = copy.deepcopy(model)
+    report = dt.merge_quantized(from_original, original_weights=originals)
+    record["merge_from_original"] = {"relative_frobenius": report.relative_frobenius, "delta_kept": report.delta_kept}
+    record["merged_from_original_test"] = task.score(from_original, task.test)
+    if seed == 0:  # the float merge is exact up to float rounding: checked on one seed
+        float_merged = dt.unload(dt.dequantize_base(copy.deepcopy(model)), merge=True)
+        record["float_merged_test"] = task.score(float_merged, task.test)
+    return record
+
+
+# --- step time and saved bytes ---------------------------------------------------------------------------------
+def loss_of(model, batch: dict):
+    from deltatune.data.datasets import model_inputs
+
+    return torch.nn.functional.cross_entropy(model(**model_inputs(batch)), batch["labels"])
+
+
+def saved_for_backward_bytes(model, batch: dict) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_of(model, batch)
+    del loss
+    return sum(storages.values())
+
+
+def timing(task) -> list[dict]:
+    batch = task.collate([task.train[i] for i in range(BATCH)])
+    built = {}
+    for base in ("fp32", "int8", "nf4"):  # bf16 here is fp32 compute on rounded weights: fp32's step
+        model, _ = build(task, base, 0)
+        model.train()
+        built[base] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    records = []
+    for round_index in range(ROUNDS):
+        seconds = {base: [] for base in built}
+        for _ in range(WARMUP + STEPS):
+            for base, (model, optimizer) in built.items():
+                timer = harness.StepTimer()
+                timer.on_step_begin()
+                loss_of(model, batch).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                timer.on_step_end()
+                seconds[base].append(timer.seconds[-1])
+        medians = {base: statistics.median(s[WARMUP:]) for base, s in seconds.items()}
+        records.append({"kind": "timing", "round": round_index, "median_seconds": medians,
+                        "ratio_to_fp32": {b: m / medians["fp32"] for b, m in medians.items()}})
+    saved = {base: saved_for_backward_bytes(model, batch) for base, (model, _) in built.items()}
+    records.append({"kind": "saved_bytes", "bytes": saved})
+    return records
+
+
+# --- the run ---------------------------------------------------------------------------------------------------
+def load_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append(path: Path, record: dict) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def run(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
+    from deltatune.data import load_task
+    from deltatune.recipe import evaluation_subsets
+
+    task = evaluation_subsets(load_task(TASK, max_length=MAX_LENGTH, train_size=TRAIN_SIZE, seed=0),
+                              VALIDATION_SIZE, TEST_SIZE)
+    records = load_records(jsonl)
+    if not any(r["kind"] == "static" for r in records):
+        append(jsonl, static(task))
+    if static_only:
+        return
+    done = {(r["base"], r["seed"], r["lr"]) for r in records if r["kind"] == "run"}
+    if not any(r["kind"] == "timing" for r in records) and not _past(stop_at):
+        for record in timing(task):  # first: short, and in the table even if the run is stopped early
+            append(jsonl, record)
+    for seed in SEEDS:
+        for base in RUN_ORDER:  # the QLoRA pair (fp32, nf4) first, so a short run still compares it
+            if (base, seed, LR) not in done and not _past(stop_at):
+                append(jsonl, train_and_test(task, base, seed, LR))
+                print(json.dumps(load_records(jsonl)[-1]), flush=True)
+    lm_part(jsonl, stop_at)
+
+
+def _past(stop_at: str | None) -> bool:
+    """True after `stop_at` (HH:MM, UTC, today): no new run starts then (finished ones stay in the JSONL)."""
+    if stop_at is None:
+        return False
+    now = datetime.datetime.now(datetime.timezone.utc)
+    hour, minute = map(int, stop_at.split(":"))
+    return (now.hour, now.minute) >= (hour, minute)
+
+
+def render(jsonl: Path, env: dict) -> str:
+    records = load_records(jsonl)
+    runs = [r for r in records if r["kind"] == "run"]
+    tested = [r for r in runs if "test" in r]
+    lines = ["# LoRA on a quantized frozen base (int8, NF4) vs a 32-bit and a 16-bit base", "",
+             harness.environment_line(env), "",
+             "Command: `flock /work/wt/heavy.lock python benchmarks/quantized_base.py --threads 1` "
+             "(raw records: quantized_base.jsonl)", "",
+             *[_flowed(p) + "\n" for p in (__doc__ or "").split("\n\n")[1:6]],
+             f"Learning rate {LR:g} for every base (tuned once on fp32 in sparse_accuracy.md, where LoRA r8 on these "
+             "36 layers scored 84.9 ± 0.7 on this recipe).", "",
+             "| base | stored bytes of the 36 encoder weights | × float32 | bits / weight | test accuracy | "
+             "after merge-back | merge-back rel. Frobenius error | max abs error | ‖ΔW‖/‖W‖ | share of ΔW kept | "
+             "merged back from the fp32 weights: test accuracy | its share of ΔW kept |",
+             "|---|---:|---:|---:|---|---|---:|---:|---:|---:|---|---:|"]
+    for base in BASES:
+        rows = [r for r in tested if r["base"] == base]
+        if not rows:
+            continue
+        stored, weights = rows[0]["base_bytes"], rows[0]["base_weights"]
+        merged = [r["merged_test"] for r in rows if "merged_test" in r]
+        errors = [r["merge"] for r in rows if "merge" in r]
+        frob = mean_std([e["relative_frobenius"] for e in errors], scale=1, digits=4) if errors else "0 (float merge)"
+        worst = f"{max(e['max_abs'] for e in errors):.3g}" if errors else "–"
+        delta = mean_std([e["delta_relative_frobenius"] for e in errors], scale=1, digits=4) if errors else "–"
+        kept = mean_std([e["delta_kept"] for e in errors], scale=1, digits=3) if errors else "1 (exact)"
+        originals = [r for r in rows if "merge_from_original" in r]
+        from_original = mean_std([r["merged_from_original_test"] for r in originals], empty="–")
+        kept_original = mean_std([r["merge_from_original"]["delta_kept"] for r in originals], scale=1, digits=3,
+                                 empty="–")
+        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
+                     f"{mean_std([r['test'] for r in rows])} (n={len(rows)}) | "
+                     f"{mean_std(merged, empty='= unmerged (exact)')} | "
+                     f"{frob} | {worst} | {delta} | {kept} | {from_original} | {kept_original} |")
+    floats = [r for r in tested if "float_merged_test" in r]
+    if floats:
+        same = all(abs(r["float_merged_test"] - r["test"]) < 1e-9 for r in floats)
+        lines += ["", "Float merge of the quantized runs (dequantize_base, then unload(merge=True)): test accuracy "
+                  + ("equal to the unmerged model's in every run." if same else
+                     "; ".join(f"{r['base']} seed {r['seed']}: {100 * r['float_merged_test']:.2f}% vs "
+                               f"{100 * r['test']:.2f}%" for r in floats))]
+    lines += render_static(records)
+    lines += render_peers(jsonl.with_name(jsonl.stem + "_peers.json"))
+    lines += render_lm(records)
+    lines += ["", "Per seed (test accuracy %, unmerged / merged back):", ""]
+    for base in BASES:
+        rows = sorted((r for r in tested if r["base"] == base), key=lambda r: r["seed"])
+        lines.append(f"- {base}: " + ", ".join(f"seed {r['seed']}: {100 * r['test']:.2f} / "
+                                               f"{100 * r.get('merged_test', r['test']):.2f}" for r in rows))
+    timings = [r for r in records if r["kind"] == "timing"]
+    if timings:
+        lines += ["", "Step time (median of 10 whole training steps, batch 32, alternated in one process):", "",
+                  "| round | fp32 (s) | int8 (s) | nf4 (s) | int8 × fp32 | nf4 × fp32 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in timings:
+            m, q = r["median_seconds"], r["ratio_to_fp32"]
+            lines.append(f"| {r['round']} | {m['fp32']:.3f} | {m['int8']:.3f} | {m['nf4']:.3f} | "
+                         f"{q['int8']:.2f} | {q['nf4']:.2f} |")
+    saved = [r for r in records if r["kind"] == "saved_bytes"]
+    if saved:
+        lines += ["", "Bytes autograd saves for backward in one forward (batch 32): "
+                  + ", ".join(f"{b} {v / 2**20:.1f} MiB" for b, v in saved[-1]["bytes"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def render_lm(records: list[dict]) -> list[str]:
+    rows = [r for r in records if r["kind"] == "lm"]
+    if not rows:
+        return []
+    lines = ["", f"WordNet-LM (Llama, 5 blocks; `gloss-generation`): LoRA r8 on every Linear but the tied head, "
+             f"{LM_STEPS} steps, batch 16, lr {LM_LR:g} (tuned on the fp32 LM for this recipe in sketchtune.md, "
+             "reused), the 35 block Linears as the base; test answer loss (nats/token, 3 seeds):", "",
+             "| base | stored bytes | × float32 | test loss | after merge-back | merge-back rel. Frobenius error | "
+             "share of ΔW kept | merged back from the fp32 weights: test loss | its share of ΔW kept |",
+             "|---|---:|---:|---|---|---:|---:|---|---:|"]
+    for base in BASES:
+        mine = [r for r in rows if r["base"] == base]
+        if not mine:
+            continue
+        errors = [r["merge"] for r in mine if "merge" in r]
+        merged = [r["merged_test_loss"] for r in mine if "merged_test_loss" in r]
+        from_original = [r["merged_from_original_test_loss"] for r in mine if "merge_from_original" in r]
+        kept_original = [r["merge_from_original"]["delta_kept"] for r in mine if "merge_from_original" in r]
+        stored, weights = mine[0]["base_bytes"], mine[0]["base_weights"]
+        losses = [r["test_loss"] for r in mine]
+        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {mean_std(losses, scale=1, digits=4)} | "
+                     f"{mean_std(merged, scale=1, digits=4, empty='= unmerged (exact)')} | "
+                     f"{mean_std([e['relative_frobenius'] for e in errors], scale=1, digits=4, empty='0')} | "
+                     f"{mean_std([e['delta_kept'] for e in errors], scale=1, digits=3, empty='1 (exact)')} | "
+                     f"{mean_std(from_original, scale=1, digits=4, empty='–')} | "
+                     f"{mean_std(kept_original, scale=1, digits=3, empty='–')} |")
+    return lines
+
+
+def render_peers(path: Path) -> list[str]:
+    """The peers' check (benchmarks/quantized_base_peers.py, run in a scratch venv that holds them)."""
+    if not path.exists():
+        return []
+    peers = json.loads(path.read_text())
+    lines = ["", f"Peers on CPU with torch {peers['torch']} (`{path.name}`, from benchmarks/quantized_base_peers.py "
+             "in a scratch venv; none is a deltatune dependency): a 384x384 Linear, forward + backward, batch 8:", "",
+             "| peer layer | runs on CPU | max abs vs fp32 output |", "|---|---|---:|"]
+    for name, row in peers["runs on CPU"].items():
+        if row["runs"]:
+            lines.append(f"| {name} | yes | {row['max_abs_vs_fp32']:.4g} |")
+        else:
+            lines.append(f"| {name} | no: {row['error']} | – |")
+    same = peers["same weights"]
+    codebook = same["codebook max |ours - bitsandbytes|"]
+    lines += ["", f"Same weights: our NF4 codebook is bitsandbytes' to {codebook:.1e}."]
+    for name, row in same.items():
+        if not isinstance(row, dict):
+            continue
+        ours, theirs = row["nf4 relative error: ours, bitsandbytes"]
+        dq = ", ".join(f"{v:.5f}" for v in row["nf4 + double quant relative error: ours, bitsandbytes, torchao"])
+        int8_equal = row["int8 share of codes equal to bitsandbytes'"]
+        lines.append(f"- {name}: NF4 without double quantization, max |ours − bitsandbytes| "
+                     f"{row['nf4 max |ours - bitsandbytes| (no double quant)']:.1e} (the same codes), relative "
+                     f"error {ours:.5f} vs {theirs:.5f}; with double quantization (ours, bitsandbytes, torchao) "
+                     f"{dq}; int8 codes equal to bitsandbytes' (from float16) {100 * int8_equal:.1f}%.")
+    return lines
+
+
+def render_static(records: list[dict]) -> list[str]:
+    statics = [r for r in records if r["kind"] == "static"]
+    if not statics:
+        return []
+    lines = ["", "Before training (deterministic): the 36 encoder weights of each base against the fp32 checkpoint, "
+             "and the sentence features (the head's input) on 256 test glosses:", "",
+             "| base | stored bytes | × float32 | bits / weight | weight rel. Frobenius error | feature cosine to fp32 "
+             "(mean / min) |", "|---|---:|---:|---:|---:|---|"]
+    for base, row in statics[-1].items():
+        if base == "kind":
+            continue
+        stored, weights = row["stored_bytes"], row["weights"]
+        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
+                     f"{row['weight_relative_frobenius']:.4f} | {row['feature_cosine_mean']:.4f} / "
+                     f"{row['feature_cosine_min']:.4f} |")
+    return lines
+
+
+def _flowed(paragraph: str) -> str:
+    """A docstring paragraph as Markdown: its lines joined, bullets ("- ") kept on their own lines."""
+    return " ".join(re.sub(r"\n(?!- )", " ", paragraph).split(" ")).replace("  ", " ").replace("   ", " ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default="benchmarks/results/quantized_base")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--render", action="store_true", help="only re-write the report from the JSONL")
+    parser.add_argument("--stop-at", help="HH:MM UTC: start no new training run after this time")
+    parser.add_argument("--static-only", action="store_true",
+                        help="only the deterministic part (bytes, weight and feature error; seconds, no training)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    jsonl = Path(f"{args.output}.jsonl")
+    if not args.render:
+        run(jsonl, args.stop_at, args.static_only)
+    report = Path(f"{args.output}.md")
+    harness.write_report(report, render(jsonl, harness.environment(threads=args.threads)) + harness.kept_notes(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
