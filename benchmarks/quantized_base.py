@@ -53,6 +53,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import deltatune as dt  # noqa: E402
+from additive_cost import loss_of, saved_for_backward_bytes  # noqa: E402
 from deltatune.bench import harness  # noqa: E402
 from deltatune.bench.harness import mean_std  # noqa: E402
 from deltatune.core.host import AdaptedLayer  # noqa: E402
@@ -240,26 +241,6 @@ def train_and_test(task, base: str, seed: int, lr: float) -> dict:
 
 
 # --- step time and saved bytes ---------------------------------------------------------------------------------
-def loss_of(model, batch: dict):
-    from deltatune.data.datasets import model_inputs
-
-    return torch.nn.functional.cross_entropy(model(**model_inputs(batch)), batch["labels"])
-
-
-def saved_for_backward_bytes(model, batch: dict) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_of(model, batch)
-    del loss
-    return sum(storages.values())
-
-
 def timing(task) -> list[dict]:
     batch = task.collate([task.train[i] for i in range(BATCH)])
     built = {}

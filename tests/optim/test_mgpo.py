@@ -8,30 +8,16 @@ import copy
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 import deltatune as dt
 from deltatune.errors import ConfigError, TrainingError
 from deltatune.optim import MGPO, build_update_rule
 from deltatune.train import TrainConfig, Trainer
+from optim.toy_task import HFToy, Toy, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(6, 8)
-        self.second = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.second(torch.tanh(self.first(x)))
-
-
-def _data(size: int = 48) -> TensorDataset:
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(size, 6, generator=generator)
-    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
 def _adapted(method: str = "lora", dtype: torch.dtype = torch.float32, **options) -> nn.Module:
@@ -64,7 +50,7 @@ def test_perturbation_and_ema_are_the_codes_equations_in_float64() -> None:
     w0 = host.base_layer.weight.detach().clone()
     seen = _seen_base(model)
     optimizer = MGPO(model, lr=lr, rho=rho, mu=mu, beta=beta)
-    x, y = _data(16)[:]
+    x, y = toy_data(16)[:]
     x = x.double()
 
     def gradient_pass() -> None:
@@ -109,7 +95,7 @@ def test_the_radius_is_rho_times_min_of_ten_and_one_over_ema(loss_scale: float, 
     seen = _seen_base(model)
     w0 = model.get_submodule("first").base_layer.weight.detach().clone()
     optimizer = MGPO(model, lr=1e-3, rho=0.05)
-    x, y = _data(16)[:]
+    x, y = toy_data(16)[:]
     for _ in range(2):
         with optimizer.perturbed():
             (loss_scale * nn.functional.cross_entropy(model(x.double()), y)).backward()
@@ -127,7 +113,7 @@ def test_base_weight_is_bit_identical_after_every_step_and_after_an_error() -> N
         model.first.base_layer.weight.mul_(torch.logspace(-6, 6, 48).reshape(8, 6))
     w0 = model.first.base_layer.weight.detach().clone()
     optimizer = MGPO(model, lr=1e-2, rho=0.5)
-    x, y = _data(16)[:]
+    x, y = toy_data(16)[:]
     moved = []
     for _ in range(6):
         with optimizer.perturbed():
@@ -186,7 +172,7 @@ def test_composes_with_every_pair_method_in_the_trainer(method: str) -> None:
     base = model.first.base_layer.weight.detach().clone()  # PiSSA / OLoRA: the residual the adapter left
     config = TrainConfig(epochs=4, batch_size=16, lr=2e-2, progress=False, log_every=1, schedule="constant",
                          max_grad_norm=None, update_rule="mgpo", update_rule_options={"rho": 0.05})
-    trainer = Trainer(model, config, _data())
+    trainer = Trainer(model, config, toy_data())
     assert isinstance(trainer.optimizer, MGPO)
     losses = [r["loss"] for r in trainer.train().history if "loss" in r]
     assert losses[-1] < losses[0]
@@ -199,9 +185,9 @@ def test_trainers_mgpo_is_a_plain_loops_mgpo_and_resumes_exactly(tmp_path) -> No
                     update_rule="mgpo")
     model = _adapted(init="random")
     manual = copy.deepcopy(model)
-    Trainer(model, TrainConfig(epochs=1, **settings), _data()).train()
+    Trainer(model, TrainConfig(epochs=1, **settings), toy_data()).train()
     optimizer = build_update_rule("mgpo", manual, lr=2e-2)
-    data = _data()
+    data = toy_data()
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()  # the Trainer's epoch 0
     for start in range(0, len(order), 16):
         x, y = data[order[start:start + 16]]
@@ -212,11 +198,11 @@ def test_trainers_mgpo_is_a_plain_loops_mgpo_and_resumes_exactly(tmp_path) -> No
     for (name, mine), theirs in zip(model.named_parameters(), manual.parameters()):
         torch.testing.assert_close(mine, theirs, msg=name)
 
-    straight = Trainer(_adapted(init="random"), TrainConfig(max_steps=6, **settings), _data())
+    straight = Trainer(_adapted(init="random"), TrainConfig(max_steps=6, **settings), toy_data())
     straight.train()
-    Trainer(_adapted(init="random"), TrainConfig(max_steps=3, output_dir=str(tmp_path), **settings), _data()).train()
+    Trainer(_adapted(init="random"), TrainConfig(max_steps=3, output_dir=str(tmp_path), **settings), toy_data()).train()
     second = Trainer(_adapted(init="random"), TrainConfig(max_steps=6, output_dir=str(tmp_path), resume=True,
-                                                          **settings), _data())
+                                                          **settings), toy_data())
     second.train()
     for mine, theirs in zip(second.model.parameters(), straight.model.parameters()):
         torch.testing.assert_close(mine, theirs)
@@ -226,7 +212,7 @@ def test_trainers_mgpo_is_a_plain_loops_mgpo_and_resumes_exactly(tmp_path) -> No
 def test_a_step_with_a_closure_runs_the_pass_perturbed() -> None:
     model = _adapted(init="random")
     optimizer = MGPO(model, lr=1e-2)
-    x, y = _data(16)[:]
+    x, y = toy_data(16)[:]
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -259,7 +245,7 @@ def test_profiles_and_refusals_name_the_problem() -> None:
         MGPO(quantized, lr=1e-3)
 
     optimizer = MGPO(model, lr=1e-3)
-    nn.functional.cross_entropy(model(_data(8)[:][0]), _data(8)[:][1]).backward()
+    nn.functional.cross_entropy(model(toy_data(8)[:][0]), toy_data(8)[:][1]).backward()
     with pytest.raises(TrainingError, match=r"inside optimizer.perturbed\(\)"):
         optimizer.step()
     optimizer.perturb()
@@ -284,19 +270,13 @@ def test_other_trainable_methods_beside_the_pairs_get_plain_adamw() -> None:
 
 
 # --- transformers ---------------------------------------------------------------------------------------------
-class HFToy(Toy):
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        logits = super().forward(x)
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
 def _hf_trainer(tmp_path, mixin: bool):
     transformers = pytest.importorskip("transformers")
     from deltatune.integrations.transformers import MomentumPerturbedStep, update_rule_optimizers
 
     torch.manual_seed(0)
     model = dt.adapt(HFToy(), dt.LoRAConfig(rank=2, targets=["first"], extra_trainable=("second",), init="random"))
-    data = [{"x": x, "labels": y} for x, y in _data(32)]
+    data = [{"x": x, "labels": y} for x, y in toy_data(32)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
                                           learning_rate=2e-2, report_to=[], save_strategy="no", use_cpu=True,
                                           logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant")

@@ -7,30 +7,16 @@ import copy
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 import deltatune as dt
 from deltatune.errors import ConfigError
 from deltatune.optim import SAM, build_update_rule
 from deltatune.train import TrainConfig, Trainer
+from optim.toy_task import HFToy, Toy, toy_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.first = nn.Linear(6, 8)
-        self.second = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.second(torch.tanh(self.first(x)))
-
-
-def _data(size: int = 48) -> TensorDataset:
-    generator = torch.Generator().manual_seed(3)
-    x = torch.randn(size, 6, generator=generator)
-    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
 def _adapted(method: str) -> nn.Module:
@@ -51,13 +37,13 @@ RULES = [("adamw", {}), ("loraplus", {"ratio": 4.0}), ("lora_pro", {}), ("lora_p
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("rule, options", RULES)
 def test_every_rule_trains_lora_and_dora(method: str, rule: str, options: dict) -> None:
-    result = Trainer(_adapted(method), _config(update_rule=rule, update_rule_options=options), _data()).train()
+    result = Trainer(_adapted(method), _config(update_rule=rule, update_rule_options=options), toy_data()).train()
     losses = [record["loss"] for record in result.history if "loss" in record]
     assert losses[-1] < losses[0]
 
 
 def test_sam_works_on_any_method() -> None:
-    trainer = Trainer(_adapted("loha"), _config(update_rule="sam"), _data())
+    trainer = Trainer(_adapted("loha"), _config(update_rule="sam"), toy_data())
     assert isinstance(trainer.optimizer, SAM)
     losses = [r["loss"] for r in trainer.train().history if "loss" in r]
     assert losses[-1] < losses[0]
@@ -67,9 +53,9 @@ def test_trainers_sam_is_a_plain_loops_sam() -> None:
     """The Trainer's closure recomputes the same batch at w + ε̂: its run equals a hand-written SAM loop."""
     model = _adapted("lora")
     manual = copy.deepcopy(model)
-    Trainer(model, _config(update_rule="sam", update_rule_options={"rho": 0.1}, epochs=1), _data()).train()
+    Trainer(model, _config(update_rule="sam", update_rule_options={"rho": 0.1}, epochs=1), toy_data()).train()
     optimizer = build_update_rule("sam", manual, lr=2e-2, rho=0.1)
-    data = _data()
+    data = toy_data()
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()  # the Trainer's epoch 0
     for start in range(0, len(order), 16):
         x, y = data[order[start:start + 16]]
@@ -88,12 +74,12 @@ def test_trainers_sam_is_a_plain_loops_sam() -> None:
 
 @pytest.mark.parametrize("rule", ["lora_pro", "sam"])
 def test_resume_continues_exactly(rule: str, tmp_path) -> None:
-    straight = Trainer(_adapted("lora"), _config(update_rule=rule, max_steps=6), _data())
+    straight = Trainer(_adapted("lora"), _config(update_rule=rule, max_steps=6), toy_data())
     straight.train()
-    first = Trainer(_adapted("lora"), _config(update_rule=rule, max_steps=3, output_dir=str(tmp_path)), _data())
+    first = Trainer(_adapted("lora"), _config(update_rule=rule, max_steps=3, output_dir=str(tmp_path)), toy_data())
     first.train()
     second = Trainer(_adapted("lora"), _config(update_rule=rule, max_steps=6, output_dir=str(tmp_path), resume=True),
-                     _data())
+                     toy_data())
     second.train()
     for mine, theirs in zip(second.model.parameters(), straight.model.parameters()):
         torch.testing.assert_close(mine, theirs)
@@ -103,31 +89,25 @@ def test_refused_settings_name_the_problem() -> None:
     with pytest.raises(ConfigError, match="update_rule"):
         _config(update_rule="adafactor")
     with pytest.raises(ConfigError, match=r"no option\(s\) \['radius'\]"):
-        Trainer(_adapted("lora"), _config(update_rule="sam", update_rule_options={"radius": 0.1}), _data())
+        Trainer(_adapted("lora"), _config(update_rule="sam", update_rule_options={"radius": 0.1}), toy_data())
     with pytest.raises(ConfigError, match="rho"):
-        Trainer(_adapted("lora"), _config(update_rule="sam", update_rule_options={"rho": 0.0}), _data())
+        Trainer(_adapted("lora"), _config(update_rule="sam", update_rule_options={"rho": 0.0}), toy_data())
     with pytest.raises(ConfigError, match="ratio"):
-        Trainer(_adapted("lora"), _config(update_rule="loraplus", update_rule_options={"ratio": -1}), _data())
+        Trainer(_adapted("lora"), _config(update_rule="loraplus", update_rule_options={"ratio": -1}), toy_data())
     with pytest.raises(ConfigError, match=r"LoRA-Pro needs a model with trainable low-rank \(A, B\) pairs"):
-        Trainer(_adapted("loha"), _config(update_rule="lora_pro"), _data())
+        Trainer(_adapted("loha"), _config(update_rule="lora_pro"), toy_data())
     with pytest.raises(ConfigError, match="optimizer_factory"):
-        Trainer(_adapted("lora"), _config(update_rule="sam"), _data(), optimizer_factory=torch.optim.SGD)
+        Trainer(_adapted("lora"), _config(update_rule="sam"), toy_data(), optimizer_factory=torch.optim.SGD)
 
 
 # --- transformers -------------------------------------------------------------------------------------------
-class HFToy(Toy):
-    def forward(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        logits = super().forward(x)
-        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
 def _hf_run(tmp_path, rule: str, trainer_cls=None, **options):
     transformers = pytest.importorskip("transformers")
     from deltatune.integrations.transformers import update_rule_optimizers
 
     torch.manual_seed(0)
     model = dt.adapt(HFToy(), dt.LoRAConfig(rank=2, targets=["first"], extra_trainable=("second",)))
-    data = [{"x": x, "labels": y} for x, y in _data(32)]
+    data = [{"x": x, "labels": y} for x, y in toy_data(32)]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
                                           learning_rate=2e-2, report_to=[], save_strategy="no", use_cpu=True,
                                           logging_steps=1, disable_tqdm=True, lr_scheduler_type="constant")
