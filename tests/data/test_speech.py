@@ -146,3 +146,12 @@ def test_shipped_speech_ast_beats_its_floor_on_held_out_speakers():
     accuracy = evaluate_accuracy(model, load_task("speech-keywords").test)
     assert accuracy >= TEST_ACCURACY_FLOOR
     assert abs(accuracy - summary["test_accuracy"]) < 0.01
+
+
+def test_cli_trains_a_few_steps_on_a_speech_task(tmp_path, capsys):
+    from deltatune.cli import main as cli_main
+
+    code = cli_main(["train", "--task", "speech-keywords-novel", "--max-steps", "2", "--out", str(tmp_path / "run")])
+    assert code == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert (tmp_path / "run" / "adapter").is_dir()
