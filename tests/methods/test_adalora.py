@@ -14,13 +14,7 @@ from deltatune.allocate import describe_allocation
 from deltatune.errors import ConfigError
 from deltatune.methods.adalora import AdaLoRAConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

@@ -10,13 +10,7 @@ import deltatune as dt
 from deltatune.errors import ConfigError
 from deltatune.methods.colora import CoLoRAConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(config: CoLoRAConfig) -> nn.Module:

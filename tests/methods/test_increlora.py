@@ -9,13 +9,7 @@ import deltatune as dt
 from deltatune.errors import ConfigError
 from deltatune.methods.increlora import RESERVE_VALUE, IncreLoRAConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**fields) -> nn.Module:

@@ -11,13 +11,7 @@ from deltatune.allocate.growth import FrobeniusGrowthScore
 from deltatune.errors import ConfigError
 from deltatune.methods.triadaptlora import TriAdaptLoRAConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**fields) -> nn.Module:

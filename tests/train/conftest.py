@@ -1,12 +1,7 @@
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: with several intra-op threads on a shared 2-core machine, each op waits for
-    busy threads (30x slower). One thread keeps these tests fast; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_on_one_thread(one_thread):
+    """Every test in this folder runs under tests/conftest.py's `one_thread` (tiny models: extra threads only
+    wait for each other on a shared machine)."""
