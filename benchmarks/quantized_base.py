@@ -57,6 +57,7 @@ from additive_cost import loss_of, saved_for_backward_bytes  # noqa: E402
 from deltatune.bench import harness  # noqa: E402
 from deltatune.bench.harness import mean_std  # noqa: E402
 from deltatune.core.host import AdaptedLayer  # noqa: E402
+from sketchtune import answer_loss  # noqa: E402
 
 TASK, TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, BATCH, MAX_LENGTH = "wordnet-nouns", 1000, 500, None, 2, 32, 32
 BASES = ("fp32", "bf16", "int8", "nf4")
@@ -118,7 +119,8 @@ def lm_run(model, task, base: str, seed: int) -> dict:
     Trainer(model, settings, task.train, None, collate_fn=task.collate).train()
     weights = sum(m.in_features * m.out_features for p, m in model.named_modules()
                   if re.fullmatch(LM_BLOCKS, p.replace(".base_layer", "")) and not isinstance(m, AdaptedLayer))
-    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR, "test_loss": answer_loss(model, task),
+    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR,
+              "test_loss": answer_loss(model, task.test, task.collate),
               "base_weights": weights,
               "base_bytes": memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)}
     if memory is not None:
@@ -127,27 +129,12 @@ def lm_run(model, task, base: str, seed: int) -> dict:
         record["merge"] = {"relative_frobenius": report.relative_frobenius, "max_abs": report.max_abs,
                            "delta_relative_frobenius": report.delta_relative_frobenius,
                            "delta_kept": report.delta_kept}
-        record["merged_test_loss"] = answer_loss(model, task)
+        record["merged_test_loss"] = answer_loss(model, task.test, task.collate)
         report = dt.merge_quantized(from_original, original_weights=originals)
         record["merge_from_original"] = {"relative_frobenius": report.relative_frobenius,
                                          "delta_kept": report.delta_kept}
-        record["merged_from_original_test_loss"] = answer_loss(from_original, task)
+        record["merged_from_original_test_loss"] = answer_loss(from_original, task.test, task.collate)
     return record
-
-
-def answer_loss(model, task, batch_size: int = 64) -> float:
-    """Token-mean cross-entropy (nats) of the definition tokens of the test split (labels != -100)."""
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(task.test), batch_size):
-            batch = task.collate([task.test[i] for i in range(start, min(start + batch_size, len(task.test)))])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].double().transpose(1, 2), targets,
-                                                             ignore_index=-100, reduction="sum"))
-            count += int((targets != -100).sum())
-    return total / count
 
 
 def lm_part(jsonl: Path, stop_at: str | None) -> None:
