@@ -35,7 +35,7 @@ import torch
 from deltatune.bench import harness
 from deltatune.errors import BenchmarkError
 from deltatune.merging.algebra.lowrank import RankRule, choose_rank
-from merge_vs_mergekit import load_folder, run_measured
+from merge_vs_mergekit import load_folder, raw_runs, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 MERGEKIT_VENV = Path("venv-mergekit") / "bin" / "mergekit-extract-lora"
@@ -198,7 +198,7 @@ def render_markdown(raw: dict) -> str:
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
     lines += ["", "Raw runs (seconds / peak RSS MiB), in the order they ran within each repeat:", ""]
     for tool, results in runs.items():
-        lines.append(f"- {tool}: " + ", ".join(f"{r['seconds']:.2f} s / {r['peak_rss'] / mib:.0f}" for r in results))
+        lines.append(f"- {tool}: {raw_runs(results)}")
     lines.append(f"- max |B A (mergekit) − B A (deltatune)| over all layers: {raw['product_difference']:.3g}")
     return "\n".join(lines) + "\n"
 

@@ -214,6 +214,11 @@ def summary_rows(raw: dict) -> list[dict]:
     return rows
 
 
+
+def raw_runs(results: list[dict]) -> str:
+    """One tool's runs of a case as "12.34 s / 567, ..." (seconds / peak RSS MiB), in the order they ran."""
+    return ", ".join(f"{r['seconds']:.2f} s / {r['peak_rss'] / 2**20:.0f}" for r in results)
+
 def render_markdown(raw: dict) -> str:
     """The results table (median wall time, max peak RSS, ratios) and the tensor comparisons, from raw results."""
     mib = 2**20
@@ -232,8 +237,7 @@ def render_markdown(raw: dict) -> str:
     lines += ["", "Raw runs (seconds, peak RSS MiB), in the order they ran within each repeat:", ""]
     for case, runs in raw["runs"].items():
         for tool, results in runs.items():
-            values = ", ".join(f"{r['seconds']:.2f} s / {r['peak_rss'] / mib:.0f}" for r in results)
-            lines.append(f"- {case}, {tool}: {values}")
+            lines.append(f"- {case}, {tool}: {raw_runs(results)}")
     lines += ["", "Tensor comparisons (delta_relative_l2 = ‖Δ_mergekit − Δ_deltatune‖ / ‖Δ_mergekit‖ over all tensors, "
               "Δ = merged − base):", ""]
     for key, value in raw["comparison"].items():

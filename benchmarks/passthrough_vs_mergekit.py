@@ -75,8 +75,7 @@ def render_markdown(raw: dict) -> str:
     lines += ["", "Raw runs (seconds / peak RSS MiB), in the order they ran within each repeat:", ""]
     for case, runs in raw["runs"].items():
         for tool, results in runs.items():
-            values = ", ".join(f"{r['seconds']:.2f} s / {r['peak_rss'] / mib:.0f}" for r in results)
-            lines.append(f"- {case}, {tool}: {values}")
+            lines.append(f"- {case}, {tool}: {shared.raw_runs(results)}")
     lines += ["", "Comparisons:", ""] + [f"- {case}: {value}" for case, value in raw["comparison"].items()]
     return "\n".join(lines) + "\n"
 
