@@ -2,12 +2,16 @@
 (fixtures/mergekit/make_goldens.py, in mergekit's own venv) on the tiny seeded Llama checkpoints committed
 beside it; deltatune's streaming merge of the same YAML must give the same tensors bit for bit.
 
-DELLA draws random masks. mergekit draws them from torch's global generator seeded once by `--random-seed`, in
-the order its graph merges tensors; deltatune seeds one generator per (tensor, model) so that its masks do not
-depend on order (see deltatune.merging.methods.della). So for `della` / `della_linear` the test replays
-mergekit's stream — one generator seeded with mergekit's seed, consumed in the tensor order make_goldens.py
-recorded — through deltatune's DELLA and asserts bit-identity; deltatune's own seeded merge is checked for what
-holds whatever the draw (finite, the kept entries are consistent with mergekit's keep rule), not for equality.
+DELLA and DARE draw random masks. mergekit draws them from torch's global generator seeded once by
+`--random-seed`, in the order its graph merges tensors; deltatune seeds one generator per (tensor, model) so that
+its masks do not depend on order (see deltatune.merging.methods.della). So for `della` / `della_linear` /
+`dare_ties` / `dare_linear` the test replays mergekit's stream — one generator seeded with mergekit's seed,
+consumed in the tensor order make_goldens.py recorded — through deltatune's method and asserts bit-identity, which
+proves the rest of the arithmetic (rescale, sign election, normalisation) equal; deltatune's own seeded merge is
+checked for what holds whatever the draw (finite, the kept entries are consistent with mergekit's keep rule), not
+for equality. DARE's draw `torch.rand(n) < density` is the same stream and comparison as mergekit's
+`torch.bernoulli(full(density))` — except that mergekit's bfloat16 masks are drawn at bfloat16(density) (0.7
+becomes 0.69921875) where deltatune keeps the density given, so the DARE cases use densities exact in bfloat16.
 """
 from __future__ import annotations
 
@@ -27,10 +31,12 @@ from merging.tiny_checkpoints import load_folder
 FIXTURES = Path(__file__).parent / "fixtures" / "mergekit"
 CASES = sorted(path.stem for path in FIXTURES.glob("*.yml"))
 METHOD = {case: load_config(FIXTURES / f"{case}.yml").merge_method for case in CASES}
-RANDOM = {"della", "della_linear"}
+RANDOM = {"della", "della_linear", "dare_ties", "dare_linear"}
 # Where bit-identity is impossible by design, the stated tolerance and why:
-TOLERANCE = {"multislerp_bf16": "deltatune computes bfloat16 multislerp in float32 and rounds once (mergekit "
-                                "computes in bfloat16): at most one bfloat16 rounding step apart"}
+TOLERANCE = {case: f"deltatune computes {kind} multislerp in float32 and rounds once (mergekit computes in {kind}, "
+                    f"where eps = 1e-8 is lost): at most one {kind} rounding step apart"
+             for case, kind in (("multislerp_bf16", "bfloat16"), ("multislerp_fp16", "float16"))}
+MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11}  # with the implicit bit: one ulp at 2^e is 2^(e - bits)
 LAYERS = 2  # num_hidden_layers of the fixture checkpoints
 
 
@@ -41,7 +47,8 @@ def golden(case: str) -> dict[str, torch.Tensor]:
 def test_every_method_mergekit_also_has_is_covered():
     methods = set(METHOD.values())
     assert methods >= {"task_arithmetic", "ties", "slerp", "model_stock", "breadcrumbs", "breadcrumbs_ties",
-                       "della", "della_linear", "sce", "nuslerp", "multislerp"}
+                       "della", "della_linear", "sce", "nuslerp", "multislerp", "dare_ties", "dare_linear",
+                       "linear"}
     for case in CASES:
         assert (FIXTURES / "goldens" / f"{case}.safetensors").is_file(), case
 
@@ -54,7 +61,8 @@ def test_deltatune_gives_mergekits_tensors_bit_for_bit(case, tmp_path):
     if case in TOLERANCE:
         for name, value in expected.items():
             assert merged[name].dtype == value.dtype
-            step = 2.0 ** (torch.frexp(value.float().abs().max()).exponent.item() - 8)  # one bf16 ulp at the top
+            top = torch.frexp(value.float().abs().max()).exponent.item()
+            step = 2.0 ** (top - MANTISSA_BITS[value.dtype])  # one ulp of the dtype at the largest entry
             torch.testing.assert_close(merged[name].float(), value.float(), rtol=0, atol=step, msg=TOLERANCE[case])
         return
     differing = [name for name in expected if not torch.equal(merged[name], expected[name])]
@@ -66,7 +74,7 @@ def _seed(case: str) -> int:
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if METHOD[c] in RANDOM])
-def test_della_fed_mergekits_random_stream_gives_mergekits_tensors(case):
+def test_random_methods_fed_mergekits_random_stream_give_mergekits_tensors(case):
     config = load_config(FIXTURES / f"{case}.yml")
     resolver = ParameterResolver(config, LAYERS)
     dtype = config.dtype or torch.float32

@@ -67,6 +67,18 @@ def test_model_stock_keeps_the_base_where_the_ratio_is_undefined():
     assert torch.equal(model_stock_merge(base, opposite), base)  # cos −1, N = 2: 1 + cos = 0
 
 
+def test_model_stock_in_float16_falls_back_to_float32_where_a_float16_norm_product_overflows():
+    # offsets 200 and 100 over 16 entries: norms 800 and 400, their product and the dot product 320,000 > 65,504
+    # (∞ in float16), so mergekit's float16 cosine is ∞/∞ = NaN; the float32 cosine is 1, t = 1: the average
+    base = torch.zeros(16, dtype=torch.float16)
+    aligned = [torch.full((16,), 200.0, dtype=torch.float16), torch.full((16,), 100.0, dtype=torch.float16)]
+    merged = model_stock_merge(base, aligned)
+    assert merged.dtype == torch.float16
+    assert torch.equal(merged, torch.full((16,), 150.0, dtype=torch.float16))
+    small = [t / 100 for t in aligned]  # no overflow: computed in float16 itself, as mergekit (same answer here)
+    assert torch.equal(model_stock_merge(base, small), torch.full((16,), 1.5, dtype=torch.float16))
+
+
 def test_model_stock_rejects_a_single_fine_tune():
     state = {"w": torch.ones(3)}
     with pytest.raises(DeltatuneError, match="at least two fine-tuned models"):

@@ -189,9 +189,17 @@ def random_sparsifier(densities: Sequence[float], generator: Callable[[int], tor
         if densities[index] >= 1.0:  # nothing to drop; DAREx's δ/q still applies (m = 1 in m ⊙ δ / q)
             return delta.div_(divisor) if rescale == "divisor" and divisor != 1 else delta
         mask = ops.random_keep_mask(delta.shape, densities[index], generator(index), delta.device)
-        return mask_and_rescale(delta, mask, rescale, densities[index], divisor)
+        work = random_work_dtype(delta.dtype)
+        values = delta if work == delta.dtype else delta.to(work)
+        return mask_and_rescale(values, mask, rescale, densities[index], divisor).to(delta.dtype)
 
     return sparsify
+
+
+def random_work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a random drop is masked and rescaled in: mergekit 0.1.5's `sparsify.bernoulli` upcasts float16
+    to float32 on the CPU (and rounds the result once) and keeps bfloat16; float32 and float64 stay."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 RESCALE_RULES = ("none", "l1", "inverse_density", "divisor")
@@ -205,12 +213,22 @@ def mask_and_rescale(delta: Tensor, mask: Tensor, rescale: str, density: float,
     original_l1 = ops.l1_norm(delta) if rescale == "l1" else None
     masked = delta.mul_(mask)
     if rescale == "l1":
-        kept_l1 = ops.l1_norm(masked)
-        if original_l1 < 1e-7 or kept_l1 < 1e-7:  # mergekit's guard: leave near-empty tensors alone
+        before, after = _norms_in_dtype(original_l1, ops.l1_norm(masked), masked.dtype)
+        if before < 1e-7 or after < 1e-7:  # mergekit's guard: leave near-empty tensors alone
             return masked
-        return masked.mul_((original_l1 / kept_l1).to(masked.dtype))
+        return masked.mul_((before / after).to(masked.dtype))
     if rescale == "inverse_density" and density > 0:
         return masked.div_(density)
     if rescale == "divisor":
         return masked.div_(divisor)
     return masked
+
+
+def _norms_in_dtype(before: Tensor, after: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The two L1 norms (summed in float32 for half types) as mergekit divides them: rounded to the tensor's
+    dtype first (bit parity in bfloat16 and float16). A float16 norm above 65,504 is ∞ there, and ∞ / ∞ = NaN
+    would wipe the tensor, so then the float32 norms are divided instead (ours: mergekit returns NaN)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return before, after
+    rounded = before.to(dtype), after.to(dtype)
+    return rounded if all(bool(torch.isfinite(norm)) for norm in rounded) else (before, after)

@@ -7,8 +7,10 @@ is the paper's t = N cos θ / (1 + (N − 1) cos θ), and θ = t · mean_i θ_i 
 `filter_wise: true` takes one angle (and one t) per output row instead of one per tensor (1-D tensors count as
 a single row), as mergekit's option of that name. The paper's two-model case is N = 2. Where the ratio is
 undefined (|1 + (N − 1) cos θ| < 1e-6) the base is kept, as mergekit 0.1.5 does. Arithmetic: the working
-dtype, mergekit's operations in its order (bit-identical with mergekit in float32 and bfloat16, checked against
-real mergekit-yaml output in test_mergekit_parity.py); float16 is computed in float32.
+dtype, mergekit's operations in its order (bit-identical with mergekit in float32, bfloat16 and float16, checked
+against real mergekit-yaml output in test_mergekit_parity.py). float16 is computed in float16 like mergekit as
+long as every norm product and dot product is finite; where one overflows (above 65,504, e.g. the offsets of a
+large embedding) mergekit's cosine is 0 or NaN, and here that tensor is recomputed in float32 instead.
 """
 from __future__ import annotations
 
@@ -49,14 +51,17 @@ def _rows(tensor: Tensor, filter_wise: bool) -> Tensor:
     return tensor.unsqueeze(0) if tensor.dim() == 1 else tensor
 
 
-def mean_pairwise_cosine(offsets: list[Tensor]) -> Tensor:
-    """Mean over pairs i < j of cos(δ_i, δ_j) along the last dimension (mergekit's clamps)."""
-    cosines = []
+def mean_pairwise_cosine(offsets: list[Tensor]) -> tuple[Tensor, bool]:
+    """Mean over pairs i < j of cos(δ_i, δ_j) along the last dimension (mergekit's clamps), and whether every
+    norm product and dot product was finite (False: the working dtype overflowed, the cosine is wrong)."""
+    cosines, finite = [], True
     for i, first in enumerate(offsets):
         for second in offsets[i + 1:]:
             norms = torch.linalg.vector_norm(first, dim=-1) * torch.linalg.vector_norm(second, dim=-1)
-            cosines.append(((first * second).sum(dim=-1) / norms.clamp(min=NORM_PRODUCT_FLOOR)).clamp(-1, 1))
-    return torch.stack(cosines).mean(dim=0)
+            dots = (first * second).sum(dim=-1)
+            finite = finite and bool(torch.isfinite(norms).all()) and bool(torch.isfinite(dots).all())
+            cosines.append((dots / norms.clamp(min=NORM_PRODUCT_FLOOR)).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0), finite
 
 
 def model_stock_ratio(cos_theta: Tensor, count: int) -> Tensor:
@@ -72,11 +77,21 @@ def model_stock_ratio(cos_theta: Tensor, count: int) -> Tensor:
 
 def model_stock_merge(base: Tensor, tensors: list[Tensor], filter_wise: bool = False) -> Tensor:
     """θ = t · mean θ_i + (1 − t) θ_0 with the angle-derived t, computed in the working dtype as mergekit
-    (float16 in float32: its norms overflow above 65,504)."""
-    wide = torch.float32 if base.dtype == torch.float16 else base.dtype
-    anchor = _rows(base.to(wide), filter_wise)
-    tuned = [_rows(t.to(wide), filter_wise) for t in tensors]
-    ratio = model_stock_ratio(mean_pairwise_cosine([t - anchor for t in tuned]), len(tuned)).unsqueeze(-1)
+    (float16 in float32 only where a float16 norm or dot product overflows, see the module docstring)."""
+    merged = _merge_in(base.dtype, base, tensors, filter_wise)
+    if merged is None:
+        merged = _merge_in(torch.float32, base, tensors, filter_wise)
+    return merged
+
+
+def _merge_in(dtype: torch.dtype, base: Tensor, tensors: list[Tensor], filter_wise: bool) -> Tensor | None:
+    """The merge computed in `dtype`, rounded to the base's dtype; None when a float16 product overflowed."""
+    anchor = _rows(base.to(dtype), filter_wise)
+    tuned = [_rows(t.to(dtype), filter_wise) for t in tensors]
+    cos_theta, finite = mean_pairwise_cosine([t - anchor for t in tuned])
+    if not finite and dtype == torch.float16:
+        return None
+    ratio = model_stock_ratio(cos_theta, len(tuned)).unsqueeze(-1)
     average = sum(tuned) / len(tuned)
     return (ratio * average + (1 - ratio) * anchor).reshape(base.shape).to(base.dtype)
 
