@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from deltatune.errors import config_check
+from deltatune.merging.algebra import ops
 from deltatune.merging.params import check_field_types
 from deltatune.merging.registry import MergeInputs, register_merge
 
@@ -90,10 +91,10 @@ def sce_merge(base: Tensor, tensors: list[Tensor], select_topk: float = 1.0, rel
         tensors.clear()
     if select_topk < 1:
         task_vectors = task_vectors * selection_mask(task_vectors, select_topk).unsqueeze(0)
-    sign = task_vectors.sign()
-    majority = (task_vectors.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
-    agree = (sign == majority).to(base.dtype)
-    del sign, majority
+    # step 3, TIES' election on the unweighted selected τ: s = sign⁺(Σ_i τ_i), m_i = [sign τ_i = s]
+    majority = ops.elect_sign(list(task_vectors), "sum", zero="positive")
+    agree = ops.agreement_mask(task_vectors, majority).to(base.dtype)
+    del majority
     weights = model_weights(task_vectors).reshape(-1, *([1] * base.dim()))
     erased = weights * agree
     merged = (task_vectors * erased).sum(dim=0)
