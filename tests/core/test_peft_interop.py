@@ -81,10 +81,11 @@ def test_embedding_lora_exports_and_imports(backbone, tmp_path):
 
 def test_unsupported_peft_options_are_refused(backbone, tmp_path):
     model, _ = backbone
-    config = peft.LoraConfig(r=4, target_modules=["query"], rank_pattern={"query": 2})
-    peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / "pattern")
-    with pytest.raises(dt.DeltatuneError, match="rank_pattern"):
-        dt.load_adapter(copy.deepcopy(model), tmp_path / "pattern")
+    # (rank_pattern / alpha_pattern are honoured since issue 16: tests/core/test_lora_rank_pattern.py)
+    config = peft.LoraConfig(r=4, target_modules=["query"], bias="lora_only")
+    peft.get_peft_model(copy.deepcopy(model), config).save_pretrained(tmp_path / "bias")
+    with pytest.raises(dt.DeltatuneError, match="bias='lora_only'"):
+        dt.load_adapter(copy.deepcopy(model), tmp_path / "bias")
 
 
 def test_peft_dora_folder_loads_and_exports_with_peft_outputs(backbone, tmp_path):

@@ -173,7 +173,9 @@ def test_peft_and_deltatune_load_the_same_outputs(llama, tmp_path):
     assert (peft_out - finetuned).abs().max() < 0.1 * (base - finetuned).abs().max()
 
 
-def test_pattern_layout_loads_in_peft_with_per_layer_ranks(llama, tmp_path):
+def test_pattern_layout_loads_in_peft_and_deltatune_with_per_layer_ranks(llama, tmp_path):
+    import deltatune
+
     root, _, _ = llama
     padded = extract_lora(root / "base", root / "ft", tmp_path / "padded", sv_ratio=30.0)
     pattern = extract_lora(root / "base", root / "ft", tmp_path / "pattern", sv_ratio=30.0, layout="pattern")
@@ -187,6 +189,12 @@ def test_pattern_layout_loads_in_peft_with_per_layer_ranks(llama, tmp_path):
     ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))
     other = peft.PeftModel.from_pretrained(_base_model(root), tmp_path / "padded")
     torch.testing.assert_close(_logits(model, ids), _logits(other, ids), atol=1e-5, rtol=1e-5)
+    # deltatune's LoRA reads rank_pattern / alpha_pattern: each layer at its own rank, scale 1, peft's outputs
+    ours = deltatune.load_adapter(_base_model(root), tmp_path / "pattern")
+    for name, rank in ranks.items():
+        delta = ours.get_submodule(name).deltas["default"]
+        assert delta.lora_A.shape[0] == rank and float(delta.scale) == 1.0
+    torch.testing.assert_close(_logits(ours, ids), _logits(model, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_targets_and_embedding_lora(llama, tmp_path):

@@ -45,7 +45,7 @@ EXTRACT_EPILOG = """examples:
 Embeddings and the output head are saved whole (modules_to_save) unless --embed-lora; norms and other
 non-Linear modules are saved whole unless --skip-undecomposable (mergekit's defaults and flags).
 --layout padded (default) stores one rank for all layers (peft and deltatune load it); --layout pattern stores
-each layer at its own rank with peft's rank_pattern (smaller; peft and mergekit-style loaders only).
+each layer at its own rank with peft's rank_pattern (smaller; peft and deltatune load it too).
 """
 PRUNE_METHODS = {"dare": "dare_linear", "darex": "darex", "magnitude": "magnitude_prune"}
 UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}
@@ -206,7 +206,8 @@ def _add_rank_options(parser: argparse.ArgumentParser, compute_default: str) -> 
     rule.add_argument("--sv-ratio", type=float, help="per layer, keep sigma_i >= sigma_1 / SV_RATIO (kohya's rule)")
     parser.add_argument("--max-rank", type=int, default=None, help="cap of the adaptive rules' rank")
     parser.add_argument("--layout", choices=("padded", "pattern"), default="padded",
-                        help="padded: one rank, zero-padded (peft + deltatune); pattern: peft rank_pattern")
+                        help="padded: one rank, zero-padded; pattern: per-layer ranks, peft's rank_pattern (both load "
+                             "in peft and deltatune)")
     parser.add_argument("--compute-dtype", choices=("float32", "float64"), default=compute_default,
                         help=f"dtype of the SVD (default {compute_default})")
     parser.add_argument("--overwrite", action="store_true",

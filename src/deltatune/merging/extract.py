@@ -237,8 +237,8 @@ def extract_lora(base: str | Path, finetuned: str | Path, out_dir: str | Path, *
             None = every Linear, as mergekit. Untargeted Linear layers are left out.
         embeddings: "save" (whole, mergekit's default) or "lora" (mergekit's --embed-lora).
         others: "save" (norms etc. whole, mergekit's default) or "skip" (mergekit's --skip-undecomposable).
-        layout: "padded" (one rank for all layers, zero-padded: loads in peft and in deltatune) or "pattern"
-            (each layer at its own rank with peft's rank_pattern, as mergekit; loads in peft only).
+        layout: "padded" (one rank for all layers, zero-padded) or "pattern" (each layer at its own rank with
+            peft's rank_pattern / alpha_pattern, as mergekit; smaller); both load in peft and in deltatune.
         split: "sqrt" (√σ on A and B, mergekit's default) or "left" (σ on A).
         compute_dtype: "float32" (mergekit's) or "float64" for the SVD; out_dtype: the stored dtype (default:
             the fine-tune's).

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,6 +43,7 @@ from deltatune.merging.io.lora_folder import (
     write_json,
 )
 from deltatune.merging.io.validate import check_output_location
+from deltatune.methods.lora import pattern_value
 
 TOOL = "deltatune resize-lora"
 PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
@@ -71,17 +71,10 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
-    """peft's rank_pattern / alpha_pattern lookup: a key matches the module path or a dotted suffix of it."""
-    for key, value in (pattern or {}).items():
-        if path == key or re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
 def _scale(config: dict[str, Any], path: str) -> float:
-    rank = _pattern_value(config.get("rank_pattern"), path, config.get("r", 8))
-    alpha = _pattern_value(config.get("alpha_pattern"), path, config.get("lora_alpha", 8))
+    """One layer's s = lora_alpha / r (or / √r) by peft's rank_pattern / alpha_pattern rule (`pattern_value`)."""
+    rank = pattern_value(config.get("rank_pattern") or {}, path, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 

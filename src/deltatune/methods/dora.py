@@ -71,6 +71,7 @@ class DoRADelta(Delta):
     layer_kinds = ALL_KINDS
 
     def __init__(self, config: DoRAConfig, layer: LayerInfo, module_name: str = "") -> None:
+        config = config.at_module(module_name)  # this module's rank and alpha (LoRA's rank_pattern / alpha_pattern)
         super().__init__(config, layer, module_name)
         _check_layer(config, layer, module_name)
         self.lora_A, self.lora_B = lowrank_factors(layer, config.rank)

@@ -14,15 +14,20 @@ peft calls ``lora_B.bias`` with ``lora_bias=True`` (`combine_adapters` uses it t
 peft has none for embeddings, so such an adapter saves in deltatune format only).
 
 Defaults follow peft (rank 8, alpha 8, dropout 0); the paper tunes alpha once and fixes it.
+Per-layer rank and alpha: `rank_pattern` / `alpha_pattern` (peft's fields of those names, with peft's matching
+rule, `pattern_value`) override `rank` / `alpha` for the modules they match; each delta is built from
+`LoRAConfig.at_module(path)`, the config with that module's rank and alpha. They are saved in both formats and
+read from peft folders (what `deltatune extract-lora --layout pattern` writes).
 Deviation: grouped convolutions are not supported (clear error).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,13 @@ class LoRAConfig(DeltaConfig):
         init: "kaiming" (A Kaiming-uniform, B = 0; the paper/peft default), "gaussian" (A ~ N(0, 1/r), B = 0),
             or "random" (B random too: output changes at step 0; for tests and experiments).
         bias: also learn a bias on the update's output (``lora_bias``, starts at 0; peft's ``lora_bias``).
+        rank_pattern: module pattern -> rank, overriding `rank` where it matches (peft's ``rank_pattern``): a key
+            matches a module whose dotted path it matches as a whole dotted suffix, read as a regular expression
+            (``"q_proj"``, ``"layers.0.mlp.up_proj"``, ``"layers\\.[0-3]\\..*_proj"``); the first matching key wins
+            (`pattern_value`), in sorted key order: the order of every adapter_config.json, which peft writes
+            with sorted keys (peft's in-memory model uses the order given, so overlapping keys given unsorted
+            can change ranks across a peft save; keep keys that match one module to one key, or sort them).
+        alpha_pattern: module pattern -> alpha, overriding `alpha` the same way (peft's ``alpha_pattern``).
     """
     budget_field: ClassVar[str | None] = "rank"
 
@@ -60,6 +72,8 @@ class LoRAConfig(DeltaConfig):
     rslora: bool = False
     init: str = "kaiming"
     bias: bool = False
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     peft_type: ClassVar[str] = "LORA"
 
     def __post_init__(self) -> None:
@@ -69,10 +83,27 @@ class LoRAConfig(DeltaConfig):
         config_check(0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
         config_check(self.init in INITS, "init", self.init, f"one of {INITS}")
         config_check(isinstance(self.bias, bool), "bias", self.bias, "True or False")
+        _check_pattern(self.rank_pattern, "rank_pattern", "ranks", lambda rank: isinstance(rank, int) and rank > 0)
+        _check_pattern(self.alpha_pattern, "alpha_pattern", "alphas", lambda alpha: alpha > 0)
+        # Own copies in sorted key order: peft's first match depends on the order, and every adapter_config.json
+        # (peft's and ours) is written with sorted keys, so sorting here makes an adapter match the same before
+        # and after a save (and as peft matches any folder it loads).
+        object.__setattr__(self, "rank_pattern", dict(sorted(self.rank_pattern.items())))
+        object.__setattr__(self, "alpha_pattern", dict(sorted(self.alpha_pattern.items())))
 
     @property
     def scale(self) -> float:
+        """alpha / r (or / √r): the scale of a module without a pattern; `at_module(path).scale` is one module's."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def at_module(self, module_name: str) -> LoRAConfig:
+        """The config of the delta on module `module_name`: its rank and alpha from the patterns (peft's rule,
+        `pattern_value`), and no patterns. Without patterns, this config itself."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        return dataclasses.replace(self, rank=pattern_value(self.rank_pattern, module_name, self.rank),
+                                   alpha=pattern_value(self.alpha_pattern, module_name, self.alpha),
+                                   rank_pattern={}, alpha_pattern={})
 
     # --- peft interop (used by core.peft_format) ------------------------------------------------------------
     def to_peft_config(self, target_paths: list[str], extra_paths: list[str]) -> dict[str, Any]:
@@ -80,7 +111,8 @@ class LoRAConfig(DeltaConfig):
             "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
             "use_rslora": self.rslora, "target_modules": sorted(target_paths),
             "modules_to_save": sorted(extra_paths) or None, "bias": "none", "fan_in_fan_out": False,
-            "init_lora_weights": True, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+            "init_lora_weights": True, "use_dora": False, "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
             "layers_to_transform": None, "layers_pattern": None, "task_type": None, "inference_mode": True,
             "base_model_name_or_path": None, "revision": None, "lora_bias": self.bias, "exclude_modules": None,
         }
@@ -103,8 +135,34 @@ class LoRAConfig(DeltaConfig):
         return variant(
             rank=peft.get("r", 8), alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
             rslora=peft.get("use_rslora", False), bias=peft.get("lora_bias") or False, targets=tuple(targets),
-            extra_trainable=tuple(saved),
+            extra_trainable=tuple(saved), rank_pattern=peft.get("rank_pattern") or {},
+            alpha_pattern=peft.get("alpha_pattern") or {},
         )
+
+
+V = TypeVar("V")
+
+
+def pattern_value(patterns: Mapping[str, V], module_name: str, default: V) -> V:
+    """peft's rank_pattern / alpha_pattern lookup (`peft.utils.other.get_pattern_key`): the value of the first
+    key, in the mapping's order, that matches the module's dotted path as a whole suffix after a dot, read as a
+    regular expression (``re.match(rf"(.*\\.)?({key})$", module_name)``); else the value stored under the path
+    itself; else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return patterns.get(module_name, default)
+
+
+def _check_pattern(patterns: Mapping[str, Any], field: str, what: str, valid: Any) -> None:
+    for key, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as error:
+            raise ConfigError(f"{field} key {key!r} is not a valid regular expression: {error}; escape it or fix "
+                              "the pattern") from None
+        config_check(valid(value), field, dict(patterns), f"a mapping of module patterns to {what} > 0 "
+                     f"(the value of {key!r} is {value!r})")
 
 
 # peft's key suffixes of a LoRA layer's tensors (linear and convolution; embedding)
@@ -129,6 +187,9 @@ class LoRADelta(Delta):
     swap_capacity: int | None = None  # the max rank once prepared for hot-swapping
 
     def __init__(self, config: LoRAConfig, layer: LayerInfo, module_name: str = "") -> None:
+        # hot-swapping pads every layer to one rank with one adapter-wide config, which per-layer alphas break
+        self.per_layer = bool(config.rank_pattern or config.alpha_pattern)
+        config = config.at_module(module_name)  # this module's rank and alpha (rank_pattern / alpha_pattern)
         super().__init__(config, layer, module_name)
         _check_layer(config, layer, module_name)
         self.lora_A, self.lora_B = lowrank_factors(layer, config.rank)
@@ -223,6 +284,10 @@ class LoRADelta(Delta):
         """Zero-pad A to (max_rank, ...) rows and B to max_rank columns: the extra rank components add exact
         zeros. The config becomes the equivalent one at rank max_rank (alpha rescaled to keep the scale), so a
         save of the padded adapter is a valid LoRA with the same outputs."""
+        if self.per_layer:
+            raise HotSwapError(f"the LoRA on {self.module_name or 'this layer'} has a per-layer rank or alpha "
+                               "(rank_pattern / alpha_pattern), which hot-swapping does not support; load the "
+                               "adapters with deltatune.load_adapter under separate names instead")
         rank, limit = self.lora_A.shape[0], min(self.layer.fan_in, self.layer.out_features)
         allowed = f"{rank} <= max_rank < {limit}" if "rank" in self.hot_swappable_fields else f"{rank} (fixed)"
         config_check(isinstance(max_rank, int) and (max_rank == rank or "rank" in self.hot_swappable_fields)
@@ -241,6 +306,9 @@ class LoRADelta(Delta):
         if self.swap_capacity is None:
             raise HotSwapError(f"the LoRA on {where} is not prepared for hot-swapping; call "
                                "deltatune.prepare_hotswap(model, name, max_rank=...) first (before torch.compile)")
+        if config.rank_pattern or config.alpha_pattern:
+            raise HotSwapError("the new adapter has a per-layer rank or alpha (rank_pattern / alpha_pattern), "
+                               "which hot-swapping does not support; load it with deltatune.load_adapter instead")
         rank = config.rank
         if rank > self.swap_capacity:
             raise HotSwapError(f"the new adapter's rank {rank} on {where} is above the prepared max_rank "

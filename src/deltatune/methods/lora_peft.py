@@ -37,11 +37,13 @@ HONOURED = {
                          "residual is rebuilt from the base as peft rebuilds it; the others are refused "
                          "(see REWRITES_BASE)",
     "eva_config": "EVA's settings act at initialization only; its rank redistribution is written to "
-                  "rank_pattern and its scale adjustment to alpha_pattern, both refused unless empty",
+                  "rank_pattern and its scale adjustment to alpha_pattern, both honoured",
+    "rank_pattern": "rank_pattern, matched by peft's rule (`methods.lora.pattern_value`)",
+    "alpha_pattern": "alpha_pattern, matched by peft's rule (`methods.lora.pattern_value`)",
 }
 
 REFUSED_UNLESS: dict[str, Any] = {
-    "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
+    "bias": "none",
     "target_parameters": None, "trainable_token_indices": None, "megatron_config": None, "loftq_config": {},
     "corda_config": None, "lora_ga_config": None, "velora_config": None, "alora_invocation_tokens": None,
     "use_qalora": False, "monteclora_config": None, "layer_replication": None, "use_bdlora": None,
@@ -66,6 +68,7 @@ IRRELEVANT = {
 TYPES: dict[str, Any] = {
     "r": int, "lora_alpha": float, "use_dora": bool, "lora_dropout": float, "use_rslora": bool, "lora_bias": bool,
     "modules_to_save": list[str] | None, "init_lora_weights": bool | str, "eva_config": dict | None,
+    "rank_pattern": dict[str, int] | None, "alpha_pattern": dict[str, float] | None,
 }
 
 # peft's TaskType values: an irrelevant field, but another value means the file is not peft's (peft refuses it)

@@ -163,10 +163,12 @@ def to_plain_lora(model: nn.Module, name: str = "default") -> nn.Module:
     config = _config_of(model, name)
     config_check(isinstance(config, PiSSAConfig), "adapter", name, "a PiSSA or OLoRA adapter")
     factors = {path: delta.plain_lora_factors() for path, _, delta in dt.iter_deltas(model, name)}
-    alpha = config.alpha * (2 ** 0.5 if config.rslora else 2)
+    factor = 2 ** 0.5 if config.rslora else 2  # rank 2r at alpha·factor keeps every scale alpha/r (or /√r)
     exact_paths = "|".join(re.escape(path) for path in factors)  # a name list would also match longer paths
-    plain = LoRAConfig(rank=2 * config.rank, alpha=alpha, dropout=config.dropout, rslora=config.rslora,
-                       targets=exact_paths, extra_trainable=config.extra_trainable)
+    plain = LoRAConfig(rank=2 * config.rank, alpha=config.alpha * factor, dropout=config.dropout,
+                       rslora=config.rslora, targets=exact_paths, extra_trainable=config.extra_trainable,
+                       rank_pattern={key: 2 * rank for key, rank in config.rank_pattern.items()},
+                       alpha_pattern={key: alpha * factor for key, alpha in config.alpha_pattern.items()})
     active = dt.active_adapters(model)
     dt.delete_adapter(model, name)
     dt.adapt(model, plain, name)

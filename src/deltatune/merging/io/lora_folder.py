@@ -118,7 +118,8 @@ def peft_lora_config(ranks: dict[str, int], layout: str, modules_to_save: list[s
 
     `ranks` maps module paths to their rank. "padded": every layer is stored at the largest rank (zero-padded),
     one r for all; "pattern": each layer at its own rank through peft's rank_pattern / alpha_pattern (what
-    mergekit-extract-lora writes; smaller, but deltatune's LoRA loader has one rank per adapter and refuses it).
+    mergekit-extract-lora writes; smaller). Both load in peft and in deltatune (LoRAConfig's patterns, peft's
+    matching rule); the pattern keys are the full module paths.
     """
     top = max(ranks.values())
     pattern = {path: rank for path, rank in sorted(ranks.items()) if rank != top} if layout == "pattern" else {}
