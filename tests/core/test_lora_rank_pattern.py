@@ -198,3 +198,20 @@ def test_hot_swapping_a_patterned_adapter_is_refused(backbone):
     adapted = dt.adapt(copy.deepcopy(model), dt.LoRAConfig(targets=["query"], rank_pattern={"query": 2}))
     with pytest.raises(HotSwapError, match="rank_pattern"):
         dt.prepare_hotswap(adapted, max_rank=4)
+
+
+def test_a_peft_dora_folder_with_patterns_loads_with_equal_outputs(backbone, tmp_path):
+    model, batch = backbone
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], use_dora=True,
+                             rank_pattern={"value": 2}, alpha_pattern={"layer.3.attention.self.query": 3.0},
+                             init_lora_weights=False)
+    peft_model = peft.get_peft_model(copy.deepcopy(model), config)
+    expected = _hidden(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "dora")
+    ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "dora")
+    assert type(_config(ours)).__name__ == "DoRAConfig"
+    for path, _, delta in dt.iter_deltas(ours):
+        rank = 2 if path.endswith("value") else 4
+        alpha = 3.0 if path == "encoder.layer.3.attention.self.query" else 8.0
+        assert delta.lora_A.shape[0] == rank and float(delta.scale) == alpha / rank, path
+    assert _relative(_hidden(ours, batch), expected) <= 1e-5
