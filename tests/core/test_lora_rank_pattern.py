@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune.errors import ConfigError, HotSwapError
-from deltatune.methods.lora import pattern_value
+from deltatune.methods.lora_peft import pattern_value
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

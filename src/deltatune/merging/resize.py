@@ -43,7 +43,7 @@ from deltatune.merging.io.lora_folder import (
     write_json,
 )
 from deltatune.merging.io.validate import check_output_location
-from deltatune.methods.lora import pattern_value
+from deltatune.methods.lora_peft import pattern_value
 
 TOOL = "deltatune resize-lora"
 PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))

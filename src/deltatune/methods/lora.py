@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +38,7 @@ from deltatune.core.layers import ALL_KINDS, CONV, CONV1D_HF, EMBEDDING, LINEAR,
 from deltatune.core.registry import register_method
 from deltatune.errors import ConfigError, HotSwapError, UnsupportedLayerError, config_check
 from deltatune.functional.lowrank import lowrank_delta_weight, lowrank_linear
-from deltatune.methods.lora_peft import check_peft_lora_config, peft_variant_method
+from deltatune.methods.lora_peft import check_pattern, check_peft_lora_config, pattern_value, peft_variant_method
 
 INITS = ("kaiming", "gaussian", "random")
 
@@ -83,8 +82,8 @@ class LoRAConfig(DeltaConfig):
         config_check(0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)")
         config_check(self.init in INITS, "init", self.init, f"one of {INITS}")
         config_check(isinstance(self.bias, bool), "bias", self.bias, "True or False")
-        _check_pattern(self.rank_pattern, "rank_pattern", "ranks", lambda rank: isinstance(rank, int) and rank > 0)
-        _check_pattern(self.alpha_pattern, "alpha_pattern", "alphas", lambda alpha: alpha > 0)
+        check_pattern(self.rank_pattern, "rank_pattern", "ranks", lambda rank: isinstance(rank, int) and rank > 0)
+        check_pattern(self.alpha_pattern, "alpha_pattern", "alphas", lambda alpha: alpha > 0)
         # Own copies in sorted key order: peft's first match depends on the order, and every adapter_config.json
         # (peft's and ours) is written with sorted keys, so sorting here makes an adapter match the same before
         # and after a save (and as peft matches any folder it loads).
@@ -140,31 +139,6 @@ class LoRAConfig(DeltaConfig):
         )
 
 
-V = TypeVar("V")
-
-
-def pattern_value(patterns: Mapping[str, V], module_name: str, default: V) -> V:
-    """peft's rank_pattern / alpha_pattern lookup (`peft.utils.other.get_pattern_key`): the value of the first
-    key, in the mapping's order, that matches the module's dotted path as a whole suffix after a dot, read as a
-    regular expression (``re.match(rf"(.*\\.)?({key})$", module_name)``); else the value stored under the path
-    itself; else `default`."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return patterns.get(module_name, default)
-
-
-def _check_pattern(patterns: Mapping[str, Any], field: str, what: str, valid: Any) -> None:
-    for key, value in patterns.items():
-        try:
-            re.compile(rf"(.*\.)?({key})$")
-        except re.error as error:
-            raise ConfigError(f"{field} key {key!r} is not a valid regular expression: {error}; escape it or fix "
-                              "the pattern") from None
-        config_check(valid(value), field, dict(patterns), f"a mapping of module patterns to {what} > 0 "
-                     f"(the value of {key!r} is {value!r})")
-
-
 # peft's key suffixes of a LoRA layer's tensors (linear and convolution; embedding)
 PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias", ".lora_embedding_A", ".lora_embedding_B",
                  ".lora_magnitude_vector")
@@ -187,10 +161,11 @@ class LoRADelta(Delta):
     swap_capacity: int | None = None  # the max rank once prepared for hot-swapping
 
     def __init__(self, config: LoRAConfig, layer: LayerInfo, module_name: str = "") -> None:
-        # hot-swapping pads every layer to one rank with one adapter-wide config, which per-layer alphas break
-        self.per_layer = bool(config.rank_pattern or config.alpha_pattern)
+        patterned = bool(config.rank_pattern or config.alpha_pattern)
         config = config.at_module(module_name)  # this module's rank and alpha (rank_pattern / alpha_pattern)
         super().__init__(config, layer, module_name)
+        # hot-swapping pads every layer to one rank under one adapter-wide config, which per-layer alphas break
+        self.patterned = patterned
         _check_layer(config, layer, module_name)
         self.lora_A, self.lora_B = lowrank_factors(layer, config.rank)
         # float64 so that float64 models keep the exact scale; `adapt` casts it with the other tensors
@@ -284,7 +259,7 @@ class LoRADelta(Delta):
         """Zero-pad A to (max_rank, ...) rows and B to max_rank columns: the extra rank components add exact
         zeros. The config becomes the equivalent one at rank max_rank (alpha rescaled to keep the scale), so a
         save of the padded adapter is a valid LoRA with the same outputs."""
-        if self.per_layer:
+        if self.patterned:
             raise HotSwapError(f"the LoRA on {self.module_name or 'this layer'} has a per-layer rank or alpha "
                                "(rank_pattern / alpha_pattern), which hot-swapping does not support; load the "
                                "adapters with deltatune.load_adapter under separate names instead")

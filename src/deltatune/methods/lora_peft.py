@@ -13,10 +13,12 @@ Which modules get a LoRA comes from the file's tensors, not from `target_modules
 """
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from deltatune.core.fields import Mismatch, conform, describe
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, config_check
 
 HONOURED = {
     "peft_type": "selects the method (LORA)",
@@ -38,8 +40,8 @@ HONOURED = {
                          "(see REWRITES_BASE)",
     "eva_config": "EVA's settings act at initialization only; its rank redistribution is written to "
                   "rank_pattern and its scale adjustment to alpha_pattern, both honoured",
-    "rank_pattern": "rank_pattern, matched by peft's rule (`methods.lora.pattern_value`)",
-    "alpha_pattern": "alpha_pattern, matched by peft's rule (`methods.lora.pattern_value`)",
+    "rank_pattern": "rank_pattern, matched by peft's rule (`pattern_value` below)",
+    "alpha_pattern": "alpha_pattern, matched by peft's rule (`pattern_value` below)",
 }
 
 REFUSED_UNLESS: dict[str, Any] = {
@@ -156,3 +158,29 @@ def _check_init(init: bool | str) -> None:
     reason = OTHER_INITS.get(family, f"supported: {list(PLAIN_INITS)}")
     raise ConfigError(f"this peft LoRA folder has init_lora_weights={init!r}, which deltatune's LoRA does not "
                       f"reproduce ({reason}); load it with peft")
+
+
+V = TypeVar("V")
+
+
+def pattern_value(patterns: Mapping[str, V], module_name: str, default: V) -> V:
+    """peft's rank_pattern / alpha_pattern lookup (`peft.utils.other.get_pattern_key`): the value of the first
+    key, in the mapping's order, that matches the module's dotted path as a whole suffix after a dot, read as a
+    regular expression (``re.match(rf"(.*\\.)?({key})$", module_name)``); else the value stored under the path
+    itself; else `default`."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return patterns.get(module_name, default)
+
+
+def check_pattern(patterns: Mapping[str, Any], field: str, what: str, valid: Any) -> None:
+    """Every key of a rank_pattern / alpha_pattern compiles as peft compiles it, every value passes `valid`."""
+    for key, value in patterns.items():
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as error:
+            raise ConfigError(f"{field} key {key!r} is not a valid regular expression: {error}; escape it or fix "
+                              "the pattern") from None
+        config_check(valid(value), field, dict(patterns), f"a mapping of module patterns to {what} > 0 "
+                     f"(the value of {key!r} is {value!r})")
