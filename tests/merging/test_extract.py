@@ -390,7 +390,9 @@ def test_randomized_solver_is_close_to_the_exact_svd_and_seeded(rule):
     fast = truncated_factors(delta, rule, compute_dtype=torch.float64, solver="randomized", seed=3)
     assert fast.rank == exact.rank
     assert fast.error == pytest.approx(float(torch.linalg.norm(delta - fast.up @ fast.down)), rel=1e-9)
-    assert exact.error <= fast.error <= exact.error * 1.01  # Eckart–Young: nothing beats the exact SVD
+    # Eckart–Young: nothing beats the exact SVD, up to float64 rounding of the two error sums (here the
+    # randomized fit reached the optimum and came out 1.5e-14 relatively below it)
+    assert exact.error * (1 - 1e-12) <= fast.error <= exact.error * 1.01
     again = truncated_factors(delta, rule, compute_dtype=torch.float64, solver="randomized", seed=3)
     assert torch.equal(again.down, fast.down) and torch.equal(again.up, fast.up)
 
