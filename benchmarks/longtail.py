@@ -67,14 +67,16 @@ def tune(job: dict, settings: argparse.Namespace) -> dict:
 
 def final(job: dict, settings: argparse.Namespace, rates: dict[str, float]) -> dict:
     """Both backbones with `job['loss']` at their chosen rates, each alone and their logit ensemble, on test."""
-    models, test, seconds = [], {}, {}
+    models, test, seconds, spread = [], {}, {}, {}
     for backbone in BACKBONES:
         model, task, seconds[backbone] = train_one(settings, backbone, job["loss"], rates[backbone], job["seed"])
         counts = torch.bincount(task.train.labels, minlength=task.num_classes).tolist()
-        test[backbone] = scores(model_logits(model, task.test), task.test.labels, counts)
+        logits = model_logits(model, task.test)
+        test[backbone] = scores(logits, task.test.labels, counts)
+        spread[backbone] = float(logits.std(dim=1).mean())  # how strongly each stratum votes in the plain sum
         models.append(model)
     test[ENSEMBLE] = scores(logit_ensemble(models, task.test), task.test.labels, counts)
-    return {**job, "rates": rates, "train_counts": counts, "test": test,
+    return {**job, "rates": rates, "train_counts": counts, "test": test, "logit_std": spread,
             "seconds": {k: round(v, 1) for k, v in seconds.items()}}
 
 
@@ -192,7 +194,12 @@ def render(records: list[dict], settings: argparse.Namespace, env: dict, png: Pa
                 rate += " (grid edge)"
             cells = " | ".join(harness.mean_std(values(rows, model, c)) for c in COLUMNS)
             lines.append(f"| {model} | {loss} | {rate} | {cells} |")
-    lines += ["", *claims(by_loss), "", f"Plot: `{png.name}`.", "", "## Rate tuning (seed "
+    spreads = " ; ".join(f"{loss}: " + ", ".join(
+        f"{b} {statistics.mean(r['logit_std'][b] for r in rows):.2f}" for b in BACKBONES)
+        for loss, rows in by_loss.items())
+    lines += ["", f"Mean per-example std of the test logits over the classes (the weight of each backbone's vote "
+              f"in the sum): {spreads}.", ""]
+    lines += [*claims(by_loss), "", f"Plot: `{png.name}`.", "", "## Rate tuning (seed "
               f"{settings.seeds[0]}, validation accuracy %, seconds of training)", "",
               "| backbone | loss | lr | validation | few (validation) | s |", "| --- | --- | --- | --- | --- | --- |"]
     for r in sorted((r for r in records if r["phase"] == "tune"), key=lambda r: (r["backbone"], r["loss"], r["lr"])):
