@@ -13,12 +13,14 @@ pretrained glyph backbones (GlyphViT, GlyphCNN; fonts' licences in files/FONTS_L
 glyphs-novel-<b>, glyphs-rotated-<b> and handwritten-<b> for b in vit, cnn, and gloss-generation (held-out
 WordNet lemmas -> definitions with WordNet-LM, `load_wordnet_lm()`; MiniLM-scored), and on the pretrained
 SpeechAST (`load_speech_ast()`; words synthesized with espeak-ng) speech-keywords, speech-keywords-novel and
-speech-voices.
+speech-voices; `long_tailed(task, imbalance_ratio=50)` gives any classification task a long-tailed training
+split (deltatune.data.long_tail).
 """
 from deltatune.data.catalog import DEFAULT_TASK, describe_tasks, list_tasks, load_task
 from deltatune.data.datasets import TensorDictDataset, collate_dicts, evaluate_accuracy, model_inputs
 from deltatune.data.diffusion import GlyphDiffusion, load_glyph_ddpm
 from deltatune.data.glyphs import read_glyphs
+from deltatune.data.long_tail import long_tailed
 from deltatune.data.models import (
     DigitsConvNet,
     DigitsMLP,
@@ -35,5 +37,6 @@ __all__ = [
     "DEFAULT_TASK", "DigitsConvNet", "DigitsMLP", "GlyphCNN", "GlyphDiffusion", "GlyphViT",
     "ModelUnavailableError", "SentenceClassifier", "SpeechAST", "Task", "TensorDictDataset", "UnknownTaskError",
     "collate_dicts", "describe_tasks", "evaluate_accuracy", "list_tasks", "load_glyph_cnn", "load_glyph_ddpm",
-    "load_glyph_vit", "load_minilm", "load_speech_ast", "load_task", "load_wordnet_lm", "model_inputs", "read_glyphs",
+    "load_glyph_vit", "load_minilm", "load_speech_ast", "load_task", "load_wordnet_lm", "long_tailed", "model_inputs",
+    "read_glyphs",
 ]

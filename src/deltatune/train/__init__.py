@@ -9,6 +9,7 @@ from deltatune.train.callbacks import Callback
 from deltatune.train.checkpoint import latest_checkpoint, list_checkpoints
 from deltatune.train.config import TrainConfig
 from deltatune.train.high_frequency import HighFrequencyLoss
+from deltatune.train.long_tail import LogitAdjustedLoss, logit_ensemble
 from deltatune.train.losses import causal_lm_loss, cross_entropy
 from deltatune.train.progress import TrainingProgress
 from deltatune.train.pskd import ProgressiveSelfKnowledgeDistillation
@@ -20,7 +21,9 @@ from deltatune.train.trainer import Trainer, TrainResult
 from deltatune.train.unfreezing import ProgressiveUnfreezing
 
 __all__ = [
-    "Callback", "HighFrequencyLoss", "TrainConfig", "TrainResult", "Trainer", "build_scheduler", "causal_lm_loss",
+    "Callback", "HighFrequencyLoss", "LogitAdjustedLoss", "TrainConfig", "TrainResult", "Trainer", "build_scheduler",
+    "causal_lm_loss",
     "cross_entropy", "TrainingProgress", "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
     "ProgressiveSelfKnowledgeDistillation", "ProgressiveUnfreezing", "ReMax", "ReMaxConfig", "with_sample_index",
+    "logit_ensemble",
 ]
