@@ -30,9 +30,9 @@ STEPS = 8
 
 
 class Blocks(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, features: int = 6) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(6, WIDTH), nn.Tanh()),
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(features, WIDTH), nn.Tanh()),
                                      nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh())])
         self.head = nn.Linear(WIDTH, 3)
 

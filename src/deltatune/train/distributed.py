@@ -100,25 +100,46 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+REPLICATED_ATTRIBUTE = "_deltatune_replicated_parameters"
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`): every block of every
     `nn.ModuleList` / `nn.Sequential` child that holds parameters is one FSDP unit, then the root.
 
     A frozen base and trainable deltas may share a unit: FSDP2 shards each parameter on its own and keeps
-    requires_grad per parameter (measured on CPU/gloo with LoRA, DoRA, SSF, the bottleneck adapter and SaRA:
-    two processes train the same weights as one, to 1e-16 in float64). This is a building block for a plain
-    loop: `deltatune.train.Trainer` still wraps with DDP (its checkpoints and gradient-reading callbacks
-    expect full tensors). Needs an initialized process group (torchrun).
+    requires_grad per parameter. Scalar (0-dim) parameters (LoLDU's scale, SNELLA's mixing weight) cannot be
+    sharded: they stay whole on every process, outside FSDP, and `average_replicated_gradients` averages their
+    gradients (the Trainer calls it; a plain loop calls it after backward). `TrainConfig(sharding="fsdp")`
+    makes the Trainer use this. Needs an initialized process group (torchrun).
     """
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_initialized():
         raise TrainingError("shard_model needs a process group; launch with `torchrun --nproc_per_node=N` and "
                             "call deltatune.train.distributed.setup_world() first")
+    scalars = {parameter for parameter in model.parameters() if parameter.dim() == 0}
     for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
+    setattr(model, REPLICATED_ATTRIBUTE, [p for p in model.parameters() if any(p is s for s in scalars)])
     return model
+
+
+def average_replicated_gradients(model: nn.Module, world: World) -> None:
+    """Average, over processes, the gradients of the parameters `shard_model` left whole (FSDP reduces the
+    sharded ones itself). A collective; nothing to do for a model `shard_model` did not shard."""
+    replicated = [p for p in getattr(model, REPLICATED_ATTRIBUTE, []) if p.requires_grad]
+    if not world.distributed or not replicated:
+        return
+    # A parameter without a gradient on this process still takes part, with zeros, to keep the collective whole.
+    for parameter in replicated:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    flat = torch.stack([p.grad.reshape(()) for p in replicated])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for parameter, total in zip(replicated, flat / world.size):
+        parameter.grad.copy_(total)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

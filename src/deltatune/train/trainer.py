@@ -48,7 +48,7 @@ from deltatune.train.data_order import (
     micro_batches,
     steps_per_epoch,
 )
-from deltatune.train.distributed import all_reduce_sum, setup_world, shard_model
+from deltatune.train.distributed import all_reduce_sum, average_replicated_gradients, setup_world, shard_model
 from deltatune.train.evaluation import evaluate_model
 from deltatune.train.losses import LossFn, batch_loss, is_zero_constant, regularization, takes_labels
 from deltatune.train.metrics_log import MetricsLog, progress_bar
@@ -332,6 +332,8 @@ class Trainer:
             sync = micro.last or not self.world.distributed
             with contextlib.nullcontext() if sync else self._no_sync():
                 local_loss += self._forward_backward(micro, batch)
+        if self._sharded:
+            average_replicated_gradients(self.model, self.world)  # the scalars FSDP cannot shard
         return local_loss
 
     @contextlib.contextmanager
