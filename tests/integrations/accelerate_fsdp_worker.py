@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import deltatune as dt
 from deltatune.train.callbacks import fire
 from deltatune.train.distributed import average_replicated_gradients, setup_world, shard_model
+from deltatune.train.distributed_demo import end_process_group
 from deltatune.train.sharding import differentiable_parameters, full_parameters, save_full_adapter
 
 F64 = torch.float64
@@ -109,6 +110,7 @@ def run_all(out: Path) -> None:
     torch.set_num_threads(1)
     for loop in LOOPS:
         run_loop(loop, out)
+    end_process_group()
 
 
 if __name__ == "__main__":

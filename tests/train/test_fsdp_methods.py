@@ -54,3 +54,19 @@ def test_every_method_trains_sharded_as_in_one_process(two_process_run, one_proc
         for key, value in state.items():
             torch.testing.assert_close(sharded_state[index][key], value, atol=1e-10, rtol=0,
                                        msg=f"optimizer state {index}.{key}")
+
+
+SCHEDULED = ("adalora", "colora", "id3", "increlora", "sara", "snella", "triadaptlora")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", SCHEDULED)
+def test_the_schedules_decided_something_in_the_sweep(two_process_run, method):
+    """The equality above covers the schedules' decisions (masks, sparsities, selections are checkpointed
+    buffers) only if they changed within the sweep's steps."""
+    sharded, _ = _checkpoint(two_process_run, method)
+    model, _ = worker.adapted(method)
+    parameters = dict(model.named_parameters())
+    decided = [name for name, tensor in model.state_dict().items()
+               if name not in parameters and name in sharded and not torch.equal(sharded[name], tensor)]
+    assert decided, f"{method}'s schedule changed no buffer in {worker.STEPS} steps"

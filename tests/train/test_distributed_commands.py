@@ -1,0 +1,84 @@
+"""The torchrun commands of the README's "More than one process or machine" section, run as written (torchrun
+as `python -m torch.distributed.run --standalone`, the output folder moved into a temporary one): each saves a
+complete adapter; the DDP and FSDP Trainer runs equal the one-process run (float64, 1e-10), and the sharded
+accelerate loop equals accelerate's DDP loop."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.train import distributed_demo as demo
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+PREFIX = "torchrun --nproc_per_node=2 -m deltatune.train.distributed_demo"
+
+
+def documented_commands() -> list[list[str]]:
+    section = README.read_text().split("## More than one process or machine")[1].split("\n## ")[0]
+    return [shlex.split(line.strip()) for line in section.splitlines() if line.strip().startswith(PREFIX)]
+
+
+def _run(command: list[str], out: Path) -> Path:
+    arguments = command[1:]
+    arguments[arguments.index("--out") + 1] = str(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *arguments], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout, result.stdout
+    return out / "adapter"
+
+
+def _flags(command: list[str]) -> tuple[str, str]:
+    text = " ".join(command)
+    loop = re.search(r"--loop (\w+)", text)
+    return (loop.group(1) if loop else "trainer"), re.search(r"--sharding (\w+)", text).group(1)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("commands")
+    return {_flags(command): _run(command, root / "-".join(_flags(command))) for command in documented_commands()}
+
+
+def _outputs(adapter: Path) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = demo.TwoBlocks().to(torch.float64)
+    dt.load_adapter(model, adapter)
+    with torch.no_grad():
+        return model(demo.Blobs().x[:8])
+
+
+def test_the_readme_documents_ddp_fsdp_and_accelerate():
+    assert {_flags(command) for command in documented_commands()} == {
+        ("trainer", "ddp"), ("trainer", "fsdp"), ("accelerate", "fsdp")}
+
+
+@pytest.mark.distributed
+def test_the_documented_trainer_commands_equal_one_process(adapters, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        single = demo.main(["--sharding", "fsdp", "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    reference = _outputs(single)
+    for sharding in ("ddp", "fsdp"):
+        torch.testing.assert_close(_outputs(adapters["trainer", sharding]), reference, atol=1e-10, rtol=0)
+    torch.manual_seed(0)
+    assert not torch.allclose(reference, demo.TwoBlocks().to(torch.float64)(demo.Blobs().x[:8])), "nothing trained"
+
+
+@pytest.mark.distributed
+def test_the_documented_accelerate_command_equals_its_ddp_loop(adapters, tmp_path):
+    ddp = _run([*PREFIX.split(), "--loop", "accelerate", "--sharding", "ddp", "--out", "x"], tmp_path / "ddp")
+    torch.testing.assert_close(_outputs(adapters["accelerate", "fsdp"]), _outputs(ddp), atol=1e-10, rtol=0)
