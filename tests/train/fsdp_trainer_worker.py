@@ -5,7 +5,9 @@ in-process (one process, no sharding) for the reference.
 
 Every run trains a float64 two-block net (each block one FSDP unit, the head in the root unit) with the deltatune
 Trainer for 8 steps (25 examples in global batches of 8: the last step of each epoch leaves one process without
-examples; two micro-batches per step) and writes its final checkpoint (OUT_DIR/<run>/checkpoints/step-000008).
+examples; two micro-batches per step; evaluation of 9 examples in batches of 2: 3 batches on one process, 2 on
+the other, so the sharded forwards must run in lockstep) and writes its final checkpoint
+(OUT_DIR/<run>/checkpoints/step-000008).
 Runs: LoRA (+ a trainable head); LoRA stopped at step 3 and resumed; SaRA with its schedule (nuclear penalty,
 progressive re-selection at step 4) straight and resumed from step 3; AdaLoRA with its rank allocator; ID³'s
 unmasking. Rank 0 also saves the LoRA run's adapter with `sharding.save_full_adapter`.
@@ -78,7 +80,7 @@ def train(method: str, out: Path, stop_at: int | None = None, resume: bool = Fal
     if stop_at is not None:
         callbacks.append(StopAt(stop_at))
     settings = TrainConfig(epochs=2, batch_size=8, grad_accum_steps=2, lr=0.05, warmup_steps=1, schedule="cosine",
-                           log_every=1, progress=False, sharding="fsdp", output_dir=str(out),
+                           log_every=1, progress=False, sharding="fsdp", output_dir=str(out), eval_batch_size=2,
                            checkpoint_every=2 if stop_at or resume else None, resume=resume)
     trainer = Trainer(model, settings, BlobDataset(n=25, dtype=F64), BlobDataset(n=9, seed=1, dtype=F64),
                       callbacks=callbacks)

@@ -24,7 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 import deltatune as dt
 from deltatune.train.callbacks import fire
 from deltatune.train.config import SHARDINGS, TrainConfig
-from deltatune.train.distributed import World, average_replicated_gradients, setup_world, shard_model
+from deltatune.train.distributed import (
+    World,
+    average_replicated_gradients,
+    leave_process_group,
+    setup_world,
+    shard_model,
+)
 from deltatune.train.sharding import differentiable_parameters, full_parameters, save_full_adapter
 from deltatune.train.trainer import Trainer
 
@@ -135,12 +141,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 def end_process_group() -> None:
-    """Leave the process group before the interpreter exits: a gloo group still alive at exit can abort the
-    process ("terminate called without an active exception"; seen with accelerate's group, which nothing
-    destroys)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    """Wait for every process and leave the process group before the interpreter exits: accelerate's gloo
+    group is destroyed by nothing, and one torn down under a peer still receiving aborted that peer at exit
+    ("terminate called without an active exception"; see `distributed.leave_process_group`)."""
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -116,8 +116,19 @@ def full_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     finally:
         if optimizer is not None:
             _swap_optimizer(optimizer, {key: swap.sharded for key, swap in by_full.items()}, gather=False)
-        for swap in swaps:
+        _scatter_all(swaps)
+
+
+def _scatter_all(swaps: list[_Swap]) -> None:
+    """Put every sharded parameter back, even after a refused one, then raise the first refusal."""
+    refusals = []
+    for swap in swaps:
+        try:
             _scatter(swap)
+        except TrainingError as error:
+            refusals.append(error)
+    if refusals:
+        raise refusals[0]
 
 
 def _gather(module: nn.Module, name: str, sharded: nn.Parameter) -> _Swap:
