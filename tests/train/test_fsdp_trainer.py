@@ -6,6 +6,7 @@ adapter is complete and loads in one process."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -119,3 +120,25 @@ def test_fsdp_refuses_an_update_rule_it_was_not_tested_with():
         TrainConfig(sharding="fsdp", update_rule="sam")
     with pytest.raises(ConfigError, match="sharding"):
         TrainConfig(sharding="zero3")
+
+
+@pytest.mark.distributed
+def test_a_sharded_checkpoint_resumes_in_one_process(two_process_run, one_process_run, tmp_path):
+    """The checkpoint holds full tensors in the one-process layout, so a run sharded on two processes continues
+    in one (and ends on the one-process run's weights)."""
+    folder = tmp_path / "lora"
+    shutil.copytree(two_process_run / "lora-resumed", folder)
+    shutil.rmtree(folder / FINAL)  # continue from step 6
+    threads = torch.get_num_threads()
+    try:
+        worker.train("lora", folder, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    def records(run_dir):
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # the two-process run's records up to step 6 are kept as written (timings included): this run resumed
+    kept = [r for r in records(two_process_run / "lora-resumed") if r["step"] <= 6]
+    assert records(folder)[:len(kept)] == kept and records(folder)[-1]["step"] == worker.STEPS
+    resumed, single = _model_file(tmp_path, "lora"), _model_file(one_process_run, "lora")
+    for name in single:
+        torch.testing.assert_close(resumed[name], single[name], atol=1e-10, rtol=0, msg=name)
