@@ -176,7 +176,8 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
 def gather_trainable(model: nn.Module) -> dict[str, Tensor]:
     """Full (unsharded) copies of the trainable parameters of a `shard_model` model, on every process (a
     collective: every rank must call it). Load them into an unsharded model of the same adapters with
-    `load_state_dict(strict=False)` to save a complete adapter with `deltatune.save_adapter`."""
+    `load_state_dict(strict=False)` to save a complete adapter with `deltatune.save_adapter`, or save from the
+    sharded model directly with `deltatune.train.sharding.save_full_adapter`."""
     gathered = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,7 +337,7 @@ class Trainer:
         return local_loss
 
     @contextlib.contextmanager
-    def _no_sync(self):  # noqa: ANN202 - a context manager
+    def _no_sync(self) -> Iterator[None]:
         """Accumulate this micro-batch's gradients locally; they are reduced with the last one's."""
         if not self._sharded:
             with self._train_model.no_sync():
