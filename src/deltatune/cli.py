@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, max_length=args.max_length, train_size=args.train_size, seed=args.seed, out_dir=args.out,
             max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, resume=args.resume,
             update_rule=args.update_rule, update_rule_options=_rule_options(args.rule_option),
+            sharding=args.sharding,
         )
     except KeyboardInterrupt:
         print(f"deltatune: {_interrupted_training(Path(args.out))}", file=sys.stderr)
@@ -229,6 +230,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "mgpo")
     parser.add_argument("--rule-option", action="append", default=[], metavar="KEY=VALUE",
                         help="update-rule option, repeatable: --rule-option rho=0.1 --rule-option base=loraplus")
+    parser.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp",
+                        help="under torchrun: ddp (default; whole model per process) or fsdp (FSDP2 shards)")
 
 
 def build_parser() -> argparse.ArgumentParser:

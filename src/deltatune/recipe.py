@@ -207,6 +207,7 @@ def finetune(
     init_from: str | Path | None = None,
     update_rule: str = "adamw",
     update_rule_options: dict[str, Any] | None = None,
+    sharding: str = "ddp",
 ) -> FinetuneResult:
     """Train `method` on `task`, report the validation and test score (the task's metric), and save the
     adapter in out_dir/adapter.
@@ -217,9 +218,11 @@ def finetune(
     fixed label-stratified subset of at most that many examples (drawn with seed 0 whatever `seed` is), for
     quick benchmarks. init_from: start the adapter from a saved one's tensors (PVP: prompts pre-trained on a
     source task). update_rule / update_rule_options: how gradients become updates (`deltatune.optim`;
-    `TrainConfig.update_rule`)."""
+    `TrainConfig.update_rule`). sharding: "ddp" or "fsdp" under torchrun (`TrainConfig.sharding`); rank 0
+    writes the complete adapter."""
     from deltatune.data import load_task
     from deltatune.train import TrainConfig, Trainer
+    from deltatune.train.sharding import save_full_adapter
 
     if epochs <= 0:
         raise ConfigError(f"epochs={epochs} is invalid: expected an integer > 0")
@@ -227,7 +230,7 @@ def finetune(
         epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
         lr=lr or DEFAULT_LR.get(method, DEFAULT_METHOD_LR), checkpoint_every=checkpoint_every, resume=resume,
         output_dir=str(out_dir) if out_dir else None, progress=progress, update_rule=update_rule,
-        update_rule_options=update_rule_options,
+        update_rule_options=update_rule_options, sharding=sharding,
     )
     data = evaluation_subsets(load_task(task, max_length=max_length, train_size=train_size, seed=seed),
                               validation_size, test_size)
@@ -248,7 +251,7 @@ def finetune(
     seconds = time.perf_counter() - start
     adapter_path = None
     if out_dir is not None and config is not None:
-        adapter_path = dt.save_adapter(model, Path(out_dir) / "adapter")
+        adapter_path = save_full_adapter(model, Path(out_dir) / "adapter", trainer.world)
     # For accuracy, the trainer's final evaluation already ran on the validation split with the final weights.
     validation = result.metrics["eval_accuracy"] if data.scorer is None else data.score(model, data.validation)
     return FinetuneResult(

@@ -106,3 +106,20 @@ def test_console_script_exits_nonzero_with_one_line(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.startswith("deltatune: error:") and "Traceback" not in result.stderr
+
+
+def test_train_passes_the_sharding_to_the_recipe(monkeypatch, capsys):
+    import deltatune.recipe
+
+    seen = {}
+
+    def fake_finetune(*args, **kwargs):
+        seen.update(kwargs)
+        raise ConfigError("stop here")  # the arguments are what this test checks, not a training run
+
+    monkeypatch.setattr(deltatune.recipe, "finetune", fake_finetune)
+    assert main(["train", "--method", "lora", "--sharding", "fsdp", "--out", "unused"]) == 2
+    assert seen["sharding"] == "fsdp"
+    with pytest.raises(SystemExit):
+        main(["train", "--sharding", "zero3"])
+    assert "invalid choice: 'zero3'" in capsys.readouterr().err

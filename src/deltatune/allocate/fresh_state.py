@@ -183,9 +183,21 @@ class FreshSlotState:
                     "trains the model, before its first step")
 
     # --- the hooks ------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    def _full_tensors(self, optimizer: torch.optim.Optimizer) -> Any:
+        """The deltas' full tensors and optimizer state while a hook reads and rewrites slots (a sharded model:
+        every process runs the same hook, a collective; a no-op otherwise)."""
+        from deltatune.train.sharding import full_parameters  # train imports allocate: import when used
+
+        return full_parameters(nn.ModuleList(self.deltas.values()), optimizer)
+
     def _before_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._pending = {}
+        if any(bool((ages >= 0).any()) for ages in self.ages.values()):
+            with self._full_tensors(optimizer):
+                self._record_young_slots(optimizer)
+
+    @torch.no_grad()
+    def _record_young_slots(self, optimizer: torch.optim.Optimizer) -> None:
         for key, ages in self.ages.items():
             slots = torch.nonzero(ages >= 0).reshape(-1)
             if slots.numel() == 0:
@@ -201,9 +213,15 @@ class FreshSlotState:
             values = parameter.detach().movedim(slot_dim, 0)[slots.to(parameter.device)].clone()
             self._pending[key] = (slots, values, settings, self._step_count(parameter))
 
-    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         pending, self._pending = self._pending, {}
+        if pending:
+            with self._full_tensors(optimizer):
+                self._correct_young_slots(optimizer, pending)
+
+    @torch.no_grad()
+    def _correct_young_slots(self, optimizer: torch.optim.Optimizer,
+                             pending: dict[str, tuple[Tensor, Tensor, dict[str, Any], int]]) -> None:
         for key, (slots, before, settings, step_before) in pending.items():
             parameter, slot_dim = self._tensor(key)
             step = self._step_count(parameter)

@@ -140,6 +140,9 @@ class ID3Unmasking:
     """Trainer callback: after backward, unmask the global top-u_t masked entries by D3, then zero the gradients
     of the entries still masked, before the optimizer steps."""
 
+    # D3 scores the current weights W0 + ΔW: a sharded trainer gathers the frozen base for this callback too.
+    reads_base_weights = True
+
     def __init__(self, model: nn.Module, config: ID3Config, total_steps: int, adapter: str | None = None) -> None:
         # adapter `adapter`'s ID³ deltas (default: the adapter `config` was adapted under), with their hosts
         self.pairs = [(model.get_submodule(path), d) for path, d in adapter_deltas(model, config, ID3Delta, adapter)]

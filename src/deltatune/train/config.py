@@ -10,6 +10,9 @@ from typing import Any
 from deltatune.errors import config_check
 
 SCHEDULES = ("linear", "cosine", "constant")
+SHARDINGS = ("ddp", "fsdp")
+# The update rules tested on a sharded model; the others read (A, B) pairs or re-run the step (untested there).
+FSDP_UPDATE_RULES = ("adamw", "loraplus")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,11 @@ class TrainConfig:
         device: "cpu", "cuda", "cuda:1"...; None picks cuda:LOCAL_RANK when CUDA is available, else cpu.
         find_unused_parameters: passed to DistributedDataParallel; set it when some trainable parameters get
             no gradient in a step (the default False is faster and fits every adapter that is used in forward).
+        sharding: how several processes (torchrun) share the work: "ddp" (every process holds the whole model,
+            gradients are all-reduced: DistributedDataParallel) or "fsdp" (FSDP2 `fully_shard`: each process
+            holds a slice of every parameter, gradient and optimizer state; `distributed.shard_model`). One
+            process ignores it. Under "fsdp" the schedules and checkpoints see full tensors
+            (`deltatune.train.sharding`); update rules: "adamw" and "loraplus".
         update_rule: how gradients become updates (`deltatune.optim.UPDATE_RULES`): "adamw" (default), "loraplus",
             "lora_pro", "lora_pro_light", "sam" or "mgpo"; built with `lr` and `weight_decay` above.
         update_rule_options: the rule's own options, e.g. {"ratio": 16} (loraplus), {"moments": "full"}
@@ -76,6 +84,7 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     find_unused_parameters: bool = False
+    sharding: str = "ddp"
     update_rule: str = "adamw"
     update_rule_options: Mapping[str, Any] | None = None
 
@@ -120,6 +129,10 @@ class TrainConfig:
                      f"one of {available_update_rules()}")
         config_check(self.update_rule_options is None or isinstance(self.update_rule_options, Mapping),
                      "update_rule_options", self.update_rule_options, "None or a dict of the rule's options")
+        config_check(self.sharding in SHARDINGS, "sharding", self.sharding, f"one of {SHARDINGS}")
+        config_check(self.sharding != "fsdp" or self.update_rule in FSDP_UPDATE_RULES, "update_rule",
+                     self.update_rule, f"one of {FSDP_UPDATE_RULES} with sharding='fsdp'",
+                     "use sharding='ddp' for this update rule")
 
     def _check_outputs(self) -> None:
         config_check(_is_int(self.log_every) and self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")

@@ -6,6 +6,8 @@ environment variable is above 1 it joins the process group (gloo on CPU, nccl on
 from __future__ import annotations
 
 import atexit
+import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -61,12 +63,28 @@ def _init_process_group(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(_destroy_process_group)
+    atexit.register(leave_process_group)
 
 
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+EXIT_BARRIER_SECONDS = 60
+
+
+def leave_process_group() -> None:
+    """Wait for the other processes, then leave the process group (at exit, registered by `setup_world`; call
+    it at the end of a script whose group something else created, e.g. accelerate's).
+
+    Without the barrier, a process that finished its last collective first (the root of a broadcast) tore its
+    gloo connections down while a peer was still receiving, and the peer aborted ("terminate called without an
+    active exception": 1 torchrun launch in 5 of tests/train/fsdp_trainer_worker.py; 0 in 10 with it). Bounded:
+    a peer that died does not keep this process waiting."""
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(Exception):  # a peer that failed: leave anyway, its error is the one to read
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=EXIT_BARRIER_SECONDS))
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(values: Tensor, world: World) -> Tensor:
@@ -100,25 +118,46 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+REPLICATED_ATTRIBUTE = "_deltatune_replicated_parameters"
+
+
 def shard_model(model: nn.Module) -> nn.Module:
     """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`): every block of every
     `nn.ModuleList` / `nn.Sequential` child that holds parameters is one FSDP unit, then the root.
 
     A frozen base and trainable deltas may share a unit: FSDP2 shards each parameter on its own and keeps
-    requires_grad per parameter (measured on CPU/gloo with LoRA, DoRA, SSF, the bottleneck adapter and SaRA:
-    two processes train the same weights as one, to 1e-16 in float64). This is a building block for a plain
-    loop: `deltatune.train.Trainer` still wraps with DDP (its checkpoints and gradient-reading callbacks
-    expect full tensors). Needs an initialized process group (torchrun).
+    requires_grad per parameter. Scalar (0-dim) parameters (LoLDU's scale, SNELLA's mixing weight) cannot be
+    sharded: they stay whole on every process, outside FSDP, and `average_replicated_gradients` averages their
+    gradients (the Trainer calls it; a plain loop calls it after backward). `TrainConfig(sharding="fsdp")`
+    makes the Trainer use this. Needs an initialized process group (torchrun).
     """
     from torch.distributed.fsdp import fully_shard
 
     if not dist.is_initialized():
         raise TrainingError("shard_model needs a process group; launch with `torchrun --nproc_per_node=N` and "
                             "call deltatune.train.distributed.setup_world() first")
+    scalars = {parameter for parameter in model.parameters() if parameter.dim() == 0}
     for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, ignored_params=scalars)
+    fully_shard(model, ignored_params=scalars)
+    setattr(model, REPLICATED_ATTRIBUTE, [p for p in model.parameters() if any(p is s for s in scalars)])
     return model
+
+
+def average_replicated_gradients(model: nn.Module, world: World) -> None:
+    """Average, over processes, the gradients of the parameters `shard_model` left whole (FSDP reduces the
+    sharded ones itself). A collective; nothing to do for a model `shard_model` did not shard."""
+    replicated = [p for p in getattr(model, REPLICATED_ATTRIBUTE, []) if p.requires_grad]
+    if not world.distributed or not replicated:
+        return
+    # A parameter without a gradient on this process still takes part, with zeros, to keep the collective whole.
+    for parameter in replicated:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    flat = torch.stack([p.grad.reshape(()) for p in replicated])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for parameter, total in zip(replicated, flat / world.size):
+        parameter.grad.copy_(total)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -137,7 +176,8 @@ def _contains(outer: nn.Module, inner: nn.Module) -> bool:
 def gather_trainable(model: nn.Module) -> dict[str, Tensor]:
     """Full (unsharded) copies of the trainable parameters of a `shard_model` model, on every process (a
     collective: every rank must call it). Load them into an unsharded model of the same adapters with
-    `load_state_dict(strict=False)` to save a complete adapter with `deltatune.save_adapter`."""
+    `load_state_dict(strict=False)` to save a complete adapter with `deltatune.save_adapter`, or save from the
+    sharded model directly with `deltatune.train.sharding.save_full_adapter`."""
     gathered = {}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:

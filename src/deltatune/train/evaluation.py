@@ -1,6 +1,7 @@
 """Evaluation: mean task loss and accuracy, each process on its share of the data, sums all-reduced."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,18 +19,26 @@ from deltatune.train.losses import LossFn, batch_loss, find_logits
 @torch.no_grad()
 def evaluate_model(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any], loss_fn: LossFn | None,
                    world: World, batch_size: int, to_device: Callable[[Any], SplitBatch],
-                   labels_to_model: bool | None = None) -> dict[str, float]:
+                   labels_to_model: bool | None = None, lockstep: bool = False) -> dict[str, float]:
     """{"loss": the task loss (`losses.batch_loss`) averaged over examples, "accuracy": share of argmax == label};
     training mode restored.
 
     Accuracy is reported only when every batch has one class label per example (labels (B,) with logits (B, C));
-    token-level labels (a causal LM's) and outputs without logits get the loss alone."""
+    token-level labels (a causal LM's) and outputs without logits get the loss alone.
+
+    `lockstep` (a sharded model, whose forward is a collective): every process runs as many batches as the
+    process with the most; the extra ones are a placeholder example that is not counted."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=world.device)  # loss * n, correct, n classified, n
-    shard = balanced_split(range(len(dataset)), world.size)[world.rank]
+    shards = balanced_split(range(len(dataset)), world.size)
+    shard = shards[world.rank]
+    batches = math.ceil(max(len(s) for s in shards) / batch_size) if lockstep else math.ceil(len(shard) / batch_size)
     try:
-        for start in range(0, len(shard), batch_size):
+        for start in range(0, batches * batch_size, batch_size):
+            if start >= len(shard):  # lockstep only: keep the collective forwards in step
+                batch_loss(model, to_device(collate_fn([dataset[0]])), loss_fn, labels_to_model)
+                continue
             batch = to_device(collate_fn([dataset[i] for i in shard[start:start + batch_size]]))
             loss, outputs = batch_loss(model, batch, loss_fn, labels_to_model)
             count = float(len(batch.labels)) if batch.labels.dim() else 1.0

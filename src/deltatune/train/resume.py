@@ -42,13 +42,14 @@ TrainerState = dict[str, Any]
 
 
 def save(trainer_state: Callable[[], TrainerState], config: TrainConfig, world: World, num_examples: int) -> Path:
-    """Collective: every process hands in its RNG state, rank 0 writes (`trainer_state()` is called there
-    only), every process gets the path."""
+    """Collective: every process hands in its RNG state and calls `trainer_state()` (a sharded model gathers its
+    full tensors there), rank 0 writes, every process gets the path."""
     rng_states = gather_objects(capture_rng_state(), world)
+    state = trainer_state()
     outcome: tuple[str, str] = ("ok", "")
     if world.is_main:
         try:
-            outcome = ("ok", str(_write(trainer_state(), config, world, num_examples, rng_states)))
+            outcome = ("ok", str(_write(state, config, world, num_examples, rng_states)))
         except Exception as error:  # tell the other processes, then raise here
             broadcast_object(("error", str(error)), world)
             raise

@@ -13,15 +13,17 @@ across processes on the last one) -> all-reduced loss, stop on NaN/inf -> on_bac
 optimizer.step (with a closure that recomputes the gradients, for rules that need one: SAM) -> scheduler.step ->
 on_step_end -> log, epoch end (evaluation), checkpoint.
 
-Under `torchrun --nproc_per_node=N` the same script trains with DistributedDataParallel: `batch_size` stays the
-global batch, each process reads its share (see `data_order`), only rank 0 writes files and shows progress.
+Under `torchrun --nproc_per_node=N` the same script trains with DistributedDataParallel, or sharded with FSDP2
+under `TrainConfig(sharding="fsdp")`: `batch_size` stays the global batch, each process reads its share (see
+`data_order`), only rank 0 writes files and shows progress. Sharded, the callbacks and checkpoints see full
+tensors (`sharding.full_parameters`) and regularizers read gathered, differentiable ones.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,13 +48,14 @@ from deltatune.train.data_order import (
     micro_batches,
     steps_per_epoch,
 )
-from deltatune.train.distributed import all_reduce_sum, setup_world
+from deltatune.train.distributed import all_reduce_sum, average_replicated_gradients, setup_world, shard_model
 from deltatune.train.evaluation import evaluate_model
 from deltatune.train.losses import LossFn, batch_loss, is_zero_constant, regularization, takes_labels
 from deltatune.train.metrics_log import MetricsLog, progress_bar
 from deltatune.train.progress import TrainingProgress
 from deltatune.train.schedules import build_scheduler
 from deltatune.train.seeding import set_seed
+from deltatune.train.sharding import differentiable_parameters, full_norm, full_parameters, sharded_like
 
 
 @dataclass
@@ -108,6 +111,9 @@ class Trainer:
         self.config = config
         self.world = setup_world(config.device)
         self.model = model.to(self.world.device)
+        self._sharded = self.world.distributed and config.sharding == "fsdp"
+        if self._sharded:
+            shard_model(self.model)  # before the optimizer is built: sharding replaces the parameters
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.collate_fn = collate_fn or default_collate
         if loss_fn is not None and not callable(loss_fn):
@@ -154,7 +160,7 @@ class Trainer:
         return optimizer
 
     def _wrap_distributed(self) -> nn.Module:
-        if not self.world.distributed:
+        if not self.world.distributed or self._sharded:
             return self.model
         device_ids = [self.world.device.index] if self.world.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids,
@@ -198,16 +204,36 @@ class Trainer:
                     global_step=self.global_step, epoch=self.epoch)
 
     def _fire(self, hook: str, **extra: Any) -> None:
-        fire(self.callbacks, hook, trainer=self, **extra, **self.hook_context())
+        readers = self._readers(hook)
+        frozen = any(getattr(callback, "reads_base_weights", False) for callback in readers)
+        with self._full_tensors(frozen) if readers else contextlib.nullcontext():
+            fire(self.callbacks, hook, trainer=self, **extra, **self.hook_context())
+
+    def _readers(self, hook: str) -> list[Any]:
+        """Sharded: the callbacks with this hook that read parameters (a callback that does not, a logger,
+        declares `reads_full_tensors = False`; one that scores the frozen weights declares
+        `reads_base_weights = True`). Empty when not sharded."""
+        if not self._sharded:
+            return []
+        return [callback for callback in self.callbacks
+                if hasattr(callback, hook) and getattr(callback, "reads_full_tensors", True)]
+
+    def _full_tensors(self, frozen: bool = False) -> contextlib.AbstractContextManager[None]:
+        """Full parameters (the frozen ones too with `frozen`), gradients and optimizer state inside (a
+        collective; a no-op unless sharded)."""
+        if not self._sharded:
+            return contextlib.nullcontext()
+        return full_parameters(self.model, self.optimizer, frozen=frozen)
 
     # --- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything this run needs to continue exactly, except the process RNG (a checkpoint adds it):
         {"progress", "model" (trainable tensors and buffers), "optimizer", "scheduler", "callbacks"}. The
-        tensors are the live ones, not copies."""
-        return {"progress": self.progress.state_dict(), "model": trainable_tensors(self.model),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "callbacks": callback_states(self.callbacks)}
+        tensors are the live ones, not copies (sharded: gathered full copies, a collective every process calls)."""
+        with self._full_tensors():
+            return {"progress": self.progress.state_dict(), "model": trainable_tensors(self.model),
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "callbacks": callback_states(self.callbacks)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of `state_dict` (same model, adapters and callbacks); `train()` then continues from it."""
@@ -215,10 +241,12 @@ class Trainer:
 
     def _load_state(self, state: dict[str, Any], source: str) -> None:
         check_callback_states(self.callbacks, state["callbacks"], source)  # before anything is overwritten
-        load_trainable_tensors(self.model, state["model"], source)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        load_callback_states(self.callbacks, state["callbacks"], source)
+        model_tensors = sharded_like(self.model, state["model"]) if self._sharded else state["model"]
+        load_trainable_tensors(self.model, model_tensors, source)
+        with self._full_tensors():  # sharded: full tensors in, each process keeps its slice on leaving
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            load_callback_states(self.callbacks, state["callbacks"], source)
         self.progress.load_state_dict(state["progress"])
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -302,9 +330,24 @@ class Trainer:
         local_loss = 0.0
         for micro, batch in zip(plan, batches):
             sync = micro.last or not self.world.distributed
-            with contextlib.nullcontext() if sync else self._train_model.no_sync():
+            with contextlib.nullcontext() if sync else self._no_sync():
                 local_loss += self._forward_backward(micro, batch)
+        if self._sharded:
+            average_replicated_gradients(self.model, self.world)  # the scalars FSDP cannot shard
         return local_loss
+
+    @contextlib.contextmanager
+    def _no_sync(self) -> Iterator[None]:
+        """Accumulate this micro-batch's gradients locally; they are reduced with the last one's."""
+        if not self._sharded:
+            with self._train_model.no_sync():
+                yield
+            return
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def _recompute_gradients(self, plan: list[MicroBatch], batches: list[dict]) -> float:
         """The closure given to a `NeedsClosure` optimizer (SAM's second pass): the same global batch's loss and
@@ -325,12 +368,15 @@ class Trainer:
             raise
         part = loss * micro.weight
         if micro.last:
-            reg = regularization(self.model)
+            with differentiable_parameters(self.model) if self._sharded else contextlib.nullcontext():
+                reg = regularization(self.model)
             if not is_zero_constant(reg):
-                # Added once per process; DDP averages the identical copies back to one regularizer.
+                # Added once per process; DDP averages the identical copies back to one regularizer. Sharded,
+                # the term is computed on gathered tensors and its gradient reaches each slice unaveraged
+                # (the gather's backward takes the slice), so reg / size * size = the regularizer's gradient too.
                 part = part + reg / self.world.size
-        # DDP averages gradients over processes; scaling by the world size turns that average into the sum
-        # of the micro-batch parts, i.e. the gradient of the global-batch mean.
+        # DDP and FSDP average gradients over processes; scaling by the world size turns that average into the
+        # sum of the micro-batch parts, i.e. the gradient of the global-batch mean.
         (part * self.world.size).backward()
         return float(part.detach())
 
@@ -344,7 +390,7 @@ class Trainer:
     def _clip_gradients(self) -> float | None:
         if self.config.max_grad_norm is None:
             return None
-        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm))
+        norm = float(full_norm(torch.nn.utils.clip_grad_norm_(self.trainable_parameters, self.config.max_grad_norm)))
         if not math.isfinite(norm):
             raise TrainingError(self._nonfinite_message("gradient norm", norm))
         return norm
@@ -395,7 +441,7 @@ class Trainer:
             raise TrainingError("evaluate() needs a non-empty dataset; pass one or give the Trainer eval_dataset")
         return evaluate_model(self.model, dataset, self.collate_fn, self.loss_fn, self.world,
                               self.config.eval_batch_size or self.config.batch_size, self._to_device,
-                              self._labels_to_model)
+                              self._labels_to_model, lockstep=self._sharded)
 
     # --- checkpoints and the end --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
