@@ -269,8 +269,10 @@ def phase_plot(records: list[dict], settings: argparse.Namespace):
         for i, rho in enumerate(rhos):
             for j, d in enumerate(densities):
                 cell = by_key[(rho, d)]
+                shade = float(image.norm(value(cell)))
+                dark = (1 - shade if cmap.endswith("_r") else shade) > 0.6  # white text on the dark end
                 axis.text(j + 0.5, i + 0.5, f"{regimes.regimes[(rho, d)]}\n{100 * cell.test_error:.1f}%",
-                          ha="center", va="center", fontsize=8)
+                          ha="center", va="center", fontsize=8, color="white" if dark else "black")
         axis.set_xticks([j + 0.5 for j in range(len(densities))], [f"{d:g}" for d in densities])
         axis.set_yticks([i + 0.5 for i in range(len(rhos))], [f"{r:g}" for r in rhos])
         axis.set_xlabel("load: density kept")
