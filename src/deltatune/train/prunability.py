@@ -21,8 +21,8 @@ largest gap between consecutive sorted values (a two-cluster split in one dimens
 least `min_hump` (0.01 = 1% training error), so a grid whose cells are all connected is all regime II. With fewer
 than two connected cells II is not split (label "II", advice "keep"). Pass explicit thresholds to override.
 
-The caller supplies the training through a `PrunabilityTask` (five methods; `dense_train` reads the temperature,
-`retrain` gets the `PrunedWeights` whose masks it must keep: the sweep checks them afterwards).
+The caller supplies the training through a `PrunabilityTask` (six methods and `norm_inputs`; `dense_train` reads
+the temperature, `retrain` gets the `PrunedWeights` whose masks it must keep: the sweep checks them afterwards).
 """
 from __future__ import annotations
 
