@@ -9,9 +9,12 @@ from deltatune.train.callbacks import Callback
 from deltatune.train.checkpoint import latest_checkpoint, list_checkpoints
 from deltatune.train.config import TrainConfig
 from deltatune.train.high_frequency import HighFrequencyLoss
+from deltatune.train.landscape import ConnectivityCurve, linear_cka, lmc_barrier
 from deltatune.train.long_tail import LogitAdjustedLoss, logit_ensemble
 from deltatune.train.losses import causal_lm_loss, cross_entropy
 from deltatune.train.progress import TrainingProgress
+from deltatune.train.prunability import PrunabilityTask, SweepCell, label_regimes, prunability_sweep, recommend
+from deltatune.train.pruning import PrunedWeights, magnitude_masks
 from deltatune.train.pskd import ProgressiveSelfKnowledgeDistillation
 from deltatune.train.remax import ReMax, ReMaxConfig
 from deltatune.train.sample_index import with_sample_index
@@ -26,4 +29,6 @@ __all__ = [
     "cross_entropy", "TrainingProgress", "latest_checkpoint", "list_checkpoints", "lr_multiplier", "set_seed",
     "ProgressiveSelfKnowledgeDistillation", "ProgressiveUnfreezing", "ReMax", "ReMaxConfig", "with_sample_index",
     "logit_ensemble",
+    "ConnectivityCurve", "lmc_barrier", "linear_cka", "PrunedWeights", "magnitude_masks", "PrunabilityTask",
+    "SweepCell", "label_regimes", "prunability_sweep", "recommend",
 ]
