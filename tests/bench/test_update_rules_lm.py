@@ -48,14 +48,16 @@ def test_an_edge_is_extended_along_the_ladder_at_most_twice_past_the_grid(bench)
     records.append(run("full FT", 1e-4, 0, 0.5))
     assert bench.next_rate(records, "full FT") == pytest.approx(3e-5)
     records.append(run("full FT", 3e-5, 0, 0.4))
-    assert bench.next_rate(records, "full FT") is None and bench.at_edge(records, "full FT")  # two past: stop
+    assert bench.next_rate(records, "full FT") == pytest.approx(1e-5)
+    records.append(run("full FT", 1e-5, 0, 0.3))
+    assert bench.next_rate(records, "full FT") is None and bench.at_edge(records, "full FT")  # three past: stop
     inside = grid(bench, "LoRA + AdamW", [3.0, 1.0, 2.0, 4.0])
     assert bench.next_rate(inside, "LoRA + AdamW") is None and not bench.at_edge(inside, "LoRA + AdamW")
     assert bench.next_rate(grid(bench, "LoRA + AdamW", [4.0, 3.0, 2.0, 1.0]), "LoRA + AdamW") == pytest.approx(3e-2)
     assert bench.next_rate(grid(bench, "LoRA + AdamW", [1.0, 2.0]), "LoRA + AdamW") is None  # grid not done
 
 
-def test_the_gap_and_its_narrowing_match_hand_computation(bench):
+def test_the_gaps_and_the_claims_differences_match_hand_computation(bench):
     records = (grid(bench, "full FT", [9, 1.0, 9, 9]) + [run("full FT", 1e-3, s, 1.0, 3.0 + d) for s, d in
                                                            ((1, 0.1), (2, -0.1))]
                + grid(bench, "LoRA + AdamW", [9, 9, 1.0, 9])
@@ -68,10 +70,11 @@ def test_the_gap_and_its_narrowing_match_hand_computation(bench):
     lora_var = sum((x - 2.8) ** 2 for x in (1.0, 3.6, 3.8)) / 2
     full_var = sum((x - 7.0 / 3) ** 2 for x in (1.0, 3.1, 2.9)) / 2
     assert error == pytest.approx(math.sqrt(lora_var / 3 + full_var / 3))
-    shrink, _ = bench.narrowing(records)
-    assert shrink == pytest.approx(0.2)  # (8.4 - 7.8) / 3: LoRA-Pro is 0.2 nats closer
+    change, _ = bench.difference(records, "LoRA + LoRA-Pro", "LoRA + AdamW")
+    assert change == pytest.approx(-0.2)  # (7.8 - 8.4) / 3: LoRA-Pro is 0.2 nats better than LoRA
     text = bench.report(records)
-    assert "PARTIAL" not in text and "+0.2000 ±" in text and "(edge)" not in text
+    assert "PARTIAL" not in text and "LoRA-Pro − LoRA: -0.2000 ±" in text and "Full FT − LoRA: -0.4667 ±" in text
+    assert "(edge)" not in text
 
 
 def test_an_unfinished_log_is_reported_as_partial(bench):
