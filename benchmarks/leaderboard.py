@@ -20,12 +20,22 @@ accuracy, ties to the smaller rate); seeds 1 and 2 then run at that rate; test a
 three seeds. Step time: median seconds per optimizer step (forward, backward, optimizer, callbacks; the first 2
 steps of every run skipped) over the cell's runs. Peak memory: the peak RSS of the process that ran the cell.
 
-One cell = (task, method, budget): its five runs share one fresh child process (1 torch thread, `--workers` at
-a time), which makes the peak RSS the cell's own; finished cells are appended to the JSONL file, so a killed
-benchmark resumes at the first unfinished cell. Budget matches are computed once and cached next to the JSONL.
+Update rules (`deltatune.optim`): LoRA's cells are also run with each rule of UPDATE_RULES instead of AdamW
+(each at its defaults: LoRA+ λ = 16, LoRA-Pro with the paper's full moments, SAM ρ = 0.05 over AdamW, MGPO's NLU
+profile), the same protocol and grid; each is a row `lora + <rule>` ranked with the others, its update rule in
+the table's "update rule" column (adamw for every other row). Their step time is a ratio to a LoRA + AdamW run
+made in the same cell process, between the rule's tuning grid and its seeds (the anchor), not to LoRA's own
+cell, which ran at another time under another load.
+
+One cell = (task, method, budget[, update rule]): its five runs share one fresh child process (1 torch thread,
+`--workers` at a time), which makes the peak RSS the cell's own; finished cells are appended to the JSONL file,
+so a killed benchmark resumes at the first unfinished cell. Budget matches are computed once and cached next to
+the JSONL.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/leaderboard.py --workers 2
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/leaderboard.py --render     # the table and plot from the JSONL
+    # only the update-rule rows, each rate extended past an edge inside its cell (--extend-edges):
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/leaderboard.py --workers 1 --methods lora --extend-edges
 """
 from __future__ import annotations
 
@@ -46,7 +56,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from deltatune.bench import harness  # noqa: E402
 from deltatune.bench.budget import TOLERANCE  # noqa: E402
 from deltatune.bench.harness import mean_std  # noqa: E402
-from deltatune.errors import BenchmarkError, DeltatuneError  # noqa: E402
+from deltatune.errors import BenchmarkError, ConfigError, DeltatuneError  # noqa: E402
 
 RESULTS = Path("benchmarks/results")
 REFERENCE = "lora"
@@ -64,7 +74,9 @@ TIMING_SKIP = 2  # warm-up steps of each run left out of the step time
 TASK_PROTOCOL = {"digits": dict(train_size=None, epochs=2, validation_size=None, test_size=300)}
 REACH = 0.15  # a knob whose nearest count is further than this from the budget is not run there (unreachable)
 TASK_PARAMS = {"digits": {"targets": ("conv1", "conv2")}}  # the digits net's only layers besides its head
-CELL_IDENTITY = ("task", "method", "budget")
+CELL_IDENTITY = ("task", "method", "budget")  # plus the update rule when it is not AdamW (see cell_key)
+DEFAULT_RULE = "adamw"  # what every method trains with unless its cell names another rule
+UPDATE_RULES = ("loraplus", "lora_pro", "sam", "mgpo")  # run on top of REFERENCE, each at its defaults
 
 
 def cell_identity(reference_tasks: Sequence[str], extend_edges: bool = False):
@@ -76,9 +88,49 @@ def cell_identity(reference_tasks: Sequence[str], extend_edges: bool = False):
             return None
         if extend_edges and cell.get("runs") and next_rate(cell["runs"]) is not None:
             return None
-        return [cell[k] for k in CELL_IDENTITY] if all(k in cell for k in CELL_IDENTITY) else None
+        return cell_key(cell) if all(k in cell for k in CELL_IDENTITY) else None
 
     return identity
+
+
+def rule_of(cell: dict) -> str:
+    """The cell's update rule: records written before the rules joined hold none, and trained with AdamW."""
+    return cell.get("update_rule", DEFAULT_RULE)
+
+
+def cell_key(cell: dict) -> list:
+    """(task, method, budget), with the update rule appended when it is not AdamW: the AdamW cells keep the
+    identity they were recorded with, so adding the rules re-runs none of them."""
+    rule = rule_of(cell)
+    return [*(cell[k] for k in CELL_IDENTITY), *([rule] if rule != DEFAULT_RULE else [])]
+
+
+def contender(cell: dict) -> str:
+    """The row a cell belongs to: its method, or `<method> + <rule>` for a rule other than AdamW."""
+    rule = rule_of(cell)
+    return cell["method"] if rule == DEFAULT_RULE else f"{cell['method']} + {rule}"
+
+
+def _rule_field(cell: dict) -> dict:
+    """The record's update-rule entry: none for AdamW, so those records read as the ones written before."""
+    return {"update_rule": rule_of(cell)} if rule_of(cell) != DEFAULT_RULE else {}
+
+
+def split_contender(name: str) -> tuple[str, str]:
+    """(method, update rule) of a row name made by `contender`."""
+    method, _, rule = name.partition(" + ")
+    return method, rule or DEFAULT_RULE
+
+
+def rule_contenders(rules: Sequence[str]) -> list[str]:
+    """The row names of REFERENCE under each rule; an unknown rule is refused with the known ones."""
+    from deltatune.optim import available_update_rules
+
+    unknown = [rule for rule in rules if rule not in available_update_rules()]
+    if unknown:
+        raise ConfigError(f"update rule(s) {unknown} are not registered: expected names from "
+                          f"{list(available_update_rules())} (deltatune.optim)")
+    return [contender({"method": REFERENCE, "update_rule": rule}) for rule in rules]
 
 
 def budget_name(rank: int) -> str:
@@ -179,8 +231,9 @@ def applies(match: dict | None) -> bool:
 
 
 def cells(task_names: Sequence[str], method_names: Sequence[str], matches: dict[str, dict],
-          reference_tasks: Sequence[str] = REFERENCE_TASKS) -> list[dict]:
-    """One job per (task, method, budget): every knob method at every budget, the others once (natural)."""
+          reference_tasks: Sequence[str] = REFERENCE_TASKS, update_rules: Sequence[str] = ()) -> list[dict]:
+    """One job per (task, method, budget): every knob method at every budget, the others once (natural); then
+    REFERENCE's jobs again under each of `update_rules` (when REFERENCE is among the methods)."""
     jobs = []
     for task in task_names:
         for method in (*method_names, *REFERENCE_POINTS):
@@ -195,7 +248,9 @@ def cells(task_names: Sequence[str], method_names: Sequence[str], matches: dict[
                     skip = "unreachable"
                 jobs.append(dict(task=task, method=method, budget=budget,
                                  params={**TASK_PARAMS.get(task, {}), **knob}, match=match, not_run=skip))
-    return sorted(jobs, key=lambda j: (task_names.index(j["task"]), j["method"] != REFERENCE))
+    jobs = sorted(jobs, key=lambda j: (task_names.index(j["task"]), j["method"] != REFERENCE))
+    return jobs + [{**job, "update_rule": rule} for rule in update_rules for job in jobs
+                   if job["method"] == REFERENCE]
 
 
 def off_budget(match: dict) -> float:
@@ -205,10 +260,10 @@ def off_budget(match: dict) -> float:
 
 def edge_jobs(records: Sequence[dict], jobs: Sequence[dict]) -> list[dict]:
     """The grid's jobs whose last record ran at an edge that can still be extended, carrying that record."""
-    last = {tuple(r[k] for k in CELL_IDENTITY): r for r in records}
+    last = {tuple(cell_key(r)): r for r in records}
     chosen = []
     for job in jobs:
-        record = last.get(tuple(job[k] for k in CELL_IDENTITY))
+        record = last.get(tuple(cell_key(job)))
         if record and record.get("runs") and next_rate(record["runs"]) is not None:
             chosen.append({**job, "prior": {k: record[k] for k in ("runs", "step_seconds", "peak_rss_mb")}})
     return chosen
@@ -224,7 +279,7 @@ def one_run(cell: dict, lr: float, seed: int) -> dict:
     params = {} if cell["method"] in (PROBE, FULL) else cell["params"]
     protocol = {**PROTOCOL, **TASK_PROTOCOL.get(cell["task"], {})}
     result = finetune(cell["task"], cell["method"], params, lr=lr, seed=seed, progress=False, callbacks=(timer,),
-                      **protocol)
+                      update_rule=rule_of(cell), **protocol)
     return {"lr": lr, "seed": seed, "validation": result.validation_score, "test": result.test_score,
             "trainable": result.trainable.trainable, "seconds": result.seconds,
             "step_seconds": timer.seconds[TIMING_SKIP:]}
@@ -232,20 +287,28 @@ def one_run(cell: dict, lr: float, seed: int) -> dict:
 
 def run_cell(cell: dict) -> dict:
     """Tune the lr on seed 0, run the other seeds at the chosen lr; the record carries every run. A cell with
-    `prior` (its earlier record, --extend-edges) keeps those runs and extends the rates past the edge first."""
+    `prior` (its earlier record, --extend-edges) keeps those runs and extends the rates past the edge first; a
+    fresh cell with `extend_edges` extends past an edge of its grid before its seeds run. A cell under an update
+    rule also makes one LoRA + AdamW run (`anchor`) between its grid and its seeds, the reference of its step
+    time measured in the same process."""
     prior = cell.get("prior")
     runs = [dict(r) for r in prior["runs"]] if prior else [one_run(cell, lr, SEEDS[0]) for lr in LR_GRID]
-    while prior and (following := next_rate(runs)) is not None:
+    while (prior or cell.get("extend_edges")) and (following := next_rate(runs)) is not None:
         runs.append(one_run(cell, following, SEEDS[0]))
+    anchor = one_run({**cell, "update_rule": DEFAULT_RULE}, chosen_lr(runs), SEEDS[0]) \
+        if rule_of(cell) != DEFAULT_RULE else None
     chosen = chosen_lr(runs)
     done = {(r["lr"], r["seed"]) for r in runs}
     runs += [one_run(cell, chosen, seed) for seed in SEEDS[1:] if (chosen, seed) not in done]
     steps = [s for run in runs for s in run.pop("step_seconds", [])]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {**{k: cell[k] for k in CELL_IDENTITY}, "params": cell["params"], "match": cell["match"], "lr": chosen,
-            "runs": runs, "step_seconds": statistics.median(steps) if steps else prior["step_seconds"],
+    rule = _rule_field(cell)
+    if anchor is not None:
+        rule |= {"anchor_step_seconds": statistics.median(anchor.pop("step_seconds")), "anchor_run": anchor}
+    return {**{k: cell[k] for k in CELL_IDENTITY}, **rule, "params": cell["params"], "match": cell["match"],
+            "lr": chosen, "runs": runs, "step_seconds": statistics.median(steps) if steps else prior["step_seconds"],
             "peak_rss_mb": max(peak, prior["peak_rss_mb"]) if prior else peak,
-            **({"extended": True} if prior else {})}
+            **({"extended": True} if prior or len(tried_rates(runs)) > len(LR_GRID) else {})}
 
 
 def tried_rates(runs: Sequence[dict]) -> list[float]:
@@ -276,9 +339,9 @@ def chosen_lr(runs: Sequence[dict]) -> float:
 def launch(cell: dict, threads: int) -> dict:
     command = harness.script_command(__file__, "--run", json.dumps(cell), "--threads", str(threads))
     started = time.perf_counter()
-    result = harness.run_child(command, label=f"cell {cell['task']} {cell['method']} {cell['budget']}")
+    result = harness.run_child(command, label=f"cell {cell['task']} {contender(cell)} {cell['budget']}")
     tests = [r["test"] for r in result["runs"] if r["lr"] == result["lr"]]
-    print(f"done {cell['task']} {cell['method']} {cell['budget']}: lr {result['lr']:g} test {mean_std(tests)} "
+    print(f"done {cell['task']} {contender(cell)} {cell['budget']}: lr {result['lr']:g} test {mean_std(tests)} "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
     return result
 
@@ -306,10 +369,11 @@ def ran_cell(cell: dict | None) -> bool:
 
 def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_names: Sequence[str],
                      budget: str) -> list[dict]:
-    """One row per method at `budget` (NATURAL: the methods and reference points without a knob): per-task
-    accuracy (or why there is none), and ratios to LoRA at the same task and budget (at NATURAL: to LoRA at the
-    largest budget), geometric means over the tasks."""
-    by_cell = {(r["task"], r["method"], r["budget"]): r for r in records}
+    """One row per method (or `method + rule`, see `contender`) at `budget` (NATURAL: the methods and reference
+    points without a knob): per-task accuracy (or why there is none), and ratios to LoRA + AdamW at the same task
+    and budget (at NATURAL: to LoRA at the largest budget), geometric means over the tasks. The step time of a
+    cell with an anchor (an update rule's) is a ratio to its anchor's, measured in the same process."""
+    by_cell = {(r["task"], contender(r), r["budget"]): r for r in records}
     reference_budget = budget if budget != NATURAL else budget_name(max(LORA_RANKS))
     candidates = [m for m in (*method_names, *REFERENCE_POINTS)
                   if any(k[1] == m and k[2] == budget and by_cell[k].get("not_run") != NOT_APPLICABLE for k in by_cell)
@@ -322,10 +386,12 @@ def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_
         row = {"method": method, "tasks": {t: final_tests(ran[t]) if t in ran else None for t in task_names},
                "edge": {t for t, c in ran.items() if at_edge(c)},
                "status": {t: _status(c) for t, c in found.items() if t not in ran}}
+        references = {t: by_cell[(t, REFERENCE, reference_budget)] for t in ran
+                      if (t, REFERENCE, reference_budget) in by_cell}
         for key, getter in (("trainable", lambda c: c["runs"][0]["trainable"]),
                             ("step", lambda c: c["step_seconds"]), ("memory", lambda c: c["peak_rss_mb"])):
-            ratios = [getter(cell) / getter(by_cell[(task, REFERENCE, reference_budget)]) for task, cell in ran.items()
-                      if (task, REFERENCE, reference_budget) in by_cell]
+            ratios = [getter(cell) / _reference_value(key, getter, cell, references[task])
+                      for task, cell in ran.items() if task in references]
             row[key] = statistics.geometric_mean(ratios) if ratios else None
         row["matched"] = budget == NATURAL or all(off_budget(c["match"]) <= TOLERANCE for c in ran.values()
                                                   if c.get("match"))
@@ -335,6 +401,12 @@ def leaderboard_rows(records: Sequence[dict], task_names: Sequence[str], method_
     ranks = mean_ranks(rows, task_names)  # sorted by mean rank: a mean over unequal task sets would mislead
     return sorted(rows, key=lambda r: (r["mean"] is None, r["unreachable"], ranks.get(r["method"], 0),
                                        -(r["mean"] or 0), r["method"]))
+
+
+def _reference_value(key: str, getter, cell: dict, lora_cell: dict) -> float:
+    """What a cell's value is divided by: LoRA's cell, except the step time of a cell that timed its own LoRA +
+    AdamW anchor run (same process, adjacent in time: the load on the shared machine cancels)."""
+    return cell["anchor_step_seconds"] if key == "step" and "anchor_step_seconds" in cell else getter(lora_cell)
 
 
 def _not_applicable(cell: dict | None) -> dict | None:
@@ -360,11 +432,12 @@ def _row_reason(row: dict) -> str:
 def _expected(method: str, budget: str, records: Sequence[dict]) -> bool:
     """Whether `method` belongs at `budget` although no cell of it finished there (so it shows as missing):
     where its other cells ran, or, with none, where its declared knob puts it."""
-    ran = {r["budget"] == NATURAL for r in records if r["method"] == method and r.get("not_run") != NOT_APPLICABLE}
+    ran = {r["budget"] == NATURAL for r in records if contender(r) == method and r.get("not_run") != NOT_APPLICABLE}
     if not ran:
         from deltatune.bench.budget import budget_field
 
-        ran = {method in REFERENCE_POINTS or budget_field(method)[0] is None}
+        base = split_contender(method)[0]
+        ran = {base in REFERENCE_POINTS or budget_field(base)[0] is None}
     return (budget == NATURAL) in ran
 
 
@@ -384,19 +457,20 @@ def budget_table(records: Sequence[dict], task_names: Sequence[str], method_name
                  budget: str) -> list[str]:
     rows = leaderboard_rows(records, task_names, method_names, budget)
     ranks = mean_ranks(rows, task_names)
-    header = ("| # | method | mean rank | mean test | " + " | ".join(task_names)
+    header = ("| # | method | update rule | mean rank | mean test | " + " | ".join(task_names)
               + " | trainable ×LoRA | step time ×LoRA | peak memory ×LoRA |")
-    lines = [header, "| ---: | --- | ---: | ---: |" + " ---: |" * len(task_names) + " ---: | ---: | ---: |"]
+    lines = [header, "| ---: | --- | --- | ---: | ---: |" + " ---: |" * len(task_names) + " ---: | ---: | ---: |"]
     for position, row in enumerate(rows, start=1):
-        label = row["method"] + ("" if row["matched"] else " ≠")
+        method, rule = split_contender(row["method"])
+        label = method + ("" if row["matched"] else " ≠")
         if row["mean"] is None:
             reason = "unreachable" if row["unreachable"] else _row_reason(row)
             cells = " | ".join(row["status"].get(t, "–") for t in task_names)
-            lines.append(f"| – | {row['method']} | {reason} | – | {cells} | – | – | – |")
+            lines.append(f"| – | {method} | {rule} | {reason} | – | {cells} | – | – | – |")
             continue
         accuracy = " | ".join(mean_std(v) + ("*" if t in row["edge"] else "") if v else row["status"][t]
                               for t, v in row["tasks"].items())
-        lines.append(f"| {position} | {label} | {ranks.get(row['method'], 0):.1f} | {100 * row['mean']:.1f} | "
+        lines.append(f"| {position} | {label} | {rule} | {ranks.get(row['method'], 0):.1f} | {100 * row['mean']:.1f} | "
                      f"{accuracy} | {ratio(row['trainable'], 1)} | {ratio(row['step'], 1)} | "
                      f"{ratio(row['memory'], 1)} |")
     return lines
@@ -435,7 +509,12 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
              "model (prompt tokens or transformer blocks on the digits conv net). *: the rate chosen on validation "
              "is the smallest or largest tried, so the method may do better outside them (`--extend-edges` tries "
              f"×/÷ {EXTEND:g} past the edge, up to {MAX_EXTENSIONS} times past the grid; cells still starred: read "
-             "as lower bounds).", ""]
+             "as lower bounds). Update rule: how the gradients became updates (`deltatune.optim`; adamw unless "
+             "named). The `lora + <rule>` rows are LoRA's cells re-run under that rule at its defaults (loraplus "
+             "λ = 16; lora_pro with the paper's full-size moments; sam ρ = 0.05 over AdamW; mgpo ρ = 0.05, "
+             "μ = β = 0.9), with the same grid, each rate extended past an edge before the seeds ran; their step "
+             "time is a ratio to a LoRA + AdamW run made in the same cell process (the anchor), not to LoRA's "
+             "cell.", ""]
     for budget in budgets_in(records):
         title = (f"## Budget {budget}: LoRA rank {budget.removeprefix('lora-r')}'s trainable count"
                  if budget != NATURAL else
@@ -443,17 +522,17 @@ def render(records: Sequence[dict], task_names: Sequence[str], method_names: Seq
                  f"{budget_name(max(LORA_RANKS))}")
         lines += [title, "", *budget_table(records, task_names, method_names, budget), ""]
     lines += ["## Chosen learning rates and budget knobs", "",
-              "| task | method | budget | knob | count | target | lr |",
-              "| --- | --- | --- | --- | ---: | ---: | ---: |"]
-    latest = {tuple(r[k] for k in CELL_IDENTITY): r for r in records}  # a re-opened cell's last record
+              "| task | method | update rule | budget | knob | count | target | lr |",
+              "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    latest = {tuple(cell_key(r)): r for r in records}  # a re-opened cell's last record
     for r in sorted((r for r in latest.values() if ran_cell(r)),
                     key=lambda r: (task_names.index(r["task"]) if r["task"] in task_names else 99, r["budget"],
-                                   r["method"])):
+                                   r["method"], rule_of(r) != DEFAULT_RULE, rule_of(r))):
         match = r.get("match") or {}
         knob = f"{match['field']}={_short(match['value'])}" if match.get("field") else "–"
         edge = " (edge of the rates tried)" if at_edge(r) else ""
-        lines.append(f"| {r['task']} | {r['method']} | {r['budget']} | {knob} | {match.get('count', '–')} | "
-                     f"{match.get('target', '–')} | {r['lr']:g}{edge} |")
+        lines.append(f"| {r['task']} | {r['method']} | {rule_of(r)} | {r['budget']} | {knob} | "
+                     f"{match.get('count', '–')} | {match.get('target', '–')} | {r['lr']:g}{edge} |")
     lines += natural_reasons(records, method_names)
     lines += ["", "Plot: leaderboard.png next to this file. Raw numbers: leaderboard.jsonl (one line per cell, every "
               "run inside), budget matches: leaderboard_budgets.json.", ""]
@@ -529,8 +608,12 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", help="a subset of the methods (default: every registered one)")
     parser.add_argument("--reference-tasks", nargs="*", default=list(REFERENCE_TASKS),
                         help="tasks where probe and full run (`all`: every task)")
+    parser.add_argument("--update-rules", nargs="*", default=list(UPDATE_RULES),
+                        help=f"rules run on top of {REFERENCE} as rows `{REFERENCE} + <rule>` (default: %(default)s;"
+                             " none: give the flag alone)")
     parser.add_argument("--extend-edges", action="store_true",
-                        help="re-open finished cells whose best rate is at an edge: extend the rates past it")
+                        help="re-open finished cells whose best rate is at an edge: extend the rates past it; cells "
+                             "not run yet extend past an edge of the grid before their seeds")
     parser.add_argument("--render", action="store_true", help="only re-write the table and plot from the JSONL")
     parser.add_argument("--match-only", action="store_true", help="only compute (and cache) the budget matches")
     parser.add_argument("--run", help=argparse.SUPPRESS)
@@ -542,6 +625,8 @@ def main() -> None:
         harness.emit(run_cell(json.loads(args.run)))
         return
     method_names = args.methods or methods()
+    rules = args.update_rules if REFERENCE in method_names else []
+    row_names = [*method_names, *rule_contenders(rules)]
     if args.tasks:
         task_names = args.tasks
     else:
@@ -557,22 +642,25 @@ def main() -> None:
 
         def run(cell: dict) -> dict:
             if cell["not_run"]:  # recorded without running: the row says why (how far the knob gets)
-                return {**{k: cell[k] for k in CELL_IDENTITY}, "params": cell["params"], "match": cell["match"],
-                        "not_run": cell["not_run"], "unreachable": cell["not_run"] == "unreachable", "runs": []}
+                return {**{k: cell[k] for k in CELL_IDENTITY}, **_rule_field(cell), "params": cell["params"],
+                        "match": cell["match"], "not_run": cell["not_run"],
+                        "unreachable": cell["not_run"] == "unreachable", "runs": []}
             return {**launch(cell, args.threads), "environment": env}
 
         try:
-            jobs = cells(task_names, method_names, matches, reference_tasks)
-            if args.extend_edges:  # the finished cells at an edge, each with its runs so far
-                jobs = edge_jobs(log.records(), jobs)
+            jobs = cells(task_names, method_names, matches, reference_tasks, rules)
+            if args.extend_edges:  # the finished cells at an edge with their runs so far, and the fresh cells
+                finished = {log.identity(r) for r in log.records()}
+                fresh = [{**job, "extend_edges": True} for job in jobs if log.identity(job) not in finished]
+                jobs = edge_jobs(log.records(), jobs) + fresh
             harness.run_jobs(jobs, log, run, workers=args.workers)
         except BenchmarkError as error:  # the other cells finished: report them, the failed one shows as missing
             failure = error
     records = log.records()
-    report = render(records, task_names, method_names)
+    report = render(records, task_names, row_names)
     print(report)
     harness.write_report(args.output, report, {args.output.with_suffix(".png"): plot(records, task_names,
-                                                                                      method_names)})
+                                                                                      row_names)})
     if failure is not None:
         raise failure
 

@@ -77,10 +77,11 @@ def test_rows_are_ranked_by_mean_accuracy_with_missing_methods_last(board, recor
 def test_the_report_names_what_is_missing(board, records):
     report = board.render(records, TASKS, METHODS)
     r1 = report.split("## Budget lora-r1")[1].split("##")[0]
-    assert "| sara | missing |" in r1 and "| spt | missing |" in r1  # sara ran at r8 only: its r1 cells are due
-    assert "| spt | unreachable | – | unreachable (5×) | missing |" in r8_of(report)
+    # sara ran at r8 only: its r1 cells are due
+    assert "| sara | adamw | missing |" in r1 and "| spt | adamw | missing |" in r1
+    assert "| spt | adamw | unreachable | – | unreachable (5×) | missing |" in r8_of(report)
     natural = report.split("## Natural budgets")[1].split("##")[0]
-    assert "| probe | missing |" in natural and "| full | missing |" in natural
+    assert "| probe | adamw | missing |" in natural and "| full | adamw | missing |" in natural
     assert "| bitfit |" in natural and "bitfit" not in r1  # a method without a knob belongs at its natural budget
     r8 = report.split("## Budget lora-r8")[1].split("##")[0]
     sara_line = next(line for line in r8.splitlines() if "| sara ≠ |" in line)
@@ -185,3 +186,57 @@ def test_a_method_the_model_cannot_take_is_recorded_and_shown_as_not_applicable(
     vpt_line = next(line for line in r8_of(report).splitlines() if "| vpt |" in line)
     assert "| n/a | 50.0 ± 0.0 |" in vpt_line  # the digits column says why, the row still ranks
     assert "vpt" not in report.split("## Natural budgets")[1].split("##")[0]
+
+
+def test_update_rule_rows_rank_with_the_others_and_time_against_their_anchor(board, records):
+    """A `lora + sam` cell ranks in the same table as every method; its step time is its own anchor's ratio (2.0
+    here), not the ratio to LoRA's cell run at another time (which would give 3.0/1.0 and 6.0/2.0)."""
+    sam = [{**cell(task, "lora", "lora-r8", tests, step=step), "update_rule": "sam", "anchor_step_seconds": step / 2}
+           for task, tests, step in (("digits", [0.95, 0.95, 0.95], 3.0), ("wordnet-nouns", [0.55, 0.55, 0.55], 6.0))]
+    names = [*METHODS, *board.rule_contenders(["sam", "lora_pro"])]
+    rows = board.leaderboard_rows(records + sam, TASKS, names, "lora-r8")
+    assert [r["method"] for r in rows] == ["lora + sam", "lora", "sara", "lora + lora_pro", "spt"]
+    assert row_of(rows, "lora + sam")["step"] == pytest.approx(2.0)
+    assert row_of(rows, "lora + sam")["trainable"] == pytest.approx(1.0)
+    assert row_of(rows, "lora")["tasks"]["digits"] == [0.78, 0.80, 0.82]  # the AdamW cell is not overwritten
+    assert board.mean_ranks(rows, TASKS) == {"lora + sam": 1.5, "lora": 2.0, "sara": 2.5}
+    table = r8_of(board.render(records + sam, TASKS, names))
+    assert "| 1 | lora | sam | 1.5 | 75.0 | 95.0 ± 0.0 | 55.0 ± 0.0 | 1.00 | 2.00 |" in table
+    assert "| – | lora | lora_pro | missing |" in table and "| lora | adamw | 2.0 |" in table
+
+
+def test_rule_cells_keep_the_adamw_identity_and_add_their_own(board):
+    identity = board.cell_identity(["digits"])
+    old = {"task": "digits", "method": "lora", "budget": "lora-r8"}
+    assert identity(old) == ["digits", "lora", "lora-r8"]  # the records written before the rules: unchanged
+    assert identity({**old, "update_rule": "adamw"}) == identity(old)
+    assert identity({**old, "update_rule": "mgpo"}) == ["digits", "lora", "lora-r8", "mgpo"]
+    matches = {"digits": {b: {"lora": {"field": "rank", "value": 1, "count": 10, "target": 10, "matched": True},
+                              "sara": {"field": "fraction", "value": 0.1, "count": 10, "target": 10, "matched": True}}
+                          for b in ("lora-r1", "lora-r8")}}
+    jobs = board.cells(["digits"], ["lora", "sara"], matches, update_rules=["sam"])
+    ruled = [(j["method"], j["budget"]) for j in jobs if j.get("update_rule") == "sam"]
+    assert ruled == [("lora", "lora-r1"), ("lora", "lora-r8")]  # LoRA's cells only, each budget
+    with pytest.raises(board.ConfigError, match="not registered"):
+        board.rule_contenders(["adam"])
+
+
+def test_a_rule_cell_extends_its_edge_before_the_seeds_and_times_an_adamw_anchor(board, monkeypatch):
+    calls = []
+
+    def fake_run(cell, lr, seed):
+        calls.append((board.rule_of(cell), lr, seed))
+        score = 1.0 - abs(math.log(lr / 0.001))  # peaks below the grid: 0.003 is the edge, 0.001 the best
+        return {"lr": lr, "seed": seed, "validation": score, "test": score, "trainable": 10, "seconds": 1.0,
+                "step_seconds": [0.2 if board.rule_of(cell) == "adamw" else 0.4] * 4}
+
+    monkeypatch.setattr(board, "one_run", fake_run)
+    job = {"task": "digits", "method": "lora", "budget": "lora-r8", "params": {}, "match": None,
+           "update_rule": "loraplus", "extend_edges": True}
+    record = board.run_cell(job)
+    assert [(rule, round(lr, 6), seed) for rule, lr, seed in calls] == [
+        ("loraplus", 0.003, 0), ("loraplus", 0.01, 0), ("loraplus", 0.03, 0), ("loraplus", 0.001, 0),
+        ("loraplus", 0.000333, 0), ("adamw", 0.001, 0), ("loraplus", 0.001, 1), ("loraplus", 0.001, 2)]
+    assert record["update_rule"] == "loraplus" and record["lr"] == pytest.approx(0.001)
+    assert record["step_seconds"] == pytest.approx(0.4) and record["anchor_step_seconds"] == pytest.approx(0.2)
+    assert board.cell_key(record) == ["digits", "lora", "lora-r8", "loraplus"] and not board.at_edge(record)
