@@ -9,7 +9,9 @@ import atexit
 import contextlib
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -111,6 +113,23 @@ def broadcast_object(value: Any, world: World) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def main_writes(world: World, write: Callable[[], Any], what: str) -> Path:
+    """Collective: rank 0 runs `write` (which returns the path it wrote); every process gets that path. When
+    rank 0 fails, it re-raises its own error and every other process raises a TrainingError that says so
+    (`what`: the action, e.g. "write the checkpoint"), instead of waiting forever for a file."""
+    outcome: tuple[str, str] = ("ok", "")
+    if world.is_main:
+        try:
+            outcome = ("ok", str(write()))
+        except Exception as error:  # tell the other processes, then raise here
+            broadcast_object(("error", str(error)), world)
+            raise
+    status, detail = broadcast_object(outcome, world)
+    if status == "error":
+        raise TrainingError(f"rank 0 failed to {what} ({detail}); see its log")
+    return Path(detail)
 
 
 def barrier(world: World) -> None:

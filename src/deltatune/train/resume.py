@@ -30,7 +30,7 @@ from deltatune.train.checkpoint import (
 )
 from deltatune.train.config import TrainConfig
 from deltatune.train.data_order import permutation_seed
-from deltatune.train.distributed import World, broadcast_object, gather_objects
+from deltatune.train.distributed import World, gather_objects, main_writes
 from deltatune.train.progress import STATE_KEYS
 from deltatune.train.seeding import capture_rng_state, restore_rng_state
 from deltatune.train.serialize import decode, encode
@@ -46,17 +46,7 @@ def save(trainer_state: Callable[[], TrainerState], config: TrainConfig, world: 
     full tensors there), rank 0 writes, every process gets the path."""
     rng_states = gather_objects(capture_rng_state(), world)
     state = trainer_state()
-    outcome: tuple[str, str] = ("ok", "")
-    if world.is_main:
-        try:
-            outcome = ("ok", str(_write(state, config, world, num_examples, rng_states)))
-        except Exception as error:  # tell the other processes, then raise here
-            broadcast_object(("error", str(error)), world)
-            raise
-    status, detail = broadcast_object(outcome, world)
-    if status == "error":
-        raise TrainingError(f"rank 0 failed to write the checkpoint ({detail}); see its log")
-    return Path(detail)
+    return main_writes(world, lambda: _write(state, config, world, num_examples, rng_states), "write the checkpoint")
 
 
 def _write(trainer_state: TrainerState, config: TrainConfig, world: World, num_examples: int,

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from deltatune.errors import TrainingError
-from deltatune.train.distributed import World, broadcast_object
+from deltatune.train.distributed import World, main_writes
 
 try:  # torch >= 2.5; older builds have no FSDP2, so nothing can be sharded there
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -230,15 +230,5 @@ def save_full_adapter(model: nn.Module, path: str | os.PathLike, world: World, n
     the error rank 0 met."""
     from deltatune.core.state import save_adapter
 
-    outcome: tuple[str, str] = ("ok", str(path))
     with full_parameters(model):
-        if world.is_main:
-            try:
-                outcome = ("ok", str(save_adapter(model, path, name, format)))
-            except Exception as error:  # tell the other processes, then raise here
-                broadcast_object(("error", str(error)), world)
-                raise
-    status, detail = broadcast_object(outcome, world)
-    if status == "error":
-        raise TrainingError(f"rank 0 failed to save the adapter ({detail}); see its log")
-    return Path(detail)
+        return main_writes(world, lambda: save_adapter(model, path, name, format), "save the adapter")
