@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
+from core.minilm import TEXTS, hidden, relative
+from core.minilm import backbone as minilm_backbone
 from deltatune.errors import ConfigError, HotSwapError
 from deltatune.methods.lora_peft import pattern_value
 
@@ -27,21 +29,7 @@ TARGETS = ["query", "value", "key"]
 
 @pytest.fixture(scope="module")
 def backbone():
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_pretrained(minilm.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    batch = tokenizer(["a domesticated carnivorous mammal", "an implement used to cut"], padding=True,
-                      return_tensors="pt")
-    return model.eval(), dict(batch)
-
-
-def _hidden(model, batch):
-    with torch.no_grad():
-        return model(**batch).last_hidden_state
-
-
-def _relative(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return minilm_backbone(TEXTS[:2])
 
 
 def _expected_rank_and_alpha(path: str) -> tuple[int, float]:
@@ -104,11 +92,11 @@ def test_save_and_load_round_trip_exactly(backbone, tmp_path, fmt):
     model, batch = backbone
     config = dt.LoRAConfig(rank=4, alpha=8.0, targets=TARGETS, rank_pattern=RANKS, alpha_pattern=ALPHAS)
     ours = _randomized(model, config)
-    expected = _hidden(ours, batch)
-    assert _relative(expected, _hidden(model, batch)) > 1e-4
+    expected = hidden(ours, batch)
+    assert relative(expected, hidden(model, batch)) > 1e-4
     dt.save_adapter(ours, tmp_path / "a", format=fmt)
     back = dt.load_adapter(copy.deepcopy(model), tmp_path / "a")
-    assert torch.equal(_hidden(back, batch), expected)
+    assert torch.equal(hidden(back, batch), expected)
     loaded = dt.iter_deltas(back)
     for (path, _, saved), (_, _, again) in zip(dt.iter_deltas(ours), loaded):
         assert torch.equal(saved.lora_A, again.lora_A) and torch.equal(saved.lora_B, again.lora_B), path
@@ -138,7 +126,7 @@ def test_overlapping_keys_match_in_sorted_order_as_in_any_adapter_config_file(ba
     dt.save_adapter(ours, tmp_path / "p", format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "p")  # peft reads the sorted file
     assert theirs.get_submodule("base_model.model.encoder.layer.0.attention.self.query").r["default"] == 6
-    assert _relative(_hidden(theirs, batch), _hidden(ours, batch)) <= 1e-5  # float32, another summation order
+    assert relative(hidden(theirs, batch), hidden(ours, batch)) <= 1e-5  # float32, another summation order
 
 
 def test_deltatune_export_with_patterns_loads_in_peft_with_equal_outputs(backbone, tmp_path):
@@ -150,7 +138,7 @@ def test_deltatune_export_with_patterns_loads_in_peft_with_equal_outputs(backbon
     for path, _, delta in dt.iter_deltas(ours):
         layer = theirs.get_submodule(f"base_model.model.{path}")
         assert layer.r["default"] == delta.rank and layer.scaling["default"] == float(delta.scale), path
-    assert _relative(_hidden(theirs, batch), _hidden(ours, batch)) <= 1e-6
+    assert relative(hidden(theirs, batch), hidden(ours, batch)) <= 1e-6
 
 
 def test_peft_written_folder_with_patterns_loads_with_equal_outputs(backbone, tmp_path):
@@ -158,10 +146,10 @@ def test_peft_written_folder_with_patterns_loads_with_equal_outputs(backbone, tm
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, rank_pattern=RANKS, alpha_pattern=ALPHAS,
                              init_lora_weights=False)
     peft_model = peft.get_peft_model(copy.deepcopy(model), config)
-    expected = _hidden(peft_model, batch)
+    expected = hidden(peft_model, batch)
     peft_model.save_pretrained(tmp_path / "peft")
     ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
-    assert _relative(_hidden(ours, batch), expected) <= 1e-6
+    assert relative(hidden(ours, batch), expected) <= 1e-6
     saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     for path, _, delta in dt.iter_deltas(ours):
         assert torch.equal(delta.lora_A, saved[f"base_model.model.{path}.lora_A.weight"]), path
@@ -206,7 +194,7 @@ def test_a_peft_dora_folder_with_patterns_loads_with_equal_outputs(backbone, tmp
                              rank_pattern={"value": 2}, alpha_pattern={"layer.3.attention.self.query": 3.0},
                              init_lora_weights=False)
     peft_model = peft.get_peft_model(copy.deepcopy(model), config)
-    expected = _hidden(peft_model, batch)
+    expected = hidden(peft_model, batch)
     peft_model.save_pretrained(tmp_path / "dora")
     ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "dora")
     assert type(_config(ours)).__name__ == "DoRAConfig"
@@ -214,4 +202,4 @@ def test_a_peft_dora_folder_with_patterns_loads_with_equal_outputs(backbone, tmp
         rank = 2 if path.endswith("value") else 4
         alpha = 3.0 if path == "encoder.layer.3.attention.self.query" else 8.0
         assert delta.lora_A.shape[0] == rank and float(delta.scale) == alpha / rank, path
-    assert _relative(_hidden(ours, batch), expected) <= 1e-5
+    assert relative(hidden(ours, batch), expected) <= 1e-5

