@@ -36,8 +36,8 @@ The causal LM (`--part lm`): the shipped WordNet-LM (Llama, 5 blocks) on `gloss-
 embeddings stay float32), sketchtune.md's LoRA recipe (40 steps, batch 16, 10% warm-up, lr 3e-3 tuned there on the
 fp32 LM, reused for every base as above); metric: the test answer loss (nats/token on the definition tokens, 250
 items); seeds 0, 1, 2 (bf16: seed 0 only, a check: the shipped LM is stored in bfloat16, so its fp32 and bf16 bases
-are the same weights); the same merge-back measurements, an untuned-base loss per precision, and the same step-time
-alternation (batch 16).
+are the same weights); the same merge-back measurements, an untuned-base loss per precision, the same step-time
+alternation (batch 16), and a re-check of the rate: fp32 and nf4 at 1e-3, 3e-3, 1e-2 (seed 0, validation loss).
 
     /work/wt/slot env PYTHONPATH=src python benchmarks/quantized_base.py --threads 1 [--part minilm|lm]
         [--stop-at HH:MM]   # a run in the JSONL is not repeated
@@ -85,6 +85,8 @@ LM_STEPS, LM_LR = 40, 3e-3
 # the shipped WordNet-LM is stored in bfloat16 (data/README.md): its fp32 and bf16 bases are the same weights, so the
 # bf16 arm runs one seed, as a check that it equals fp32's run, and the slot time goes to the quantized arms
 LM_SEEDS = {"fp32": SEEDS, "nf4": SEEDS, "int8": SEEDS, "bf16": SEEDS[:1]}
+# does the NF4 base want another rate? sketchtune.md's grid around its choice, seed 0, fp32 and nf4 side by side
+LM_RATE_GRID = (1e-3, 3e-3, 1e-2)
 if os.environ.get("QUANTIZED_BASE_SMOKE"):  # a seconds-long end-to-end check of the script itself
     TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, SEEDS, STEPS = 32, 32, 32, 1, (0,), 1
     LM_STEPS = 2
@@ -142,18 +144,24 @@ def lm_block_weights(model) -> int:
                if re.fullmatch(LM_BLOCKS, p.replace(".base_layer", "")) and not isinstance(m, AdaptedLayer))
 
 
-def lm_run(model, task, base: str, seed: int) -> dict:
-    """LoRA r8 on the `base` version of WordNet-LM's blocks, sketchtune.md's recipe; held-out answer loss before
-    and after merge-back (dequantize-add-requantize, and requantizing the fp32 W + ΔW)."""
+def lm_trained(model, task, base: str, seed: int, lr: float):
+    """(the trained LM, its BaseMemory, the fp32 block weights, training seconds): sketchtune.md's recipe at `lr`."""
     from deltatune.train import TrainConfig, Trainer
 
     model, memory, originals = lm_adapted(model, base, seed)
-    settings = TrainConfig(max_steps=LM_STEPS, batch_size=LM_BATCH, lr=LM_LR, warmup_ratio=0.1, seed=seed,
+    settings = TrainConfig(max_steps=LM_STEPS, batch_size=LM_BATCH, lr=lr, warmup_ratio=0.1, seed=seed,
                            progress=False, eval_every_epoch=False, log_every=5)
     start = time.perf_counter()
     Trainer(model, settings, task.train, None, collate_fn=task.collate).train()
+    return model, memory, originals, time.perf_counter() - start
+
+
+def lm_run(model, task, base: str, seed: int) -> dict:
+    """LoRA r8 on the `base` version of WordNet-LM's blocks, sketchtune.md's recipe; held-out answer loss before
+    and after merge-back (dequantize-add-requantize, and requantizing the fp32 W + ΔW)."""
+    model, memory, originals, seconds = lm_trained(model, task, base, seed, LM_LR)
     weights = lm_block_weights(model)
-    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR, "train_seconds": time.perf_counter() - start,
+    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR, "train_seconds": seconds,
               "test_loss": answer_loss(model, task.test, task.collate),
               "base_weights": weights,
               "base_bytes": memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)}
@@ -194,6 +202,15 @@ def lm_timing(model, task) -> list[dict]:
     return alternated_steps(built, batch, lm_loss_of, "lm_timing", "lm_saved_bytes")
 
 
+def lm_rate_check(model, task, base: str, lr: float) -> dict:
+    """Seed 0 at `lr`: the validation answer loss (what a rate is chosen by) and the test loss. Is fp32's rate
+    also NF4's best, or does a quantized base want another (BENCHMARKING.md: tune at every setting compared)?"""
+    model, _, _, seconds = lm_trained(model, task, base, 0, lr)
+    return {"kind": "lm_rate", "base": base, "seed": 0, "lr": lr, "train_seconds": seconds,
+            "validation_loss": answer_loss(model, task.validation, task.collate),
+            "test_loss": answer_loss(model, task.test, task.collate)}
+
+
 def lm_part(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
     from deltatune.data import load_task
     from deltatune.data.wordnet_lm import load_wordnet_lm
@@ -213,6 +230,16 @@ def lm_part(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None
         for base in RUN_ORDER:  # as the MiniLM part: the QLoRA pair first
             if seed in LM_SEEDS[base] and (base, seed) not in done and not _past(stop_at):
                 append(jsonl, lm_run(model, task, base, seed))
+                print(json.dumps(load_records(jsonl)[-1]), flush=True)
+    lm_rates_part(jsonl, records, model, task, stop_at)
+
+
+def lm_rates_part(jsonl: Path, records: list[dict], model, task, stop_at: str | None) -> None:
+    rated = {(r["base"], r["lr"]) for r in records if r["kind"] == "lm_rate"}
+    for lr in LM_RATE_GRID:
+        for base in ("fp32", "nf4"):  # side by side, in one run
+            if (base, lr) not in rated and not _past(stop_at):
+                append(jsonl, lm_rate_check(model, task, base, lr))
                 print(json.dumps(load_records(jsonl)[-1]), flush=True)
 
 
@@ -473,7 +500,27 @@ def render_lm(records: list[dict]) -> list[str]:
         lines.append(f"- {base}: " + ", ".join(
             f"seed {r['seed']}: {r['test_loss']:.4f} / {r.get('merged_test_loss', r['test_loss']):.4f} / "
             f"{r.get('merged_from_original_test_loss', r['test_loss']):.4f}" for r in mine))
-    return lines + render_lm_static(records) + render_timing(records, "lm_timing", "lm_saved_bytes", LM_BATCH)
+    return (lines + render_lm_rates(records) + render_lm_static(records)
+            + render_timing(records, "lm_timing", "lm_saved_bytes", LM_BATCH))
+
+
+def render_lm_rates(records: list[dict]) -> list[str]:
+    rates = [r for r in records if r["kind"] == "lm_rate"]
+    if not rates:
+        return []
+    grid = sorted({r["lr"] for r in rates})
+    lines = ["", "The rate, re-checked on both bases (seed 0, fp32 and nf4 side by side in one run): validation answer "
+             "loss / test loss at each rate, the best validation loss in bold:", "",
+             "| base | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |", "|---|" + "---:|" * len(grid)]
+    for base in ("fp32", "nf4"):
+        mine = {r["lr"]: r for r in rates if r["base"] == base}
+        if not mine:
+            continue
+        best = min(mine, key=lambda lr: mine[lr]["validation_loss"])
+        cells = [("**{:.4f}**" if lr == best else "{:.4f}").format(mine[lr]["validation_loss"])
+                 + f" / {mine[lr]['test_loss']:.4f}" if lr in mine else "–" for lr in grid]
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render_lm_static(records: list[dict]) -> list[str]:

@@ -36,8 +36,8 @@ def lm_and_task():
 
     model, _ = load_wordnet_lm()
     task = load_task("gloss-generation")
-    return model, SimpleNamespace(train=task.train, test=torch.utils.data.Subset(task.test, range(8)),
-                                  collate=task.collate)
+    return model, SimpleNamespace(train=task.train, validation=torch.utils.data.Subset(task.validation, range(8)),
+                                  test=torch.utils.data.Subset(task.test, range(8)), collate=task.collate)
 
 
 @pytest.fixture
@@ -106,3 +106,13 @@ def test_the_lm_step_time_alternation_and_the_report(toy, lm_and_task):
     assert "| fp32 | 400 | 1.000 | 32.000 | 3.9000 (n=1) | +0.0000 |" in text
     assert "| bf16 | 200 | 0.500 | 16.000 |" in text
     assert "nf4 × fp32" in text and "lm_saved" not in text
+
+
+def test_the_rate_check_records_both_losses_and_the_report_bolds_the_best_validation_loss(toy, lm_and_task):
+    model, task = lm_and_task
+    record = toy.lm_rate_check(model, task, "nf4", 1e-3)
+    assert record["kind"] == "lm_rate" and 3.0 < record["validation_loss"] < 5.0 and 3.0 < record["test_loss"] < 5.0
+    rates = [{"kind": "lm_rate", "base": "nf4", "lr": lr, "validation_loss": v, "test_loss": 4.0}
+             for lr, v in ((1e-3, 3.99), (3e-3, 3.98), (1e-2, 4.01))]
+    text = "\n".join(toy.render_lm_rates(rates))
+    assert "| nf4 | 3.9900 / 4.0000 | **3.9800** / 4.0000 | 4.0100 / 4.0000 |" in text
