@@ -68,8 +68,9 @@ def train_step(model, optimizer, batch: dict) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def saved_for_backward_bytes(model, batch: dict) -> int:
-    """Bytes autograd keeps from one forward for the backward pass, each storage once."""
+def saved_for_backward_bytes(model, batch: dict, loss_fn=loss_of) -> int:
+    """Bytes autograd keeps from one forward for the backward pass, each storage once (`loss_fn(model, batch)`:
+    the classification loss unless told; a causal LM passes its own)."""
     storages: dict[int, int] = {}
 
     def pack(tensor):
@@ -78,7 +79,7 @@ def saved_for_backward_bytes(model, batch: dict) -> int:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_of(model, batch)
+        loss = loss_fn(model, batch)
     del loss
     return sum(storages.values())
 

@@ -31,8 +31,18 @@ median of 10, ratio to fp32's median in the same round; 2 rounds. Memory: the st
 (`deltatune.base_memory`: codes plus constants) against float32 / bfloat16, and the bytes autograd saves for
 backward in one forward (each storage once), which shows whether a float copy of each weight is kept.
 
-    flock /work/wt/heavy.lock python benchmarks/quantized_base.py --threads 1 [--stop-at 15:40]   # ~25 min
+The causal LM (`--part lm`): the shipped WordNet-LM (Llama, 5 blocks) on `gloss-generation`, its 35 block Linears
+(q, k, v, o, gate, up, down) as the base in the same four precisions, LoRA r8 on the same 35 (the tied head and the
+embeddings stay float32), sketchtune.md's LoRA recipe (40 steps, batch 16, 10% warm-up, lr 3e-3 tuned there on the
+fp32 LM, reused for every base as above); metric: the test answer loss (nats/token on the definition tokens, 250
+items); seeds 0, 1, 2 (bf16: seed 0 only, a check: the shipped LM is stored in bfloat16, so its fp32 and bf16 bases
+are the same weights); the same merge-back measurements, an untuned-base loss per precision, the same step-time
+alternation (batch 16), and a re-check of the rate: fp32 and nf4 at 1e-3, 3e-3, 1e-2 (seed 0, validation loss).
+
+    /work/wt/slot env PYTHONPATH=src python benchmarks/quantized_base.py --threads 1 [--part minilm|lm]
+        [--stop-at HH:MM]   # a run in the JSONL is not repeated
     python benchmarks/quantized_base.py --render                                      # the report from the JSONL
+QUANTIZED_BASE_SMOKE=1 runs a seconds-long version (write it elsewhere: --output /tmp/...).
 """
 from __future__ import annotations
 
@@ -72,6 +82,11 @@ WARMUP, STEPS, ROUNDS = 2, 10, 2
 # exactly this recipe on the fp32 LM in sketchtune.md (grid 3e-5 .. 1e-2, validation loss), reused here
 LM_BLOCKS = r"model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LM_STEPS, LM_LR = 40, 3e-3
+# the shipped WordNet-LM is stored in bfloat16 (data/README.md): its fp32 and bf16 bases are the same weights, so the
+# bf16 arm runs one seed, as a check that it equals fp32's run, and the slot time goes to the quantized arms
+LM_SEEDS = {"fp32": SEEDS, "nf4": SEEDS, "int8": SEEDS, "bf16": SEEDS[:1]}
+# does the NF4 base want another rate? sketchtune.md's grid around its choice, seed 0, fp32 and nf4 side by side
+LM_RATE_GRID = (1e-3, 3e-3, 1e-2)
 if os.environ.get("QUANTIZED_BASE_SMOKE"):  # a seconds-long end-to-end check of the script itself
     TRAIN_SIZE, VALIDATION_SIZE, TEST_SIZE, EPOCHS, SEEDS, STEPS = 32, 32, 32, 1, (0,), 1
     LM_STEPS = 2
@@ -104,22 +119,49 @@ def apply_base(model, base: str, targets: str = ENCODER):
 
 
 # --- the causal LM -------------------------------------------------------------------------------------------
-def lm_run(model, task, base: str, seed: int) -> dict:
-    """LoRA r8 on every Linear but the (tied) head of WordNet-LM on the `base` version of its blocks; held-out
-    answer loss before and after merge-back."""
-    from deltatune.train import TrainConfig, Trainer
+LM_BATCH = 16
 
+
+def lm_adapted(model, base: str, seed: int):
+    """A copy of WordNet-LM with `base` applied to its 35 block Linears and LoRA r8 on every Linear but the (tied)
+    head (the same 35; sketchtune.md's LoRA r8, the same seeding); its BaseMemory (None for a float base) and the
+    fp32 weights of those Linears (for `merge_quantized(original_weights=)`)."""
     originals = {p: m.weight.detach().clone() for p, m in model.named_modules() if re.fullmatch(LM_BLOCKS, p)}
     model = copy.deepcopy(model)
     memory = apply_base(model, base, LM_BLOCKS)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA's A
     dt.adapt(model, dt.config_for("lora", rank=8, targets="all-linear"))
-    settings = TrainConfig(max_steps=LM_STEPS, batch_size=16, lr=LM_LR, warmup_ratio=0.1, seed=seed, progress=False,
-                           eval_every_epoch=False, log_every=5)
+    return model, memory, originals
+
+
+def lm_loss_of(model, batch: dict) -> torch.Tensor:
+    """The causal LM's own loss on the answer tokens (labels -100 elsewhere; the model shifts them)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def lm_block_weights(model) -> int:
+    return sum(m.in_features * m.out_features for p, m in model.named_modules()
+               if re.fullmatch(LM_BLOCKS, p.replace(".base_layer", "")) and not isinstance(m, AdaptedLayer))
+
+
+def lm_trained(model, task, base: str, seed: int, lr: float):
+    """(the trained LM, its BaseMemory, the fp32 block weights, training seconds): sketchtune.md's recipe at `lr`."""
+    from deltatune.train import TrainConfig, Trainer
+
+    model, memory, originals = lm_adapted(model, base, seed)
+    settings = TrainConfig(max_steps=LM_STEPS, batch_size=LM_BATCH, lr=lr, warmup_ratio=0.1, seed=seed,
+                           progress=False, eval_every_epoch=False, log_every=5)
+    start = time.perf_counter()
     Trainer(model, settings, task.train, None, collate_fn=task.collate).train()
-    weights = sum(m.in_features * m.out_features for p, m in model.named_modules()
-                  if re.fullmatch(LM_BLOCKS, p.replace(".base_layer", "")) and not isinstance(m, AdaptedLayer))
-    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR,
+    return model, memory, originals, time.perf_counter() - start
+
+
+def lm_run(model, task, base: str, seed: int) -> dict:
+    """LoRA r8 on the `base` version of WordNet-LM's blocks, sketchtune.md's recipe; held-out answer loss before
+    and after merge-back (dequantize-add-requantize, and requantizing the fp32 W + ΔW)."""
+    model, memory, originals, seconds = lm_trained(model, task, base, seed, LM_LR)
+    weights = lm_block_weights(model)
+    record = {"kind": "lm", "base": base, "seed": seed, "lr": LM_LR, "train_seconds": seconds,
               "test_loss": answer_loss(model, task.test, task.collate),
               "base_weights": weights,
               "base_bytes": memory.stored_bytes if memory else weights * (2 if base == "bf16" else 4)}
@@ -137,17 +179,67 @@ def lm_run(model, task, base: str, seed: int) -> dict:
     return record
 
 
-def lm_part(jsonl: Path, stop_at: str | None) -> None:
+@torch.no_grad()
+def lm_static(model, task) -> dict:
+    """No training, deterministic: each base's block weights against fp32's (relative Frobenius, the 35 together)
+    and the test answer loss of the untuned LM on it."""
+    weights_fp32 = {p: m.weight.detach() for p, m in model.named_modules() if re.fullmatch(LM_BLOCKS, p)}
+    result = {"kind": "lm_static", "fp32": {"test_loss": answer_loss(model, task.test, task.collate)}}
+    norm = sum(float(w.square().sum()) for w in weights_fp32.values())
+    for base in ("bf16", "int8", "nf4"):
+        quantized = copy.deepcopy(model)
+        apply_base(quantized, base, LM_BLOCKS)
+        error = sum(float((quantized.get_submodule(p).weight - w).square().sum()) for p, w in weights_fp32.items())
+        result[base] = {"weight_relative_frobenius": (error / norm) ** 0.5,
+                        "test_loss": answer_loss(quantized, task.test, task.collate)}
+    return result
+
+
+def lm_timing(model, task) -> list[dict]:
+    """The step-time alternation of the MiniLM part on WordNet-LM: one real batch of LM_BATCH training items."""
+    batch = task.collate([task.train[i] for i in range(LM_BATCH)])
+    built = {base: lm_adapted(model, base, 0)[0] for base in ("fp32", "int8", "nf4")}
+    return alternated_steps(built, batch, lm_loss_of, "lm_timing", "lm_saved_bytes")
+
+
+def lm_rate_check(model, task, base: str, lr: float) -> dict:
+    """Seed 0 at `lr`: the validation answer loss (what a rate is chosen by) and the test loss. Is fp32's rate
+    also NF4's best, or does a quantized base want another (BENCHMARKING.md: tune at every setting compared)?"""
+    model, _, _, seconds = lm_trained(model, task, base, 0, lr)
+    return {"kind": "lm_rate", "base": base, "seed": 0, "lr": lr, "train_seconds": seconds,
+            "validation_loss": answer_loss(model, task.validation, task.collate),
+            "test_loss": answer_loss(model, task.test, task.collate)}
+
+
+def lm_part(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
     from deltatune.data import load_task
     from deltatune.data.wordnet_lm import load_wordnet_lm
 
     model, _ = load_wordnet_lm()
     task = load_task("gloss-generation")
-    done = {(r["base"], r["seed"]) for r in load_records(jsonl) if r["kind"] == "lm"}
+    records = load_records(jsonl)
+    if not any(r["kind"] == "lm_static" for r in records):
+        append(jsonl, lm_static(model, task))
+    if static_only:
+        return
+    if not any(r["kind"] == "lm_timing" for r in records) and not _past(stop_at):
+        for record in lm_timing(model, task):
+            append(jsonl, record)
+    done = {(r["base"], r["seed"]) for r in records if r["kind"] == "lm"}
     for seed in SEEDS:
-        for base in BASES:
-            if (base, seed) not in done and not _past(stop_at):
+        for base in RUN_ORDER:  # as the MiniLM part: the QLoRA pair first
+            if seed in LM_SEEDS[base] and (base, seed) not in done and not _past(stop_at):
                 append(jsonl, lm_run(model, task, base, seed))
+                print(json.dumps(load_records(jsonl)[-1]), flush=True)
+    lm_rates_part(jsonl, records, model, task, stop_at)
+
+
+def lm_rates_part(jsonl: Path, records: list[dict], model, task, stop_at: str | None) -> None:
+    rated = {(r["base"], r["lr"]) for r in records if r["kind"] == "lm_rate"}
+    for lr in LM_RATE_GRID:
+        for base in ("fp32", "nf4"):  # side by side, in one run
+            if (base, lr) not in rated and not _past(stop_at):
+                append(jsonl, lm_rate_check(model, task, base, lr))
                 print(json.dumps(load_records(jsonl)[-1]), flush=True)
 
 
@@ -233,6 +325,16 @@ def timing(task) -> list[dict]:
     built = {}
     for base in ("fp32", "int8", "nf4"):  # bf16 here is fp32 compute on rounded weights: fp32's step
         model, _ = build(task, base, 0)
+        built[base] = model
+    return alternated_steps(built, batch, loss_of, "timing", "saved_bytes")
+
+
+def alternated_steps(models: dict, batch: dict, loss_fn, kind: str, saved_kind: str) -> list[dict]:
+    """BENCHMARKING.md's protocol: whole training steps (forward, backward, AdamW step, zero_grad) of every model
+    on one real batch, alternated step by step, WARMUP dropped, median of STEPS, ratio to fp32's median in the
+    same round, ROUNDS rounds; then the bytes autograd saves for backward in one forward of each."""
+    built = {}
+    for base, model in models.items():
         model.train()
         built[base] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
     records = []
@@ -242,16 +344,16 @@ def timing(task) -> list[dict]:
             for base, (model, optimizer) in built.items():
                 timer = harness.StepTimer()
                 timer.on_step_begin()
-                loss_of(model, batch).backward()
+                loss_fn(model, batch).backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 timer.on_step_end()
                 seconds[base].append(timer.seconds[-1])
         medians = {base: statistics.median(s[WARMUP:]) for base, s in seconds.items()}
-        records.append({"kind": "timing", "round": round_index, "median_seconds": medians,
+        records.append({"kind": kind, "round": round_index, "median_seconds": medians,
                         "ratio_to_fp32": {b: m / medians["fp32"] for b, m in medians.items()}})
-    saved = {base: saved_for_backward_bytes(model, batch) for base, (model, _) in built.items()}
-    records.append({"kind": "saved_bytes", "bytes": saved})
+    saved = {base: saved_for_backward_bytes(model, batch, loss_fn) for base, (model, _) in built.items()}
+    records.append({"kind": saved_kind, "bytes": saved})
     return records
 
 
@@ -267,7 +369,14 @@ def append(path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def run(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
+def run(jsonl: Path, stop_at: str | None, static_only: bool = False, part: str = "all") -> None:
+    if part in ("all", "minilm"):
+        minilm_part(jsonl, stop_at, static_only)
+    if part in ("all", "lm"):
+        lm_part(jsonl, stop_at, static_only)
+
+
+def minilm_part(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
     from deltatune.data import load_task
     from deltatune.recipe import evaluation_subsets
 
@@ -287,7 +396,6 @@ def run(jsonl: Path, stop_at: str | None, static_only: bool = False) -> None:
             if (base, seed, LR) not in done and not _past(stop_at):
                 append(jsonl, train_and_test(task, base, seed, LR))
                 print(json.dumps(load_records(jsonl)[-1]), flush=True)
-    lm_part(jsonl, stop_at)
 
 
 def _past(stop_at: str | None) -> bool:
@@ -305,8 +413,8 @@ def render(jsonl: Path, env: dict) -> str:
     tested = [r for r in runs if "test" in r]
     lines = ["# LoRA on a quantized frozen base (int8, NF4) vs a 32-bit and a 16-bit base", "",
              harness.environment_line(env), "",
-             "Command: `flock /work/wt/heavy.lock python benchmarks/quantized_base.py --threads 1` "
-             "(raw records: quantized_base.jsonl)", "",
+             "Command: `/work/wt/slot env PYTHONPATH=src python benchmarks/quantized_base.py --threads 1 "
+             "[--part minilm|lm]` (one CPU slot; resumes from the raw records, quantized_base.jsonl)", "",
              *[_flowed(p) + "\n" for p in (__doc__ or "").split("\n\n")[1:6]],
              f"Learning rate {LR:g} for every base (tuned once on fp32 in sparse_accuracy.md, where LoRA r8 on these "
              "36 layers scored 84.9 ± 0.7 on this recipe).", "",
@@ -342,25 +450,13 @@ def render(jsonl: Path, env: dict) -> str:
                                f"{100 * r['test']:.2f}%" for r in floats))]
     lines += render_static(records)
     lines += render_peers(jsonl.with_name(jsonl.stem + "_peers.json"))
-    lines += render_lm(records)
     lines += ["", "Per seed (test accuracy %, unmerged / merged back):", ""]
     for base in BASES:
         rows = sorted((r for r in tested if r["base"] == base), key=lambda r: r["seed"])
         lines.append(f"- {base}: " + ", ".join(f"seed {r['seed']}: {100 * r['test']:.2f} / "
                                                f"{100 * r.get('merged_test', r['test']):.2f}" for r in rows))
-    timings = [r for r in records if r["kind"] == "timing"]
-    if timings:
-        lines += ["", "Step time (median of 10 whole training steps, batch 32, alternated in one process):", "",
-                  "| round | fp32 (s) | int8 (s) | nf4 (s) | int8 × fp32 | nf4 × fp32 |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for r in timings:
-            m, q = r["median_seconds"], r["ratio_to_fp32"]
-            lines.append(f"| {r['round']} | {m['fp32']:.3f} | {m['int8']:.3f} | {m['nf4']:.3f} | "
-                         f"{q['int8']:.2f} | {q['nf4']:.2f} |")
-    saved = [r for r in records if r["kind"] == "saved_bytes"]
-    if saved:
-        lines += ["", "Bytes autograd saves for backward in one forward (batch 32): "
-                  + ", ".join(f"{b} {v / 2**20:.1f} MiB" for b, v in saved[-1]["bytes"].items()) + "."]
+    lines += render_timing(records, "timing", "saved_bytes", BATCH)
+    lines += render_lm(records)
     return "\n".join(lines) + "\n"
 
 
@@ -368,12 +464,17 @@ def render_lm(records: list[dict]) -> list[str]:
     rows = [r for r in records if r["kind"] == "lm"]
     if not rows:
         return []
-    lines = ["", f"WordNet-LM (Llama, 5 blocks; `gloss-generation`): LoRA r8 on every Linear but the tied head, "
-             f"{LM_STEPS} steps, batch 16, lr {LM_LR:g} (tuned on the fp32 LM for this recipe in sketchtune.md, "
-             "reused), the 35 block Linears as the base; test answer loss (nats/token, 3 seeds):", "",
-             "| base | stored bytes | × float32 | test loss | after merge-back | merge-back rel. Frobenius error | "
-             "share of ΔW kept | merged back from the fp32 weights: test loss | its share of ΔW kept |",
-             "|---|---:|---:|---|---|---:|---:|---|---:|"]
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["", "## WordNet-LM (causal LM)", "",
+             f"WordNet-LM (Llama, 5 blocks; `gloss-generation`): LoRA r8 on every Linear but the tied head, "
+             f"{LM_STEPS} steps, batch {LM_BATCH}, lr {LM_LR:g} (tuned on the fp32 LM for this recipe in "
+             "sketchtune.md, reused for every base as in the MiniLM part), the 35 block Linears as the base; test "
+             f"answer loss (nats/token, 250 test items; seeds {', '.join(map(str, seeds))}):", "",
+             "| base | stored bytes | × float32 | bits / weight | test loss | − fp32's (paired mean) | "
+             "after merge-back | merge-back rel. Frobenius error | share of ΔW kept | "
+             "merged back from the fp32 weights: test loss | its share of ΔW kept |",
+             "|---|---:|---:|---:|---|---:|---|---:|---:|---|---:|"]
+    fp32 = {r["seed"]: r["test_loss"] for r in rows if r["base"] == "fp32"}
     for base in BASES:
         mine = [r for r in rows if r["base"] == base]
         if not mine:
@@ -384,12 +485,72 @@ def render_lm(records: list[dict]) -> list[str]:
         kept_original = [r["merge_from_original"]["delta_kept"] for r in mine if "merge_from_original" in r]
         stored, weights = mine[0]["base_bytes"], mine[0]["base_weights"]
         losses = [r["test_loss"] for r in mine]
-        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {mean_std(losses, scale=1, digits=4)} | "
+        paired = [r["test_loss"] - fp32[r["seed"]] for r in mine if r["seed"] in fp32]
+        lines.append(f"| {base} | {stored:,} | {stored / (4 * weights):.3f} | {8 * stored / weights:.3f} | "
+                     f"{mean_std(losses, scale=1, digits=4)} (n={len(mine)}) | "
+                     f"{statistics.fmean(paired):+.4f} | "
                      f"{mean_std(merged, scale=1, digits=4, empty='= unmerged (exact)')} | "
                      f"{mean_std([e['relative_frobenius'] for e in errors], scale=1, digits=4, empty='0')} | "
                      f"{mean_std([e['delta_kept'] for e in errors], scale=1, digits=3, empty='1 (exact)')} | "
                      f"{mean_std(from_original, scale=1, digits=4, empty='–')} | "
                      f"{mean_std(kept_original, scale=1, digits=3, empty='–')} |")
+    lines += ["", "Per seed (test loss, unmerged / merged back / merged back from the fp32 weights):", ""]
+    for base in BASES:
+        mine = sorted((r for r in rows if r["base"] == base), key=lambda r: r["seed"])
+        lines.append(f"- {base}: " + ", ".join(
+            f"seed {r['seed']}: {r['test_loss']:.4f} / {r.get('merged_test_loss', r['test_loss']):.4f} / "
+            f"{r.get('merged_from_original_test_loss', r['test_loss']):.4f}" for r in mine))
+    return (lines + render_lm_rates(records) + render_lm_static(records)
+            + render_timing(records, "lm_timing", "lm_saved_bytes", LM_BATCH))
+
+
+def render_lm_rates(records: list[dict]) -> list[str]:
+    rates = [r for r in records if r["kind"] == "lm_rate"]
+    if not rates:
+        return []
+    grid = sorted({r["lr"] for r in rates})
+    lines = ["", "The rate, re-checked on both bases (seed 0, fp32 and nf4 side by side in one run): validation answer "
+             "loss / test loss at each rate, the best validation loss in bold:", "",
+             "| base | " + " | ".join(f"lr {lr:g}" for lr in grid) + " |", "|---|" + "---:|" * len(grid)]
+    for base in ("fp32", "nf4"):
+        mine = {r["lr"]: r for r in rates if r["base"] == base}
+        if not mine:
+            continue
+        best = min(mine, key=lambda lr: mine[lr]["validation_loss"])
+        cells = [("**{:.4f}**" if lr == best else "{:.4f}").format(mine[lr]["validation_loss"])
+                 + f" / {mine[lr]['test_loss']:.4f}" if lr in mine else "–" for lr in grid]
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_lm_static(records: list[dict]) -> list[str]:
+    statics = [r for r in records if r["kind"] == "lm_static"]
+    if not statics:
+        return []
+    lines = ["", "Before training (deterministic): the 35 block weights against fp32's, and the untuned LM's test "
+             "loss on each base:", "", "| base | weight rel. Frobenius error | test loss before tuning |",
+             "|---|---:|---:|"]
+    for base, row in statics[-1].items():
+        if base != "kind":
+            lines.append(f"| {base} | {row.get('weight_relative_frobenius', 0):.4f} | {row['test_loss']:.4f} |")
+    return lines
+
+
+def render_timing(records: list[dict], kind: str, saved_kind: str, batch: int) -> list[str]:
+    lines = []
+    timings = [r for r in records if r["kind"] == kind]
+    if timings:
+        lines += ["", f"Step time (median of {STEPS} whole training steps, batch {batch}, alternated in one "
+                  "process):", "", "| round | fp32 (s) | int8 (s) | nf4 (s) | int8 × fp32 | nf4 × fp32 |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in timings:
+            m, q = r["median_seconds"], r["ratio_to_fp32"]
+            lines.append(f"| {r['round']} | {m['fp32']:.3f} | {m['int8']:.3f} | {m['nf4']:.3f} | "
+                         f"{q['int8']:.2f} | {q['nf4']:.2f} |")
+    saved = [r for r in records if r["kind"] == saved_kind]
+    if saved:
+        lines += ["", f"Bytes autograd saves for backward in one forward (batch {batch}): "
+                  + ", ".join(f"{b} {v / 2**20:.1f} MiB" for b, v in saved[-1]["bytes"].items()) + "."]
     return lines
 
 
@@ -451,15 +612,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--render", action="store_true", help="only re-write the report from the JSONL")
     parser.add_argument("--stop-at", help="HH:MM UTC: start no new training run after this time")
+    parser.add_argument("--part", choices=("all", "minilm", "lm"), default="all",
+                        help="the MiniLM classifier, the WordNet-LM causal LM, or both (default)")
     parser.add_argument("--static-only", action="store_true",
                         help="only the deterministic part (bytes, weight and feature error; seconds, no training)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     jsonl = Path(f"{args.output}.jsonl")
     if not args.render:
-        run(jsonl, args.stop_at, args.static_only)
+        run(jsonl, args.stop_at, args.static_only, args.part)
     report = Path(f"{args.output}.md")
-    harness.write_report(report, render(jsonl, harness.environment(threads=args.threads)) + harness.kept_notes(report))
+    harness.write_report(report, render(jsonl, harness.environment(threads=args.threads)), keep_reading=True)
     return 0
 
 
