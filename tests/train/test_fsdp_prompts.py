@@ -1,0 +1,66 @@
+"""Every registered method that acts on whole modules (layer kind MODULE: prompt tuning, VPT) trains under the
+Trainer with `sharding="fsdp"` on two processes (torchrun, gloo) to what one process trains (float64, 1e-10),
+its prompts actually move, and its checkpoint holds the full tensors and the full optimizer state. The
+Linear-layer methods have their own sweep (test_fsdp_methods.py); one launch here covers both of these."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+from deltatune.core.layers import LINEAR, MODULE
+from train import fsdp_prompts_worker as worker
+from train.torchrun import run_in_process, run_two_processes
+
+FINAL = f"checkpoints/step-{worker.STEPS:06d}"
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    return run_two_processes(worker, tmp_path_factory.mktemp("fsdp-prompts"))
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    return run_in_process(worker, tmp_path_factory.mktemp("fsdp-prompts-single"))
+
+
+def _checkpoint(run_dir, method):
+    error = run_dir / f"{method}.error"
+    assert not error.exists(), error.read_text()
+    folder = run_dir / method / FINAL
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    return load_file(str(folder / "model.safetensors")), optimizer
+
+
+def test_the_sweep_covers_every_method_that_acts_on_whole_modules_only():
+    """A method that also adapts Linear layers (IAA) is in test_fsdp_methods.py's sweep."""
+    kinds = {e.name: e.delta_cls.layer_kinds for e in dt.list_methods()}
+    assert set(worker.METHODS) == {name for name, k in kinds.items() if MODULE in k and LINEAR not in k}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", worker.METHODS)
+def test_prompts_train_sharded_as_in_one_process(two_process_run, one_process_run, method):
+    (sharded, sharded_state), (single, single_state) = (_checkpoint(two_process_run, method),
+                                                        _checkpoint(one_process_run, method))
+    model, _ = worker.adapted(method)
+    initial = model.state_dict()
+    assert sharded.keys() == single.keys() and sharded
+    prompts = [name for name, p in model.named_parameters() if p.requires_grad and name.endswith(".prompt")]
+    assert prompts and all(name in single for name in prompts)
+    sharded_names = (two_process_run / f"{method}.sharded").read_text().split()
+    assert set(prompts) <= set(sharded_names), f"FSDP left prompts whole: {set(prompts) - set(sharded_names)}"
+    assert not (one_process_run / f"{method}.sharded").read_text(), "the one-process reference was sharded"
+    for name in prompts:
+        assert not torch.allclose(single[name], initial[name], rtol=0, atol=1e-6), f"{name} did not train"
+    for name in single:
+        assert sharded[name].shape == initial[name].shape, f"{name} is a slice, not the full tensor"
+        torch.testing.assert_close(sharded[name], single[name], atol=1e-10, rtol=0, msg=name)
+    trainable = sum(p.requires_grad for p in model.parameters())
+    assert len(single_state) == trainable and sharded_state.keys() == single_state.keys()
+    for index, state in single_state.items():
+        for key, value in state.items():
+            torch.testing.assert_close(sharded_state[index][key], value, atol=1e-10, rtol=0,
+                                       msg=f"optimizer state {index}.{key}")
