@@ -1,18 +1,22 @@
 """Run by test_fsdp_prompts.py under `torchrun --nproc_per_node=2` with `TrainConfig(sharding="fsdp")`, and
 in-process for the one-process reference: every registered method that acts on whole modules (layer kind
-MODULE: prompt tuning, VPT), with its paper defaults but for a short prompt, trains a float64 transformers
-classifier it can adapt (prompt tuning a two-layer BERT, VPT a two-layer ViT; each layer one FSDP unit, the
-embeddings, the prompt-tuning host and the head in the root unit) for 4 steps (two micro-batches each) and
-writes its final checkpoint; rank 0 lists the trained parameters FSDP sharded in OUT_DIR/<method>.sharded. A
-method whose run fails writes its one-line error to OUT_DIR/<method>.error instead (the test then shows it).
+MODULE: prompt tuning, VPT, IAA's aside modules), with its paper defaults but for a short prompt, trains a
+float64 transformers classifier it can adapt (prompt tuning and IAA a two-layer BERT, VPT a two-layer ViT; each
+layer one FSDP unit, the embeddings, the prompt-tuning host and the head in the root unit) for 4 steps (two
+micro-batches each) and writes its final checkpoint; rank 0 lists the trained parameters FSDP sharded in
+OUT_DIR/<method>.sharded. A method whose run fails writes its one-line error to OUT_DIR/<method>.error instead
+(the test then shows it).
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 fsdp_prompts_worker.py OUT_DIR
 """
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,10 +98,23 @@ class ImageDataset(Dataset):
         return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
 
 
-# method -> (the model it adapts, its data); test_fsdp_prompts checks every MODULE method is here
-SETUPS: dict[str, tuple[Callable[[], nn.Module], Callable[[], Dataset]]] = {
-    "prompt_tuning": (text_classifier, TextDataset),
-    "vpt": (image_classifier, ImageDataset),
+@dataclass(frozen=True)
+class Setup:
+    """What one method trains on: the model it adapts, its data, its config beyond the paper defaults, and the
+    pattern of its tensors hosted on whole modules (the ones this sweep is about)."""
+
+    model: Callable[[], nn.Module]
+    data: Callable[[], Dataset]
+    options: dict[str, Any] = field(default_factory=dict)
+    on_modules: str = r".*\.prompt"
+
+
+# test_fsdp_prompts checks every method with layer kind MODULE is here. IAA also adapts Linear layers (the
+# Linear sweep covers those); its aside modules wrap BERT's blocks.
+SETUPS: dict[str, Setup] = {
+    "prompt_tuning": Setup(text_classifier, TextDataset, {"num_tokens": PROMPT_TOKENS}),
+    "vpt": Setup(image_classifier, ImageDataset, {"num_tokens": PROMPT_TOKENS}),
+    "iaa": Setup(text_classifier, TextDataset, on_modules=r".*\.layer\.\d+\.deltas\..*"),
 }
 METHODS = list(SETUPS)
 
@@ -107,15 +124,21 @@ def adapted(method: str) -> tuple[nn.Module, dt.DeltaConfig]:
 
     logging.set_verbosity_error()
     torch.manual_seed(0)
-    config = dt.config_for(method, num_tokens=PROMPT_TOKENS, extra_trainable=("head",))
-    return dt.adapt(SETUPS[method][0]().to(F64), config), config
+    setup = SETUPS[method]
+    config = dt.config_for(method, extra_trainable=("head",), **setup.options)
+    return dt.adapt(setup.model().to(F64), config), config
+
+
+def on_modules(method: str, names: list[str]) -> list[str]:
+    """Of `names`, the tensors of `method`'s deltas hosted on whole modules."""
+    return [name for name in names if re.fullmatch(SETUPS[method].on_modules, name)]
 
 
 def train(method: str, out: Path, world: World) -> None:
     model, config = adapted(method)
     settings = TrainConfig(max_steps=STEPS, batch_size=8, grad_accum_steps=2, lr=0.05, log_every=1,
                            progress=False, sharding="fsdp", output_dir=str(out / method))
-    trainer = Trainer(model, settings, SETUPS[method][1](), callbacks=config.training_callbacks(model, STEPS))
+    trainer = Trainer(model, settings, SETUPS[method].data(), callbacks=config.training_callbacks(model, STEPS))
     trainer.train()
     if world.is_main:  # which trained tensors FSDP held as slices: the test checks the prompts were among them
         sharded = [name for name, p in trainer.model.named_parameters() if p.requires_grad and is_sharded_tensor(p)]

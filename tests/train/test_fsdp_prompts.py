@@ -1,7 +1,8 @@
-"""Every registered method that acts on whole modules (layer kind MODULE: prompt tuning, VPT) trains under the
-Trainer with `sharding="fsdp"` on two processes (torchrun, gloo) to what one process trains (float64, 1e-10),
-its prompts actually move, and its checkpoint holds the full tensors and the full optimizer state. The
-Linear-layer methods have their own sweep (test_fsdp_methods.py); one launch here covers both of these."""
+"""Every registered method that acts on whole modules (layer kind MODULE: prompt tuning, VPT, IAA's aside
+modules) trains under the Trainer with `sharding="fsdp"` on two processes (torchrun, gloo) to what one process
+trains (float64, 1e-10), its module-hosted tensors (the prompts, the aside adapters) are sharded and move, and
+its checkpoint holds the full tensors and the full optimizer state. The Linear-layer methods have their own
+sweep (test_fsdp_methods.py); one launch here covers these three."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
-from deltatune.core.layers import LINEAR, MODULE
+from deltatune.core.layers import MODULE
 from train import fsdp_prompts_worker as worker
 from train.torchrun import run_in_process, run_two_processes
 
@@ -34,26 +35,24 @@ def _checkpoint(run_dir, method):
     return load_file(str(folder / "model.safetensors")), optimizer
 
 
-def test_the_sweep_covers_every_method_that_acts_on_whole_modules_only():
-    """A method that also adapts Linear layers (IAA) is in test_fsdp_methods.py's sweep."""
-    kinds = {e.name: e.delta_cls.layer_kinds for e in dt.list_methods()}
-    assert set(worker.METHODS) == {name for name, k in kinds.items() if MODULE in k and LINEAR not in k}
+def test_the_sweep_covers_every_method_that_acts_on_whole_modules():
+    assert set(worker.METHODS) == {e.name for e in dt.list_methods() if MODULE in e.delta_cls.layer_kinds}
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", worker.METHODS)
-def test_prompts_train_sharded_as_in_one_process(two_process_run, one_process_run, method):
+def test_module_deltas_train_sharded_as_in_one_process(two_process_run, one_process_run, method):
     (sharded, sharded_state), (single, single_state) = (_checkpoint(two_process_run, method),
                                                         _checkpoint(one_process_run, method))
     model, _ = worker.adapted(method)
     initial = model.state_dict()
     assert sharded.keys() == single.keys() and sharded
-    prompts = [name for name, p in model.named_parameters() if p.requires_grad and name.endswith(".prompt")]
-    assert prompts and all(name in single for name in prompts)
+    hosted = worker.on_modules(method, [name for name, p in model.named_parameters() if p.requires_grad])
+    assert hosted and all(name in single for name in hosted)
     sharded_names = (two_process_run / f"{method}.sharded").read_text().split()
-    assert set(prompts) <= set(sharded_names), f"FSDP left prompts whole: {set(prompts) - set(sharded_names)}"
+    assert set(hosted) <= set(sharded_names), f"FSDP left them whole: {set(hosted) - set(sharded_names)}"
     assert not (one_process_run / f"{method}.sharded").read_text(), "the one-process reference was sharded"
-    for name in prompts:
+    for name in hosted:
         assert not torch.allclose(single[name], initial[name], rtol=0, atol=1e-6), f"{name} did not train"
     for name in single:
         assert sharded[name].shape == initial[name].shape, f"{name} is a slice, not the full tensor"
