@@ -334,3 +334,12 @@ def _raising_main(argv):
     add_merge_commands(parser.add_subparsers())
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def test_help_teaches_the_search(capsys):
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    text = capsys.readouterr().out
+    for phrase in ("{search: [0.1, 0.9]}", "--search lambda=0.2:2.0", "output_change", "--budget N", "never test",
+                   "merge_search.json"):
+        assert phrase in text

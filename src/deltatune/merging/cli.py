@@ -33,8 +33,8 @@ choosing settings on validation data (--search; see src/deltatune/merging/README
   # in the YAML, a range stands where a number would:  parameters: {density: {search: [0.1, 0.9]}}
   deltatune merge ties.yaml --search --eval glyphs-novel-vit --budget 16 --out merged/
   # or the ranges on the command line (CONFIG first):
-  deltatune merge ties.yaml --search lambda=0.2:2.0 density=0.1:0.9 --budget 16 --out merged/ \
-      --eval wordnet-nouns,prefix=backbone.,head=nouns.head.safetensors,size=300 \
+  deltatune merge ties.yaml --search lambda=0.2:2.0 density=0.1:0.9 --budget 16 --out merged/ \\
+      --eval wordnet-nouns,prefix=backbone.,head=nouns.head.safetensors,size=300 \\
       --eval wordnet-verbs:loss,prefix=backbone.,head=verbs.head.safetensors
   --eval TASK[:METRIC][,option=value...]: a built-in task's validation split (never test). METRIC: the task's
       own (accuracy; default), loss (labelled), entropy or output_change (unlabelled; output_change needs
