@@ -15,9 +15,9 @@ free settings, the density kept per model and the scaling λ. Contenders, on the
   grid's hull), seeds 0, 1, 2, budget 32; its picks at budgets 8 and 16 are the best of the run's first 8 / 16
   evaluations, which is exactly what a budget-8 / 16 run picks (the run is a prefix of itself:
   tests/merging/test_merge_search.py::test_a_shorter_budget_is_a_prefix_of_a_longer_one).
-Each pick is then scored once on the test subsets. Every (setting, split) evaluation is cached in
-`<work>/search-<family>.json` with its seconds, so an interrupted run resumes; each family is one record of
-`<work>/stages.jsonl`; `--render` re-writes the report from `--json`.
+Each pick is then scored once on the test subsets. Every (setting, split) evaluation is cached with its
+seconds in `<work>/search-<family>[-v<validation>-t<test>].json`, so an interrupted run resumes; each family is
+one record of `<vision work>/search-stages.jsonl`; `--render` re-writes the report from `--json`.
 
 "Matches the grid's best" (fixed before the run): at a budget, the three seeds' picks have a mean test accuracy
 at least the grid pick's minus 1 point, and each pick's validation score is at least the grid best's minus 1 point.
@@ -154,7 +154,8 @@ def pick(scorer: Scorer, record: SettingsRecord, count: int | None = None) -> di
 def run_family(name: str, work: Path, args) -> dict:
     started = time.perf_counter()
     family = BUILDERS[name](work, args)
-    scorer = Scorer(family, merge_wordnet.EvaluationCache(work / f"search-{name}.json"))
+    sizes = f"-v{args.wordnet_validation}-t{args.wordnet_test}" if name == "wordnet" else ""  # a cache per protocol
+    scorer = Scorer(family, merge_wordnet.EvaluationCache(work / f"search-{name}{sizes}.json"))
     grid = grid_settings(SPACE, scorer.objective, {DENSITY: DENSITY_GRID, LAMBDA: LAMBDA_GRID})
     paper_row = [e for e in grid.evaluations if e.setting[DENSITY] == PAPER_DENSITY]
     paper_best = max(paper_row, key=lambda e: e.score)
