@@ -241,9 +241,32 @@ def report(payload: dict) -> str:
              f"{MATCH_POINTS:g} point and every seed's validation ≥ grid best's − {MATCH_POINTS:g} point.", ""]
     for stage in stages:
         lines += _family_table(payload[stage])
+    lines += ["![best validation so far against evaluations](merge_search.png)", ""]
     for stage in stages:
         lines += _grid_table(payload[stage])
     return "\n".join(lines) + "\n"
+
+
+def figure(payload: dict):
+    """Best validation score so far against evaluations spent: each CMA-ES seed, and the grid's best."""
+    plt = harness.pyplot()
+    stages = [f for f in FAMILIES if f in payload]
+    fig, axes = plt.subplots(1, len(stages), figsize=(5.5 * len(stages), 3.8), squeeze=False)
+    for axis, stage in zip(axes[0], stages):
+        record = payload[stage]
+        for run in record["search"]:
+            scores = [e["score"] for e in run["record"]["evaluations"]]
+            best = [100 * max(scores[: i + 1]) for i in range(len(scores))]
+            axis.plot(range(1, len(best) + 1), best, label=f"CMA-ES seed {run['seed']}")
+        grid_scores = [e["score"] for e in record["grid"]["record"]["evaluations"]]
+        axis.axhline(100 * max(grid_scores), color="black", linestyle="--",
+                     label=f"grid best ({len(grid_scores)} evaluations)")
+        for budget in BUDGETS:
+            axis.axvline(budget, color="grey", linewidth=0.5)
+        axis.set(title=f"{stage}: TIES density × λ", xlabel="evaluations", ylabel="best validation mean accuracy (%)")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def main() -> None:
@@ -269,7 +292,8 @@ def main() -> None:
         payload = {r["family"]: r for r in log.records()}
         payload["environment"] = harness.environment(threads=args.threads, command=COMMAND)
         harness.write_json(args.json, payload)
-    harness.write_report(args.output, report(json.loads(args.json.read_text())))
+    payload = json.loads(args.json.read_text())
+    harness.write_report(args.output, report(payload), {args.output.with_suffix(".png"): figure(payload)})
     print(args.output.read_text())
 
 
