@@ -343,3 +343,14 @@ def test_help_teaches_the_search(capsys):
     for phrase in ("{search: [0.1, 0.9]}", "--search lambda=0.2:2.0", "output_change", "--budget N", "never test",
                    "merge_search.json"):
         assert phrase in text
+
+
+def test_a_misspelt_searched_parameter_is_refused_before_any_evaluation(digits_checkpoints, tmp_path):
+    from deltatune.merging.search.config_search import search_merge_config
+
+    folder, _, _ = digits_checkpoints
+    raw = yaml.safe_load(_write_config(folder, tmp_path, lambd={"search": [0.0, 1.0]}).read_text())
+    calls = []
+    with pytest.raises(ConfigError, match="unknown parameter 'lambd'"):
+        search_merge_config(raw, lambda state: calls.append(1) or 0.0, budget=4)
+    assert calls == []
