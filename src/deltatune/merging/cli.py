@@ -28,6 +28,21 @@ examples:
   deltatune merge ties.yaml --out merged/ --overwrite --shard-size 2GB
   deltatune merge stack.yaml --out stacked/      # passthrough with slices: (layer stacking, see the README)
   deltatune merge --list-methods
+
+choosing settings on validation data (--search; see src/deltatune/merging/README.md):
+  # in the YAML, a range stands where a number would:  parameters: {density: {search: [0.1, 0.9]}}
+  deltatune merge ties.yaml --search --eval glyphs-novel-vit --budget 16 --out merged/
+  # or the ranges on the command line (CONFIG first):
+  deltatune merge ties.yaml --search lambda=0.2:2.0 density=0.1:0.9 --budget 16 --out merged/ \\
+      --eval wordnet-nouns,prefix=backbone.,head=nouns.head.safetensors,size=300 \\
+      --eval wordnet-verbs:loss,prefix=backbone.,head=verbs.head.safetensors
+  --eval TASK[:METRIC][,option=value...]: a built-in task's validation split (never test). METRIC: the task's
+      own (accuracy; default), loss (labelled), entropy or output_change (unlabelled; output_change needs
+      reference=CHECKPOINT, DAREx-q's objective). Options: size=N, prefix=P (module path of the merged tensors in
+      the task's model), head=PATH (the task's own head), reference=PATH, max_length=N. Several --eval: the
+      mean of their scores. --budget N: exactly N merges evaluated (CMA-ES; one dimension: N evenly spaced
+      points; --strategy grid: k^d <= N points). Writes the merge at the best setting, with merge_search.json
+      and merge_search.md (every evaluation) in the output folder.
 """
 PRUNE_EPILOG = """examples:
   deltatune prune ./finetuned --base ./base --out pruned/ --drop-rate 0.9             # DARE
@@ -95,12 +110,52 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from deltatune.merging.io.stream import run_merge
 
     _set_threads(args.threads)
+    if args.search is not None:
+        return _search_merge(args)
+    if args.eval or args.budget is not None:
+        raise ConfigError("--eval and --budget belong to a search: add --search (and search blocks or NAME=LOW:HIGH)")
     config = load_config(args.config)
     if args.seed is not None:
         config = replace(config, seed=args.seed)
     report = run_merge(config, args.out, overwrite=args.overwrite, shard_bytes=parse_size(args.shard_size),
                        progress=not args.no_progress)
     _report(report)
+    return 0
+
+
+def _print_evaluation(budget: int):
+    def report(evaluation) -> None:
+        setting = " ".join(f"{name}={value:.4g}" for name, value in evaluation.setting.items())
+        parts = ", ".join(f"{name} {value:.4g}" for name, value in evaluation.parts.items())
+        print(f"evaluation {evaluation.index}/{budget}: {setting} -> score {evaluation.score:.5g} ({parts}) "
+              f"in {evaluation.seconds:.1f} s", flush=True)
+    return report
+
+
+def _search_merge(args: argparse.Namespace) -> int:
+    """`merge --search`: parse, check everything before the first merge, search, write the best merge + record."""
+    from deltatune.merging.config.parse import read_config_yaml
+    from deltatune.merging.search.config_search import check_searchable, search_merge_config, write_best
+    from deltatune.merging.search.objectives import evaluation_objective
+    from deltatune.merging.search.space import add_search_options
+
+    if args.budget is None:
+        raise ConfigError("--search needs --budget N: the number of merges evaluated (e.g. --budget 16)")
+    raw, _, folder = read_config_yaml(args.config)
+    if not isinstance(raw, dict):
+        raise ConfigError("the merge config must be a YAML mapping with merge_method, models, ...")
+    raw = add_search_options(raw, args.search)
+    if args.seed is not None:
+        raw["seed"] = args.seed
+    check_searchable(raw, folder, args.out, args.overwrite)  # before spending the budget
+    objective = evaluation_objective(args.eval or [])
+    record = search_merge_config(raw, objective, budget=args.budget, seed=args.search_seed,
+                                 strategy=args.strategy, config_dir=folder, report=_print_evaluation(args.budget))
+    best = record.best
+    print(f"best of {len(record.evaluations)} evaluations: #{best.index} "
+          + " ".join(f"{k}={v:.6g}" for k, v in best.setting.items()) + f", score {best.score:.6g}")
+    _report(write_best(raw, record, args.out, config_dir=folder, overwrite=args.overwrite,
+                       shard_bytes=parse_size(args.shard_size), progress=not args.no_progress))
     return 0
 
 
@@ -273,6 +328,16 @@ def add_merge_commands(subparsers) -> None:
     merge.add_argument("--out", help="output folder (sharded safetensors + config.json + tokenizer files)")
     merge.add_argument("--seed", type=int, default=None, help="seed of the random methods (overrides the YAML)")
     merge.add_argument("--list-methods", action="store_true", help="list the merge methods and exit")
+    search = merge.add_argument_group("choosing settings (--search)")
+    search.add_argument("--search", nargs="*", default=None, metavar="NAME=LOW:HIGH",
+                        help="search the config's {search: [low, high]} blocks and these ranges (NAME: a top-level "
+                             "parameter such as lambda or density, or models[I].NAME) on --eval, within --budget")
+    search.add_argument("--eval", action="append", default=None, metavar="TASK[:METRIC][,opt=val]",
+                        help="validation objective (repeatable: the mean score); see the notes below")
+    search.add_argument("--budget", type=int, default=None, help="number of merges evaluated (exactly, for cmaes)")
+    search.add_argument("--strategy", choices=("cmaes", "grid"), default="cmaes",
+                        help="cmaes (default; one dimension: an even sweep) or grid (k^d <= budget points)")
+    search.add_argument("--search-seed", type=int, default=0, help="seed of the CMA-ES draws (default 0)")
     _add_output_options(merge)
     merge.set_defaults(func=cmd_merge)
 

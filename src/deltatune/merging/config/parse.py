@@ -238,10 +238,21 @@ def _models(raw: Any, config_dir: Path | None) -> tuple[ModelEntry, ...]:
     return tuple(entries)
 
 
+def _refuse_search_blocks(raw: Mapping[str, Any]) -> None:
+    from deltatune.merging.search.space import path_name, search_blocks
+
+    found = search_blocks(raw)
+    if found:
+        path, block = found[0]
+        raise ConfigError(f"{path_name(path)} is a search block ({dict(block)}): run `deltatune merge CONFIG "
+                          "--search --eval TASK --budget N --out DIR` to choose it, or give a number")
+
+
 def config_from_dict(raw: Mapping[str, Any], config_dir: Path | None = None, source_text: str = "") -> MergeConfig:
     """Validate a parsed YAML mapping into a MergeConfig (one-line ConfigError on any problem)."""
     if not isinstance(raw, Mapping):
         raise ConfigError("the merge config must be a YAML mapping with merge_method, models, ...")
+    _refuse_search_blocks(raw)
     for key in raw:
         if key in UNSUPPORTED_KEYS:
             raise ConfigError(f"{key}: {UNSUPPORTED_KEYS[key]} are not supported yet; use the models: or slices: "
@@ -273,6 +284,12 @@ def config_from_dict(raw: Mapping[str, Any], config_dir: Path | None = None, sou
 
 def load_config(path: str | Path) -> MergeConfig:
     """Read and validate a merge YAML file."""
+    raw, text, folder = read_config_yaml(path)
+    return config_from_dict(raw, folder, text)
+
+
+def read_config_yaml(path: str | Path) -> tuple[Any, str, Path]:
+    """(parsed YAML, its text, its folder) of a merge config file, unvalidated (one-line ConfigError if unreadable)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -288,4 +305,4 @@ def load_config(path: str | Path) -> MergeConfig:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path} is not valid YAML{where}; fix the syntax") from None
-    return config_from_dict(raw, path.parent.resolve(), text)
+    return raw, text, path.parent.resolve()

@@ -291,9 +291,26 @@ def copy_side_files(plan: MergePlan, folder: Path) -> None:
         (folder / "deltatune_merge.yml").write_text(plan.config.source_text)
 
 
+def merge_to_memory(config: MergeConfig) -> dict[str, Tensor]:
+    """The merged tensors of `config` as one in-memory state dict (file order), without writing anything: what
+    `run_merge` would write, for scoring many settings of one config (`deltatune merge --search`)."""
+    plan = plan_merge(config)
+    try:
+        statistics = compute_statistics(plan)
+        by_name = {output.name: output for output in plan.outputs}
+        return {name: _merge_one(plan, name, inputs, statistics, by_name[name])
+                for name, inputs in _groups(plan, list(by_name))}
+    finally:
+        plan.close()
+
+
 def run_merge(config: MergeConfig, out_dir: str | os.PathLike, *, overwrite: bool = False,
-              shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> MergeReport:
-    """Merge the checkpoints of `config` into `out_dir`, atomically (see the module docstring)."""
+              shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+              side_files: dict[str, str] | None = None) -> MergeReport:
+    """Merge the checkpoints of `config` into `out_dir`, atomically (see the module docstring).
+
+    side_files: {file name: text} written into the folder with it (e.g. a search's record), inside the same
+    atomic swap, so the folder never holds a model without its record."""
     start = time.perf_counter()
     out = Path(out_dir)
     plan = plan_merge(config, out, overwrite)
@@ -304,6 +321,8 @@ def run_merge(config: MergeConfig, out_dir: str | os.PathLike, *, overwrite: boo
             if len(shards) > 1:
                 write_index(staging, shards)
             copy_side_files(plan, staging)
+            for file_name, text in (side_files or {}).items():
+                (staging / file_name).write_text(text)
     except DeltatuneError:
         raise
     except OSError as error:
