@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltatune as dt
 from deltatune.core.layers import MODULE
 from train import fsdp_prompts_worker as worker
-from train.torchrun import run_in_process, run_two_processes
-
-FINAL = f"checkpoints/step-{worker.STEPS:06d}"
+from train.torchrun import assert_same_checkpoint, final_checkpoint, run_in_process, run_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +24,6 @@ def one_process_run(tmp_path_factory):
     return run_in_process(worker, tmp_path_factory.mktemp("fsdp-prompts-single"))
 
 
-def _checkpoint(run_dir, method):
-    error = run_dir / f"{method}.error"
-    assert not error.exists(), error.read_text()
-    folder = run_dir / method / FINAL
-    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)["optimizer"]["state"]
-    return load_file(str(folder / "model.safetensors")), optimizer
-
-
 def test_the_sweep_covers_every_method_that_acts_on_whole_modules():
     assert set(worker.METHODS) == {e.name for e in dt.list_methods() if MODULE in e.delta_cls.layer_kinds}
 
@@ -42,11 +31,10 @@ def test_the_sweep_covers_every_method_that_acts_on_whole_modules():
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", worker.METHODS)
 def test_module_deltas_train_sharded_as_in_one_process(two_process_run, one_process_run, method):
-    (sharded, sharded_state), (single, single_state) = (_checkpoint(two_process_run, method),
-                                                        _checkpoint(one_process_run, method))
+    sharded = final_checkpoint(two_process_run, method, worker.STEPS)
+    single, single_state = final_checkpoint(one_process_run, method, worker.STEPS)
     model, _ = worker.adapted(method)
     initial = model.state_dict()
-    assert sharded.keys() == single.keys() and sharded
     hosted = worker.on_modules(method, [name for name, p in model.named_parameters() if p.requires_grad])
     assert hosted and all(name in single for name in hosted)
     sharded_names = (two_process_run / f"{method}.sharded").read_text().split()
@@ -54,12 +42,5 @@ def test_module_deltas_train_sharded_as_in_one_process(two_process_run, one_proc
     assert not (one_process_run / f"{method}.sharded").read_text(), "the one-process reference was sharded"
     for name in hosted:
         assert not torch.allclose(single[name], initial[name], rtol=0, atol=1e-6), f"{name} did not train"
-    for name in single:
-        assert sharded[name].shape == initial[name].shape, f"{name} is a slice, not the full tensor"
-        torch.testing.assert_close(sharded[name], single[name], atol=1e-10, rtol=0, msg=name)
-    trainable = sum(p.requires_grad for p in model.parameters())
-    assert len(single_state) == trainable and sharded_state.keys() == single_state.keys()
-    for index, state in single_state.items():
-        for key, value in state.items():
-            torch.testing.assert_close(sharded_state[index][key], value, atol=1e-10, rtol=0,
-                                       msg=f"optimizer state {index}.{key}")
+    assert len(single_state) == sum(p.requires_grad for p in model.parameters())
+    assert_same_checkpoint(sharded, (single, single_state), initial)

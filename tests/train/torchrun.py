@@ -34,3 +34,30 @@ def run_in_process(worker: ModuleType, out: Path) -> Path:
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def final_checkpoint(run_dir: Path, method: str, steps: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Trainer run's last checkpoint: its tensors and its optimizer state (a worker that failed for `method`
+    wrote its one-line error to `<run_dir>/<method>.error` instead: shown as the failure)."""
+    from safetensors.torch import load_file
+
+    error = run_dir / f"{method}.error"
+    assert not error.exists(), error.read_text()
+    folder = run_dir / method / f"checkpoints/step-{steps:06d}"
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    return load_file(str(folder / "model.safetensors")), optimizer
+
+
+def assert_same_checkpoint(sharded: tuple[dict, dict], single: tuple[dict, dict],
+                           initial: dict[str, torch.Tensor], atol: float = 1e-10) -> None:
+    """The sharded run's checkpoint holds full-sized tensors and optimizer state equal to the one-process run's."""
+    (tensors, state), (reference, reference_state) = sharded, single
+    assert tensors.keys() == reference.keys() and tensors
+    for name in reference:
+        assert tensors[name].shape == initial[name].shape, f"{name} is a slice, not the full tensor"
+        torch.testing.assert_close(tensors[name], reference[name], atol=atol, rtol=0, msg=name)
+    assert state.keys() == reference_state.keys()
+    for index, entries in reference_state.items():
+        for key, value in entries.items():
+            torch.testing.assert_close(state[index][key], value, atol=atol, rtol=0,
+                                       msg=f"optimizer state {index}.{key}")
