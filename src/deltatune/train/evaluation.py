@@ -1,4 +1,5 @@
-"""Evaluation: mean task loss and accuracy, each process on its share of the data, sums all-reduced."""
+"""Evaluation: mean task loss and accuracy, each process on its share of the data, sums all-reduced; and a
+model's logits over a dataset (`model_logits`: the long-tail ensemble, merge-setting search)."""
 from __future__ import annotations
 
 import math
@@ -10,10 +11,11 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from deltatune.core.model import set_training_mode
+from deltatune.errors import ConfigError
 from deltatune.train.batches import SplitBatch
 from deltatune.train.data_order import balanced_split
 from deltatune.train.distributed import World, all_reduce_sum
-from deltatune.train.losses import LossFn, batch_loss, find_logits
+from deltatune.train.losses import LossFn, batch_loss, find_logits, logits_of
 
 
 @torch.no_grad()
@@ -62,3 +64,27 @@ def _correct_predictions(logits: Tensor | None, labels: Tensor) -> tuple[float, 
     if not one_label_each:
         return 0.0, 0.0
     return float((logits.argmax(dim=-1) == labels).sum()), float(labels.shape[0])
+
+
+@torch.no_grad()
+def model_logits(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | None = None,
+                 batch_size: int = 256) -> Tensor:
+    """Logits (N, C) of `model` over `dataset` in dataset order: eval mode (restored after), no gradient, on the
+    model's device, returned on the CPU. Items are dicts (`labels` left out of the call) as in deltatune.data."""
+    from deltatune.data.datasets import collate_dicts, model_inputs
+
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ConfigError("cannot compute logits on an empty dataset: expected at least one example")
+    collate_fn = collate_fn or collate_dicts
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for start in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
+            batch = collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            inputs = {name: value.to(device) for name, value in model_inputs(batch).items()}
+            chunks.append(logits_of(model(**inputs)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from deltatune.errors import ConfigError, TrainingError
+from deltatune.train.evaluation import model_logits
 from deltatune.train.losses import check_classification_shapes, logits_of
 
 PAPER_TAU = 1.0  # τ of CE(z + τ log π) in the paper's configs (models/utils/losses.py of the official code)
@@ -116,30 +117,6 @@ def _ensemble_weights(weights: Sequence[float] | None, count: int) -> list[float
         raise ConfigError(f"weights={weights} are invalid: expected {count} finite numbers > 0, one P(z) per "
                           "model (None: uniform, the paper's)")
     return weights
-
-
-@torch.no_grad()
-def model_logits(model: nn.Module, dataset: Dataset, collate_fn: Callable[[list], Any] | None = None,
-                 batch_size: int = 256) -> Tensor:
-    """Logits (N, C) of `model` over `dataset` in dataset order: eval mode (restored after), no gradient, on the
-    model's device, returned on the CPU. Items are dicts (`labels` left out of the call) as in deltatune.data."""
-    from deltatune.data.datasets import collate_dicts, model_inputs
-
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise ConfigError("cannot compute logits on an empty dataset: expected at least one example")
-    collate_fn = collate_fn or collate_dicts
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    chunks = []
-    try:
-        for start in range(0, len(dataset), batch_size):  # type: ignore[arg-type]
-            batch = collate_fn([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            inputs = {name: value.to(device) for name, value in model_inputs(batch).items()}
-            chunks.append(logits_of(model(**inputs)).float().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(chunks)
 
 
 def logit_ensemble(models: Sequence[nn.Module], dataset: Dataset, *, weights: Sequence[float] | None = None,

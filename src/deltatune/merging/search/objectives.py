@@ -155,15 +155,13 @@ class TaskObjective:
 
     @torch.no_grad()
     def logits(self, merged: Mapping[str, Tensor]) -> Tensor:
-        from deltatune.data.datasets import model_inputs
+        from deltatune.train.evaluation import model_logits
 
-        model = self._load(merged)
-        model.eval()
-        outputs = [model(**model_inputs(batch)) for batch in self.data.batches(256)]
-        if not all(isinstance(o, Tensor) and o.dim() == 2 for o in outputs):
+        logits = model_logits(self._load(merged), self.data)
+        if logits.dim() != 2:
             raise ConfigError(f"--eval {self.spec.label}: metric {self.metric} needs a classifier (logits of shape "
                               f"[batch, classes]); use the task's own metric {self.task.metric}")
-        return torch.cat(outputs).float()
+        return logits
 
     def value(self, merged: Mapping[str, Tensor]) -> float:
         """The metric itself (accuracy, loss, entropy or output change) of the merged tensors."""
